@@ -1,0 +1,221 @@
+"""Checkpoints: one ``.safetensors`` per model (weights, ``mask.<name>`` uint8, JSON metadata) plus a sibling
+``.state.pt`` for resume (optimizer, progress, RNG), loaded with ``torch.load(weights_only=True)``.
+
+Every write goes to a temporary file in the same folder, is fsynced, then renamed over the target, so a crash
+mid-write leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as st_save
+from torch import nn
+
+import acdc_cli
+from acdc_cli.errors import AcdcError
+
+CHECKPOINT_FORMAT = "acdc-checkpoint"
+MASK_PREFIX = "mask."
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        # mkstemp creates 0600; give the file the permissions a plain open() would
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    """Write tensors (made contiguous, on CPU) with metadata values encoded as JSON strings."""
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    blob = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=meta)
+    atomic_write_bytes(path, blob)
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the raw metadata of a safetensors file; any defect is a one-line AcdcError."""
+    path = Path(path)
+    if not path.is_file():
+        raise AcdcError(f"no such file: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise AcdcError(f"{path} is not a readable safetensors file ({first})") from None
+    return tensors, meta
+
+
+def _json_field(meta: dict[str, str], key: str, path: Path, default: Any = None) -> Any:
+    if key not in meta:
+        return default
+    try:
+        return json.loads(meta[key])
+    except json.JSONDecodeError:
+        raise AcdcError(f"{path}: metadata field '{key}' is not valid JSON") from None
+
+
+def _lenient_json(text: str) -> Any:
+    """Metadata strings are stored raw, everything else as JSON; read both back."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+@dataclass
+class Checkpoint:
+    weights: dict[str, torch.Tensor]  # the model's state_dict
+    masks: dict[str, torch.Tensor]  # weight name -> bool mask (empty in a dense checkpoint)
+    arch: str
+    model_kwargs: dict[str, Any]  # num_classes, in_channels, dropout, ...
+    config: dict[str, Any]  # resolved settings
+    epoch: int  # epochs completed
+    phase: str  # "dense" | "sparse"
+    metrics: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # other metadata (preset, paper_top1, kind, ...)
+
+
+def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
+    tensors = dict(ckpt.weights)
+    for name, mask in ckpt.masks.items():
+        # -0.0 from masking is stored as +0.0 so the file holds plain zeros
+        tensors[name] = tensors[name] + 0.0 if tensors[name].is_floating_point() else tensors[name]
+        tensors[MASK_PREFIX + name] = mask.to(torch.uint8)
+    metadata = {
+        "format": CHECKPOINT_FORMAT,
+        "acdc_version": acdc_cli.__version__,
+        "arch": ckpt.arch,
+        "model_kwargs": ckpt.model_kwargs,
+        "config": ckpt.config,
+        "epoch": ckpt.epoch,
+        "phase": ckpt.phase,
+        "metrics": ckpt.metrics,
+        **ckpt.extra,
+    }
+    save_safetensors(path, tensors, metadata)
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    path = Path(path)
+    tensors, meta = read_safetensors(path)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        found = meta.get("format", "no acdc metadata")
+        raise AcdcError(f"{path} is not an acdc checkpoint (format: {found})")
+    masks = {k[len(MASK_PREFIX) :]: v.bool() for k, v in tensors.items() if k.startswith(MASK_PREFIX)}
+    weights = {k: v for k, v in tensors.items() if not k.startswith(MASK_PREFIX)}
+    stray = set(masks) - set(weights)
+    if stray:
+        raise AcdcError(f"{path}: mask for unknown weight {sorted(stray)[0]}")
+    for name, mask in masks.items():
+        if mask.shape != weights[name].shape:
+            raise AcdcError(f"{path}: mask shape of {name} does not match its weight")
+    arch = meta.get("arch")
+    model_kwargs = _json_field(meta, "model_kwargs", path, {})
+    if not isinstance(arch, str) or not isinstance(model_kwargs, dict):
+        raise AcdcError(f"{path}: metadata lacks a valid arch / model_kwargs")
+    known = {"format", "acdc_version", "arch", "model_kwargs", "config", "epoch", "phase", "metrics"}
+    extra = {k: _lenient_json(meta[k]) for k in meta if k not in known}
+    epoch = _json_field(meta, "epoch", path, 0)
+    config = _json_field(meta, "config", path, {})
+    metrics = _json_field(meta, "metrics", path, {})
+    if not isinstance(epoch, int) or not isinstance(config, dict) or not isinstance(metrics, dict):
+        raise AcdcError(f"{path}: malformed metadata (epoch / config / metrics)")
+    return Checkpoint(
+        weights=weights,
+        masks=masks,
+        arch=arch,
+        model_kwargs=model_kwargs,
+        config=config,
+        epoch=epoch,
+        phase=str(meta.get("phase", "dense")),
+        metrics=metrics,
+        extra=extra,
+    )
+
+
+def build_model(ckpt: Checkpoint) -> nn.Module:
+    """Rebuild the model a checkpoint describes and load its weights (strict)."""
+    from acdc_cli.models import create
+
+    kwargs = dict(ckpt.model_kwargs)
+    num_classes = kwargs.pop("num_classes", None)
+    if not isinstance(num_classes, int):
+        raise AcdcError("checkpoint metadata lacks num_classes")
+    model = create(ckpt.arch, num_classes=num_classes, **kwargs)
+    load_weights(model, ckpt.weights, source=f"a {ckpt.arch} checkpoint")
+    return model
+
+
+def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    if missing or unexpected:
+        which = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise AcdcError(f"{source} does not fit this model ({which})")
+    for name, tensor in weights.items():
+        if own[name].shape != tensor.shape:
+            raise AcdcError(
+                f"{source} does not fit this model: {name} is {tuple(tensor.shape)}, model has {tuple(own[name].shape)}"
+            )
+    model.load_state_dict(weights)
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise AcdcError(f"resume state not found: {path}") from None
+    except Exception as exc:  # weights_only refuses pickled objects; corrupt zips raise various errors
+        first = str(exc).splitlines()[0][:200] if str(exc) else exc.__class__.__name__
+        raise AcdcError(f"{path} is not a valid acdc resume state ({first})") from None
+    if not isinstance(state, dict):
+        raise AcdcError(f"{path} is not a valid acdc resume state")
+    return state

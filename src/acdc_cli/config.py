@@ -1,0 +1,335 @@
+"""One settings model shared by every subcommand.
+
+Precedence, lowest first: field defaults < preset TOML (``--preset NAME`` or ``--config FILE``) < environment
+``ACDC_<SECTION>__<KEY>`` < CLI flags and ``--set section.key=value``. Unknown keys are rejected everywhere.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from acdc_cli.errors import AcdcError
+
+_NM = re.compile(r"^(\d+):(\d+)$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSettings(_Section):
+    name: Literal["digits", "cifar10", "cifar100", "imagenet", "synthetic"] = Field(
+        "digits", description="dataset: digits (ships with scikit-learn), cifar10, cifar100, imagenet, synthetic"
+    )
+    dir: Path | None = Field(None, description="dataset root folder (not needed for digits/synthetic)")
+    batch_size: int = Field(64, gt=0, description="global training batch size (split across ranks)")
+    eval_batch_size: int = Field(512, gt=0, description="batch size for validation and test passes")
+    val_size: int = Field(270, ge=0, description="images held out of the training split for validation")
+    augment: bool = Field(True, description="dataset's standard training augmentation (crop + flip)")
+    random_labels: int = Field(0, ge=0, description="memorization: this many training images get random labels")
+    num_workers: int = Field(4, ge=0, description="loader worker processes (ImageFolder only)")
+    download: bool = Field(False, description="fetch CIFAR when the folder is missing (needs a network)")
+    synthetic_size: int = Field(512, gt=0, description="images per split for data.name=synthetic")
+
+
+class ModelSettings(_Section):
+    name: str = Field("digits-cnn", description="registered architecture (see models registry), e.g. wrn-28-10")
+    dropout: float | None = Field(None, ge=0, lt=1, description="dropout probability (None: the model's default)")
+
+
+class OptimSettings(_Section):
+    lr: float = Field(0.1, gt=0, description="peak learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    nesterov: bool = Field(True, description="Nesterov momentum")
+    weight_decay: float = Field(5e-4, ge=0, description="L2 weight decay")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
+    lr_schedule: Literal["cosine", "step", "constant"] = Field("cosine", description="LR decay shape")
+    milestones: list[int] = Field(default_factory=list, description="step schedule: epochs after which LR *= gamma")
+    gamma: float = Field(0.1, gt=0, description="step schedule: LR factor at each milestone")
+    lr_warmup_epochs: float = Field(0.0, ge=0, description="linear LR warm-up from 0, in epochs (per step)")
+    cosine_epochs: int | None = Field(None, gt=0, description="cosine period in epochs (None: schedule.epochs)")
+    min_lr: float = Field(0.0, ge=0, description="cosine floor")
+
+
+class ScheduleSettings(_Section):
+    method: Literal["acdc", "gmp", "dense"] = Field("acdc", description="acdc, gmp (gradual magnitude), or dense")
+    epochs: int = Field(30, gt=0, description="total training epochs")
+    warmup_epochs: int = Field(4, ge=0, description="acdc: dense epochs before the first compressed phase")
+    compressed_epochs: int = Field(3, gt=0, description="acdc: length of each compressed (sparse) phase")
+    decompressed_epochs: int = Field(3, gt=0, description="acdc: length of each decompressed (dense) phase")
+    final_decompressed_epochs: int = Field(0, ge=0, description="acdc: dense phase before the final compressed one")
+    final_compressed_epochs: int = Field(8, ge=0, description="acdc: length of the final compressed phase")
+    reset_momentum: bool = Field(True, description="zero optimizer momentum at every phase change")
+    gmp_start_epoch: int = Field(0, ge=0, description="gmp: epoch of the first pruning step")
+    gmp_end_epoch: int = Field(0, ge=0, description="gmp: epoch at which target sparsity is reached")
+    prune_every: int = Field(1, gt=0, description="gmp: epochs between mask recomputations")
+
+
+class SparsitySettings(_Section):
+    target: float = Field(0.9, ge=0, lt=1, description="fraction of selected weights pruned in compressed phases")
+    initial: float = Field(0.05, ge=0, lt=1, description="gmp: sparsity at the first pruning step")
+    structure: str = Field("unstructured", description="'unstructured' or N:M such as '2:4' (along input channels)")
+    scope: Literal["global", "uniform"] = Field("global", description="one threshold for all layers, or per layer")
+    include: list[str] = Field(default_factory=lambda: ["*"], description="glob patterns of prunable module names")
+    exclude: list[str] = Field(default_factory=list, description="glob patterns of module names kept dense")
+
+    @field_validator("structure")
+    @classmethod
+    def _structure(cls, value: str) -> str:
+        if value == "unstructured":
+            return value
+        match = _NM.match(value)
+        if not match:
+            raise ValueError("must be 'unstructured' or N:M such as '2:4'")
+        n, m = int(match.group(1)), int(match.group(2))
+        if not 0 < n < m:
+            raise ValueError(f"N:M needs 0 < N < M, got {value}")
+        return value
+
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        match = _NM.match(self.structure)
+        return (int(match.group(1)), int(match.group(2))) if match else None
+
+    @model_validator(mode="after")
+    def _nm_target(self) -> SparsitySettings:
+        nm = self.n_m
+        if nm is not None:
+            implied = 1 - nm[0] / nm[1]
+            if "target" in self.model_fields_set and abs(self.target - implied) > 1e-9:
+                raise ValueError(f"target {self.target} contradicts structure {self.structure} (which means {implied})")
+            object.__setattr__(self, "target", implied)
+        return self
+
+
+class RuntimeSettings(_Section):
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    seed: int = Field(0, description="seed for weights, data order, augmentation and splits")
+    deterministic: bool = Field(False, description="bit-reproducible kernels (slower on GPU)")
+    amp: bool = Field(True, description="bf16 autocast on CUDA (CPU always runs fp32)")
+    channels_last: bool = Field(True, description="channels_last memory format on CUDA")
+    compile: bool = Field(False, description="torch.compile the model (CUDA)")
+    threads: int | None = Field(None, gt=0, description="CPU threads for torch (None: torch's default)")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return value
+
+
+class LogSettings(_Section):
+    tensorboard: bool = Field(True, description="write TensorBoard events under <run>/tb")
+    per_layer: bool = Field(True, description="log per-layer sparsity to TensorBoard")
+    progress: bool = Field(True, description="rich progress bar per epoch")
+
+
+class Settings(BaseSettings):
+    """Everything a run depends on. Saved as TOML in every run dir."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ACDC_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
+    )
+
+    preset: str | None = Field(None, description="name of the preset these settings came from")
+    description: str = Field("", description="one line on what the preset reproduces")
+    paper_top1: float | None = Field(None, ge=0, le=1, description="top-1 reported in the paper (fraction)")
+    data: DataSettings = Field(default_factory=DataSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    optim: OptimSettings = Field(default_factory=OptimSettings)
+    schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
+    sparsity: SparsitySettings = Field(default_factory=SparsitySettings)
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # load() merges preset, environment and CLI layers itself, so the constructor sees one dict only
+        return (init_settings,)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Settings:
+        s = self.schedule
+        if s.method == "acdc":
+            fixed = s.warmup_epochs + s.final_decompressed_epochs + s.final_compressed_epochs
+            if fixed > s.epochs:
+                raise ValueError(
+                    f"schedule: warmup ({s.warmup_epochs}) + final decompressed ({s.final_decompressed_epochs}) + "
+                    f"final compressed ({s.final_compressed_epochs}) epochs exceed schedule.epochs ({s.epochs})"
+                )
+        if s.method == "gmp":
+            if not s.gmp_start_epoch <= s.gmp_end_epoch < s.epochs:
+                raise ValueError(
+                    f"schedule: gmp needs gmp_start_epoch <= gmp_end_epoch < epochs, got "
+                    f"{s.gmp_start_epoch}, {s.gmp_end_epoch}, {s.epochs}"
+                )
+            if self.sparsity.initial > self.sparsity.target:
+                raise ValueError("sparsity.initial must not exceed sparsity.target for gmp")
+        if any(m < 0 or m >= s.epochs for m in self.optim.milestones):
+            raise ValueError(f"optim.milestones must lie in [0, {s.epochs}), got {self.optim.milestones}")
+        return self
+
+    def to_toml(self) -> str:
+        return dump_toml(self.model_dump(mode="json", exclude_none=True))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def presets_dir() -> Path:
+    """Presets ship inside the wheel (acdc_cli/presets); an editable install reads the repo's presets/."""
+    packaged = Path(__file__).parent / "presets"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in presets_dir().glob("*.toml"))
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise AcdcError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise AcdcError(f"{path} is not valid TOML: {exc}") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise AcdcError(f"cannot read config {path}: {exc.__class__.__name__}") from None
+
+
+def preset_path(name: str) -> Path:
+    path = presets_dir() / f"{name}.toml"
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not path.is_file():
+        close = difflib.get_close_matches(name, preset_names(), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; `acdc presets` lists them"
+        raise AcdcError(f"unknown preset '{name}'{hint}")
+    return path
+
+
+def parse_set(item: str) -> tuple[list[str], Any]:
+    """``section.key=value`` -> (["section", "key"], value); the value is read as TOML, else kept as a string."""
+    if "=" not in item:
+        raise AcdcError(f"--set expects section.key=value, got '{item}'")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+        raise AcdcError(f"--set: bad key '{key}' (expected section.key)")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _nest(path: list[str], value: Any) -> dict[str, Any]:
+    for key in reversed(path):
+        value = {key: value}
+    return value  # type: ignore[return-value]
+
+
+def _env_layer() -> dict[str, Any]:
+    if not any(k.upper().startswith("ACDC_") for k in os.environ):
+        return {}
+    try:
+        values = EnvSettingsSource(Settings)()
+    except Exception as exc:  # pydantic-settings raises SettingsError on undecodable JSON values
+        raise AcdcError(f"environment: {exc}") from None
+    # nested unknown keys (ACDC_OPTIM__NOPE) stay in the dict and fail validation by name; top-level ones are
+    # dropped by pydantic-settings, so look for them here
+    known = set(Settings.model_fields)
+    stray = sorted(
+        k for k in os.environ if k.upper().startswith("ACDC_") and k[5:].split("__")[0].lower() not in known
+    )
+    if stray:
+        raise AcdcError(f"unknown setting in environment: {stray[0]}")
+    return values
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "settings"
+    if err["type"] == "extra_forbidden":
+        return f"unknown setting '{loc}' (key '{err['loc'][-1]}' is not a field; see `acdc presets show`)"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"invalid setting {loc}: {msg}" if err["loc"] else f"invalid settings: {msg}"
+
+
+def load_settings(
+    preset: str | None = None,
+    config: Path | None = None,
+    overrides: list[str] | None = None,
+    flags: dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None,
+) -> Settings:
+    """Resolve settings from all layers; ``base`` (a saved run's config) sits below the preset."""
+    layer: dict[str, Any] = dict(base or {})
+    if preset is None and config is None and not base:
+        preset = "quickstart"
+    if preset is not None:
+        layer = _deep_merge(layer, read_toml(preset_path(preset)))
+        layer["preset"] = preset
+    if config is not None:
+        layer = _deep_merge(layer, read_toml(config))
+    layer = _deep_merge(layer, _env_layer())
+    for dotted, value in (flags or {}).items():
+        if value is not None:
+            layer = _deep_merge(layer, _nest(dotted.split("."), value))
+    for item in overrides or []:
+        path, value = parse_set(item)
+        layer = _deep_merge(layer, _nest(path, value))
+    try:
+        return Settings(**layer)
+    except ValidationError as exc:
+        raise AcdcError(format_validation_error(exc)) from None
+
+
+def dump_toml(data: dict[str, Any]) -> str:
+    """Minimal TOML writer for our settings (scalars, lists of scalars, one level of tables)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+    lines = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for key, table in data.items():
+        if isinstance(table, dict):
+            lines += ["", f"[{key}]"] + [f"{k} = {value(v)}" for k, v in table.items() if v is not None]
+    return "\n".join(lines) + "\n"

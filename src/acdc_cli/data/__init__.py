@@ -1,0 +1,97 @@
+"""Datasets and loaders: ``build(settings, ...)`` returns the train / val / test loaders of a run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from acdc_cli.config import Settings
+from acdc_cli.data import digits
+from acdc_cli.data.tensor_loader import TensorLoader
+from acdc_cli.errors import AcdcError
+
+
+@dataclass
+class DataBundle:
+    train: Any  # TensorLoader or a torch DataLoader wrapper with set_epoch()
+    val: Any
+    test: Any
+    num_classes: int
+    in_channels: int
+    image_size: int
+    # memorization: loader over the random-label training samples yielding (x, random_label, true_label)
+    memorized: Any = None
+
+
+def split_val(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded (train, val) indices of a pool of ``n`` samples."""
+    if val_size >= n:
+        raise AcdcError(f"data.val_size ({val_size}) must be smaller than the training split ({n} images)")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
+    return order[val_size:], order[:val_size]
+
+
+def _digits(settings: Settings, device: torch.device, rank: int, world_size: int) -> DataBundle:
+    images, labels = digits.load()
+    pool, test = digits.split_test(len(labels))
+    train_i, val_i = split_val(len(pool), settings.data.val_size, settings.runtime.seed)
+    train_i, val_i = pool[train_i], pool[val_i]
+    # normalization statistics of the training images only
+    train_float = images[train_i].float() / 255.0
+    mean, std = (train_float.mean().item(),), (train_float.std().item(),)
+    d = settings.data
+    common = dict(mean=mean, std=std, seed=settings.runtime.seed, device=device)
+    return DataBundle(
+        train=TensorLoader(
+            images[train_i], labels[train_i], d.batch_size // world_size, shuffle=True,
+            augment=False, rank=rank, world_size=world_size, **common,
+        ),
+        val=TensorLoader(images[val_i], labels[val_i], d.eval_batch_size, **common),
+        test=TensorLoader(images[test], labels[test], d.eval_batch_size, **common),
+        num_classes=10,
+        in_channels=1,
+        image_size=8,
+    )
+
+
+def _synthetic(settings: Settings, device: torch.device, rank: int, world_size: int) -> DataBundle:
+    """Random uint8 images (fixed seed) at the model's input size: for benchmarks and smoke tests."""
+    from acdc_cli.models import lookup
+
+    entry, _ = lookup(settings.model.name)
+    n, c, s = settings.data.synthetic_size, entry.in_channels, entry.input_size
+    g = torch.Generator().manual_seed(settings.runtime.seed)
+    num_classes = 10
+
+    def split(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.randint(0, 256, (count, c, s, s), generator=g, dtype=torch.uint8),
+                torch.randint(0, num_classes, (count,), generator=g))
+
+    mean, std = (0.5,) * c, (0.29,) * c
+    common = dict(mean=mean, std=std, seed=settings.runtime.seed, device=device)
+    d = settings.data
+    return DataBundle(
+        train=TensorLoader(*split(n), d.batch_size // world_size, shuffle=True, augment=d.augment,
+                           rank=rank, world_size=world_size, **common),
+        val=TensorLoader(*split(max(n // 4, 1)), d.eval_batch_size, **common),
+        test=TensorLoader(*split(max(n // 4, 1)), d.eval_batch_size, **common),
+        num_classes=num_classes,
+        in_channels=c,
+        image_size=s,
+    )
+
+
+_BUILDERS = {"digits": _digits, "synthetic": _synthetic}
+
+
+def build(settings: Settings, device: torch.device, rank: int = 0, world_size: int = 1) -> DataBundle:
+    if settings.data.batch_size % world_size:
+        raise AcdcError(
+            f"data.batch_size {settings.data.batch_size} does not divide across {world_size} processes"
+        )
+    builder = _BUILDERS.get(settings.data.name)
+    if builder is None:
+        raise AcdcError(f"dataset '{settings.data.name}' is not available in this build")
+    return builder(settings, device, rank, world_size)

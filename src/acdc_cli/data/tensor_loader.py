@@ -1,0 +1,111 @@
+"""Batches from a split that lives in memory (on the GPU when training there) as uint8 images.
+
+Order and augmentation are drawn from generators seeded by (seed, epoch), so an epoch's batches depend only on the
+epoch number: a resumed run sees exactly the batches an uninterrupted one would, and every rank agrees on the
+permutation it shards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+
+class TensorLoader:
+    def __init__(
+        self,
+        images: torch.Tensor,  # uint8 (N, C, H, W)
+        labels: torch.Tensor,  # int64 (N,)
+        batch_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        *,
+        shuffle: bool = False,
+        augment: bool = False,
+        pad: int = 4,
+        flip: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+        extra: torch.Tensor | None = None,  # a second label tensor yielded beside the first (memorization)
+    ):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError("images must be uint8 (N, C, H, W)")
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device, torch.long)
+        self.extra = extra.to(self.device, torch.long) if extra is not None else None
+        self.batch_size = batch_size
+        self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * 255.0
+        self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1) * 255.0
+        self.shuffle, self.augment, self.pad, self.flip = shuffle, augment, pad, flip
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank sees per epoch (ranks get equal shares; a remainder < world_size is dropped)."""
+        n = len(self.labels)
+        return n // self.world_size if self.world_size > 1 else n
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _generator(self, stream: int) -> torch.Generator:
+        g = torch.Generator(device="cpu")
+        g.manual_seed((self.seed * 1_000_003 + self.epoch * 7_919 + stream) % (2**63))
+        return g
+
+    def _indices(self) -> torch.Tensor:
+        n = len(self.labels)
+        order = torch.randperm(n, generator=self._generator(0)) if self.shuffle else torch.arange(n)
+        if self.world_size > 1:
+            order = order[: self.num_samples * self.world_size][self.rank :: self.world_size]
+        return order.to(self.device)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() - self.mean) / self.std
+
+    def _augment(self, batch: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Random crop with zero padding ``pad`` and horizontal flip, done on the batch's device."""
+        n, _, h, w = batch.shape
+        if self.pad:
+            padded = F.pad(batch, (self.pad,) * 4)
+            dx = torch.randint(0, 2 * self.pad + 1, (n,), generator=g).to(batch.device)
+            dy = torch.randint(0, 2 * self.pad + 1, (n,), generator=g).to(batch.device)
+            rows = (dy.view(n, 1) + torch.arange(h, device=batch.device)).view(n, 1, h, 1)
+            cols = (dx.view(n, 1) + torch.arange(w, device=batch.device)).view(n, 1, 1, w)
+            batch = padded[
+                torch.arange(n, device=batch.device).view(n, 1, 1, 1),
+                torch.arange(batch.shape[1], device=batch.device).view(1, -1, 1, 1),
+                rows,
+                cols,
+            ]
+        if self.flip:
+            flips = (torch.rand(n, generator=g) < 0.5).to(batch.device).view(n, 1, 1, 1)
+            batch = torch.where(flips, batch.flip(3), batch)
+        return batch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        return self.iterate()
+
+    def iterate(self, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Yield (images float normalized, labels[, extra]) from batch ``start_batch`` of the current epoch."""
+        indices = self._indices()
+        g = self._generator(1 + self.rank)
+        for b in range(len(self)):
+            idx = indices[b * self.batch_size : (b + 1) * self.batch_size]
+            batch = self.images[idx]
+            if self.augment:
+                # draw for every batch, even skipped ones, so a mid-epoch resume sees the same augmentation
+                batch = self._augment(batch, g)
+            if b < start_batch:
+                continue
+            out = (self.normalize(batch), self.labels[idx])
+            yield out + (self.extra[idx],) if self.extra is not None else out

@@ -1,0 +1,96 @@
+"""Where per-epoch metrics go: ``metrics.jsonl`` (one object per epoch), TensorBoard, and a console row."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+# console columns: key, header, width, format
+_COLUMNS = [
+    ("epoch", "epoch", 5, "{:d}"),
+    ("phase", "phase", 6, "{}"),
+    ("sparsity", "sparse", 6, "{:.3f}"),
+    ("lr", "lr", 8, "{:.2e}"),
+    ("train_loss", "t.loss", 7, "{:.4f}"),
+    ("train_top1", "t.top1", 6, "{:.4f}"),
+    ("val_loss", "v.loss", 7, "{:.4f}"),
+    ("val_top1", "v.top1", 6, "{:.4f}"),
+    ("val_top5", "v.top5", 6, "{:.4f}"),
+    ("mask_change", "mask Δ", 6, "{:.4f}"),
+    ("img_per_s", "img/s", 6, "{:.0f}"),
+]
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not Path(path).exists():
+        return []
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a torn last line from a crash: everything after it is not trusted
+    return rows
+
+
+class MetricsLogger:
+    """Rank 0 only. On resume, rows past the checkpoint's epoch are dropped so the files match the run."""
+
+    def __init__(self, run_dir: Path, console: Console, tensorboard: bool, per_layer: bool, start_epoch: int = 0):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.console = console
+        self.per_layer = per_layer
+        kept = [r for r in read_jsonl(self.path) if isinstance(r.get("epoch"), int) and r["epoch"] < start_epoch]
+        from acdc_cli.checkpoint import atomic_write_text
+
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events a crashed run wrote after its last checkpoint
+            self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_epoch if start_epoch else None)
+        self._header_printed = False
+
+    def log_epoch(self, row: dict[str, Any], per_layer: dict[str, float] | None = None) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        if self.writer is not None:
+            step = row["epoch"]
+            for key, value in row.items():
+                if key == "epoch" or isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue
+                if math.isfinite(value):
+                    self.writer.add_scalar(f"acdc/{key}", value, step)
+            self.writer.add_scalar("acdc/phase_sparse", 1.0 if row.get("phase") == "sparse" else 0.0, step)
+            if self.per_layer and per_layer:
+                for name, value in per_layer.items():
+                    self.writer.add_scalar(f"sparsity/{name}", value, step)
+            self.writer.flush()
+        self._print_row(row)
+
+    def _print_row(self, row: dict[str, Any]) -> None:
+        if not self._header_printed:
+            self.console.print(" ".join(f"{h:>{w}}" for _, h, w, _ in _COLUMNS), style="bold")
+            self._header_printed = True
+        cells = []
+        for key, _, width, fmt in _COLUMNS:
+            value = row.get(key)
+            text = "-" if value is None else fmt.format(value)
+            cells.append(f"{text:>{width}}")
+        style = "cyan" if row.get("phase") == "sparse" else None
+        self.console.print(" ".join(cells), style=style, highlight=False)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,67 @@
+"""A registry of plain factory functions: ``@register("name")`` fills one dict, ``create(name, **kw)`` looks it up.
+
+A name may be a pattern with ``{int}`` fields (``wrn-{depth}-{width}``); the integers become keyword arguments.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from acdc_cli.errors import AcdcError
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str  # plain name or pattern such as "wrn-{depth}-{width}"
+    factory: Callable[..., nn.Module]
+    example: str  # a concrete name, used by tests that loop over the registry
+    input_size: int  # default square input resolution
+    in_channels: int
+    regex: re.Pattern[str]
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register(name: str, *, example: str | None = None, input_size: int = 32, in_channels: int = 3):
+    """Decorator: add a factory ``f(num_classes, in_channels, **kw) -> nn.Module`` to the registry."""
+    fields = re.findall(r"\{(\w+)\}", name)
+    pattern = re.escape(name)
+    for field in fields:
+        pattern = pattern.replace(re.escape("{" + field + "}"), rf"(?P<{field}>\d+)")
+    if fields and example is None:
+        raise ValueError(f"pattern model {name} needs an example name")
+
+    def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _REGISTRY[name] = ModelEntry(name, factory, example or name, input_size, in_channels, re.compile(pattern))
+        return factory
+
+    return wrap
+
+
+def entries() -> list[ModelEntry]:
+    return list(_REGISTRY.values())
+
+
+def lookup(name: str) -> tuple[ModelEntry, dict[str, int]]:
+    for entry in _REGISTRY.values():
+        match = entry.regex.fullmatch(name)
+        if match:
+            return entry, {k: int(v) for k, v in match.groupdict().items()}
+    known = ", ".join(e.name for e in _REGISTRY.values())
+    raise AcdcError(f"unknown model '{name}' (known: {known})")
+
+
+def create(name: str, num_classes: int, in_channels: int | None = None, **kwargs: Any) -> nn.Module:
+    """Build a registered model. ``kwargs`` with value None are dropped so factories keep their defaults."""
+    entry, fields = lookup(name)
+    kw = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        return entry.factory(num_classes=num_classes, in_channels=in_channels or entry.in_channels, **fields, **kw)
+    except (ValueError, TypeError) as exc:
+        raise AcdcError(f"cannot build model '{name}': {exc}") from None

@@ -1,0 +1,175 @@
+"""The object that owns a model's masks: select layers, compute masks, keep pruned weights at zero, restore."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from acdc_cli.errors import AcdcError
+from acdc_cli.sparsity import masks as M
+
+_WILDCARDS = set("*?[")
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """Why a layer is or is not pruned."""
+
+    module: str
+    param: str  # state-dict name of the weight
+    selected: bool
+    reason: str  # "selected", "excluded", "not included", "input channels not a multiple of M"
+
+
+def prunable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def select_layers(
+    model: nn.Module, include: list[str], exclude: list[str], nm: tuple[int, int] | None = None
+) -> list[LayerRule]:
+    """Apply the include/exclude globs (over module names) to every Conv2d/Linear of the model."""
+    modules = prunable_modules(model)
+    names = [n for n, _ in modules]
+    for pattern in include:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise AcdcError(f"sparsity.include pattern '{pattern}' matches no Conv2d/Linear layer of the model")
+    rules = []
+    for name, module in modules:
+        param = f"{name}.weight" if name else "weight"
+        if not _matches(name, include):
+            rules.append(LayerRule(name, param, False, "not included"))
+        elif _matches(name, exclude):
+            rules.append(LayerRule(name, param, False, "excluded"))
+        elif nm is not None and not M.nm_compatible(module.weight, nm[1]):
+            explicit = any(p == name and not (_WILDCARDS & set(p)) for p in include)
+            if explicit:
+                raise AcdcError(
+                    f"layer '{name}' has {module.weight.shape[1]} input channels per group, not a multiple of "
+                    f"{nm[1]}: it cannot be {nm[0]}:{nm[1]} sparse"
+                )
+            rules.append(LayerRule(name, param, False, f"input channels not a multiple of {nm[1]}"))
+        else:
+            rules.append(LayerRule(name, param, True, "selected"))
+    if not any(r.selected for r in rules):
+        raise AcdcError("the sparsity rules select no layer to prune")
+    return rules
+
+
+class Sparsifier:
+    """Owns one boolean mask per selected weight.
+
+    ``masks`` is ``None`` in a dense (decompressed) phase. In a compressed phase pruned weights are zero, their
+    gradients are zeroed after backward and the weights are re-masked after every optimizer step, so neither
+    momentum nor weight decay can move them.
+    """
+
+    def __init__(self, model: nn.Module, include: list[str], exclude: list[str], scope: str, structure: str):
+        self.model = model
+        self.scope = scope
+        self.nm = _parse_nm(structure)
+        self.rules = select_layers(model, include, exclude, self.nm)
+        params = dict(model.named_parameters())
+        self.params: dict[str, nn.Parameter] = {r.param: params[r.param] for r in self.rules if r.selected}
+        self.masks: dict[str, torch.Tensor] | None = None
+        # the mask of the previous compressed phase, kept through dense phases to measure mask change
+        self.previous: dict[str, torch.Tensor] | None = None
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+    @property
+    def active(self) -> bool:
+        return self.masks is not None
+
+    @torch.no_grad()
+    def compress(self, sparsity: float) -> float | None:
+        """Recompute masks from current magnitudes and zero the pruned weights. Returns the mask change."""
+        if self.masks is not None:
+            self.previous = self.masks
+        new = M.compute_masks(dict(self.params), sparsity, self.scope, self.nm)
+        change = self.mask_change(self.previous, new)
+        self.masks = new
+        self.previous = None
+        self.apply_to_weights()
+        return change
+
+    def decompress(self) -> None:
+        """All-ones masks: pruned weights restart from their current value, zero."""
+        if self.masks is not None:
+            self.previous = self.masks
+        self.masks = None
+
+    def set_masks(self, masks: dict[str, torch.Tensor] | None) -> None:
+        if masks is None:
+            self.masks = None
+            return
+        missing = set(self.params) - set(masks)
+        if missing:
+            raise AcdcError(f"checkpoint lacks masks for {sorted(missing)[0]}")
+        self.masks = {n: masks[n].to(device=p.device, dtype=torch.bool) for n, p in self.params.items()}
+        self.apply_to_weights()
+
+    @torch.no_grad()
+    def apply_to_weights(self) -> None:
+        if self.masks is None:
+            return
+        names = list(self.params)
+        torch._foreach_mul_([self.params[n].data for n in names], [self.masks[n] for n in names])
+
+    @torch.no_grad()
+    def apply_to_grads(self) -> None:
+        if self.masks is None:
+            return
+        pairs = [(p.grad, self.masks[n]) for n, p in self.params.items() if p.grad is not None]
+        if pairs:
+            torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
+
+    @staticmethod
+    def mask_change(old: dict[str, torch.Tensor] | None, new: dict[str, torch.Tensor]) -> float | None:
+        """Fraction of selected weights whose kept/pruned state differs between two masks."""
+        if old is None:
+            return None
+        flipped = sum(int((old[n] != new[n]).sum()) for n in new)
+        total = sum(m.numel() for m in new.values())
+        return flipped / total
+
+    def stats(self) -> dict[str, object]:
+        """Overall and per-layer sparsity (zeros in the weights) over the selected weights."""
+        per_layer = {}
+        zeros = 0
+        for name, p in self.params.items():
+            z = int((p.detach() == 0).sum())
+            zeros += z
+            per_layer[name] = z / p.numel()
+        return {"sparsity": zeros / max(self.numel, 1), "per_layer": per_layer}
+
+
+def _parse_nm(structure: str) -> tuple[int, int] | None:
+    if structure == "unstructured":
+        return None
+    n, m = structure.split(":")
+    return int(n), int(m)
+
+
+def reset_momentum(optimizer: torch.optim.Optimizer) -> int:
+    """Zero every momentum buffer in place. Returns how many buffers were reset.
+
+    Assigning ``optimizer.state = {}`` or resetting a copy does nothing on current PyTorch; the buffers live in
+    ``optimizer.state[param]['momentum_buffer']`` and must be zeroed where they are.
+    """
+    count = 0
+    for state in optimizer.state.values():
+        buf = state.get("momentum_buffer")
+        if isinstance(buf, torch.Tensor):
+            buf.zero_()
+            count += 1
+    return count
