@@ -75,7 +75,9 @@ class ScheduleSettings(_Section):
 
 
 class SparsitySettings(_Section):
-    target: float = Field(0.9, ge=0, lt=1, description="fraction of selected weights pruned in compressed phases")
+    target: float = Field(
+        0.9, ge=0, lt=1, description="fraction of selected weights pruned in compressed phases (N:M: 1 - N/M)"
+    )
     initial: float = Field(0.05, ge=0, lt=1, description="gmp: sparsity at the first pruning step")
     structure: str = Field("unstructured", description="'unstructured' or N:M such as '2:4' (along input channels)")
     scope: Literal["global", "uniform"] = Field("global", description="one threshold for all layers, or per layer")
@@ -102,12 +104,10 @@ class SparsitySettings(_Section):
 
     @model_validator(mode="after")
     def _nm_target(self) -> SparsitySettings:
+        # N:M fixes the sparsity at 1 - N/M whatever target a preset carried
         nm = self.n_m
         if nm is not None:
-            implied = 1 - nm[0] / nm[1]
-            if "target" in self.model_fields_set and abs(self.target - implied) > 1e-9:
-                raise ValueError(f"target {self.target} contradicts structure {self.structure} (which means {implied})")
-            object.__setattr__(self, "target", implied)
+            object.__setattr__(self, "target", 1 - nm[0] / nm[1])
         return self
 
 
