@@ -33,9 +33,9 @@ def instrumented_run(tmp_path_factory):
     events = []
     real_enter, real_epoch = train_mod.enter_phase, train_mod.train_epoch
 
-    def enter(phase, sparsifier, optimizer, settings, held_masks=None):
+    def enter(phase, sparsifier, optimizer, *args, **kwargs):
         before = {n: p.detach().clone() for n, p in sparsifier.params.items()}
-        change = real_enter(phase, sparsifier, optimizer, settings, held_masks)
+        change = real_enter(phase, sparsifier, optimizer, *args, **kwargs)
         buffers = [s["momentum_buffer"] for s in optimizer.state.values() if "momentum_buffer" in s]
         events.append({
             "kind": "enter",
@@ -49,8 +49,8 @@ def instrumented_run(tmp_path_factory):
         })
         return change
 
-    def epoch(net, loader, optimizer, sparsifier, settings, epoch, device, progress):
-        stats = real_epoch(net, loader, optimizer, sparsifier, settings, epoch, device, progress)
+    def epoch(net, loader, optimizer, sparsifier, settings, epoch, *args, **kwargs):
+        stats = real_epoch(net, loader, optimizer, sparsifier, settings, epoch, *args, **kwargs)
         events.append({
             "kind": "epoch",
             "epoch": epoch,

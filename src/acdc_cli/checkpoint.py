@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +52,12 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def remove_stale_temps(folder: Path) -> None:
+    """Delete the temporary files of atomic writes that a killed process left in ``folder``."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -69,6 +78,32 @@ def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
     atomic_write_bytes(path, blob)
 
 
+# acdc's own metadata nests 4 levels; a file nesting hundreds would make json.loads hit Python's recursion limit
+MAX_METADATA_DEPTH = 32
+
+
+def _json_depth(text: str) -> int:
+    """Deepest bracket nesting of a JSON text (brackets inside strings do not count); plain strings give 0."""
+    deepest = depth = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors and the raw metadata of a safetensors file; any defect is a one-line AcdcError."""
     path = Path(path)
@@ -81,6 +116,9 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         raise AcdcError(f"{path} is not a readable safetensors file ({first})") from None
+    for key, text in meta.items():
+        if _json_depth(text) > MAX_METADATA_DEPTH:
+            raise AcdcError(f"{path}: metadata field '{key}' is nested deeper than {MAX_METADATA_DEPTH} levels")
     return tensors, meta
 
 
@@ -148,6 +186,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
     for name, mask in masks.items():
         if mask.shape != weights[name].shape:
             raise AcdcError(f"{path}: mask shape of {name} does not match its weight")
+        if weights[name].dim() < 2 or not weights[name].is_floating_point():
+            raise AcdcError(f"{path}: mask for {name}, which is not a conv or linear weight")
     arch = meta.get("arch")
     model_kwargs = _json_field(meta, "model_kwargs", path, {})
     if not isinstance(arch, str) or not isinstance(model_kwargs, dict):
@@ -159,6 +199,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
     metrics = _json_field(meta, "metrics", path, {})
     if not isinstance(epoch, int) or not isinstance(config, dict) or not isinstance(metrics, dict):
         raise AcdcError(f"{path}: malformed metadata (epoch / config / metrics)")
+    _check_config(config, path)
     return Checkpoint(
         weights=weights,
         masks=masks,
@@ -172,21 +213,55 @@ def load_checkpoint(path: Path) -> Checkpoint:
     )
 
 
+_SECTIONS = ("data", "model", "optim", "schedule", "sparsity", "runtime", "log")
+
+
+def _check_config(config: dict[str, Any], path: Path) -> None:
+    """The saved settings' shape, as far as readers use them before (or without) validating them as settings:
+    sections are tables and the sparsity rules are strings."""
+    for section in _SECTIONS:
+        if not isinstance(config.get(section, {}), dict):
+            raise AcdcError(f"{path}: malformed metadata (config section '{section}' is not a table)")
+    rules = config.get("sparsity", {})
+    if not isinstance(rules.get("structure", ""), str):
+        raise AcdcError(f"{path}: malformed metadata (config sparsity.structure is not a string)")
+    for key in ("include", "exclude"):
+        patterns = rules.get(key, [])
+        if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+            raise AcdcError(f"{path}: malformed metadata (config sparsity.{key} is not a list of strings)")
+
+
 def build_model(ckpt: Checkpoint) -> nn.Module:
     """Rebuild the model a checkpoint describes and load its weights (strict)."""
+    return rebuild_model(ckpt.arch, ckpt.model_kwargs, ckpt.weights, f"a {ckpt.arch} checkpoint")
+
+
+def rebuild_model(arch: str, model_kwargs: dict[str, Any], weights: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """The model that a file's metadata describes, with the file's ``weights`` loaded (strict).
+
+    The metadata is checked first on a model built on the meta device, which allocates nothing: a file asking for a
+    huge model (num_classes = 10**9) is refused by shape before any memory is spent on it.
+    """
     from acdc_cli.models import create
 
-    kwargs = dict(ckpt.model_kwargs)
+    kwargs = dict(model_kwargs)
     num_classes = kwargs.pop("num_classes", None)
-    if not isinstance(num_classes, int):
-        raise AcdcError("checkpoint metadata lacks num_classes")
-    model = create(ckpt.arch, num_classes=num_classes, **kwargs)
-    load_weights(model, ckpt.weights, source=f"a {ckpt.arch} checkpoint")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool):
+        raise AcdcError(f"{source}: metadata lacks num_classes")
+    with torch.device("meta"):
+        check_fit(create(arch, num_classes=num_classes, **kwargs).state_dict(), weights, source)
+    model = create(arch, num_classes=num_classes, **kwargs)
+    model.load_state_dict(weights)
     return model
 
 
 def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    own = model.state_dict()
+    check_fit(model.state_dict(), weights, source)
+    model.load_state_dict(weights)
+
+
+def check_fit(own: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], source: str) -> None:
+    """Raise unless ``weights`` has exactly the names and shapes of the state dict ``own``."""
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
     if missing or unexpected:
@@ -197,7 +272,6 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str
             raise AcdcError(
                 f"{source} does not fit this model: {name} is {tuple(tensor.shape)}, model has {tuple(own[name].shape)}"
             )
-    model.load_state_dict(weights)
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
@@ -210,12 +284,19 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
 
 def load_state(path: Path) -> dict[str, Any]:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # a foreign pickle makes torch warn about its protocol before refusing it: the error line is enough
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise AcdcError(f"resume state not found: {path}") from None
-    except Exception as exc:  # weights_only refuses pickled objects; corrupt zips raise various errors
-        first = str(exc).splitlines()[0][:200] if str(exc) else exc.__class__.__name__
-        raise AcdcError(f"{path} is not a valid acdc resume state ({first})") from None
+    except pickle.UnpicklingError as exc:  # weights_only met something other than tensors and plain data
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"a pickled {found.group(1)}" if found else "pickled Python objects"
+        raise AcdcError(f"{path} is not a valid acdc resume state: refused, it holds {what}") from None
+    except Exception as exc:  # corrupt zips and foreign files raise various errors
+        first = str(exc).splitlines()[0].split(". ")[0][:200] if str(exc) else ""
+        raise AcdcError(f"{path} is not a valid acdc resume state ({exc.__class__.__name__} {first})") from None
     if not isinstance(state, dict):
         raise AcdcError(f"{path} is not a valid acdc resume state")
     return state

@@ -72,6 +72,24 @@ class ScheduleSettings(_Section):
     gmp_start_epoch: int = Field(0, ge=0, description="gmp: epoch of the first pruning step")
     gmp_end_epoch: int = Field(0, ge=0, description="gmp: epoch at which target sparsity is reached")
     prune_every: int = Field(1, gt=0, description="gmp: epochs between mask recomputations")
+    start_epoch: int | str = Field(
+        0,
+        description="first epoch to train; 'checkpoint' continues at the --from checkpoint's epoch, so the LR "
+        "schedule and phase plan carry on where it stopped (dense fine-tuning of a best_dense checkpoint)",
+    )
+
+    @field_validator("start_epoch")
+    @classmethod
+    def _start_epoch(cls, value: int | str) -> int | str:
+        if isinstance(value, str):
+            if value == "checkpoint":
+                return value
+            if not value.isdigit():
+                raise ValueError(f"must be an epoch number or 'checkpoint', got '{value}'")
+            value = int(value)
+        if value < 0:
+            raise ValueError("must be an epoch number >= 0 or 'checkpoint'")
+        return value
 
 
 class SparsitySettings(_Section):
@@ -118,7 +136,15 @@ class RuntimeSettings(_Section):
     amp: bool = Field(True, description="bf16 autocast on CUDA (CPU always runs fp32)")
     channels_last: bool = Field(True, description="channels_last memory format on CUDA")
     compile: bool = Field(False, description="torch.compile the model (CUDA)")
+    sync_batchnorm: bool = Field(False, description="SyncBatchNorm across DDP ranks (CUDA; batch statistics "
+                                 "over the global batch instead of each rank's share)")
     threads: int | None = Field(None, gt=0, description="CPU threads for torch (None: torch's default)")
+    checkpoint_every_steps: int = Field(
+        0, ge=0, description="also write last.* every N training steps, for mid-epoch resume (0: epoch ends only)"
+    )
+    nan_policy: Literal["stop", "skip"] = Field(
+        "stop", description="non-finite loss: stop the run (exit 1), or skip the step (one host sync per step)"
+    )
 
     @field_validator("device")
     @classmethod
@@ -174,6 +200,8 @@ class Settings(BaseSettings):
                     f"schedule: warmup ({s.warmup_epochs}) + final decompressed ({s.final_decompressed_epochs}) + "
                     f"final compressed ({s.final_compressed_epochs}) epochs exceed schedule.epochs ({s.epochs})"
                 )
+        if isinstance(s.start_epoch, int) and s.start_epoch >= s.epochs:
+            raise ValueError(f"schedule.start_epoch ({s.start_epoch}) must be below schedule.epochs ({s.epochs})")
         if s.method == "gmp":
             if not s.gmp_start_epoch <= s.gmp_end_epoch < s.epochs:
                 raise ValueError(

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from acdc_cli.errors import AcdcError
+
+if TYPE_CHECKING:
+    from acdc_cli.config import Settings
 
 
 @dataclass(frozen=True)
@@ -30,13 +34,13 @@ class DistInfo:
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
+            return _rank_gpu(local_rank)
         return torch.device("cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise AcdcError("runtime.device is cuda but no CUDA device is available")
         if name == "cuda":
-            return torch.device("cuda", local_rank)
+            return _rank_gpu(local_rank)
         index = int(name.split(":")[1])
         if index >= torch.cuda.device_count():
             raise AcdcError(f"runtime.device {name}: only {torch.cuda.device_count()} CUDA device(s)")
@@ -44,6 +48,15 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise AcdcError("runtime.device is mps but MPS is not available")
     return torch.device(name)
+
+
+def _rank_gpu(local_rank: int) -> torch.device:
+    """One GPU per process on a node: local rank i gets GPU i."""
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise AcdcError(f"local rank {local_rank} has no GPU of its own: this node has {count} CUDA device(s); "
+                        f"start at most {count} processes per node")
+    return torch.device("cuda", local_rank)
 
 
 def setup(device_name: str) -> DistInfo:
@@ -62,3 +75,72 @@ def setup(device_name: str) -> DistInfo:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `acdc train --nproc N`: the same processes `torchrun --standalone --nproc-per-node N -m acdc_cli train ...` starts
+
+
+def env_rank() -> int:
+    """This process's global rank as torchrun set it (0 outside torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def under_launcher() -> bool:
+    """True inside a process that torchrun (or another launcher setting its variables) started."""
+    return "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def check_nproc(nproc: int, settings: Settings) -> int:
+    """Refuse what would fail on every rank, before any rank starts. Returns the CPU threads each process should use.
+
+    On CUDA every process needs a GPU of its own. On the CPU (gloo) processes share the machine, so acdc allows at
+    most one per core: more would only oversubscribe the cores and slow every rank down.
+    """
+    if nproc < 1:
+        raise AcdcError(f"--nproc must be at least 1, got {nproc}")
+    if under_launcher():
+        raise AcdcError("--nproc starts torchrun itself; inside a torchrun process leave it out")
+    device_name = settings.runtime.device
+    cores = os.cpu_count() or 1
+    device = resolve_device(device_name)
+    if settings.runtime.sync_batchnorm and nproc > 1 and device.type != "cuda":
+        raise AcdcError("runtime.sync_batchnorm needs CUDA (SyncBatchNorm has no CPU kernels); set it to false")
+    if device.type == "cuda":
+        if device_name not in ("auto", "cuda"):
+            raise AcdcError(f"runtime.device {device_name} pins one GPU; with --nproc use cuda (one GPU per process)")
+        count = torch.cuda.device_count()
+        if nproc > count:
+            raise AcdcError(f"--nproc {nproc} exceeds the {count} CUDA device(s) of this machine (one GPU per process)")
+    elif device.type == "cpu":
+        if nproc > cores:
+            raise AcdcError(f"--nproc {nproc} exceeds the {cores} CPU cores of this machine (on the CPU acdc runs at "
+                            f"most one process per core)")
+    else:
+        raise AcdcError(f"--nproc needs CUDA or the CPU; runtime.device {device_name} runs one process")
+    if settings.data.batch_size % nproc:
+        raise AcdcError(f"data.batch_size {settings.data.batch_size} (the global batch) does not divide across "
+                        f"{nproc} processes")
+    return max(1, cores // nproc)
+
+
+def launch(nproc: int, argv: list[str], threads: int) -> int:
+    """Run ``python -m acdc_cli <argv>`` in ``nproc`` processes on this machine through torchrun's own launcher
+    (a standalone c10d rendezvous on a free local port). Returns the exit code of the first failing rank, else 0."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    # torchrun would otherwise set 1 thread per process and print a warning about it
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    args = ["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc), "--module", "acdc_cli", *argv]
+    try:
+        torchrun.main(args)
+    except ChildFailedError as exc:
+        _, failure = exc.get_first_failure()
+        # a rank killed by a signal reports -signum; shells report that as 128 + signum
+        return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
+    except SignalException as exc:
+        # the launcher got SIGTERM/SIGINT and has passed it on to every rank (which checkpoint and stop)
+        return 128 + int(exc.sigval)
+    return 0

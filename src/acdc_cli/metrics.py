@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +47,8 @@ class MetricsLogger:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.console = console
         self.per_layer = per_layer
-        kept = [r for r in read_jsonl(self.path) if isinstance(r.get("epoch"), int) and r["epoch"] < start_epoch]
-        from acdc_cli.checkpoint import atomic_write_text
-
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        self.rows = [r for r in read_jsonl(self.path) if isinstance(r.get("epoch"), int) and r["epoch"] < start_epoch]
+        self._write()
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -60,11 +57,15 @@ class MetricsLogger:
             self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_epoch if start_epoch else None)
         self._header_printed = False
 
+    def _write(self) -> None:
+        # the whole file through a temp file and a rename (a few kB even for long runs): never a torn line
+        from acdc_cli.checkpoint import atomic_write_text
+
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+
     def log_epoch(self, row: dict[str, Any], per_layer: dict[str, float] | None = None) -> None:
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        self.rows.append(row)
+        self._write()
         if self.writer is not None:
             step = row["epoch"]
             for key, value in row.items():

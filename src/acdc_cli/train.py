@@ -3,14 +3,17 @@ checkpoint. Everything else is a call into a small function."""
 
 from __future__ import annotations
 
+import functools
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from rich.console import Console
 from rich.panel import Panel
@@ -18,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from acdc_cli import data as data_mod
-from acdc_cli import distributed, models
+from acdc_cli import distributed, models, runtime
 from acdc_cli.checkpoint import (
     Checkpoint,
     atomic_write_text,
@@ -26,13 +29,15 @@ from acdc_cli.checkpoint import (
     load_checkpoint,
     load_state,
     load_weights,
+    remove_stale_temps,
     save_checkpoint,
     save_state,
 )
 from acdc_cli.config import Settings
 from acdc_cli.errors import AcdcError, TrainingFault
-from acdc_cli.evaluate import autocast, evaluate
+from acdc_cli.evaluate import autocast, evaluate, evaluate_memorized
 from acdc_cli.metrics import MetricsLogger
+from acdc_cli.preemption import StopSignal, reduce_int
 from acdc_cli.sparsity.schedule import Phase, learning_rate, phase_at, plan
 from acdc_cli.sparsity.sparsifier import Sparsifier, reset_momentum
 
@@ -64,6 +69,7 @@ class RunResult:
     best_dense: dict[str, Any] | None
     final_sparsity: float
     files: list[Path] = field(default_factory=list)
+    preempted: dict[str, Any] | None = None  # {"signal", "epoch", "step"} of the checkpoint a signal stopped at
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -92,6 +98,7 @@ def prepare_run_dir(run_dir: Path, force: bool) -> None:
             (run_dir / name).unlink(missing_ok=True)
         for state in run_dir.glob("last.state*.pt"):
             state.unlink()
+        remove_stale_temps(run_dir)
         shutil.rmtree(run_dir / "tb", ignore_errors=True)
 
 
@@ -99,8 +106,10 @@ def saved_settings(run_dir: Path) -> dict[str, Any]:
     from acdc_cli.config import read_toml
 
     marker = Path(run_dir) / RUN_MARKER
-    if not Path(run_dir).is_dir() or not marker.is_file() or not (Path(run_dir) / "last.safetensors").is_file():
-        raise AcdcError(f"{run_dir} is not an acdc run dir with a checkpoint (expected {RUN_MARKER} and last.safetensors)")
+    if not Path(run_dir).is_dir() or not marker.is_file():
+        raise AcdcError(f"{run_dir} is not an acdc run dir (expected {RUN_MARKER} and last.safetensors)")
+    if not (Path(run_dir) / "last.safetensors").is_file():
+        raise AcdcError(f"{run_dir} has no checkpoint yet (stopped before its first one); start it again with --force")
     return read_toml(marker)
 
 
@@ -112,7 +121,7 @@ def save_last(run_dir: Path, ckpt: Checkpoint, state: dict[str, Any]) -> None:
     """Write the pair so that a crash at any point leaves one matching (weights, state) pair on disk.
 
     Order: keep the old state as ``last.state.prev.pt``, write the new state, then the weights. The weights'
-    ``epoch`` picks whichever state file matches it on resume.
+    ``epoch`` and ``step`` pick whichever state file matches them on resume.
     """
     current, previous = run_dir / "last.state.pt", run_dir / "last.state.prev.pt"
     if current.exists():
@@ -123,13 +132,15 @@ def save_last(run_dir: Path, ckpt: Checkpoint, state: dict[str, Any]) -> None:
 
 def load_last(run_dir: Path) -> tuple[Checkpoint, dict[str, Any]]:
     ckpt = load_checkpoint(run_dir / "last.safetensors")
+    step = ckpt.extra.get("step", 0)
     for name in ("last.state.pt", "last.state.prev.pt"):
         path = run_dir / name
         if path.exists():
             state = load_state(path)
-            if state.get("progress", {}).get("epoch") == ckpt.epoch:
+            progress = state.get("progress")
+            if isinstance(progress, dict) and (progress.get("epoch"), progress.get("step", 0)) == (ckpt.epoch, step):
                 return ckpt, state
-    raise AcdcError(f"{run_dir}: no resume state matches last.safetensors (epoch {ckpt.epoch})")
+    raise AcdcError(f"{run_dir}: no resume state matches last.safetensors (epoch {ckpt.epoch}, step {step})")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -163,6 +174,61 @@ def enter_phase(phase: Phase, sparsifier: Sparsifier, optimizer: torch.optim.Opt
     return change
 
 
+@dataclass
+class EpochTotals:
+    """An epoch's sums so far, kept on the device so that a step never waits for the host. Mid-epoch checkpoints
+    save them, so a resumed epoch reports the metrics an uninterrupted one would."""
+
+    loss_sum: torch.Tensor  # float64: sum of per-image losses
+    correct: torch.Tensor  # long: top-1 hits
+    first_bad: torch.Tensor  # long: the first step with a non-finite loss, -1 while there is none
+    step: int = 0  # steps done in this epoch
+    count: int = 0  # images in loss_sum / correct
+    skipped: int = 0  # steps skipped for a non-finite loss (runtime.nan_policy = "skip")
+
+    @classmethod
+    def start(cls, device: torch.device, saved: dict[str, Any] | None = None) -> EpochTotals:
+        totals = cls(
+            torch.zeros((), device=device, dtype=torch.float64),
+            torch.zeros((), device=device, dtype=torch.long),
+            torch.full((), -1, device=device, dtype=torch.long),
+        )
+        if saved is not None:
+            totals.loss_sum.copy_(saved["loss_sum"])
+            totals.correct.copy_(saved["correct"])
+            totals.step, totals.count, totals.skipped = int(saved["step"]), int(saved["count"]), int(saved["skipped"])
+        return totals
+
+    def as_state(self) -> dict[str, Any]:
+        return {"loss_sum": self.loss_sum.cpu(), "correct": self.correct.cpu(), "step": self.step,
+                "count": self.count, "skipped": self.skipped}
+
+
+def gather_totals(totals: EpochTotals) -> list[dict[str, Any]]:
+    """Every rank's sums in rank order, for a mid-epoch checkpoint (a collective under DDP): each rank's share of
+    the epoch differs, so each resumes its own."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [totals.as_state()]
+    local = torch.stack([totals.loss_sum, totals.correct.double(),
+                         torch.tensor(float(totals.count), dtype=torch.float64, device=totals.loss_sum.device),
+                         torch.tensor(float(totals.skipped), dtype=torch.float64, device=totals.loss_sum.device)])
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    return [{"loss_sum": g[0].cpu(), "correct": g[1].long().cpu(), "step": totals.step, "count": int(g[2]),
+             "skipped": int(g[3])} for g in gathered]
+
+
+_NO_BAD_STEP = 2**62
+
+
+def raise_if_bad(totals: EpochTotals, epoch: int) -> None:
+    """Stop on a non-finite loss before anything is saved; every rank raises, naming the first bad step of any."""
+    local = int(totals.first_bad.item())
+    bad = reduce_int(local if local >= 0 else _NO_BAD_STEP, "min")
+    if bad != _NO_BAD_STEP:
+        raise TrainingFault(f"non-finite loss at epoch {epoch}, step {bad}; the last good checkpoint is kept")
+
+
 def train_epoch(
     net: nn.Module,
     loader,
@@ -172,51 +238,68 @@ def train_epoch(
     epoch: int,
     device: torch.device,
     progress: Progress | None,
-) -> dict[str, float]:
+    totals: EpochTotals | None = None,
+    after_step: Callable[[EpochTotals], bool] | None = None,
+) -> dict[str, float] | None:
+    """Train one epoch from step ``totals.step`` (non-zero when resuming mid-epoch).
+
+    ``after_step`` runs after every step (checkpoints, preemption); when it returns True the epoch stops there and
+    this returns None.
+    """
     net.train()
     steps = len(loader)
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    # the first step with a non-finite loss, tracked on the device so the step never waits for the host
-    first_bad = torch.full((), -1, device=device, dtype=torch.long)
-    count = 0
-    task = progress.add_task(f"epoch {epoch}", total=steps) if progress else None
-    lr = settings.optim.lr
+    totals = totals or EpochTotals.start(device)
+    skip_bad = settings.runtime.nan_policy == "skip"
+    task = progress.add_task(f"epoch {epoch}", total=steps, completed=totals.step) if progress else None
+    seen = 0
     started = time.perf_counter()
-    for step, (images, labels, *_) in enumerate(loader):
-        lr = learning_rate(settings, epoch + step / steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with autocast(device, settings.runtime.amp):
-            logits = net(images)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=settings.optim.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        sparsifier.apply_to_grads()
-        optimizer.step()
-        sparsifier.apply_to_weights()
+    try:
+        for step, (images, labels, *_) in enumerate(loader.iterate(totals.step) if totals.step else loader,
+                                                     start=totals.step):
+            lr = learning_rate(settings, epoch + step / steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # "skip" must undo the batch-norm statistics a bad forward pass moved
+            buffers = [b.clone() for b in net.buffers()] if skip_bad else []
+            with autocast(device, settings.runtime.amp):
+                logits = net(images)
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=settings.optim.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # also for a step that is skipped: DDP expects every forward to have its backward
+            detached = loss.detach()
+            if skip_bad and reduce_int(int(not torch.isfinite(detached))):
+                for buffer, saved in zip(net.buffers(), buffers):
+                    buffer.copy_(saved)
+                totals.skipped += 1
+            else:
+                sparsifier.apply_to_grads()
+                optimizer.step()
+                sparsifier.apply_to_weights()
 
-        detached = loss.detach()
-        bad_now = (~torch.isfinite(detached)) & (first_bad < 0)
-        first_bad = torch.where(bad_now, torch.full_like(first_bad, step), first_bad)
-        loss_sum += detached.double() * labels.numel()
-        correct += (logits.detach().argmax(1) == labels).sum()
-        count += labels.numel()
+                bad_now = (~torch.isfinite(detached)) & (totals.first_bad < 0)
+                totals.first_bad = torch.where(bad_now, torch.full_like(totals.first_bad, step), totals.first_bad)
+                totals.loss_sum += detached.double() * labels.numel()
+                totals.correct += (logits.detach().argmax(1) == labels).sum()
+                totals.count += labels.numel()
+            totals.step = step + 1
+            seen += labels.numel()
+            if task is not None:
+                progress.advance(task)
+            if after_step is not None and after_step(totals):
+                return None
+    finally:
         if task is not None:
-            progress.advance(task)
+            progress.remove_task(task)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - started
-    if task is not None:
-        progress.remove_task(task)
-    bad = int(first_bad.item())
-    if bad >= 0:
-        raise TrainingFault(f"non-finite loss at epoch {epoch}, step {bad}; the last good checkpoint is kept")
+    raise_if_bad(totals, epoch)
     return {
-        "train_loss": loss_sum.item() / max(count, 1),
-        "train_top1": correct.item() / max(count, 1),
-        "lr": lr,
-        "img_per_s": count / max(elapsed, 1e-9),
+        "train_loss": totals.loss_sum.item() / max(totals.count, 1),
+        "train_top1": totals.correct.item() / max(totals.count, 1),
+        "lr": learning_rate(settings, epoch + (steps - 1) / steps),
+        "img_per_s": seen / max(elapsed, 1e-9),
+        "skipped_steps": totals.skipped,
     }
 
 
@@ -257,12 +340,13 @@ def run(
     info = distributed.setup(settings.runtime.device)
     device = info.device
     try:
-        return _run(settings, Path(run_dir), info, device, resume, from_checkpoint, console)
+        with StopSignal() as stop:
+            return _run(settings, Path(run_dir), info, device, resume, from_checkpoint, console, stop)
     finally:
         distributed.teardown()
 
 
-def _run(settings, run_dir, info, device, resume, from_checkpoint, console) -> RunResult:
+def _run(settings, run_dir, info, device, resume, from_checkpoint, console, stop: StopSignal) -> RunResult:
     if settings.runtime.threads:
         torch.set_num_threads(settings.runtime.threads)
     if settings.runtime.deterministic:
@@ -270,31 +354,41 @@ def _run(settings, run_dir, info, device, resume, from_checkpoint, console) -> R
     seed = settings.runtime.seed
     torch.manual_seed(seed)
     phases = plan(settings)
+    if settings.schedule.start_epoch == "checkpoint" and from_checkpoint is None and not resume:
+        raise AcdcError("schedule.start_epoch = 'checkpoint' continues a checkpoint: pass --from CHECKPOINT")
 
     bundle = data_mod.build(settings, device, info.rank, info.world_size)
     model_kwargs = _model_kwargs(settings, bundle)
     model = models.create(settings.model.name, **model_kwargs).to(device)
+    # net (DDP / compile / channels_last) runs the training step; model keeps the names that checkpoints save
+    net = runtime.prepare_model(model, settings, info)
+    val_loader = runtime.shard_for_eval(bundle.val, info)
     sparsifier = Sparsifier(model, settings.sparsity.include, settings.sparsity.exclude,
                             settings.sparsity.scope, settings.sparsity.structure)
     optimizer = build_optimizer(model, settings)
     run_state = RunState()
     held_masks = None
+    totals: EpochTotals | None = None  # set when resuming mid-epoch
+    preempted: dict[str, Any] | None = None
 
     if resume:
-        ckpt, state = load_last(run_dir)
-        load_weights(model, ckpt.weights, source=str(run_dir / "last.safetensors"))
-        sparsifier.set_masks(ckpt.masks or None)
-        optimizer.load_state_dict(state["optimizer"])
-        sparsifier.previous = state.get("previous_masks")
-        p = state["progress"]
-        run_state = RunState(p["epoch"], p["best_sparse"], p["best_dense"], p["mask_change"])
+        if info.is_main:
+            remove_stale_temps(run_dir)
+        run_state, totals = _resume(run_dir, model, sparsifier, optimizer, device, info.rank, info.world_size)
     elif from_checkpoint is not None:
         source = load_checkpoint(from_checkpoint)
         if source.arch != settings.model.name:
             raise AcdcError(f"--from {from_checkpoint} holds a {source.arch}, settings ask for {settings.model.name}")
+        classes = source.model_kwargs.get("num_classes")
+        if classes != model_kwargs["num_classes"]:
+            raise AcdcError(f"--from {from_checkpoint} was trained for {classes} classes, "
+                            f"{settings.data.name} has {model_kwargs['num_classes']}")
         load_weights(model, source.weights, source=str(from_checkpoint))
-        if source.masks and phases[0].kind == "sparse":
+        run_state.epoch = _start_epoch(settings, from_checkpoint, source.epoch)
+        if source.masks and phase_at(phases, run_state.epoch).kind == "sparse":
             held_masks = source.masks
+    else:
+        run_state.epoch = _start_epoch(settings, None, 0)
 
     is_main = info.is_main
     logger = MetricsLogger(run_dir, console, settings.log.tensorboard, settings.log.per_layer,
@@ -307,17 +401,34 @@ def _run(settings, run_dir, info, device, resume, from_checkpoint, console) -> R
         progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeRemainingColumn(), console=console, transient=True)
         progress.start()
+    # a fresh run that starts inside a phase (schedule.start_epoch) enters that phase at its first epoch
+    fresh_start = None if resume else run_state.epoch
     try:
         for epoch in range(run_state.epoch, settings.schedule.epochs):
             phase = phase_at(phases, epoch)
-            if epoch == phase.start:
-                run_state.mask_change = enter_phase(phase, sparsifier, optimizer, settings, held_masks)
-                held_masks = None
-            # every epoch's randomness (dropout, order, augmentation) is a function of (seed, epoch): resumable
-            torch.manual_seed(seed * 1_000_003 + epoch)
+            mask_checksums = None
+            if totals is None:  # a mid-epoch resume is inside its phase already, with its RNG state restored
+                if epoch in (phase.start, fresh_start):
+                    run_state.mask_change = enter_phase(phase, sparsifier, optimizer, settings, held_masks)
+                    held_masks = None
+                # every epoch's randomness (dropout, order, augmentation) is a function of (seed, epoch): resumable
+                torch.manual_seed(seed * 1_000_003 + epoch)
+                totals = EpochTotals.start(device)
+            if epoch in (phase.start, fresh_start):
+                mask_checksums = runtime.verify_masks(sparsifier.masks, info)
             bundle.train.set_epoch(epoch)
-            stats = train_epoch(model, bundle.train, optimizer, sparsifier, settings, epoch, device, progress)
-            val = evaluate(model, bundle.val, device, settings.runtime.amp)
+            save = functools.partial(_save_step, run_dir, model, sparsifier, optimizer, settings, model_kwargs,
+                                     phase, run_state) if is_main else None
+            after_step = functools.partial(_after_step, stop=stop, every=settings.runtime.checkpoint_every_steps,
+                                           steps=len(bundle.train), epoch=epoch, save=save)
+            stats = train_epoch(net, bundle.train, optimizer, sparsifier, settings, epoch, device, progress,
+                                totals, after_step)
+            if stats is None:
+                preempted = {"signal": stop.name, "epoch": epoch, "step": totals.step}
+                break
+            totals = None
+            stats = runtime.reduce_train_stats(stats, info)
+            val = runtime.evaluate(model, val_loader, device, settings.runtime.amp, info)
             sparse_stats = sparsifier.stats()
             row = {
                 "epoch": epoch,
@@ -331,24 +442,46 @@ def _run(settings, run_dir, info, device, resume, from_checkpoint, console) -> R
                 "val_top1": val["top1"],
                 "val_top5": val["top5"],
                 "mask_change": run_state.mask_change if phase.kind == "sparse" else None,
+                "mask_checksums": mask_checksums,
                 "img_per_s": stats["img_per_s"],
+                "skipped_steps": stats["skipped_steps"],
             }
+            if bundle.memorized is not None:
+                row.update(evaluate_memorized(model, bundle.memorized, device, settings.runtime.amp))
             run_state.epoch = epoch + 1
             if is_main:
                 logger.log_epoch(row, sparse_stats["per_layer"])
                 _save_epoch(run_dir, model, sparsifier, optimizer, settings, model_kwargs, phase, row, run_state)
+            if epoch + 1 < settings.schedule.epochs and stop.should_stop():
+                preempted = {"signal": stop.name, "epoch": epoch + 1, "step": 0}
+                break
     finally:
         if progress is not None:
             progress.stop()
         if logger is not None:
             logger.close()
 
-    result = RunResult(run_dir, run_state.best_sparse, run_state.best_dense, sparsifier.stats()["sparsity"])
-    if is_main:
+    result = RunResult(run_dir, run_state.best_sparse, run_state.best_dense, sparsifier.stats()["sparsity"],
+                       preempted=preempted)
+    if is_main and preempted is None:
         _test_best(run_dir, result, bundle, device, settings)
+    if is_main:
         result.files = sorted(p for p in run_dir.iterdir() if p.is_file() and not p.name.startswith("."))
         result.files.append(run_dir / "tb")
     return result
+
+
+def _start_epoch(settings: Settings, from_checkpoint: Path | None, checkpoint_epoch: int) -> int:
+    """schedule.start_epoch resolved: 'checkpoint' is the --from checkpoint's epoch (epochs it completed)."""
+    start = settings.schedule.start_epoch
+    if start != "checkpoint":
+        return start
+    if checkpoint_epoch >= settings.schedule.epochs:
+        raise AcdcError(
+            f"--from {from_checkpoint} completed {checkpoint_epoch} epochs; schedule.epochs is "
+            f"{settings.schedule.epochs}, so nothing is left to continue"
+        )
+    return checkpoint_epoch
 
 
 def _save_epoch(run_dir, model, sparsifier, optimizer, settings, model_kwargs, phase, row, run_state) -> None:
@@ -362,12 +495,76 @@ def _save_epoch(run_dir, model, sparsifier, optimizer, settings, model_kwargs, p
         if best is None or row["val_top1"] > best["val_top1"]:
             setattr(run_state, best_key, {"epoch": epoch, "val_top1": row["val_top1"]})
             save_checkpoint(run_dir / f"{best_key}.safetensors", ckpt)
+    save_last(run_dir, ckpt, _resume_state(run_state, optimizer, sparsifier))
+
+
+def _after_step(totals: EpochTotals, *, stop: StopSignal, every: int, steps: int, epoch: int,
+                save: Callable[[int, list[dict[str, Any]]], None] | None) -> bool:
+    """Between two steps: write last.* every ``every`` steps, and once a signal came write it and stop."""
+    stopping = stop.should_stop(totals.step)
+    if stopping or (every and totals.step % every == 0 and totals.step < steps):
+        raise_if_bad(totals, epoch)  # never replace the last good checkpoint with diverged weights
+        every_rank = gather_totals(totals)
+        if save is not None:
+            save(totals.step, every_rank)
+    return stopping
+
+
+def _save_step(run_dir, model, sparsifier, optimizer, settings, model_kwargs, phase, run_state, step: int,
+               every_rank: list[dict[str, Any]]) -> None:
+    """A mid-epoch last.*: each rank's sums so far and the RNG state let the epoch go on as if never stopped."""
+    own = every_rank[0]
+    partial = {"epoch": run_state.epoch, "step": step, "phase": phase.kind,
+               "train_loss": own["loss_sum"].item() / max(own["count"], 1),
+               "train_top1": own["correct"].item() / max(own["count"], 1)}
+    ckpt = _checkpoint(model, sparsifier, settings, model_kwargs, run_state.epoch, phase.kind, partial)
+    ckpt.extra["step"] = step
+    save_last(run_dir, ckpt, _resume_state(run_state, optimizer, sparsifier, step, every_rank))
+
+
+def _resume_state(run_state: RunState, optimizer: torch.optim.Optimizer, sparsifier: Sparsifier, step: int = 0,
+                  every_rank: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Everything besides weights and masks that continues the run; tensors and plain data only (weights_only)."""
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state()
     state = {
-        "progress": run_state.as_dict(),
+        "progress": {**run_state.as_dict(), "step": step},
         "optimizer": optimizer.state_dict(),
         "previous_masks": sparsifier.previous,
+        "rng": rng,
     }
-    save_last(run_dir, ckpt, state)
+    if every_rank is not None:
+        state["totals"] = every_rank
+    return state
+
+
+def _resume(run_dir: Path, model: nn.Module, sparsifier: Sparsifier, optimizer: torch.optim.Optimizer,
+            device: torch.device, rank: int, world_size: int) -> tuple[RunState, EpochTotals | None]:
+    """Load the newest complete checkpoint and its state; returns the progress and, mid-epoch, the epoch's sums."""
+    ckpt, state = load_last(run_dir)
+    load_weights(model, ckpt.weights, source=str(run_dir / "last.safetensors"))
+    sparsifier.set_masks(ckpt.masks or None)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        previous = state.get("previous_masks")
+        sparsifier.previous = {k: v.to(device) for k, v in previous.items()} if previous is not None else None
+        p = state["progress"]
+        run_state = RunState(p["epoch"], p["best_sparse"], p["best_dense"], p["mask_change"])
+        totals = None
+        if p.get("step"):
+            every_rank = state["totals"]
+            if len(every_rank) != world_size:
+                raise AcdcError(f"{run_dir} stopped mid-epoch in a run of {len(every_rank)} process(es); resume it "
+                                f"with as many (this run has {world_size}), or from an epoch-end checkpoint")
+            totals = EpochTotals.start(device, every_rank[rank])
+            torch.set_rng_state(state["rng"]["torch"])
+            if "cuda" in state["rng"] and device.type == "cuda":
+                torch.cuda.set_rng_state(state["rng"]["cuda"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        detail = str(exc).splitlines()[0][:120] if str(exc) else ""
+        raise AcdcError(f"{run_dir}: malformed resume state ({exc.__class__.__name__} {detail})") from None
+    return run_state, totals
 
 
 def _test_best(run_dir: Path, result: RunResult, bundle, device: torch.device, settings: Settings) -> None:

@@ -83,7 +83,25 @@ def _synthetic(settings: Settings, device: torch.device, rank: int, world_size: 
     )
 
 
-_BUILDERS = {"digits": _digits, "synthetic": _synthetic}
+def _cifar(settings: Settings, device: torch.device, rank: int, world_size: int) -> DataBundle:
+    from acdc_cli.data import cifar  # imported on use: it builds on this module's DataBundle
+
+    return cifar.build(settings, device, rank, world_size)
+
+
+def _imagefolder(settings: Settings, device: torch.device, rank: int, world_size: int) -> DataBundle:
+    from acdc_cli.data import imagefolder  # imported on use: it builds on this module's DataBundle
+
+    return imagefolder.build(settings, device, rank, world_size)
+
+
+_BUILDERS = {
+    "digits": _digits,
+    "synthetic": _synthetic,
+    "cifar10": _cifar,
+    "cifar100": _cifar,
+    "imagenet": _imagefolder,
+}
 
 
 def build(settings: Settings, device: torch.device, rank: int = 0, world_size: int = 1) -> DataBundle:

@@ -67,7 +67,7 @@ class TensorLoader:
         order = torch.randperm(n, generator=self._generator(0)) if self.shuffle else torch.arange(n)
         if self.world_size > 1:
             order = order[: self.num_samples * self.world_size][self.rank :: self.world_size]
-        return order.to(self.device)
+        return order.to(self.device, non_blocking=True)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images.float() - self.mean) / self.std
@@ -77,8 +77,10 @@ class TensorLoader:
         n, _, h, w = batch.shape
         if self.pad:
             padded = F.pad(batch, (self.pad,) * 4)
-            dx = torch.randint(0, 2 * self.pad + 1, (n,), generator=g).to(batch.device)
-            dy = torch.randint(0, 2 * self.pad + 1, (n,), generator=g).to(batch.device)
+            # non_blocking: a blocking copy to the GPU waits for all queued work, a host sync inside every step;
+            # from pageable memory CUDA stages the bytes before returning, so the CPU tensor may be freed at once
+            dx = torch.randint(0, 2 * self.pad + 1, (n,), generator=g).to(batch.device, non_blocking=True)
+            dy = torch.randint(0, 2 * self.pad + 1, (n,), generator=g).to(batch.device, non_blocking=True)
             rows = (dy.view(n, 1) + torch.arange(h, device=batch.device)).view(n, 1, h, 1)
             cols = (dx.view(n, 1) + torch.arange(w, device=batch.device)).view(n, 1, 1, w)
             batch = padded[
@@ -88,7 +90,7 @@ class TensorLoader:
                 cols,
             ]
         if self.flip:
-            flips = (torch.rand(n, generator=g) < 0.5).to(batch.device).view(n, 1, 1, 1)
+            flips = (torch.rand(n, generator=g) < 0.5).to(batch.device, non_blocking=True).view(n, 1, 1, 1)
             batch = torch.where(flips, batch.flip(3), batch)
         return batch
 

@@ -63,5 +63,6 @@ def create(name: str, num_classes: int, in_channels: int | None = None, **kwargs
     kw = {k: v for k, v in kwargs.items() if v is not None}
     try:
         return entry.factory(num_classes=num_classes, in_channels=in_channels or entry.in_channels, **fields, **kw)
-    except (ValueError, TypeError) as exc:
-        raise AcdcError(f"cannot build model '{name}': {exc}") from None
+    except (ValueError, TypeError, RuntimeError) as exc:  # RuntimeError: impossible sizes from a file's metadata
+        detail = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise AcdcError(f"cannot build model '{name}': {detail}") from None

@@ -102,10 +102,14 @@ class Sparsifier:
         self.apply_to_weights()
         return change
 
+    @torch.no_grad()
     def decompress(self) -> None:
         """All-ones masks: pruned weights restart from their current value, zero."""
         if self.masks is not None:
             self.previous = self.masks
+            # masking leaves -0.0 where negative weights were pruned; checkpoints store +0.0. Restart every run
+            # from +0.0 so that a run resumed from a checkpoint stays bit-identical to one that never stopped
+            torch._foreach_add_([p.data for p in self.params.values()], 0.0)
         self.masks = None
 
     def set_masks(self, masks: dict[str, torch.Tensor] | None) -> None:

@@ -1,0 +1,308 @@
+"""``acdc bench``: how fast a preset trains on this device, measured in one run.
+
+Timed on synthetic data at the preset's batch and input size, in a compressed phase at the preset's target sparsity:
+
+- the reference-style step: fp32, NCHW, eager, masks on gradients through ``Tensor.register_hook`` and on weights
+  one tensor at a time after the step (as the AC/DC reference code trains; on CUDA wrapped in ``nn.DataParallel``
+  over one GPU, as it runs);
+- acdc's own step: ``train.train_epoch`` itself over a batch already on the device, with the network
+  ``runtime.prepare_model`` makes (bf16 autocast, channels_last, torch.compile as the settings say; foreach masks);
+- acdc's training epoch: the same step fed by the preset's GPU-resident loader (data + step + masks + metrics);
+- the global mask update (recompute masks from magnitudes, apply them, measure the mask change), in ms;
+- the input pipeline alone: the preset's loader type on synthetic images (TensorLoader with the preset's
+  augmentation; for ImageFolder presets, the real ImageFolder pipeline over JPEGs generated in a temporary folder).
+
+Every timing starts after warm-up steps (which also absorb torch.compile and cudnn autotuning) and, on CUDA, is
+bracketed by CUDA events after a device synchronize.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from acdc_cli import models, runtime
+from acdc_cli.config import Settings
+from acdc_cli.distributed import DistInfo, resolve_device
+from acdc_cli.errors import AcdcError
+from acdc_cli.sparsity.sparsifier import Sparsifier
+
+# classes of each dataset, for building the model without reading the dataset
+NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000, "synthetic": 10}
+# datasets whose training loader is the GPU-resident TensorLoader; imagenet reads an ImageFolder tree
+TENSOR_DATASETS = {"digits", "cifar10", "cifar100", "synthetic"}
+# the digits builder never augments (8x8 digits do not survive a 4-pixel crop)
+UNAUGMENTED = {"digits"}
+MASK_UPDATE_REPEATS = 5
+# batches of JPEGs generated for the ImageFolder pipeline: writing each costs a few ms, so not one per timed step
+IMAGEFOLDER_BATCHES = 4
+
+
+def elapsed_seconds(fn: Callable[[], Any], device: torch.device) -> float:
+    """Wall time of ``fn()`` including all device work it queued."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return str(device)
+
+
+class RepeatedBatch:
+    """A loader that yields the same on-device batch ``steps`` times: the step alone, no input pipeline."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, steps: int):
+        self.images, self.labels, self.steps = images, labels, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for _ in range(self.steps):
+            yield self.images, self.labels
+
+
+def _build_model(settings: Settings, device: torch.device) -> nn.Module:
+    entry, _ = models.lookup(settings.model.name)
+    torch.manual_seed(settings.runtime.seed)
+    model = models.create(settings.model.name, num_classes=NUM_CLASSES[settings.data.name],
+                          in_channels=entry.in_channels, dropout=settings.model.dropout)
+    return model.to(device)
+
+
+def _masks_at_target(model: nn.Module, settings: Settings) -> Sparsifier:
+    sp = settings.sparsity
+    sparsifier = Sparsifier(model, sp.include, sp.exclude, sp.scope, sp.structure)
+    sparsifier.compress(sp.target)
+    return sparsifier
+
+
+def reference_step_rate(settings: Settings, images: torch.Tensor, labels: torch.Tensor, steps: int, warmup: int,
+                        device: torch.device) -> float:
+    """img/s of the reference-style step (fp32, NCHW, eager, gradient-mask hooks, per-tensor weight masking)."""
+    from acdc_cli.train import build_optimizer
+
+    # the reference leaves cudnn autotuning at PyTorch's default (off); acdc's own step turns it on afterwards
+    torch.backends.cudnn.benchmark = False
+    model = _build_model(settings, device)
+    masks = _masks_at_target(model, settings).masks or {}
+    params = dict(model.named_parameters())
+    float_masks = {name: mask.to(params[name].dtype) for name, mask in masks.items()}
+    for name, mask in float_masks.items():
+        params[name].register_hook(lambda grad, mask=mask: grad * mask)
+    net = nn.DataParallel(model, device_ids=[device.index or 0]) if device.type == "cuda" else model
+    optimizer = build_optimizer(model, settings)
+    model.train()
+
+    def run(count: int) -> None:
+        for _ in range(count):
+            loss = F.cross_entropy(net(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                for name, mask in float_masks.items():
+                    params[name].mul_(mask)
+
+    run(warmup)
+    seconds = elapsed_seconds(lambda: run(steps), device)
+    return steps * images.shape[0] / seconds
+
+
+def _pipeline_loader(settings: Settings, batch_size: int, images: int, device: torch.device,
+                     workdir: Path) -> tuple[Any, str]:
+    """The preset's training loader over synthetic images, and a name for its kind."""
+    from acdc_cli.data.tensor_loader import TensorLoader
+
+    name = settings.data.name
+    entry, _ = models.lookup(settings.model.name)
+    if name in TENSOR_DATASETS:
+        c, s = entry.in_channels, entry.input_size
+        g = torch.Generator().manual_seed(settings.runtime.seed)
+        pixels = torch.randint(0, 256, (images, c, s, s), generator=g, dtype=torch.uint8)
+        targets = torch.randint(0, NUM_CLASSES[name], (images,), generator=g)
+        augment = settings.data.augment and name not in UNAUGMENTED
+        loader = TensorLoader(pixels, targets, batch_size, (0.5,) * c, (0.25,) * c, shuffle=True, augment=augment,
+                              seed=settings.runtime.seed, device=device)
+        return loader, "TensorLoader (on device" + (", crop + flip)" if augment else ")")
+    if name == "imagenet":
+        from acdc_cli import data as data_mod
+
+        val_images = 4
+        write_jpeg_tree(workdir, train_images=images + val_images, test_images=4)
+        local = settings.model_copy(deep=True)
+        local.data.dir = workdir
+        local.data.val_size = val_images
+        local.data.batch_size = batch_size
+        bundle = data_mod.build(local, device)
+        return bundle.train, f"ImageFolder (JPEG decode + crop, {local.data.num_workers} workers)"
+    raise AcdcError(f"acdc bench has no input pipeline for dataset '{name}'")
+
+
+def write_jpeg_tree(root: Path, train_images: int, test_images: int, classes: int = 2, seed: int = 0) -> None:
+    """An ImageFolder tree (train/ and val/) of 500x375 JPEGs, ImageNet's typical size. The pictures are smooth
+    (upsampled noise) so that they compress, and decode, like photographs rather than like noise."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train_images), ("val", test_images)):
+        for index in range(count):
+            folder = root / split / f"class{index % classes}"
+            folder.mkdir(parents=True, exist_ok=True)
+            coarse = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+            picture = Image.fromarray(coarse).resize((500, 375), Image.BILINEAR)
+            picture.save(folder / f"img{index:05d}.JPEG", quality=90)
+
+
+def pipeline_rate(loader: Any, device: torch.device) -> float:
+    """img/s of one pass over the loader after a warm-up pass (workers started, caches warm)."""
+
+    def one_pass() -> int:
+        count = 0
+        for batch in loader:
+            count += batch[1].numel()
+        return count
+
+    one_pass()
+    counted: list[int] = []
+    seconds = elapsed_seconds(lambda: counted.append(one_pass()), device)
+    return counted[0] / seconds
+
+
+def run_bench(settings: Settings, *, steps: int = 50, warmup: int = 10, batch_size: int | None = None,
+              status: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure everything ``acdc bench`` reports; returns one flat dict (the JSON the CLI prints)."""
+    from acdc_cli.train import build_optimizer, train_epoch
+
+    if steps < 1 or warmup < 0:
+        raise AcdcError(f"--steps must be at least 1 and --warmup at least 0 (got {steps}, {warmup})")
+    if settings.data.name not in NUM_CLASSES:
+        raise AcdcError(f"acdc bench does not know dataset '{settings.data.name}'")
+    say = status or (lambda message: None)
+    device = resolve_device(settings.runtime.device)
+    batch = batch_size or settings.data.batch_size
+    if batch < 1:
+        raise AcdcError(f"--batch-size must be at least 1, got {batch}")
+    entry, _ = models.lookup(settings.model.name)
+    c, s = entry.in_channels, entry.input_size
+    g = torch.Generator().manual_seed(settings.runtime.seed)
+    images = torch.randn(batch, c, s, s, generator=g).to(device)
+    labels = torch.randint(0, NUM_CLASSES[settings.data.name], (batch,), generator=g).to(device)
+    rt = settings.runtime
+    on_cuda = device.type == "cuda"
+
+    say("reference-style step (fp32, NCHW, eager, gradient hooks)")
+    reference = reference_step_rate(settings, images, labels, steps, warmup, device)
+    if on_cuda:
+        torch.cuda.empty_cache()
+
+    say("acdc step" + (" (torch.compile warm-up can take a minute)" if rt.compile else ""))
+    model = _build_model(settings, device)
+    net = runtime.prepare_model(model, settings, DistInfo(0, 1, 0, device))
+    sparsifier = _masks_at_target(model, settings)
+    optimizer = build_optimizer(model, settings)
+    if warmup:
+        train_epoch(net, RepeatedBatch(images, labels, warmup), optimizer, sparsifier, settings, 0, device, None)
+    timed = RepeatedBatch(images, labels, steps)
+    step_seconds = elapsed_seconds(
+        lambda: train_epoch(net, timed, optimizer, sparsifier, settings, 0, device, None), device)
+    acdc = steps * batch / step_seconds
+
+    say("global mask update")
+    mask_ms = []
+    for _ in range(MASK_UPDATE_REPEATS + 1):
+        sparsifier.decompress()
+        mask_ms.append(1000 * elapsed_seconds(lambda: sparsifier.compress(settings.sparsity.target), device))
+    mask_update_ms = statistics.median(mask_ms[1:])  # the first includes one-time allocations
+
+    say("input pipeline")
+    with tempfile.TemporaryDirectory(prefix="acdc-bench-") as workdir:
+        tensor_data = settings.data.name in TENSOR_DATASETS
+        count = batch * (steps if tensor_data else min(steps, IMAGEFOLDER_BATCHES))
+        loader, pipeline_kind = _pipeline_loader(settings, batch, count, device, Path(workdir))
+        pipeline = pipeline_rate(loader, device)
+        epoch = None
+        if tensor_data:
+            say("training epoch (input pipeline + step + masks + metrics)")
+            epoch_seconds = elapsed_seconds(
+                lambda: train_epoch(net, loader, optimizer, sparsifier, settings, 0, device, None), device)
+            epoch = loader.num_samples / epoch_seconds
+
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "preset": settings.preset,
+        "model": settings.model.name,
+        "dataset": settings.data.name,
+        "batch_size": batch,
+        "input_shape": [c, s, s],
+        "steps": steps,
+        "warmup": warmup,
+        "sparsity": settings.sparsity.target,
+        "structure": settings.sparsity.structure,
+        "acdc_amp": rt.amp and on_cuda,
+        "acdc_channels_last": rt.channels_last and on_cuda,
+        "acdc_compile": rt.compile,
+        "reference_img_per_s": reference,
+        "acdc_img_per_s": acdc,
+        "ratio": acdc / reference,
+        "acdc_epoch_img_per_s": epoch,
+        "mask_update_ms": mask_update_ms,
+        "mask_weights": sparsifier.numel,
+        "pipeline": pipeline_kind,
+        "pipeline_img_per_s": pipeline,
+    }
+
+
+def render(result: dict[str, Any], console: Console) -> None:
+    """The bench result as a table, with how it was measured."""
+    acdc_mode = ", ".join(
+        label for key, label in (("acdc_amp", "bf16 autocast"), ("acdc_channels_last", "channels_last"),
+                                 ("acdc_compile", "torch.compile")) if result[key]
+    ) or "fp32, eager"
+    table = Table(title=f"acdc bench: {result['preset'] or result['model']} on {result['device']}")
+    table.add_column("measurement")
+    table.add_column("rate", justify="right")
+    table.add_row("reference-style step (fp32, NCHW, eager, gradient hooks)",
+                  f"{result['reference_img_per_s']:,.0f} img/s")
+    table.add_row(f"acdc step ({acdc_mode}, foreach masks)", f"{result['acdc_img_per_s']:,.0f} img/s")
+    table.add_row("ratio acdc / reference", f"{result['ratio']:.2f}x", style="bold")
+    if result["acdc_epoch_img_per_s"] is not None:
+        table.add_row("acdc training epoch (loader + step + masks + metrics)",
+                      f"{result['acdc_epoch_img_per_s']:,.0f} img/s")
+    table.add_row(f"global mask update ({result['mask_weights']:,} weights, {result['structure']})",
+                  f"{result['mask_update_ms']:.2f} ms")
+    table.add_row(f"input pipeline: {result['pipeline']}", f"{result['pipeline_img_per_s']:,.0f} img/s")
+    console.print(table)
+    console.print(
+        f"{result['model']} at batch {result['batch_size']}, input {'x'.join(map(str, result['input_shape']))}, "
+        f"{100 * result['sparsity']:.0f} % sparse; {result['steps']} timed steps after {result['warmup']} warm-up "
+        f"steps per mode; torch {result['torch']}",
+        highlight=False,
+    )

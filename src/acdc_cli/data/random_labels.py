@@ -1,0 +1,30 @@
+"""Memorization (Zhang et al. 2017, as the AC/DC paper runs it): a seeded subset of the training split gets uniformly
+random labels, and accuracy on that subset is tracked against both its random and its true labels."""
+
+from __future__ import annotations
+
+import torch
+
+from acdc_cli.errors import AcdcError
+
+# a generator stream of its own: split_val draws from seed + 1
+_STREAM = 2
+
+
+def select_random_labels(
+    train_indices: torch.Tensor, count: int, num_classes: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick ``count`` of ``train_indices`` and draw a random label for each.
+
+    Returns (positions into ``train_indices``, random labels). Picking from the training indices only keeps the
+    memorized samples disjoint from the validation split.
+    """
+    if count > len(train_indices):
+        raise AcdcError(
+            f"data.random_labels ({count}) exceeds the {len(train_indices)} images left for training after the "
+            "validation split"
+        )
+    g = torch.Generator().manual_seed(seed * 1_000_003 + _STREAM)
+    positions = torch.randperm(len(train_indices), generator=g)[:count].sort().values
+    labels = torch.randint(0, num_classes, (count,), generator=g)
+    return positions, labels

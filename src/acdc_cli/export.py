@@ -1,0 +1,348 @@
+"""Exports of a checkpoint: compressed sparse safetensors in the compressed-tensors layouts, or a dense state dict.
+
+``sparse-24-bitmask`` and ``sparse-bitmask`` replace each prunable weight ``<layer>.weight`` by ``<layer>.compressed``,
+``<layer>.bitmask`` and ``<layer>.shape`` (plus ``<layer>.row_offsets`` for ``sparse-bitmask``), 2-D with conv weights
+in (O, kh, kw, I) order (see :mod:`acdc_cli.sparsity.formats`); every other tensor is stored as it is. ``dense`` is a
+plain state dict with the masks folded in. ``__metadata__`` records the format, dtype, structure, each compressed
+layer's original shape and layout, the state-dict order, and the checkpoint's own metadata, so :func:`load` rebuilds
+the exact dense state dict and :func:`load_model` the model.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as st_save
+from torch import nn
+
+import acdc_cli
+from acdc_cli.checkpoint import (
+    CHECKPOINT_FORMAT,
+    Checkpoint,
+    load_checkpoint,
+    load_weights,
+    read_safetensors,
+    save_safetensors,
+)
+from acdc_cli.errors import AcdcError
+from acdc_cli.sparsity import formats as F
+from acdc_cli.sparsity.masks import nm_compatible
+
+EXPORT_FORMAT = "acdc-export"
+DENSE = "dense"
+FORMATS = (F.BITMASK_24, F.BITMASK, DENSE)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# the tensors each compressed layer is stored as, by encoding (compressed-tensors' COMPRESSION_PARAM_NAMES)
+PARTS = {F.BITMASK_24: ("shape", "compressed", "bitmask"), F.BITMASK: ("shape", "compressed", "bitmask", "row_offsets")}
+
+
+@dataclass
+class LayerStats:
+    name: str
+    shape: list[int]
+    kept: int  # non-zero weights
+    sparsity: float  # zeros / weights
+    nm_valid: bool | None  # 2:4 along input channels; None when the input channels are not a multiple of 4
+    dense_bytes: int
+    stored_bytes: int
+    encoding: str  # the sparse format, or "dense" for a prunable weight stored as it is
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    format: str
+    dtype: str
+    structure: str
+    layers: list[LayerStats]
+    size_bytes: int  # the file on disk
+    dense_bytes: int  # size of a dense export of the same checkpoint in the same dtype
+
+    @property
+    def sparsity(self) -> float:
+        numel = sum(_numel(layer.shape) for layer in self.layers)
+        return 1.0 - sum(layer.kept for layer in self.layers) / max(numel, 1)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "dtype": self.dtype,
+            "structure": self.structure,
+            "sparsity": self.sparsity,
+            "size_bytes": self.size_bytes,
+            "dense_bytes": self.dense_bytes,
+            "ratio_to_dense": self.size_bytes / max(self.dense_bytes, 1),
+            "layers": [asdict(layer) for layer in self.layers],
+        }
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def natural_key(name: str) -> list[Any]:
+    """Sort key that puts layer2 before layer10 (safetensors files list tensors alphabetically)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def layer_prefix(name: str) -> str:
+    """compressed-tensors names a compressed ``<layer>.weight`` by ``<layer>``."""
+    return name[: -len(".weight")] if name.endswith(".weight") else name
+
+
+def fold_masks(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """The state dict with every masked weight set to +0.0 outside its mask."""
+    out = {}
+    for name, tensor in ckpt.weights.items():
+        mask = ckpt.masks.get(name)
+        out[name] = tensor if mask is None else torch.where(mask, tensor, torch.zeros((), dtype=tensor.dtype))
+    return out
+
+
+def prunable_names(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
+                   config: dict[str, Any]) -> list[str]:
+    """The weights sparsity is about: those with a mask; in a checkpoint without masks, the Conv/Linear weights
+    (floating tensors of 2+ dimensions named ``*.weight``) that the saved sparsity.include/exclude globs select."""
+    if masks:
+        return sorted((n for n in weights if n in masks), key=natural_key)
+    rules = config.get("sparsity") or {}
+    include, exclude = rules.get("include", ["*"]), rules.get("exclude", [])
+    names = []
+    for name, tensor in weights.items():
+        if not (name.endswith("weight") and tensor.dim() >= 2 and tensor.is_floating_point()):
+            continue
+        module = layer_prefix(name)
+        if any(fnmatch.fnmatchcase(module, p) for p in include) and not any(
+            fnmatch.fnmatchcase(module, p) for p in exclude
+        ):
+            names.append(name)
+    return sorted(names, key=natural_key)
+
+
+def _encode_24(name: str, weight: torch.Tensor, mask: torch.Tensor | None, source: Path) -> dict[str, torch.Tensor]:
+    hint = f"prune it first: acdc prune {source} --structure 2:4 -o OUT"
+    if not nm_compatible(weight, 4):
+        raise AcdcError(f"{name} has {weight.shape[1]} input channels, not a multiple of 4, so it cannot be 2:4; {hint}")
+    rows = F.to_rows(weight)
+    try:
+        keep = F.select_24(rows, None if mask is None else F.to_rows(mask))
+    except ValueError:
+        raise AcdcError(f"{name} is not 2:4 sparse (a group of 4 input channels holds more than 2 non-zeros); "
+                        f"{hint}") from None
+    return F.encode_24(rows, keep)
+
+
+def _structure(fmt: str, ckpt: Checkpoint) -> str:
+    if fmt == F.BITMASK_24:
+        return "2:4"
+    if not ckpt.masks:
+        return "dense"
+    return str((ckpt.config.get("sparsity") or {}).get("structure", "unstructured"))
+
+
+def export_checkpoint(source: Path, out: Path, fmt: str, dtype: str = "float32", force: bool = False) -> ExportResult:
+    """Write ``out`` in format ``fmt`` from the checkpoint ``source``; returns the mask statistics and sizes."""
+    source, out = Path(source), Path(out)
+    if fmt not in FORMATS:
+        raise AcdcError(f"unknown export format '{fmt}' (choose {', '.join(FORMATS)})")
+    if dtype not in DTYPES:
+        raise AcdcError(f"unknown dtype '{dtype}' (choose {', '.join(DTYPES)})")
+    check_writable(out, force)
+    ckpt = load_checkpoint(source)
+    cast = DTYPES[dtype]
+    weights = {k: v.to(cast) if v.is_floating_point() else v
+               for k, v in sorted(fold_masks(ckpt).items(), key=lambda item: natural_key(item[0]))}
+    prunable = prunable_names(weights, ckpt.masks, ckpt.config)
+    if fmt == F.BITMASK_24 and not ckpt.masks:
+        # as the N:M rules do, leave layers that cannot be 2:4 (input channels not a multiple of 4) dense
+        prunable = [n for n in prunable if nm_compatible(weights[n], 4)]
+
+    selected = set(prunable)
+    tensors: dict[str, torch.Tensor] = {}
+    layers_meta: dict[str, dict[str, Any]] = {}
+    stats: list[LayerStats] = []
+    for name, weight in weights.items():
+        if name not in selected or fmt == DENSE:
+            tensors[name] = weight
+            if name in selected:
+                stats.append(_stats(name, weight, {name: weight}, DENSE))
+            continue
+        if fmt == F.BITMASK_24:
+            parts = _encode_24(name, weight, ckpt.masks.get(name), source)
+        else:
+            rows = F.to_rows(weight)
+            parts = F.encode_bitmask(rows, F.bit_nonzero(rows))
+        prefix = layer_prefix(name)
+        for part, tensor in parts.items():
+            key = f"{prefix}.{part}"
+            if key in weights:
+                raise AcdcError(f"cannot export: {key} is both a model tensor and a compressed part of {name}")
+            tensors[key] = tensor
+        layers_meta[name] = {
+            "shape": list(weight.shape),
+            "layout": F.layout_name(tuple(weight.shape)),
+            "rows": [int(v) for v in parts["shape"].flatten()],
+            "encoding": fmt,
+        }
+        stats.append(_stats(name, weight, parts, fmt))
+
+    structure = _structure(fmt, ckpt)
+    zeros = sum(_numel(s.shape) - s.kept for s in stats)
+    numel = sum(_numel(s.shape) for s in stats)
+    metadata: dict[str, Any] = {
+        "format": EXPORT_FORMAT,
+        "export_format": fmt,
+        "dtype": dtype,
+        "structure": structure,
+        "acdc_version": acdc_cli.__version__,
+        "arch": ckpt.arch,
+        "model_kwargs": ckpt.model_kwargs,
+        "config": ckpt.config,
+        "epoch": ckpt.epoch,
+        "phase": ckpt.phase,
+        "metrics": ckpt.metrics,
+        "source": source.name,
+        "tensors": list(weights),
+        "prunable": prunable,
+        "layers": layers_meta,
+        **{k: v for k, v in ckpt.extra.items() if k in ("preset", "paper_top1")},
+    }
+    if fmt != DENSE:
+        # the fields of compressed-tensors' sparsity config, for tools that read the format from it
+        metadata["sparsity_config"] = {
+            "format": fmt,
+            "sparsity_structure": "2:4" if fmt == F.BITMASK_24 else "unstructured",
+            "global_sparsity": zeros / max(numel, 1),
+            "targets": list(layers_meta),
+            "ignore": [],
+        }
+    save_safetensors(out, tensors, metadata)
+    size = out.stat().st_size
+    dense_bytes = size if fmt == DENSE else dense_file_bytes(weights, metadata)
+    return ExportResult(out, fmt, dtype, structure, stats, size, dense_bytes)
+
+
+def dense_file_bytes(weights: dict[str, torch.Tensor], metadata: dict[str, Any]) -> int:
+    """Size of a safetensors file holding these tensors dense with this metadata, i.e. of a dense export."""
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    return len(st_save({k: v.contiguous() for k, v in weights.items()}, metadata=meta))
+
+
+def _stats(name: str, weight: torch.Tensor, parts: dict[str, torch.Tensor], encoding: str) -> LayerStats:
+    kept = int((weight != 0).sum())
+    return LayerStats(
+        name=name,
+        shape=list(weight.shape),
+        kept=kept,
+        sparsity=1.0 - kept / weight.numel(),
+        nm_valid=F.nm_check(weight, 2, 4),
+        dense_bytes=weight.numel() * weight.element_size(),
+        stored_bytes=F.stored_bytes(parts),
+        encoding=encoding,
+    )
+
+
+def check_writable(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise AcdcError(f"{out} exists; pass --force to overwrite it")
+    if out.exists() and not out.is_file():
+        raise AcdcError(f"{out} exists and is not a file")
+    if not out.parent.is_dir():
+        raise AcdcError(f"folder {out.parent} does not exist")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def _meta_json(meta: dict[str, str], key: str, path: Path, kind: type) -> Any:
+    try:
+        value = json.loads(meta[key])
+    except (KeyError, json.JSONDecodeError):
+        raise AcdcError(f"{path}: metadata lacks a valid '{key}'") from None
+    if not isinstance(value, kind):
+        raise AcdcError(f"{path}: metadata field '{key}' is malformed")
+    return value
+
+
+def decode_export(tensors: dict[str, torch.Tensor], meta: dict[str, str],
+                  path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """(dense state dict in the saved order, the stored parts of each compressed layer) of an export's contents."""
+    fmt = meta.get("export_format")
+    if fmt not in FORMATS:
+        raise AcdcError(f"{path}: unknown export format {fmt!r}")
+    layers = _meta_json(meta, "layers", path, dict)
+    order = _meta_json(meta, "tensors", path, list)
+    if not all(isinstance(name, str) for name in order):
+        raise AcdcError(f"{path}: metadata field 'tensors' is malformed")
+    dense: dict[str, torch.Tensor] = {}
+    parts_of: dict[str, dict[str, torch.Tensor]] = {}
+    for name, info in layers.items():
+        encoding = info.get("encoding") if isinstance(info, dict) else None
+        if not isinstance(encoding, str) or encoding not in PARTS or not isinstance(info.get("shape"), list):
+            raise AcdcError(f"{path}: malformed layer entry for {name}")
+        prefix = layer_prefix(name)
+        missing = [p for p in PARTS[encoding] if f"{prefix}.{p}" not in tensors]
+        if missing:
+            raise AcdcError(f"{path}: {name} lacks its '{prefix}.{missing[0]}' tensor")
+        parts = {p: tensors[f"{prefix}.{p}"] for p in PARTS[encoding]}
+        decode = F.decode_24 if encoding == F.BITMASK_24 else F.decode_bitmask
+        try:
+            rows = decode(parts["compressed"], parts["bitmask"], parts["shape"])
+            dense[name] = F.from_rows(rows, info["shape"])
+        except (ValueError, RuntimeError, TypeError, IndexError, OverflowError) as exc:  # shapes from the file
+            raise AcdcError(f"{path}: cannot decode {name} ({exc})") from None
+        parts_of[name] = parts
+    consumed = {f"{layer_prefix(n)}.{p}" for n, parts in parts_of.items() for p in parts}
+    for key, tensor in tensors.items():
+        if key not in consumed:
+            dense[key] = tensor
+    if set(order) != set(dense):
+        stray = sorted(set(order) ^ set(dense))[0]
+        raise AcdcError(f"{path}: tensor list in the metadata does not match the file (at {stray})")
+    return {name: dense[name] for name in order}, parts_of
+
+
+def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = Path(path)
+    tensors, meta = read_safetensors(path)
+    if meta.get("format") == CHECKPOINT_FORMAT:
+        return fold_masks(load_checkpoint(path)), meta
+    if meta.get("format") != EXPORT_FORMAT:
+        raise AcdcError(f"{path} is not an acdc export or checkpoint (format: {meta.get('format', 'no acdc metadata')})")
+    return decode_export(tensors, meta, path)[0], meta
+
+
+def load(path: Path) -> dict[str, torch.Tensor]:
+    """The exact dense state dict of an export (any format), in the dtype it was exported in.
+
+    A checkpoint is accepted too: its weights with the masks folded in.
+    """
+    return _load(path)[0]
+
+
+def load_model(path: Path) -> nn.Module:
+    """The model an export (or checkpoint) describes, rebuilt from its metadata, with the weights loaded (and cast
+    to the model's float32 parameters)."""
+    from acdc_cli.models import create
+
+    path = Path(path)
+    state, meta = _load(path)
+    arch = meta.get("arch")
+    kwargs = dict(_meta_json(meta, "model_kwargs", path, dict))
+    num_classes = kwargs.pop("num_classes", None)
+    if not isinstance(arch, str) or not isinstance(num_classes, int):
+        raise AcdcError(f"{path}: metadata lacks arch / num_classes, so the model cannot be rebuilt")
+    model = create(arch, num_classes=num_classes, **kwargs)
+    load_weights(model, state, source=str(path))
+    return model

@@ -1,0 +1,130 @@
+"""What is in a ``.safetensors`` file: an acdc checkpoint, an acdc export, or a plain state dict written by another
+tool. Per-layer sparsity and N:M validity are counted from the tensors in the file, never taken from metadata."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from acdc_cli.checkpoint import CHECKPOINT_FORMAT, MASK_PREFIX, load_checkpoint, read_safetensors
+from acdc_cli.errors import AcdcError
+from acdc_cli.export import EXPORT_FORMAT, decode_export, dense_file_bytes, prunable_names
+from acdc_cli.sparsity import formats as F
+
+# what other tools put in ``__metadata__["format"]`` of a plain state dict (safetensors' own convention)
+FRAMEWORK_TAGS = {"pt", "torch", "np", "numpy", "tf", "flax", "jax", "mlx", "paddle"}
+
+
+def _nm_of(structure: str | None) -> tuple[int, int]:
+    """The N:M pattern to check: the file's own structure when it is N:M, else 2:4 (what sparse kernels run)."""
+    if structure and ":" in structure:
+        n, m = structure.split(":", 1)
+        if n.isdigit() and m.isdigit() and 0 < int(n) < int(m):
+            return int(n), int(m)
+    return 2, 4
+
+
+def _claims_nm(structure: str | None) -> bool:
+    return bool(structure) and ":" in structure
+
+
+def _layer(name: str, weight: torch.Tensor, stored: int, encoding: str, nm: tuple[int, int]) -> dict[str, Any]:
+    zeros = int((weight == 0).sum())
+    return {
+        "name": name,
+        "shape": list(weight.shape),
+        "numel": weight.numel(),
+        "zeros": zeros,
+        "sparsity": zeros / max(weight.numel(), 1),
+        "nm": f"{nm[0]}:{nm[1]}",
+        "nm_valid": F.nm_check(weight, *nm),
+        "encoding": encoding,
+        "dense_bytes": weight.numel() * weight.element_size(),
+        "stored_bytes": stored,
+    }
+
+
+def _json_meta(meta: dict[str, str], key: str) -> Any:
+    try:
+        return json.loads(meta[key]) if key in meta else None
+    except json.JSONDecodeError:
+        return meta[key]
+
+
+def inspect_file(path: Path) -> dict[str, Any]:
+    """A JSON-ready description: kind, format, metadata, per-layer sparsity and N:M validity, sizes."""
+    path = Path(path)
+    tensors, meta = read_safetensors(path)
+    tag = meta.get("format")
+    info: dict[str, Any] = {"path": str(path), "size_bytes": path.stat().st_size}
+    if tag == CHECKPOINT_FORMAT:
+        ckpt = load_checkpoint(path)
+        structure = (ckpt.config.get("sparsity") or {}).get("structure") if ckpt.masks else None
+        nm = _nm_of(structure)
+        dense = ckpt.weights
+        names = prunable_names(dense, ckpt.masks, ckpt.config)
+        layers = []
+        for n in names:
+            mask = tensors.get(MASK_PREFIX + n)
+            stored = dense[n].numel() * dense[n].element_size() + (mask.numel() if mask is not None else 0)
+            layers.append(_layer(n, dense[n], stored, "checkpoint", nm))
+        info.update(kind="checkpoint", format=CHECKPOINT_FORMAT, structure=structure or ("unstructured" if ckpt.masks
+                                                                                             else "dense"))
+        info["metadata"] = {
+            "arch": ckpt.arch,
+            "preset": ckpt.extra.get("preset"),
+            "epoch": ckpt.epoch,
+            "phase": ckpt.phase,
+            "metrics": ckpt.metrics,
+            "acdc_version": meta.get("acdc_version"),
+            "masks": len(ckpt.masks),
+        }
+    elif tag == EXPORT_FORMAT:
+        dense, parts_of = decode_export(tensors, meta, path)
+        structure = meta.get("structure")
+        nm = _nm_of(structure)
+        recorded = _json_meta(meta, "prunable")
+        names = ([n for n in recorded if isinstance(n, str) and n in dense] if isinstance(recorded, list)
+                 else list(parts_of))
+        layers = []
+        for n in names:
+            parts = parts_of.get(n, {n: dense[n]})
+            layers.append(_layer(n, dense[n], F.stored_bytes(parts), meta["export_format"] if n in parts_of
+                                 else "dense", nm))
+        info.update(kind="export", format=meta["export_format"], structure=structure, dtype=meta.get("dtype"))
+        info["metadata"] = {k: _json_meta(meta, k) for k in ("arch", "preset", "epoch", "phase", "metrics",
+                                                             "acdc_version", "source")}
+    elif tag is None or tag in FRAMEWORK_TAGS:
+        compressed = sorted(k for k in tensors if k.endswith(".compressed"))
+        if compressed:
+            raise AcdcError(f"{path} holds compressed tensors ({compressed[0]}) but no acdc metadata, so the original "
+                            "layer shapes are unknown")
+        dense = tensors
+        nm = (2, 4)
+        layers = [_layer(n, dense[n], dense[n].numel() * dense[n].element_size(), "dense", nm)
+                  for n in prunable_names(dense, {}, {})]
+        info.update(kind="state_dict", format="dense", structure=None)
+        info["metadata"] = {k: v for k, v in meta.items()}
+    else:
+        raise AcdcError(f"{path} carries foreign metadata (format '{tag}'): not an acdc checkpoint, export or plain "
+                        "state dict")
+
+    zeros = sum(layer["zeros"] for layer in layers)
+    numel = sum(layer["numel"] for layer in layers)
+    # the reference is the same tensors and metadata stored dense (a checkpoint's masks are not part of it)
+    dense_bytes = dense_file_bytes(dense, meta)
+    info.update(
+        sparsity=zeros / max(numel, 1),
+        prunable_weights=numel,
+        zeros=zeros,
+        dense_bytes=dense_bytes,
+        ratio_to_dense=info["size_bytes"] / max(dense_bytes, 1),
+        # layers that break the N:M structure the file claims (an unstructured file claims none)
+        structure_violations=[layer["name"] for layer in layers if layer["nm_valid"] is False]
+        if _claims_nm(info["structure"]) else [],
+        layers=layers,
+    )
+    return info

@@ -1,0 +1,88 @@
+"""Stopping a run cleanly when the job is told to go (SIGTERM from a scheduler, SIGINT from Ctrl-C).
+
+The first signal only raises a flag: the loop finishes the step it is in, writes a checkpoint and returns, so
+``acdc train --resume`` loses nothing. A second signal raises KeyboardInterrupt at once (the CLI exits 130).
+
+Under torchrun every rank must stop after the same step, or the ranks that go on would wait forever in the next
+collective: the ranks compare their flags with an all_reduce. Each comparison makes the host wait for the device,
+so with a process group it happens every ``SYNC_EVERY_STEPS`` steps and at every epoch end, not after every step.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType, TracebackType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SYNC_EVERY_STEPS = 10
+
+
+def _group_active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def reduce_int(value: int, op: str = "max") -> int:
+    """``value`` combined over all ranks (``"max"`` or ``"min"``); without a process group, the value itself."""
+    if not _group_active():
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
+class StopSignal:
+    """While entered, SIGTERM/SIGINT set a flag instead of killing the process; ``should_stop`` reads it.
+
+    Handlers can only be installed from the main thread; elsewhere (a run started from a worker thread) the
+    signals keep their usual behaviour.
+    """
+
+    def __init__(self, sync_every: int = SYNC_EVERY_STEPS):
+        self.sync_every = sync_every
+        self.received: int | None = None  # the first signal's number
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            # None means a handler installed from C; the default is the closest we can put back
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        # no printing here: the handler may run inside a write to the same stream, which Python refuses
+        if self.received is not None:
+            self._restore()
+            raise KeyboardInterrupt
+        self.received = signum
+
+    @property
+    def name(self) -> str | None:
+        return signal.Signals(self.received).name if self.received is not None else None
+
+    def should_stop(self, step: int | None = None) -> bool:
+        """True on every rank once any rank got a signal.
+
+        ``step`` is the number of steps done in the epoch; with a process group, ranks only compare flags when it
+        is a multiple of ``sync_every``. ``None`` (epoch end) always compares. Every rank must make the same calls.
+        """
+        if not _group_active():
+            return self.received is not None
+        if step is not None and step % self.sync_every:
+            return False
+        return reduce_int(int(self.received is not None)) > 0

@@ -1,0 +1,66 @@
+"""`acdc bench` on the CPU at tiny sizes: both step modes, their ratio, the mask update and the input pipelines."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from acdc_cli import bench
+from acdc_cli.cli import app
+from acdc_cli.config import load_settings
+
+
+def _bench_json(*args: str) -> dict:
+    result = CliRunner().invoke(app, ["bench", "--json", "--device", "cpu", *args])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return json.loads(result.stdout)
+
+
+def test_bench_json_reports_both_modes_and_ratio():
+    out = _bench_json("--steps", "3", "--warmup", "1")
+    assert out["device"].startswith("cpu") and out["preset"] == "quickstart" and out["model"] == "digits-cnn"
+    assert out["batch_size"] == 64 and out["input_shape"] == [1, 8, 8]
+    for key in ("reference_img_per_s", "acdc_img_per_s", "acdc_epoch_img_per_s", "pipeline_img_per_s",
+                "mask_update_ms"):
+        assert out[key] > 0, key
+    assert out["ratio"] == pytest.approx(out["acdc_img_per_s"] / out["reference_img_per_s"])
+    # the CPU step runs fp32 whatever the settings say; the mask update covers every conv/linear weight
+    assert out["acdc_amp"] is False and out["acdc_channels_last"] is False
+    assert out["mask_weights"] == 98_848 and out["pipeline"].startswith("TensorLoader")
+
+
+def test_bench_table_and_bad_input():
+    result = CliRunner().invoke(app, ["bench", "--device", "cpu", "--steps", "2", "--warmup", "0", "-b", "16"])
+    assert result.exit_code == 0, result.output
+    for text in ("reference-style step", "acdc step", "ratio acdc / reference", "global mask update",
+                 "input pipeline"):
+        assert text in result.stdout
+    bad = CliRunner().invoke(app, ["bench", "--device", "cpu", "--steps", "0"])
+    assert bad.exit_code == 2 and "--steps" in bad.output and "Traceback" not in bad.output
+
+
+def test_bench_times_the_imagefolder_pipeline_on_generated_jpegs():
+    # an ImageNet preset with a tiny model in its place: the JPEG pipeline is real, the step is cheap
+    out = _bench_json("--preset", "resnet50-imagenet-90", "--set", "model.name=tiny-test",
+                      "--set", "data.num_workers=0", "-b", "4", "--steps", "2", "--warmup", "1")
+    assert out["dataset"] == "imagenet" and out["pipeline"].startswith("ImageFolder")
+    assert out["pipeline_img_per_s"] > 0 and out["acdc_epoch_img_per_s"] is None
+    assert out["reference_img_per_s"] > 0 and out["acdc_img_per_s"] > 0
+
+
+def test_reference_hooks_keep_pruned_weights_at_zero(monkeypatch):
+    # the reference-style step must do the same sparse training as acdc's, only slower: spy on its model
+    built = []
+    original = bench._build_model
+    monkeypatch.setattr(bench, "_build_model", lambda *a: built.append(original(*a)) or built[-1])
+    settings = load_settings(overrides=["runtime.device='cpu'"])
+    images, labels = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    bench.reference_step_rate(settings, images, labels, steps=3, warmup=1, device=torch.device("cpu"))
+    model = built[0]
+    weights = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    assert zeros == round(0.9 * sum(w.numel() for w in weights))
+    # the gradient hooks zeroed the last step's gradients of exactly the pruned weights
+    assert all(torch.count_nonzero(w.grad[w == 0]) == 0 for w in weights)
+    assert sum(int(torch.count_nonzero(w.grad[w != 0])) for w in weights) > 0

@@ -1,0 +1,205 @@
+"""DDP: `acdc train --nproc 2` (gloo) against the single-process quickstart, and the collectives it relies on
+(mask agreement, sharded evaluation, train-metric reduction) in a real 2-process gloo group."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from typer.testing import CliRunner
+
+from acdc_cli import runtime
+from acdc_cli.checkpoint import load_checkpoint
+from acdc_cli.cli import app
+from acdc_cli.config import load_settings
+from acdc_cli.data.tensor_loader import TensorLoader
+from acdc_cli.distributed import DistInfo
+from acdc_cli.errors import TrainingFault
+from acdc_cli.evaluate import evaluate
+from acdc_cli.metrics import read_jsonl
+from acdc_cli.models import create
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="--nproc 2 on the CPU needs two cores")
+def test_nproc_2_quickstart_agrees_with_single_process(quickstart_run, tmp_path):
+    # no --out: the launcher fixes the default run dir once, so both ranks agree on it
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACDC_")}
+    done = subprocess.run([sys.executable, "-m", "acdc_cli", "train", "--nproc", "2", "--json"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = [line for line in done.stdout.splitlines() if line.strip()]
+    assert len(printed) == 1, done.stdout  # only rank 0 prints
+    summary = json.loads(printed[0])
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and runs[0].resolve() == (tmp_path / summary["run_dir"]).resolve()
+    run_dir = runs[0]
+
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == list(range(30))  # one writer: every epoch exactly once
+    # every mask change was checked on both ranks, and both held the same masks
+    checked = [r["mask_checksums"] for r in rows if r["mask_checksums"] is not None]
+    assert len(checked) == 4  # the quickstart's four compressed phases
+    assert all(len(c) == 2 and c[0] == c[1] for c in checked)
+    # the checksum rank 0 reported is that of the masks it saved
+    assert runtime.mask_checksum(load_checkpoint(run_dir / "last.safetensors").masks) == checked[-1][0]
+
+    single = read_jsonl(quickstart_run / "metrics.jsonl")
+    assert rows[-1]["phase"] == single[-1]["phase"] == "sparse"
+    assert rows[-1]["sparsity"] == pytest.approx(0.9, abs=1e-4)
+    assert abs(rows[-1]["val_top1"] - single[-1]["val_top1"]) <= 0.01
+    # the sharded evaluation counted each of the 270 held-out images exactly once
+    for r in rows:
+        assert r["val_top1"] * 270 == pytest.approx(round(r["val_top1"] * 270), abs=1e-6)
+
+
+def test_nproc_refuses_what_cannot_run(tmp_path, monkeypatch):
+    runner = CliRunner()
+    for args, message in [
+        (["--nproc", str((os.cpu_count() or 1) + 1)], "CPU cores"),
+        (["--nproc", "2", "--set", "data.batch_size=63"], "does not divide"),
+        (["--nproc", "2", "--set", "runtime.sync_batchnorm=true"], "needs CUDA"),
+    ]:
+        result = runner.invoke(app, ["train", "--device", "cpu", "--out", str(tmp_path / "run"), *args])
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "Traceback" not in result.output
+        assert not (tmp_path / "run").exists()  # refused before the run dir is made
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    result = runner.invoke(app, ["train", "--nproc", "1", "--device", "cpu", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "inside a torchrun process" in result.output
+
+
+def test_mask_checksum_sees_positions_not_only_counts():
+    g = torch.Generator().manual_seed(1)
+    masks = {"a.weight": torch.rand(8, 3, 3, 3, generator=g) > 0.7, "b.weight": torch.rand(10, 16, generator=g) > 0.5}
+    same = {k: v.clone() for k, v in masks.items()}
+    assert runtime.mask_checksum(masks) == runtime.mask_checksum(same)
+    moved = {k: v.clone() for k, v in masks.items()}
+    flat = moved["b.weight"].view(-1)
+    kept, pruned = int(flat.nonzero()[0]), int((~flat).nonzero()[0])
+    flat[kept], flat[pruned] = False, True  # same count, one kept weight moved
+    assert runtime.mask_checksum(moved) != runtime.mask_checksum(masks)
+    # dict order does not matter (a checkpoint stores layers sorted), names do
+    assert runtime.mask_checksum({"b.weight": masks["b.weight"], "a.weight": masks["a.weight"]}) == \
+        runtime.mask_checksum(masks)
+    assert runtime.mask_checksum({"c.weight": masks["a.weight"], "b.weight": masks["b.weight"]}) != \
+        runtime.mask_checksum(masks)
+    with pytest.raises(TrainingFault, match=r"ranks \[2\]"):
+        runtime.check_agreement([5, 5, 6], "masks")
+
+
+def test_compile_wraps_the_net_but_not_the_saved_names():
+    settings = load_settings(overrides=["runtime.compile=true", "model.name=tiny-test"])
+    model = create("tiny-test", num_classes=10)
+    names = list(model.state_dict())
+    net = runtime.prepare_model(model, settings, DistInfo(0, 1, 0, CPU))
+    assert net is not model and net._orig_mod is model  # compiled lazily: nothing is compiled until called
+    assert list(model.state_dict()) == names
+
+
+def _shard_contents(loader, world: int) -> list[list[float]]:
+    """Per rank, a fingerprint (pixel sum, label) of every sample its evaluation shard yields."""
+    shards = []
+    for rank in range(world):
+        shard = runtime.shard_for_eval(loader, DistInfo(rank, world, rank, CPU))
+        shards.append([(round(float(x.sum()), 3), int(y)) for images, labels, *_ in shard
+                       for x, y in zip(images, labels)])
+    return shards
+
+
+def test_eval_shards_cover_every_sample_once(tmp_path):
+    from acdc_cli import data as data_mod
+    from acdc_cli.bench import write_jpeg_tree
+
+    images, _ = _images(23)
+    tensor_loader = TensorLoader(images, torch.arange(23), 4, (0.5,) * 3, (0.25,) * 3)
+    write_jpeg_tree(tmp_path, train_images=9, test_images=7)
+    settings = load_settings(preset="resnet50-imagenet-90", overrides=[
+        f"data.dir='{tmp_path}'", "data.val_size=2", "data.num_workers=0", "data.eval_batch_size=2"])
+    image_loader = data_mod.build(settings, CPU).test  # an ImageLoader over val/
+    batches = [(torch.full((2, 1), float(i)), torch.tensor([i, i])) for i in range(5)]  # any other iterable
+    for loader in (tensor_loader, image_loader, batches):
+        whole = _shard_contents(loader, 1)[0]
+        shards = _shard_contents(loader, 3)
+        assert all(shards)  # every rank gets work
+        assert sorted(sum(shards, [])) == sorted(whole)  # together: each sample exactly once
+    assert sorted(y for _, y in sum(_shard_contents(tensor_loader, 3), [])) == list(range(23))
+    # loaders that can shard themselves do, so a rank decodes only its own share of the JPEGs
+    for loader in (tensor_loader, image_loader):
+        assert type(runtime.shard_for_eval(loader, DistInfo(1, 3, 1, CPU))) is type(loader)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the collectives in a real 2-process gloo group
+
+
+def _images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return torch.randint(0, 256, (n, 3, 8, 8), generator=g, dtype=torch.uint8), torch.randint(0, 4, (n,), generator=g)
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = create("tiny-test", num_classes=4)
+    with torch.no_grad():  # batch-norm statistics that are not the initial ones
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def _group_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    info = DistInfo(rank, world, rank, CPU)
+    results = {}
+    try:
+        g = torch.Generator().manual_seed(0)
+        masks = {"a.weight": torch.rand(6, 5, generator=g) > 0.5, "b.weight": torch.rand(9, generator=g) > 0.3}
+        results["agree"] = runtime.verify_masks(masks, info)
+        if rank == 1:
+            masks["a.weight"] = ~masks["a.weight"]
+        try:
+            runtime.verify_masks(masks, info)
+        except TrainingFault as exc:
+            results["mismatch"] = str(exc)
+
+        model = _model()
+        if rank == 1:  # a rank whose BN statistics drifted: evaluation must use rank 0's, which rank 0 saves
+            with torch.no_grad():
+                model.bn.running_mean.fill_(3.0)
+        names = list(model.state_dict())
+        settings = load_settings(overrides=["model.name=tiny-test"])
+        net = runtime.prepare_model(model, settings, info)
+        results["ddp"] = type(net).__name__
+        results["names_kept"] = list(model.state_dict()) == names
+        images, labels = _images(37)
+        loader = TensorLoader(images, labels, 8, (0.5,) * 3, (0.25,) * 3)
+        results["eval"] = runtime.evaluate(model, runtime.shard_for_eval(loader, info), CPU, False, info)
+        stats = {"train_loss": 1.0 + rank, "train_top1": 0.25 * rank, "img_per_s": 100.0 * (rank + 1), "lr": 0.1}
+        results["train"] = runtime.reduce_train_stats(stats, info)
+    finally:
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+        dist.destroy_process_group()
+
+
+def test_collectives_in_a_two_process_group(tmp_path):
+    mp.spawn(_group_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    images, labels = _images(37)
+    expected = evaluate(_model(), TensorLoader(images, labels, 8, (0.5,) * 3, (0.25,) * 3), CPU)
+    for r in ranks:
+        assert len(r["agree"]) == 2 and r["agree"][0] == r["agree"][1]
+        assert "masks differ between ranks" in r["mismatch"] and "ranks [1]" in r["mismatch"]
+        assert r["ddp"] == "DistributedDataParallel" and r["names_kept"]
+        # every image once (37 over 2 ranks), with rank 0's model: what one process reports
+        assert r["eval"]["images"] == 37
+        assert r["eval"]["top1"] == expected["top1"] and r["eval"]["top5"] == expected["top5"]
+        assert r["eval"]["loss"] == pytest.approx(expected["loss"], rel=1e-6)  # float32 batch sums
+        assert r["train"]["train_loss"] == pytest.approx(1.5)
+        assert r["train"]["train_top1"] == pytest.approx(0.125)
+        assert r["train"]["img_per_s"] == pytest.approx(300.0)

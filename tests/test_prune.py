@@ -1,0 +1,137 @@
+"""acdc prune: the training engine's masks on a checkpoint, written so that a fine-tune holds them."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from acdc_cli.checkpoint import load_checkpoint
+from acdc_cli.cli import app
+from acdc_cli.config import load_settings
+from acdc_cli.prune import prune_checkpoint
+from acdc_cli.sparsity.schedule import Phase, plan
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def two_of_four_along_input_channels(weight: torch.Tensor) -> bool:
+    """Direct check: at every (out, kh, kw), each run of 4 consecutive input channels holds at most 2 non-zeros."""
+    w = weight if weight.dim() == 4 else weight[:, :, None, None]
+    out_ch, in_ch, kh, kw = w.shape
+    for o in range(out_ch):
+        for y in range(kh):
+            for x in range(kw):
+                channels = w[o, :, y, x]
+                for start in range(0, in_ch, 4):
+                    if int((channels[start : start + 4] != 0).sum()) > 2:
+                        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def pruned_24(quickstart_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prune") / "p24.safetensors"
+    result = invoke("prune", quickstart_run / "best_dense.safetensors", "--structure", "2:4", "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    return out, json.loads(result.stdout)
+
+
+def test_prune_24_passes_a_direct_2_of_4_check_on_every_pruned_layer(pruned_24, quickstart_run):
+    out, report = pruned_24
+    ckpt = load_checkpoint(out)
+    source = load_checkpoint(quickstart_run / "best_dense.safetensors")
+    conv_linear = [n for n, t in ckpt.weights.items() if n.endswith("weight") and t.dim() >= 2]
+    # every Conv/Linear whose input channels are a multiple of 4 is pruned; the 1-channel stem cannot be
+    assert set(ckpt.masks) == {n for n in conv_linear if ckpt.weights[n].shape[1] % 4 == 0}
+    assert "features.0.weight" not in ckpt.masks
+    assert torch.equal(ckpt.weights["features.0.weight"], source.weights["features.0.weight"])
+    for name, mask in ckpt.masks.items():
+        assert two_of_four_along_input_channels(ckpt.weights[name]), name
+        assert int(mask.sum()) * 2 == mask.numel(), name  # exactly 2 kept of every 4
+        assert bool((ckpt.weights[name][~mask] == 0).all()), name
+        kept = ckpt.weights[name][mask]
+        assert torch.equal(kept, source.weights[name][mask]), name  # kept weights are untouched
+    assert report["structure"] == "2:4" and report["target"] == 0.5
+    assert {"name": "features.0.weight", "shape": [32, 1, 3, 3],
+            "kept_dense": "input channels not a multiple of 4"} in report["layers"]
+
+
+def test_prune_writes_a_config_whose_plan_is_compressed_throughout(pruned_24):
+    out, report = pruned_24
+    settings = load_settings(config=out.with_suffix(".toml"))
+    assert report["config"] == str(out.with_suffix(".toml"))
+    assert plan(settings) == [Phase(0, settings.schedule.epochs, "sparse", 0.5)]
+    assert settings.sparsity.structure == "2:4" and settings.model.name == "digits-cnn"
+    assert load_checkpoint(out).config == settings.model_dump(mode="json")
+
+
+def test_fine_tune_from_pruned_checkpoint_holds_the_masks(pruned_24, tmp_path):
+    out, _ = pruned_24
+    run_dir = tmp_path / "finetune"
+    result = invoke("train", "--config", out.with_suffix(".toml"), "--from", out, "--out", run_dir,
+                    "--set", "schedule.epochs=1", "--set", "schedule.final_compressed_epochs=1",
+                    "--set", "log.tensorboard=false", "--json")
+    assert result.exit_code == 0, result.output
+    pruned, tuned = load_checkpoint(out), load_checkpoint(run_dir / "last.safetensors")
+    assert set(tuned.masks) == set(pruned.masks)
+    changed = 0
+    for name, mask in pruned.masks.items():
+        assert torch.equal(tuned.masks[name], mask), name
+        assert bool((tuned.weights[name][~mask] == 0).all()), name
+        changed += int((tuned.weights[name][mask] != pruned.weights[name][mask]).sum())
+    assert changed > 0  # it did train
+
+
+@pytest.mark.parametrize("scope", ["global", "uniform"])
+def test_unstructured_counts_are_exact(quickstart_run, tmp_path, scope):
+    out = tmp_path / "u.safetensors"
+    result = prune_checkpoint(quickstart_run / "best_dense.safetensors", out, sparsity=0.95, scope=scope,
+                              exclude=["classifier.4"])
+    ckpt = load_checkpoint(out)
+    assert "classifier.4.weight" not in ckpt.masks and len(ckpt.masks) == 5
+    total = sum(m.numel() for m in ckpt.masks.values())
+    pruned = sum(int((~m).sum()) for m in ckpt.masks.values())
+    assert pruned == round(0.95 * total)
+    if scope == "uniform":
+        for name, mask in ckpt.masks.items():
+            assert int((~mask).sum()) == round(0.95 * mask.numel()), name
+    else:  # one threshold: every kept weight is at least as large as every pruned one
+        kept = torch.cat([ckpt.weights[n][m].abs() for n, m in ckpt.masks.items()])
+        source = load_checkpoint(quickstart_run / "best_dense.safetensors").weights
+        dropped = torch.cat([source[n][~m].abs() for n, m in ckpt.masks.items()])
+        assert float(kept.min()) >= float(dropped.max())
+    zeros = sum(int((ckpt.weights[n] == 0).sum()) for n in ckpt.masks)
+    assert abs(result.sparsity - zeros / total) < 1e-12
+    assert load_settings(config=out.with_suffix(".toml")).sparsity.exclude == ["classifier.4"]
+
+
+def test_prune_refusals_are_one_line(quickstart_run, tmp_path):
+    source = quickstart_run / "best_dense.safetensors"
+    cases = [
+        (("--sparsity", "0.9", "-o", tmp_path / "a.pt"), "*.safetensors"),
+        (("-o", tmp_path / "b.safetensors"), "--sparsity is required"),
+        (("--structure", "2:4", "--sparsity", "0.9", "-o", tmp_path / "c.safetensors"), "contradicts"),
+        (("--sparsity", "0.9", "--scope", "local", "-o", tmp_path / "d.safetensors"), "scope"),
+        (("--sparsity", "0.9", "--include", "nope*", "-o", tmp_path / "e.safetensors"), "nope*"),
+    ]
+    for args, text in cases:
+        result = invoke("prune", source, *args)
+        assert result.exit_code == 2, args
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and text in lines[0] and "Traceback" not in result.output, (args, result.output)
+    taken = tmp_path / "taken.safetensors"
+    taken.write_bytes(b"keep me")
+    result = invoke("prune", source, "--sparsity", "0.5", "-o", taken)
+    assert result.exit_code == 2 and "--force" in result.stderr and taken.read_bytes() == b"keep me"
+    result = invoke("prune", source, "--sparsity", "0.5", "-o", taken, "--force")
+    assert result.exit_code == 0 and "acdc train --config" in result.stdout
+
+
+def test_prune_table_output(quickstart_run, tmp_path):
+    result = invoke("prune", quickstart_run / "best_dense.safetensors", "--structure", "2:4",
+                    "-o", tmp_path / "t.safetensors")
+    assert result.exit_code == 0
+    assert "features.0.weight" in result.stdout and "dense:" in result.stdout and "50.00 %" in result.stdout
