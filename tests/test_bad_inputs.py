@@ -150,13 +150,13 @@ def test_resume_of_a_run_without_checkpoint(run_copy):
 
 def test_checkpoint_of_another_architecture(tmp_path):
     ckpt = write_checkpoint(tmp_path / "tiny.safetensors", "tiny-test", 10, 3)
-    line = fails(["train", "--from", str(ckpt), "--out", str(tmp_path / "r")])
+    line = fails(["train", "--preset", "quickstart", "--from", str(ckpt), "--out", str(tmp_path / "r")])
     assert "tiny-test" in line and "digits-cnn" in line
 
 
 def test_checkpoint_of_another_class_count(tmp_path):
     ckpt = write_checkpoint(tmp_path / "five.safetensors", "digits-cnn", 5, 1)
-    line = fails(["train", "--from", str(ckpt), "--out", str(tmp_path / "r")])
+    line = fails(["train", "--preset", "quickstart", "--from", str(ckpt), "--out", str(tmp_path / "r")])
     assert "trained for 5 classes, digits has 10" in line
 
 

@@ -18,14 +18,14 @@ from typer.testing import CliRunner
 from acdc_cli.checkpoint import load_checkpoint
 from acdc_cli.cli import app
 from acdc_cli.metrics import read_jsonl
-from acdc_cli.preemption import StopSignal, reduce_int
+from acdc_cli.preemption import DUPLICATE_WINDOW_S, StopSignal, reduce_int
 
 # 3 epochs of 79 steps (batch 16): a signal sent just after epoch 0's checkpoint lands early in epoch 1
 RUN = [
     "--set", "schedule.epochs=3", "--set", "schedule.warmup_epochs=1", "--set", "schedule.compressed_epochs=1",
     "--set", "schedule.decompressed_epochs=1", "--set", "schedule.final_compressed_epochs=1",
     "--set", "data.batch_size=16", "--set", "runtime.deterministic=true", "--set", "runtime.threads=1",
-    "--set", "log.tensorboard=false", "--set", "log.progress=false",
+    "--set", "log.tensorboard=false", "--set", "log.progress=false", "--set", "model.dropout=0.3",
 ]
 
 
@@ -105,6 +105,19 @@ def test_stop_signal_flag_then_keyboard_interrupt_and_handlers_restored():
             time.sleep(1)  # the handler runs here, between bytecodes
     assert {sig: signal.getsignal(sig) for sig in before} == before
     assert reduce_int(7, "min") == 7  # no process group: the value itself
+
+
+def test_same_signal_twice_at_once_is_one_request():
+    """Ctrl-C under --nproc: the terminal and torchrun both deliver SIGINT to each rank within milliseconds."""
+    with StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert stop.should_stop(1) and stop.name == "SIGINT"
+        time.sleep(DUPLICATE_WINDOW_S)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
 
 
 RANK_SCRIPT = """

@@ -71,7 +71,7 @@ def test_prune_writes_a_config_whose_plan_is_compressed_throughout(pruned_24):
 def test_fine_tune_from_pruned_checkpoint_holds_the_masks(pruned_24, tmp_path):
     out, _ = pruned_24
     run_dir = tmp_path / "finetune"
-    result = invoke("train", "--config", out.with_suffix(".toml"), "--from", out, "--out", run_dir,
+    result = invoke("train", "--from", out, "--out", run_dir,
                     "--set", "schedule.epochs=1", "--set", "schedule.final_compressed_epochs=1",
                     "--set", "log.tensorboard=false", "--json")
     assert result.exit_code == 0, result.output
@@ -127,7 +127,7 @@ def test_prune_refusals_are_one_line(quickstart_run, tmp_path):
     result = invoke("prune", source, "--sparsity", "0.5", "-o", taken)
     assert result.exit_code == 2 and "--force" in result.stderr and taken.read_bytes() == b"keep me"
     result = invoke("prune", source, "--sparsity", "0.5", "-o", taken, "--force")
-    assert result.exit_code == 0 and "acdc train --config" in result.stdout
+    assert result.exit_code == 0 and "acdc train --from" in result.stdout
 
 
 def test_prune_table_output(quickstart_run, tmp_path):

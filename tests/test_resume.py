@@ -29,6 +29,7 @@ SHORT = [
     "--set", "schedule.decompressed_epochs=1", "--set", "schedule.final_compressed_epochs=2",
     "--set", "data.batch_size=32", "--set", "runtime.deterministic=true", "--set", "runtime.threads=1",
     "--set", "log.tensorboard=false", "--set", "log.progress=false",
+    "--set", "model.dropout=0.3",  # dropout draws random numbers every step: a resume must draw the same ones
 ]
 FILES = ("last.safetensors", "best_sparse.safetensors", "best_dense.safetensors")
 
@@ -174,7 +175,6 @@ def test_mid_epoch_checkpoint_holds_step_totals_and_rng(tmp_path, reference):
     assert (ckpt.epoch, ckpt.extra["step"]) == (1, 12) and state["progress"]["step"] == 12
     assert len(state["totals"]) == 1  # one process: one rank's sums
     assert state["totals"][0]["count"] == 12 * 32 and state["totals"][0]["loss_sum"].dtype == torch.float64
-    assert state["rng"]["torch"].dtype == torch.uint8
     assert len(read_jsonl(run_dir / "metrics.jsonl")) == 1
 
     resumed = CliRunner().invoke(app, ["train", "--resume", str(run_dir)])
@@ -192,9 +192,9 @@ class NanAt(nn.Module):
     It records its parameters and buffers at the start of the bad call and of the call after it.
     """
 
-    def __init__(self, bad: int, num_classes: int = 10, in_channels: int = 1):
+    def __init__(self, bad: int, num_classes: int = 10, in_channels: int = 1, dropout: float = 0.0):
         super().__init__()
-        self.inner = registry.create("digits-cnn", num_classes=num_classes, in_channels=in_channels)
+        self.inner = registry.create("digits-cnn", num_classes=num_classes, in_channels=in_channels, dropout=dropout)
         self.bad, self.calls, self.snapshots = bad, 0, []
 
     def forward(self, x):
@@ -213,8 +213,8 @@ def nan_model(monkeypatch):
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
 
     @registry.register("nan-at-45", input_size=8, in_channels=1)
-    def factory(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
-        made.append(NanAt(45, num_classes, in_channels))
+    def factory(num_classes: int = 10, in_channels: int = 1, dropout: float = 0.0) -> nn.Module:
+        made.append(NanAt(45, num_classes, in_channels, dropout))
         return made[-1]
 
     return made

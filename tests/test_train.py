@@ -83,7 +83,7 @@ def test_existing_run_dir_is_not_overwritten(quickstart_run):
 SHORT = [
     "--set", "schedule.epochs=10", "--set", "schedule.warmup_epochs=2", "--set", "schedule.compressed_epochs=2",
     "--set", "schedule.decompressed_epochs=2", "--set", "schedule.final_compressed_epochs=2",
-    "--set", "log.tensorboard=false",
+    "--set", "log.tensorboard=false", "--set", "model.dropout=0.3",
 ]
 
 

@@ -139,7 +139,8 @@ def train(
     ] = None,
     from_: Annotated[
         Optional[Path],
-        typer.Option("--from", help="Start from this checkpoint's weights (and masks, held if the plan starts sparse)."),
+        typer.Option("--from", help="Start from this checkpoint's weights (and masks, held if the plan starts sparse); "
+                     "without --preset/--config, with the checkpoint's own settings (e.g. an `acdc prune` output)."),
     ] = None,
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", "-d", help="Dataset folder (data.dir).")] = None,
     download: Annotated[
@@ -174,7 +175,9 @@ def train(
         _check_resume_settings(load_settings(base=base), settings)
         run_dir = resume
     else:
-        settings = load_settings(preset, config, set_, flags)
+        # --from alone continues with the checkpoint's own settings (a pruned checkpoint's are compressed throughout)
+        base = _checkpoint_settings(from_) if from_ is not None and preset is None and config is None else None
+        settings = load_settings(preset, config, set_, flags, base=base)
         run_dir = out or default_run_dir(settings)
     if dry_run:
         _print_resolved(settings, as_json)
@@ -205,6 +208,10 @@ def train(
     result = run(settings, run_dir, resume=resume is not None, from_checkpoint=from_, console=console)
     if not is_main:
         return
+    if result.preempted is not None:
+        from acdc_cli.distributed import mark_stopped
+
+        mark_stopped()
     resume_command = f"acdc train --resume {shlex.quote(str(result.run_dir))}"
     if as_json:
         print(json.dumps({
@@ -224,6 +231,17 @@ def train(
         console.print(f"resume with: {resume_command}", markup=False, highlight=False, soft_wrap=True)
     else:
         console.print(summary_panel(result))
+
+
+def _checkpoint_settings(path: Path) -> dict[str, Any]:
+    from acdc_cli.checkpoint import load_checkpoint
+
+    if not path.is_file():
+        raise AcdcError(f"--from: no such checkpoint {path}")
+    config = load_checkpoint(path).config
+    if not config:
+        raise AcdcError(f"--from {path} records no settings; give --preset or --config as well")
+    return config
 
 
 def _forward_options(ctx: typer.Context, skip: set[str]) -> list[str]:
@@ -469,8 +487,9 @@ def prune(
 ) -> None:
     """One-shot magnitude pruning with the training engine: unstructured (global or uniform) or N:M.
 
-    Prunes the weights the rules select (the checkpoint's own include/exclude unless given). OUT holds the weights and masks; OUT.toml holds the checkpoint's settings with these sparsity rules and a schedule
-    that is compressed throughout, so `acdc train --config OUT.toml --from OUT` fine-tunes with the masks held (change
+    Prunes the weights the rules select (the checkpoint's own include/exclude unless given). OUT holds the weights,
+    the masks and the checkpoint's settings with these sparsity rules and a schedule that is compressed throughout
+    (also written beside it as OUT.toml, to edit), so `acdc train --from OUT` fine-tunes with the masks held (change
     the length with --set schedule.epochs=E --set schedule.final_compressed_epochs=E).
     """
     from acdc_cli.prune import prune_checkpoint
@@ -489,8 +508,7 @@ def prune(
     console.print(table)
     console.print(f"sparsity {_pct(result.sparsity)} of the selected weights; wrote {result.path} and "
                   f"{result.config_path}", highlight=False)
-    console.print("fine-tune with the masks held: acdc train --config "
-                  f"{shlex.quote(str(result.config_path))} --from {shlex.quote(str(result.path))}", highlight=False)
+    console.print(f"fine-tune with the masks held: acdc train --from {shlex.quote(str(result.path))}", highlight=False)
 
 
 @app.command("export")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -124,6 +127,16 @@ def check_nproc(nproc: int, settings: Settings) -> int:
     return max(1, cores // nproc)
 
 
+STOPPED_MARKER_ENV = "_ACDC_LAUNCH_STOPPED_MARKER"
+
+
+def mark_stopped() -> None:
+    """Tell `acdc train --nproc` (when it started this process) that the ranks stopped cleanly on a signal."""
+    path = os.environ.get(STOPPED_MARKER_ENV)
+    if path:
+        Path(path).write_text("stopped\n")
+
+
 def launch(nproc: int, argv: list[str], threads: int) -> int:
     """Run ``python -m acdc_cli <argv>`` in ``nproc`` processes on this machine through torchrun's own launcher
     (a standalone c10d rendezvous on a free local port). Returns the exit code of the first failing rank, else 0."""
@@ -134,6 +147,9 @@ def launch(nproc: int, argv: list[str], threads: int) -> int:
     # torchrun would otherwise set 1 thread per process and print a warning about it
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     args = ["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc), "--module", "acdc_cli", *argv]
+    # rank 0 creates this file once a signal has stopped the ranks after a checkpoint (see cli.train)
+    marker = Path(tempfile.mkdtemp(prefix="acdc-launch-")) / "stopped"
+    os.environ[STOPPED_MARKER_ENV] = str(marker)
     try:
         torchrun.main(args)
     except ChildFailedError as exc:
@@ -141,6 +157,10 @@ def launch(nproc: int, argv: list[str], threads: int) -> int:
         # a rank killed by a signal reports -signum; shells report that as 128 + signum
         return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
     except SignalException as exc:
-        # the launcher got SIGTERM/SIGINT and has passed it on to every rank (which checkpoint and stop)
-        return 128 + int(exc.sigval)
+        # the launcher got SIGTERM/SIGINT and passed it on to every rank; it cannot see their exit codes, so the
+        # marker tells a clean stop (checkpoint written: exit 0) from ranks that were killed
+        return 0 if marker.exists() else 128 + int(exc.sigval)
+    finally:
+        os.environ.pop(STOPPED_MARKER_ENV, None)
+        shutil.rmtree(marker.parent, ignore_errors=True)
     return 0

@@ -26,8 +26,8 @@ from acdc_cli.checkpoint import (
     CHECKPOINT_FORMAT,
     Checkpoint,
     load_checkpoint,
-    load_weights,
     read_safetensors,
+    rebuild_model,
     save_safetensors,
 )
 from acdc_cli.errors import AcdcError
@@ -334,15 +334,10 @@ def load(path: Path) -> dict[str, torch.Tensor]:
 def load_model(path: Path) -> nn.Module:
     """The model an export (or checkpoint) describes, rebuilt from its metadata, with the weights loaded (and cast
     to the model's float32 parameters)."""
-    from acdc_cli.models import create
-
     path = Path(path)
     state, meta = _load(path)
     arch = meta.get("arch")
     kwargs = dict(_meta_json(meta, "model_kwargs", path, dict))
-    num_classes = kwargs.pop("num_classes", None)
-    if not isinstance(arch, str) or not isinstance(num_classes, int):
-        raise AcdcError(f"{path}: metadata lacks arch / num_classes, so the model cannot be rebuilt")
-    model = create(arch, num_classes=num_classes, **kwargs)
-    load_weights(model, state, source=str(path))
-    return model
+    if not isinstance(arch, str):
+        raise AcdcError(f"{path}: metadata lacks arch, so the model cannot be rebuilt")
+    return rebuild_model(arch, kwargs, state, str(path))

@@ -1,7 +1,8 @@
 """Stopping a run cleanly when the job is told to go (SIGTERM from a scheduler, SIGINT from Ctrl-C).
 
 The first signal only raises a flag: the loop finishes the step it is in, writes a checkpoint and returns, so
-``acdc train --resume`` loses nothing. A second signal raises KeyboardInterrupt at once (the CLI exits 130).
+``acdc train --resume`` loses nothing. A second signal raises KeyboardInterrupt at once (the CLI exits 130); the same
+signal repeated within a second counts as the first one (torchrun passes on the Ctrl-C the terminal also sent).
 
 Under torchrun every rank must stop after the same step, or the ranks that go on would wait forever in the next
 collective: the ranks compare their flags with an all_reduce. Each comparison makes the host wait for the device,
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -20,6 +22,7 @@ import torch.distributed as dist
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 SYNC_EVERY_STEPS = 10
+DUPLICATE_WINDOW_S = 1.0
 
 
 def _group_active() -> bool:
@@ -46,6 +49,7 @@ class StopSignal:
     def __init__(self, sync_every: int = SYNC_EVERY_STEPS):
         self.sync_every = sync_every
         self.received: int | None = None  # the first signal's number
+        self._received_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignal:
@@ -66,10 +70,15 @@ class StopSignal:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         # no printing here: the handler may run inside a write to the same stream, which Python refuses
+        now = time.monotonic()
         if self.received is not None:
+            # Ctrl-C under `acdc train --nproc` reaches each rank twice within milliseconds (from the terminal and
+            # passed on by torchrun): the same signal again so soon is one request, not a second one
+            if signum == self.received and now - self._received_at < DUPLICATE_WINDOW_S:
+                return
             self._restore()
             raise KeyboardInterrupt
-        self.received = signum
+        self.received, self._received_at = signum, now
 
     @property
     def name(self) -> str | None:

@@ -1,7 +1,8 @@
 """One-shot magnitude pruning of a checkpoint with the training engine (same layer rules, same masks).
 
-The output is a checkpoint with masks plus, beside it, a settings TOML whose schedule is one compressed phase over
-all epochs, so ``acdc train --config OUT.toml --from OUT.safetensors`` fine-tunes with exactly these masks held.
+The output is a checkpoint with masks whose recorded settings have a schedule that is one compressed phase over all
+epochs, so ``acdc train --from OUT.safetensors`` fine-tunes with exactly these masks held; the same settings are
+written beside it as a TOML file to edit and pass with ``--config``.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ checkpoint. Everything else is a call into a small function."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import shutil
 import time
 from collections.abc import Callable
@@ -229,6 +230,12 @@ def raise_if_bad(totals: EpochTotals, epoch: int) -> None:
         raise TrainingFault(f"non-finite loss at epoch {epoch}, step {bad}; the last good checkpoint is kept")
 
 
+def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    """A well-mixed 63-bit seed per (seed, epoch, step, rank); distinct tuples never share a stream in practice."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{step}/{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 def train_epoch(
     net: nn.Module,
     loader,
@@ -240,6 +247,7 @@ def train_epoch(
     progress: Progress | None,
     totals: EpochTotals | None = None,
     after_step: Callable[[EpochTotals], bool] | None = None,
+    rank: int = 0,
 ) -> dict[str, float] | None:
     """Train one epoch from step ``totals.step`` (non-zero when resuming mid-epoch).
 
@@ -259,6 +267,9 @@ def train_epoch(
             lr = learning_rate(settings, epoch + step / steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            # dropout's randomness is a function of (seed, epoch, step, rank): a run resumed at any step draws what
+            # an uninterrupted one would, and ranks draw differently
+            torch.manual_seed(step_seed(settings.runtime.seed, epoch, step, rank))
             # "skip" must undo the batch-norm statistics a bad forward pass moved
             buffers = [b.clone() for b in net.buffers()] if skip_bad else []
             with autocast(device, settings.runtime.amp):
@@ -407,12 +418,10 @@ def _run(settings, run_dir, info, device, resume, from_checkpoint, console, stop
         for epoch in range(run_state.epoch, settings.schedule.epochs):
             phase = phase_at(phases, epoch)
             mask_checksums = None
-            if totals is None:  # a mid-epoch resume is inside its phase already, with its RNG state restored
+            if totals is None:  # a mid-epoch resume is inside its phase already
                 if epoch in (phase.start, fresh_start):
                     run_state.mask_change = enter_phase(phase, sparsifier, optimizer, settings, held_masks)
                     held_masks = None
-                # every epoch's randomness (dropout, order, augmentation) is a function of (seed, epoch): resumable
-                torch.manual_seed(seed * 1_000_003 + epoch)
                 totals = EpochTotals.start(device)
             if epoch in (phase.start, fresh_start):
                 mask_checksums = runtime.verify_masks(sparsifier.masks, info)
@@ -422,7 +431,7 @@ def _run(settings, run_dir, info, device, resume, from_checkpoint, console, stop
             after_step = functools.partial(_after_step, stop=stop, every=settings.runtime.checkpoint_every_steps,
                                            steps=len(bundle.train), epoch=epoch, save=save)
             stats = train_epoch(net, bundle.train, optimizer, sparsifier, settings, epoch, device, progress,
-                                totals, after_step)
+                                totals, after_step, info.rank)
             if stats is None:
                 preempted = {"signal": stop.name, "epoch": epoch, "step": totals.step}
                 break
@@ -512,7 +521,7 @@ def _after_step(totals: EpochTotals, *, stop: StopSignal, every: int, steps: int
 
 def _save_step(run_dir, model, sparsifier, optimizer, settings, model_kwargs, phase, run_state, step: int,
                every_rank: list[dict[str, Any]]) -> None:
-    """A mid-epoch last.*: each rank's sums so far and the RNG state let the epoch go on as if never stopped."""
+    """A mid-epoch last.*: each rank's sums so far let the epoch go on as if never stopped."""
     own = every_rank[0]
     partial = {"epoch": run_state.epoch, "step": step, "phase": phase.kind,
                "train_loss": own["loss_sum"].item() / max(own["count"], 1),
@@ -524,15 +533,13 @@ def _save_step(run_dir, model, sparsifier, optimizer, settings, model_kwargs, ph
 
 def _resume_state(run_state: RunState, optimizer: torch.optim.Optimizer, sparsifier: Sparsifier, step: int = 0,
                   every_rank: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Everything besides weights and masks that continues the run; tensors and plain data only (weights_only)."""
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda"] = torch.cuda.get_rng_state()
+    """Everything besides weights and masks that continues the run; tensors and plain data only (weights_only).
+
+    No RNG state: data order and augmentation come from (seed, epoch) and dropout from (seed, epoch, step, rank)."""
     state = {
         "progress": {**run_state.as_dict(), "step": step},
         "optimizer": optimizer.state_dict(),
         "previous_masks": sparsifier.previous,
-        "rng": rng,
     }
     if every_rank is not None:
         state["totals"] = every_rank
@@ -558,9 +565,6 @@ def _resume(run_dir: Path, model: nn.Module, sparsifier: Sparsifier, optimizer: 
                 raise AcdcError(f"{run_dir} stopped mid-epoch in a run of {len(every_rank)} process(es); resume it "
                                 f"with as many (this run has {world_size}), or from an epoch-end checkpoint")
             totals = EpochTotals.start(device, every_rank[rank])
-            torch.set_rng_state(state["rng"]["torch"])
-            if "cuda" in state["rng"] and device.type == "cuda":
-                torch.cuda.set_rng_state(state["rng"]["cuda"])
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
         detail = str(exc).splitlines()[0][:120] if str(exc) else ""
         raise AcdcError(f"{run_dir}: malformed resume state ({exc.__class__.__name__} {detail})") from None
