@@ -33,7 +33,7 @@ class DataSettings(_Section):
     dir: Path | None = Field(None, description="dataset root folder (not needed for digits/synthetic)")
     batch_size: int = Field(64, gt=0, description="global training batch size (split across ranks)")
     eval_batch_size: int = Field(512, gt=0, description="batch size for validation and test passes")
-    val_size: int = Field(270, ge=0, description="images held out of the training split for validation")
+    val_size: int = Field(270, ge=1, description="images held out of the training split for validation (model selection)")
     augment: bool = Field(True, description="dataset's standard training augmentation (crop + flip)")
     random_labels: int = Field(0, ge=0, description="memorization: this many training images get random labels")
     num_workers: int = Field(4, ge=0, description="loader worker processes (ImageFolder only)")
