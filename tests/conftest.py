@@ -3,7 +3,24 @@
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_globals():
+    """In-process runs set torch's thread count (runtime.threads) and deterministic mode; put them back."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a machine shared with other test runs, spinning OpenMP threads of several processes
+    slow each other down several-fold; small passes gain little from a second thread."""
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

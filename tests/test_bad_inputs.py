@@ -22,12 +22,6 @@ ONE_EPOCH = ["--set", "schedule.method=dense", "--set", "schedule.epochs=1", "--
              "--set", "log.progress=false"]
 
 
-@pytest.fixture(autouse=True)
-def _torch_globals():
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,6 @@ from acdc_cli.models import create
 NO_LOGS = ["--set", "log.tensorboard=false", "--set", "log.progress=false"]
 
 
-@pytest.fixture(autouse=True)
-def _torch_globals():
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
 
 
 def fails(args: list[str], code: int = 2) -> str:

@@ -9,14 +9,7 @@ from acdc_cli import models
 from acdc_cli.errors import AcdcError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a machine shared with other test runs, spinning OpenMP threads of several processes
-    slow each other down several-fold; these small passes gain little from a second thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _params(model: nn.Module) -> int:

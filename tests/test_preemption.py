@@ -29,12 +29,6 @@ RUN = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _torch_globals():
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
 
 
 def checkpoint_epoch(run_dir: Path) -> int:

@@ -173,14 +173,7 @@ def test_presets_command_lists_every_preset():
 # the layers each preset's rules select on the real architecture
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a machine shared with other test runs, spinning OpenMP threads of several processes
-    slow each other down several-fold; these small passes gain little from a second thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sparsifier(preset: str) -> Sparsifier:

@@ -3,7 +3,6 @@ bit-identical to a run that never stopped; mid-epoch checkpoints; non-finite los
 
 import os
 import random
-import re
 import subprocess
 import sys
 import time
@@ -34,13 +33,6 @@ SHORT = [
 FILES = ("last.safetensors", "best_sparse.safetensors", "best_dense.safetensors")
 
 
-@pytest.fixture(autouse=True)
-def _torch_globals():
-    """In-process runs set torch's thread count and deterministic mode; put them back for the other tests."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
 
 
 @pytest.fixture(scope="module")

@@ -75,6 +75,11 @@ def setup(device_name: str) -> DistInfo:
     return DistInfo(rank, world_size, local_rank, device)
 
 
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -352,7 +352,11 @@ def run(
     device = info.device
     try:
         with StopSignal() as stop:
-            return _run(settings, Path(run_dir), info, device, resume, from_checkpoint, console, stop)
+            result = _run(settings, Path(run_dir), info, device, resume, from_checkpoint, console, stop)
+        # rank 0 still writes and tests after the loop; a rank that tore its process group down meanwhile can
+        # abort in gloo's threads ("terminate called without an active exception"), so all leave together
+        distributed.barrier()
+        return result
     finally:
         distributed.teardown()
 
