@@ -244,6 +244,13 @@ def _checkpoint_settings(path: Path) -> dict[str, Any]:
     return config
 
 
+def _epochs_done(epoch: Any) -> str:
+    """A checkpoint's ``epoch`` counts completed epochs; metrics.jsonl numbers epochs from 0 (epoch 6 done = 7)."""
+    if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch > 0:
+        return f"after epoch {epoch - 1} ({epoch} done)"
+    return f"epochs done: {epoch}"
+
+
 def _forward_options(ctx: typer.Context, skip: set[str]) -> list[str]:
     """The options this command was given, as command-line arguments again (those named in ``skip`` left out)."""
     args: list[str] = []
@@ -442,8 +449,8 @@ def eval_cmd(
     table = Table(title=escape(f"acdc eval: {checkpoint}"), show_header=False)
     table.add_column("", style="bold")
     table.add_column("", justify="right")
-    table.add_row("model", escape(f"{result['arch']} ({result['preset'] or 'no preset'}), epoch {result['epoch']}, "
-                                  f"{result['phase']}"))
+    table.add_row("model", escape(f"{result['arch']} ({result['preset'] or 'no preset'}), "
+                                  f"{_epochs_done(result['epoch'])}, {result['phase']}"))
     table.add_row("split", f"{result['split']}, {result['images']:,} images on {result['device']}")
     table.add_row("top-1", _pct(result["top1"]))
     table.add_row("top-5", _pct(result["top5"]))
@@ -584,7 +591,7 @@ def inspect_cmd(
     table.add_row("kind", escape(f"{info['kind']} ({info['format']})"))
     if info["kind"] != "state_dict":
         table.add_row("model", escape(f"{meta.get('arch')} ({meta.get('preset') or 'no preset'}), "
-                                      f"epoch {meta.get('epoch')}, {meta.get('phase')}"))
+                                      f"{_epochs_done(meta.get('epoch'))}, {meta.get('phase')}"))
         table.add_row("acdc version", escape(str(meta.get("acdc_version"))))
         metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
         keys = ("val_top1", "val_top5", "val_loss", "train_top1", "sparsity")
