@@ -263,3 +263,18 @@ def test_pickle_payload_as_resume_state_is_refused_and_never_runs(run_copy, tmp_
     assert "not a valid acdc resume state" in fails(["train", "--resume", str(run_copy)])
     assert not marker.exists()
     assert snapshot(run_copy) == before
+
+
+@pytest.mark.parametrize("epoch", ["-3", "true", "1.5"])
+def test_checkpoint_with_a_bad_epoch_is_refused(tmp_path, epoch):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    good = write_checkpoint(tmp_path / "good.safetensors", "digits-cnn", 10, 1)
+    with safe_open(str(good), framework="pt") as fh:
+        meta = fh.metadata()
+    bad = tmp_path / "bad.safetensors"
+    save_file(load_file(good), bad, metadata={**meta, "epoch": epoch})
+    line = fails(["train", "--preset", "quickstart", "--from", str(bad), "--out", str(tmp_path / "r")])
+    assert "malformed metadata" in line
+    assert not (tmp_path / "r" / "config.toml").exists()

@@ -97,3 +97,23 @@ def test_bad_config_file(tmp_path):
         load_settings(config=bad)
     with pytest.raises(AcdcError, match="not found"):
         load_settings(config=tmp_path / "missing.toml")
+
+
+def test_data_dir_is_stored_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s = load_settings(flags={"data.dir": "data/cifar"})
+    assert s.data.dir == tmp_path / "data" / "cifar" and s.data.dir.is_absolute()
+
+
+def test_non_ascii_strings_survive_the_toml_round_trip(tmp_path):
+    s = load_settings(overrides=["data.dir='/tmp/dätä/😀'", "description='ünïcode ✓ 😀'"])
+    path = tmp_path / "c.toml"
+    path.write_text(s.to_toml(), encoding="utf-8")
+    again = load_settings(config=path)
+    assert again.data.dir == s.data.dir and again.description == s.description
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**62), "18446744073709551615"])
+def test_seed_bounds(seed):
+    with pytest.raises(AcdcError, match="runtime.seed"):
+        load_settings(overrides=[f"runtime.seed={seed}"])

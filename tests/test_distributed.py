@@ -184,6 +184,9 @@ def _group_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         results["train"] = runtime.reduce_train_stats(stats, info)
     finally:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+        # as train.run does: drop DDP (its reducer holds gloo work) and leave together, or gloo may abort at exit
+        net = None  # noqa: F841
+        dist.barrier()
         dist.destroy_process_group()
 
 

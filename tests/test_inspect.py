@@ -165,3 +165,15 @@ def test_bad_files_are_one_line_errors(files, tmp_path, case):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in result.output
     assert result.stdout == ""
+
+
+def test_layers_left_dense_by_rule_are_reported(quickstart_run, tmp_path):
+    out = tmp_path / "p24.safetensors"
+    prune_checkpoint(quickstart_run / "best_dense.safetensors", out, structure="2:4")
+    info = inspect_json(out)
+    assert info["dense_layers"] == [
+        {"name": "features.0.weight", "shape": [32, 1, 3, 3], "reason": "input channels (1) not a multiple of 4"}
+    ]
+    assert "left dense by rule: features.0.weight" in invoke("inspect", out).stdout
+    # a dense checkpoint has no masks, so nothing is "left dense by rule"
+    assert inspect_json(quickstart_run / "best_dense.safetensors")["dense_layers"] == []

@@ -135,3 +135,29 @@ def test_prune_table_output(quickstart_run, tmp_path):
                     "-o", tmp_path / "t.safetensors")
     assert result.exit_code == 0
     assert "features.0.weight" in result.stdout and "dense:" in result.stdout and "50.00 %" in result.stdout
+
+
+def test_masks_that_do_not_fit_the_plan_are_recomputed(quickstart_run, tmp_path):
+    """--from masks at 50 % under a plan that asks for 90 %: the first compressed phase prunes to 90 %, so
+    best_sparse really is at the target."""
+    p50 = tmp_path / "p50.safetensors"
+    assert invoke("prune", quickstart_run / "best_dense.safetensors", "--sparsity", "0.5", "-o", p50).exit_code == 0
+    run_dir = tmp_path / "run"
+    result = invoke("train", "--preset", "quickstart", "--from", p50, "--out", run_dir, "--set",
+                    "schedule.warmup_epochs=0", "--set", "schedule.epochs=2", "--set", "schedule.final_compressed_epochs=2",
+                    "--set", "log.tensorboard=false")
+    assert result.exit_code == 0, result.output
+    assert "do not match" in result.stdout
+    best = load_checkpoint(run_dir / "best_sparse.safetensors")
+    total = sum(m.numel() for m in best.masks.values())
+    assert sum(int((~m).sum()) for m in best.masks.values()) == round(0.9 * total)
+
+
+@pytest.mark.parametrize("command", ["prune", "export"])
+def test_unwritable_output_folder_is_one_line(quickstart_run, command):
+    source = quickstart_run / "best_sparse.safetensors"
+    args = ["--sparsity", "0.5"] if command == "prune" else ["--format", "dense"]
+    result = invoke(command, source, *args, "-o", "/proc/acdc-out.safetensors")
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot write" in lines[0] and "Traceback" not in result.output

@@ -127,3 +127,20 @@ def test_resume_refuses_changed_schedule(tmp_path):
     assert CliRunner().invoke(app, args).exit_code == 0
     result = CliRunner().invoke(app, ["train", "--resume", str(run), "--set", "optim.lr=0.5"])
     assert result.exit_code == 2 and "optim.lr" in result.stderr
+
+
+def test_resume_refuses_env_and_seed_changes_but_accepts_a_moved_data_dir(tmp_path):
+    run = tmp_path / "r"
+    args = ["train", "--out", str(run), *SHORT, "--set", "schedule.epochs=6", "--set",
+            "schedule.final_compressed_epochs=2"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    saved = (run / "config.toml").read_text()
+    env_change = CliRunner(env={"ACDC_SCHEDULE__EPOCHS": "14"}).invoke(app, ["train", "--resume", str(run)])
+    assert env_change.exit_code == 2 and "schedule.epochs" in env_change.stderr
+    seed_change = CliRunner().invoke(app, ["train", "--resume", str(run), "--seed", "7"])
+    assert seed_change.exit_code == 2 and "runtime.seed" in seed_change.stderr
+    assert (run / "config.toml").read_text() == saved
+    # a location may move (the digits ignore data.dir, so this only exercises the settings check and the rewrite)
+    moved = CliRunner().invoke(app, ["train", "--resume", str(run), "--data-dir", str(tmp_path)])
+    assert moved.exit_code == 0, moved.output
+    assert f'dir = "{tmp_path}"' in (run / "config.toml").read_text()

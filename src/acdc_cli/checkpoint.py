@@ -30,7 +30,16 @@ MASK_PREFIX = "mask."
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync it, rename it over ``path``. An unwritable place is
+    a one-line AcdcError; the previous file, if any, is untouched."""
     path = Path(path)
+    try:
+        _atomic_write(path, data)
+    except OSError as exc:
+        raise AcdcError(f"cannot write {path}: {exc.strerror or exc.__class__.__name__}") from None
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         # mkstemp creates 0600; give the file the permissions a plain open() would
@@ -197,7 +206,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
     epoch = _json_field(meta, "epoch", path, 0)
     config = _json_field(meta, "config", path, {})
     metrics = _json_field(meta, "metrics", path, {})
-    if not isinstance(epoch, int) or not isinstance(config, dict) or not isinstance(metrics, dict):
+    if (not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0 or not isinstance(config, dict)
+            or not isinstance(metrics, dict)):
         raise AcdcError(f"{path}: malformed metadata (epoch / config / metrics)")
     _check_config(config, path)
     return Checkpoint(

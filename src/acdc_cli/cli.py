@@ -53,6 +53,12 @@ def user_errors(func):
         except AcdcError as exc:
             if _state["debug"]:
                 raise
+            from acdc_cli.distributed import env_rank
+
+            if env_rank() != 0:
+                # rank 0 reads the same settings and files and says it once; the launcher names a rank that
+                # failed alone
+                raise typer.Exit(exc.exit_code) from None
             # messages quote paths and file contents: never read them as rich markup
             err_console().print(f"[bold red]error:[/] {escape(one_line(str(exc)))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
@@ -172,7 +178,7 @@ def train(
             raise AcdcError("--resume continues a run with its saved settings; drop --preset/--config/--from")
         base = saved_settings(resume)
         settings = load_settings(base=base, overrides=set_, flags=flags)
-        _check_resume_settings(load_settings(base=base), settings)
+        _check_resume_settings(_saved_run_settings(resume, base), settings)
         run_dir = resume
     else:
         # --from alone continues with the checkpoint's own settings (a pruned checkpoint's are compressed throughout)
@@ -188,6 +194,8 @@ def train(
         from acdc_cli import distributed
 
         threads = distributed.check_nproc(nproc, settings)
+        if settings.data.name in ("cifar10", "cifar100", "imagenet") and settings.data.dir is None:
+            raise AcdcError(f"data.dir is not set: {settings.data.name} needs --data-dir PATH")
         if resume is None:
             prepare_run_dir(run_dir, force)
         # every rank gets this command's options, the run dir fixed here, and no --nproc
@@ -270,17 +278,40 @@ def _forward_options(ctx: typer.Context, skip: set[str]) -> list[str]:
     return args
 
 
+# what a resumed run may change: where things are and how they run, never what is computed
+_RESUME_MAY_CHANGE = {"data.dir", "data.num_workers", "data.eval_batch_size", "data.download"}
+_RESUME_SECTIONS_MAY_CHANGE = {"runtime", "log"}
+_RESUME_MUST_KEEP = {"runtime.seed", "runtime.sync_batchnorm"}
+
+
+def _saved_run_settings(run_dir: Path, base: dict[str, Any]):
+    """The run's settings exactly as config.toml holds them: no environment, no flags."""
+    from pydantic import ValidationError
+
+    from acdc_cli.config import Settings, format_validation_error
+
+    try:
+        return Settings(**base)
+    except ValidationError as exc:
+        raise AcdcError(f"{run_dir}/config.toml: {format_validation_error(exc)}") from None
+
+
 def _check_resume_settings(saved, requested) -> None:
-    """Only runtime.* and log.* may change when resuming; anything else would not continue the same run."""
+    """A resumed run continues the same computation: only locations and runtime/log knobs may change (from flags,
+    --set or ACDC_* variables alike); the seed, which fixes splits, data order and dropout, may not."""
     a, b = saved.model_dump(mode="json"), requested.model_dump(mode="json")
-    for section in a:
-        if section in ("runtime", "log"):
-            continue
-        if a[section] != b[section]:
-            key = section
-            if isinstance(a[section], dict):
-                key = next(f"{section}.{k}" for k in a[section] if a[section][k] != b[section].get(k))
-            raise AcdcError(f"cannot change {key} when resuming (only runtime.* and log.* may change)")
+    for section, values in a.items():
+        keys = values.keys() if isinstance(values, dict) else [None]
+        for key in keys:
+            dotted = f"{section}.{key}" if key is not None else section
+            old = values[key] if key is not None else values
+            new = b[section].get(key) if key is not None else b[section]
+            if old == new or dotted in _RESUME_MAY_CHANGE:
+                continue
+            if section in _RESUME_SECTIONS_MAY_CHANGE and dotted not in _RESUME_MUST_KEEP:
+                continue
+            raise AcdcError(f"cannot change {dotted} when resuming ({old!r} -> {new!r}); only locations "
+                            "(data.dir, ...) and runtime.* / log.* settings other than runtime.seed may change")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -618,6 +649,9 @@ def inspect_cmd(
                            _nm_text(layer["nm_valid"]), escape(layer["encoding"]),
                            _size(layer["stored_bytes"]))
         console.print(detail)
+    if info["dense_layers"]:
+        kept = ", ".join(f"{layer['name']} ({layer['reason']})" for layer in info["dense_layers"])
+        console.print(f"left dense by rule: {escape(kept)}", highlight=False)
     for name in info["structure_violations"]:
         console.print(f"[bold red]warning:[/] {escape(name)} breaks the {escape(str(info['structure']))} structure "
                       "the file claims", highlight=False)

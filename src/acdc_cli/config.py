@@ -30,7 +30,7 @@ class DataSettings(_Section):
     name: Literal["digits", "cifar10", "cifar100", "imagenet", "synthetic"] = Field(
         "digits", description="dataset: digits (ships with scikit-learn), cifar10, cifar100, imagenet, synthetic"
     )
-    dir: Path | None = Field(None, description="dataset root folder (not needed for digits/synthetic)")
+    dir: Path | None = Field(None, description="dataset root folder (not needed for digits/synthetic); stored absolute")
     batch_size: int = Field(64, gt=0, description="global training batch size (split across ranks)")
     eval_batch_size: int = Field(512, gt=0, description="batch size for validation and test passes")
     val_size: int = Field(270, ge=1, description="images held out of the training split for validation (model selection)")
@@ -39,6 +39,13 @@ class DataSettings(_Section):
     num_workers: int = Field(4, ge=0, description="loader worker processes (ImageFolder only)")
     download: bool = Field(False, description="fetch CIFAR when the folder is missing (needs a network)")
     synthetic_size: int = Field(512, gt=0, description="images per split for data.name=synthetic")
+
+
+    @field_validator("dir")
+    @classmethod
+    def _absolute_dir(cls, value: Path | None) -> Path | None:
+        # a run dir's config.toml must still name the data when the job restarts in another working directory
+        return value.expanduser().absolute() if value is not None else None
 
 
 class ModelSettings(_Section):
@@ -131,7 +138,7 @@ class SparsitySettings(_Section):
 
 class RuntimeSettings(_Section):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    seed: int = Field(0, description="seed for weights, data order, augmentation and splits")
+    seed: int = Field(0, ge=0, lt=2**62, description="seed for weights, data order, augmentation and splits")
     deterministic: bool = Field(False, description="bit-reproducible kernels (slower on GPU)")
     amp: bool = Field(True, description="bf16 autocast on CUDA (CPU always runs fp32)")
     channels_last: bool = Field(True, description="channels_last memory format on CUDA")
@@ -351,7 +358,8 @@ def dump_toml(data: dict[str, Any]) -> str:
         if isinstance(v, (int, float)):
             return repr(v)
         if isinstance(v, str):
-            return json.dumps(v)
+            # JSON string escapes are TOML's, except surrogate pairs: keep non-ASCII characters as they are
+            return json.dumps(v, ensure_ascii=False)
         if isinstance(v, list):
             return "[" + ", ".join(value(x) for x in v) + "]"
         raise TypeError(f"cannot write {type(v).__name__} to TOML")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,17 +157,26 @@ def launch(nproc: int, argv: list[str], threads: int) -> int:
     # rank 0 creates this file once a signal has stopped the ranks after a checkpoint (see cli.train)
     marker = Path(tempfile.mkdtemp(prefix="acdc-launch-")) / "stopped"
     os.environ[STOPPED_MARKER_ENV] = str(marker)
+    # the ranks print their own errors (rank 0 for what all of them hit); torchrun's log lines would repeat them
+    elastic_log = logging.getLogger("torch.distributed.elastic")
+    level = elastic_log.level
+    elastic_log.setLevel(logging.CRITICAL)
     try:
         torchrun.main(args)
     except ChildFailedError as exc:
-        _, failure = exc.get_first_failure()
+        rank, failure = exc.get_first_failure()
         # a rank killed by a signal reports -signum; shells report that as 128 + signum
-        return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
+        code = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
+        if rank != 0:
+            print(f"error: rank {rank} failed first (exit code {code}); `acdc --debug train ...` shows every "
+                  "rank's traceback", file=sys.stderr)
+        return code
     except SignalException as exc:
         # the launcher got SIGTERM/SIGINT and passed it on to every rank; it cannot see their exit codes, so the
         # marker tells a clean stop (checkpoint written: exit 0) from ranks that were killed
         return 0 if marker.exists() else 128 + int(exc.sigval)
     finally:
+        elastic_log.setLevel(level)
         os.environ.pop(STOPPED_MARKER_ENV, None)
         shutil.rmtree(marker.parent, ignore_errors=True)
     return 0

@@ -3,6 +3,7 @@ tool. Per-layer sparsity and N:M validity are counted from the tensors in the fi
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,9 @@ import torch
 
 from acdc_cli.checkpoint import CHECKPOINT_FORMAT, MASK_PREFIX, load_checkpoint, read_safetensors
 from acdc_cli.errors import AcdcError
-from acdc_cli.export import EXPORT_FORMAT, decode_export, dense_file_bytes, prunable_names
+from acdc_cli.export import EXPORT_FORMAT, decode_export, dense_file_bytes, layer_prefix, natural_key, prunable_names
 from acdc_cli.sparsity import formats as F
+from acdc_cli.sparsity.masks import nm_compatible
 
 # what other tools put in ``__metadata__["format"]`` of a plain state dict (safetensors' own convention)
 FRAMEWORK_TAGS = {"pt", "torch", "np", "numpy", "tf", "flax", "jax", "mlx", "paddle"}
@@ -47,6 +49,30 @@ def _layer(name: str, weight: torch.Tensor, stored: int, encoding: str, nm: tupl
     }
 
 
+def _dense_by_rule(weights: dict[str, torch.Tensor], pruned: list[str], config: Any,
+                   structure: str | None) -> list[dict[str, Any]]:
+    """Conv/Linear-like weights the file keeps dense, each with the reason the saved sparsity rules give."""
+    rules = (config.get("sparsity") if isinstance(config, dict) else None) or {}
+    include = [p for p in rules.get("include", ["*"]) if isinstance(p, str)]
+    exclude = [p for p in rules.get("exclude", []) if isinstance(p, str)]
+    nm = _nm_of(structure) if _claims_nm(structure) else None
+    out = []
+    for name, tensor in weights.items():
+        if name in pruned or not (name.endswith("weight") and tensor.dim() >= 2 and tensor.is_floating_point()):
+            continue
+        module = layer_prefix(name)
+        if not any(fnmatch.fnmatchcase(module, p) for p in include):
+            reason = "not in sparsity.include"
+        elif any(fnmatch.fnmatchcase(module, p) for p in exclude):
+            reason = "excluded by sparsity.exclude"
+        elif nm is not None and not nm_compatible(tensor, nm[1]):
+            reason = f"input channels ({tensor.shape[1]}) not a multiple of {nm[1]}"
+        else:
+            reason = "no mask"
+        out.append({"name": name, "shape": list(tensor.shape), "reason": reason})
+    return sorted(out, key=lambda layer: natural_key(layer["name"]))
+
+
 def _json_meta(meta: dict[str, str], key: str) -> Any:
     try:
         return json.loads(meta[key]) if key in meta else None
@@ -73,6 +99,7 @@ def inspect_file(path: Path) -> dict[str, Any]:
             layers.append(_layer(n, dense[n], stored, "checkpoint", nm))
         info.update(kind="checkpoint", format=CHECKPOINT_FORMAT, structure=structure or ("unstructured" if ckpt.masks
                                                                                              else "dense"))
+        info["dense_layers"] = _dense_by_rule(dense, names, ckpt.config, structure) if ckpt.masks else []
         info["metadata"] = {
             "arch": ckpt.arch,
             "preset": ckpt.extra.get("preset"),
@@ -95,6 +122,7 @@ def inspect_file(path: Path) -> dict[str, Any]:
             layers.append(_layer(n, dense[n], F.stored_bytes(parts), meta["export_format"] if n in parts_of
                                  else "dense", nm))
         info.update(kind="export", format=meta["export_format"], structure=structure, dtype=meta.get("dtype"))
+        info["dense_layers"] = _dense_by_rule(dense, names, _json_meta(meta, "config"), structure)
         info["metadata"] = {k: _json_meta(meta, k) for k in ("arch", "preset", "epoch", "phase", "metrics",
                                                              "acdc_version", "source")}
     elif tag is None or tag in FRAMEWORK_TAGS:
@@ -106,7 +134,7 @@ def inspect_file(path: Path) -> dict[str, Any]:
         nm = (2, 4)
         layers = [_layer(n, dense[n], dense[n].numel() * dense[n].element_size(), "dense", nm)
                   for n in prunable_names(dense, {}, {})]
-        info.update(kind="state_dict", format="dense", structure=None)
+        info.update(kind="state_dict", format="dense", structure=None, dense_layers=[])
         info["metadata"] = {k: v for k, v in meta.items()}
     else:
         raise AcdcError(f"{path} carries foreign metadata (format '{tag}'): not an acdc checkpoint, export or plain "

@@ -4,6 +4,7 @@ checkpoint. Everything else is a call into a small function."""
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import shutil
 import time
@@ -353,8 +354,10 @@ def run(
     try:
         with StopSignal() as stop:
             result = _run(settings, Path(run_dir), info, device, resume, from_checkpoint, console, stop)
-        # rank 0 still writes and tests after the loop; a rank that tore its process group down meanwhile can
-        # abort in gloo's threads ("terminate called without an active exception"), so all leave together
+        # rank 0 still writes and tests after the loop; a rank that tore its process group down meanwhile, or with
+        # DDP's reducer still alive, can abort in gloo's threads ("terminate called without an active exception"):
+        # free the training objects, then leave together
+        gc.collect()
         distributed.barrier()
         return result
     finally:
@@ -381,6 +384,9 @@ def _run(settings, run_dir, info, device, resume, from_checkpoint, console, stop
     sparsifier = Sparsifier(model, settings.sparsity.include, settings.sparsity.exclude,
                             settings.sparsity.scope, settings.sparsity.structure)
     optimizer = build_optimizer(model, settings)
+    left_dense = [f"{r.module} ({r.reason})" for r in sparsifier.rules if not r.selected]
+    if info.is_main and left_dense and settings.schedule.method != "dense":
+        console.print("left dense by rule: " + ", ".join(left_dense), markup=False, highlight=False)
     run_state = RunState()
     held_masks = None
     totals: EpochTotals | None = None  # set when resuming mid-epoch
@@ -400,15 +406,20 @@ def _run(settings, run_dir, info, device, resume, from_checkpoint, console, stop
                             f"{settings.data.name} has {model_kwargs['num_classes']}")
         load_weights(model, source.weights, source=str(from_checkpoint))
         run_state.epoch = _start_epoch(settings, from_checkpoint, source.epoch)
-        if source.masks and phase_at(phases, run_state.epoch).kind == "sparse":
-            held_masks = source.masks
+        first = phase_at(phases, run_state.epoch)
+        if source.masks and first.kind == "sparse":
+            if sparsifier.masks_fit(source.masks, first.sparsity):
+                held_masks = source.masks
+            elif info.is_main:
+                console.print(f"note: the masks in {from_checkpoint} do not match these sparsity rules at "
+                              f"{first.sparsity:g}; the first compressed phase computes its own", markup=False)
     else:
         run_state.epoch = _start_epoch(settings, None, 0)
 
     is_main = info.is_main
     logger = MetricsLogger(run_dir, console, settings.log.tensorboard, settings.log.per_layer,
                            run_state.epoch) if is_main else None
-    if is_main and not resume:
+    if is_main:  # on resume too: a moved data.dir or a new runtime knob is what the run now uses
         atomic_write_text(run_dir / RUN_MARKER, settings.to_toml())
 
     progress = None

@@ -79,6 +79,9 @@ class Sparsifier:
         params = dict(model.named_parameters())
         self.params: dict[str, nn.Parameter] = {r.param: params[r.param] for r in self.rules if r.selected}
         self.masks: dict[str, torch.Tensor] | None = None
+        # the masks as multipliers in each weight's dtype and memory format (channels_last on CUDA): the foreach
+        # kernels take their fast multi-tensor path only when both lists match
+        self._factors: list[torch.Tensor] | None = None
         # the mask of the previous compressed phase, kept through dense phases to measure mask change
         self.previous: dict[str, torch.Tensor] | None = None
 
@@ -97,10 +100,16 @@ class Sparsifier:
             self.previous = self.masks
         new = M.compute_masks(dict(self.params), sparsity, self.scope, self.nm)
         change = self.mask_change(self.previous, new)
-        self.masks = new
+        self._hold(new)
         self.previous = None
         self.apply_to_weights()
         return change
+
+    def _hold(self, masks: dict[str, torch.Tensor] | None) -> None:
+        self.masks = masks
+        self._factors = None
+        if masks is not None:
+            self._factors = [torch.empty_like(p).copy_(masks[n]) for n, p in self.params.items()]
 
     @torch.no_grad()
     def decompress(self) -> None:
@@ -110,32 +119,44 @@ class Sparsifier:
             # masking leaves -0.0 where negative weights were pruned; checkpoints store +0.0. Restart every run
             # from +0.0 so that a run resumed from a checkpoint stays bit-identical to one that never stopped
             torch._foreach_add_([p.data for p in self.params.values()], 0.0)
-        self.masks = None
+        self._hold(None)
 
     def set_masks(self, masks: dict[str, torch.Tensor] | None) -> None:
         if masks is None:
-            self.masks = None
+            self._hold(None)
             return
         missing = set(self.params) - set(masks)
         if missing:
             raise AcdcError(f"checkpoint lacks masks for {sorted(missing)[0]}")
-        self.masks = {n: masks[n].to(device=p.device, dtype=torch.bool) for n, p in self.params.items()}
+        self._hold({n: masks[n].to(device=p.device, dtype=torch.bool) for n, p in self.params.items()})
         self.apply_to_weights()
+
+    def masks_fit(self, masks: dict[str, torch.Tensor], sparsity: float) -> bool:
+        """Whether ``masks`` (e.g. from ``acdc prune``) are what this sparsifier's rules would hold at ``sparsity``:
+        the same layers, and exact counts (global / per layer) or exactly N of every M."""
+        if set(masks) != set(self.params) or any(masks[n].shape != p.shape for n, p in self.params.items()):
+            return False
+        kept = {n: masks[n].bool() for n in self.params}
+        if self.nm is not None:
+            n_keep, m = self.nm
+            return all(bool((M.to_groups_layout(k).reshape(-1, m).sum(1) == n_keep).all()) for k in kept.values())
+        if self.scope == "uniform":
+            return all(int((~k).sum()) == M.pruned_count(k.numel(), sparsity) for k in kept.values())
+        return sum(int((~k).sum()) for k in kept.values()) == M.pruned_count(self.numel, sparsity)
 
     @torch.no_grad()
     def apply_to_weights(self) -> None:
-        if self.masks is None:
+        if self._factors is None:
             return
-        names = list(self.params)
-        torch._foreach_mul_([self.params[n].data for n in names], [self.masks[n] for n in names])
+        torch._foreach_mul_([p.data for p in self.params.values()], self._factors)
 
     @torch.no_grad()
     def apply_to_grads(self) -> None:
-        if self.masks is None:
+        if self._factors is None:
             return
-        pairs = [(p.grad, self.masks[n]) for n, p in self.params.items() if p.grad is not None]
+        pairs = [(p.grad, f) for p, f in zip(self.params.values(), self._factors) if p.grad is not None]
         if pairs:
-            torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
+            torch._foreach_mul_([g for g, _ in pairs], [f for _, f in pairs])
 
     @staticmethod
     def mask_change(old: dict[str, torch.Tensor] | None, new: dict[str, torch.Tensor]) -> float | None:
