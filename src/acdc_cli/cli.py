@@ -166,7 +166,7 @@ def train(
     """Train with AC/DC (or GMP, or dense) from a preset plus overrides.
 
     With no options this runs the embedded quickstart: AC/DC to 90 % sparsity on scikit-learn's digits, on the CPU,
-    in about half a minute. Settings resolve as: defaults < preset < --config < ACDC_SECTION__KEY env < flags/--set.
+    in about ten seconds. Settings resolve as: defaults < preset < --config < ACDC_SECTION__KEY env < flags/--set.
     """
     from acdc_cli.config import load_settings
     from acdc_cli.train import default_run_dir, prepare_run_dir, run, saved_settings, summary_panel
