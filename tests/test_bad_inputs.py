@@ -17,11 +17,10 @@ from acdc_cli.checkpoint import Checkpoint, save_checkpoint
 from acdc_cli.cli import app
 from acdc_cli.errors import AcdcError
 from acdc_cli.models import create
+from cli_helpers import fails
 
 ONE_EPOCH = ["--set", "schedule.method=dense", "--set", "schedule.epochs=1", "--set", "log.tensorboard=false",
              "--set", "log.progress=false"]
-
-
 
 
 @pytest.fixture(scope="module")
@@ -42,17 +41,6 @@ def snapshot(folder: Path) -> dict[str, str]:
     """Every file under ``folder`` and a hash of its bytes."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def fails(args: list[str], code: int = 2) -> str:
-    """Run the CLI; assert a one-line error, exit ``code`` and no traceback. Returns the line."""
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == code, result.output
-    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), result.exception
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 def write_checkpoint(path: Path, arch: str, num_classes: int, in_channels: int) -> Path:

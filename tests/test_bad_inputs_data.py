@@ -1,5 +1,5 @@
-"""The bad-input catalogue, part two: CIFAR and ImageFolder data, 2:4 export, --nproc. Same rules as
-test_bad_inputs.py: one line on stderr, non-zero exit, no traceback, nothing overwritten, no code run."""
+"""The bad-input catalogue for CIFAR and ImageFolder data, 2:4 export and --nproc. Same rules as the rest of the
+catalogue: one line on stderr, non-zero exit, no traceback, nothing overwritten, no code run."""
 
 import hashlib
 import os
@@ -9,26 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from acdc_cli.checkpoint import Checkpoint, save_checkpoint
-from acdc_cli.cli import app
 from acdc_cli.models import create
+from cli_helpers import fails
 
 NO_LOGS = ["--set", "log.tensorboard=false", "--set", "log.progress=false"]
-
-
-
-
-def fails(args: list[str], code: int = 2) -> str:
-    """Run the CLI; assert a one-line error, exit ``code`` and no traceback. Returns the line."""
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == code, result.output
-    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), result.exception
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
