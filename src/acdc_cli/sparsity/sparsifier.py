@@ -89,10 +89,6 @@ class Sparsifier:
     def numel(self) -> int:
         return sum(p.numel() for p in self.params.values())
 
-    @property
-    def active(self) -> bool:
-        return self.masks is not None
-
     @torch.no_grad()
     def compress(self, sparsity: float) -> float | None:
         """Recompute masks from current magnitudes and zero the pruned weights. Returns the mask change."""
