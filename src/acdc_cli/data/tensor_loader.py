@@ -72,26 +72,33 @@ class TensorLoader:
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images.float() - self.mean) / self.std
 
-    def _augment(self, batch: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """Random crop with zero padding ``pad`` and horizontal flip, done on the batch's device."""
-        n, _, h, w = batch.shape
+    def _augmentation(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The whole epoch's crop offsets (dy, dx) and flips for this rank, drawn on the host from ``g`` and moved to
+        the device in one copy: the steps then never copy from the host (or wait for it) to augment a batch."""
+        if not self.augment:
+            return None
+        n = self.num_samples
+        span = 2 * self.pad + 1
+        offsets = torch.randint(0, span, (2, n), generator=g) if self.pad else torch.zeros(2, n, dtype=torch.long)
+        flips = (torch.rand(n, generator=g) < 0.5) if self.flip else torch.zeros(n, dtype=torch.bool)
+        packed = torch.cat([offsets, flips.long().view(1, n)])
+        if self.device.type == "cuda":
+            packed = packed.pin_memory()  # a pinned source makes the copy truly asynchronous
+        packed = packed.to(self.device, non_blocking=True)
+        return packed[0], packed[1], packed[2].bool()
+
+    def _augment(self, batch: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        """Random crop with zero padding ``pad`` and horizontal flip, as gathers on the batch's device."""
+        n, c, h, w = batch.shape
+        device = batch.device
         if self.pad:
             padded = F.pad(batch, (self.pad,) * 4)
-            # non_blocking: a blocking copy to the GPU waits for all queued work, a host sync inside every step;
-            # from pageable memory CUDA stages the bytes before returning, so the CPU tensor may be freed at once
-            dx = torch.randint(0, 2 * self.pad + 1, (n,), generator=g).to(batch.device, non_blocking=True)
-            dy = torch.randint(0, 2 * self.pad + 1, (n,), generator=g).to(batch.device, non_blocking=True)
-            rows = (dy.view(n, 1) + torch.arange(h, device=batch.device)).view(n, 1, h, 1)
-            cols = (dx.view(n, 1) + torch.arange(w, device=batch.device)).view(n, 1, 1, w)
-            batch = padded[
-                torch.arange(n, device=batch.device).view(n, 1, 1, 1),
-                torch.arange(batch.shape[1], device=batch.device).view(1, -1, 1, 1),
-                rows,
-                cols,
-            ]
+            rows = (dy.view(n, 1) + torch.arange(h, device=device)).view(n, 1, h, 1)
+            cols = (dx.view(n, 1) + torch.arange(w, device=device)).view(n, 1, 1, w)
+            batch = padded[torch.arange(n, device=device).view(n, 1, 1, 1),
+                           torch.arange(c, device=device).view(1, c, 1, 1), rows, cols]
         if self.flip:
-            flips = (torch.rand(n, generator=g) < 0.5).to(batch.device, non_blocking=True).view(n, 1, 1, 1)
-            batch = torch.where(flips, batch.flip(3), batch)
+            batch = torch.where(flips.view(n, 1, 1, 1), batch.flip(3), batch)
         return batch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -100,14 +107,12 @@ class TensorLoader:
     def iterate(self, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
         """Yield (images float normalized, labels[, extra]) from batch ``start_batch`` of the current epoch."""
         indices = self._indices()
-        g = self._generator(1 + self.rank)
-        for b in range(len(self)):
-            idx = indices[b * self.batch_size : (b + 1) * self.batch_size]
+        draws = self._augmentation(self._generator(1 + self.rank))
+        for b in range(start_batch, len(self)):
+            window = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            idx = indices[window]
             batch = self.images[idx]
-            if self.augment:
-                # draw for every batch, even skipped ones, so a mid-epoch resume sees the same augmentation
-                batch = self._augment(batch, g)
-            if b < start_batch:
-                continue
+            if draws is not None:
+                batch = self._augment(batch, *(d[window] for d in draws))
             out = (self.normalize(batch), self.labels[idx])
             yield out + (self.extra[idx],) if self.extra is not None else out
