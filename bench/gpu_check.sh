@@ -5,9 +5,17 @@
 #   ACDC_GPU_DEPS=build/gpu-deps bash bench/gpu_check.sh   # with acdc's Python dependencies in a folder (see below)
 #
 # Needs a CUDA GPU and a python3 with torch and torchvision. acdc itself is not installed: it runs from src/ through
-# PYTHONPATH. It also needs typer, rich, pydantic, pydantic-settings and safetensors; where python3 lacks them, put
-# them in a folder on a machine with pip and point ACDC_GPU_DEPS at it (the preflight prints the pip command).
-# Nothing is installed here.
+# PYTHONPATH. It also needs typer, rich, pydantic, pydantic-settings and safetensors; where python3 lacks them, make
+# the folder with `bash bench/gpu_deps.sh 3.12` on a machine with pip (3.12: the GPU machine's Python), copy
+# build/gpu-deps along and point ACDC_GPU_DEPS at it. Nothing is installed here.
+#
+# Outputs (at most 7 small files, so that a harness that copies a few files back gets them all): gpu_check.log,
+# checks.jsonl, mask_update.json, bench-<preset>.json (2) and the two short runs' metrics as <run>-metrics.jsonl.
+# The runs themselves (WRN-28-10 checkpoints are 146 MB each) live in a temporary folder removed at exit.
+#
+# ACDC_GPU_CHECK_REHEARSAL=1 runs every step on the CPU at toy sizes (WRN-16-4 / WRN-10-2, a few steps, no
+# channels_last, no torch.compile, ResNet-20 for ResNet-50, 2 gloo processes for torchrun): it proves the script
+# itself works before a GPU's minutes are spent on it (tests/test_bench.py runs it); its figures mean nothing.
 #
 # Steps (each with its own time limit, all inside an 8-minute budget; the table at the end says what passed):
 #   1. preflight: GPU, python, torch, the modules acdc imports
@@ -33,6 +41,20 @@ export OUT_DIR WORK CHECKS
 exec > >(tee "$OUT_DIR/gpu_check.log") 2>&1
 
 BUDGET=470  # seconds for everything; each step gets at most what is left
+export REHEARSAL="${ACDC_GPU_CHECK_REHEARSAL:-0}"
+# acdc reads ACDC_* variables as settings and refuses unknown ones: this script's own must not reach it
+unset ACDC_GPU_DEPS ACDC_GPU_CHECK_REHEARSAL
+if [[ $REHEARSAL == 1 ]]; then  # sizes of the CPU rehearsal; the GPU sizes are the defaults in the steps below
+    BUDGET=900
+    RUN_ARGS=(--set model.name=wrn-10-2 --set data.batch_size=50 --set runtime.device=cpu)
+    WRN_BENCH=(--set model.name=wrn-10-2 --batch-size 16 --steps 3 --warmup 1 --set runtime.compile=false)
+    R50_BENCH=(--set model.name=resnet20 --batch-size 4 --steps 2 --warmup 1 --set runtime.compile=false
+        --set data.num_workers=1)
+else
+    RUN_ARGS=()
+    WRN_BENCH=()
+    R50_BENCH=(--steps 30)
+fi
 STARTED=$SECONDS
 
 record() {  # record NAME STATUS DETAIL
@@ -81,7 +103,9 @@ except ImportError as exc:
     sys.exit(f"preflight: {exc}; this script needs a python3 with torch and torchvision")
 print(f"python {sys.version.split()[0]}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
       f"CUDA {torch.version.cuda}")
-if not torch.cuda.is_available():
+if os.environ["REHEARSAL"] == "1":
+    print("REHEARSAL on the CPU at toy sizes: the checks below test this script, not a GPU")
+elif not torch.cuda.is_available():
     problems.append("torch sees no CUDA device")
 else:
     print(f"GPUs: {[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}")
@@ -91,10 +115,9 @@ if missing:
     pip_names = {"pydantic_settings": "pydantic-settings", "PIL": "pillow"}
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     problems.append(
-        "missing Python modules: " + ", ".join(missing) + ". Nothing is installed here; on a machine with pip run\n"
-        f"    pip install --target build/gpu-deps --python-version {version} --only-binary=:all: "
-        "--platform manylinux2014_x86_64 " + " ".join(pip_names.get(m, m) for m in missing) + "\n"
-        "  then carry build/gpu-deps here and run: ACDC_GPU_DEPS=build/gpu-deps bash bench/gpu_check.sh")
+        "missing Python modules: " + ", ".join(pip_names.get(m, m) for m in missing) + ". Nothing is installed "
+        f"here; on a machine with pip run\n    bash bench/gpu_deps.sh {version}\n"
+        "  then copy build/gpu-deps here and run: ACDC_GPU_DEPS=build/gpu-deps bash bench/gpu_check.sh")
 optional = [name for name in ("tensorboard", "sklearn") if importlib.util.find_spec(name) is None]
 if optional:
     print(f"not installed (not needed here: the runs below turn TensorBoard off and use no digits): {optional}")
@@ -127,7 +150,9 @@ from acdc_cli.sparsity import masks as M
 from acdc_cli.sparsity.sparsifier import Sparsifier
 from acdc_cli.train import build_optimizer, train_epoch
 
-dev = torch.device("cuda")
+rehearsal = os.environ["REHEARSAL"] == "1"
+dev = torch.device("cpu" if rehearsal else "cuda")
+sync = (lambda: None) if rehearsal else torch.cuda.synchronize
 out = []
 
 def record(check, ok, detail):
@@ -136,7 +161,7 @@ def record(check, ok, detail):
 
 # the global threshold over WRN-28-10's weights: same mask as on the CPU, exact count, and its time
 torch.manual_seed(0)
-wrn = create("wrn-28-10", num_classes=100).to(dev)
+wrn = create("wrn-16-4" if rehearsal else "wrn-28-10", num_classes=100).to(dev)
 weights = dict(Sparsifier(wrn, ["*"], [], "global", "unstructured").params)
 n = sum(w.numel() for w in weights.values())
 on_gpu = M.compute_masks(weights, 0.95)
@@ -145,10 +170,10 @@ same = all(torch.equal(on_gpu[k].cpu(), on_cpu[k]) for k in on_gpu)
 pruned = sum(int((~m).sum()) for m in on_gpu.values())
 times = []
 for _ in range(11):
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     M.compute_masks(weights, 0.95)
-    torch.cuda.synchronize()
+    sync()
     times.append(1000 * (time.perf_counter() - t0))
 ms = statistics.median(times[1:])
 record("global mask = CPU mask, exact count", same and pruned == round(0.95 * n),
@@ -161,7 +186,8 @@ del wrn, weights, on_gpu
 # acdc's own step (train_epoch, prepare_model) under bf16 autocast + channels_last + torch.compile
 for structure, sparsity in (("unstructured", 0.95), ("2:4", 0.5)):
     settings = load_settings(preset="wrn-cifar100-95", overrides=[
-        "model.name=wrn-10-2", "runtime.compile=true", "runtime.amp=true", "runtime.channels_last=true",
+        "model.name=wrn-10-2", f"runtime.compile={str(not rehearsal).lower()}", "runtime.amp=true",
+        "runtime.channels_last=true",
         f"sparsity.structure='{structure}'", f"sparsity.target={sparsity}"])
     torch.manual_seed(0)
     model = create("wrn-10-2", num_classes=100).to(dev)
@@ -169,12 +195,13 @@ for structure, sparsity in (("unstructured", 0.95), ("2:4", 0.5)):
     sp = settings.sparsity
     sparsifier = Sparsifier(model, sp.include, sp.exclude, sp.scope, sp.structure)
     optimizer = build_optimizer(model, settings)
-    x = torch.randn(128, 3, 32, 32, device=dev)
-    y = torch.randint(0, 100, (128,), device=dev)
+    batch, steps = (16, 3) if rehearsal else (128, 20)
+    x = torch.randn(batch, 3, 32, 32, device=dev)
+    y = torch.randint(0, 100, (batch,), device=dev)
     train_epoch(net, RepeatedBatch(x, y, 3), optimizer, sparsifier, settings, 0, dev, None)  # dense, compiles
     sparsifier.compress(sparsity)
     masks = {k: v.clone() for k, v in sparsifier.masks.items()}
-    stats = train_epoch(net, RepeatedBatch(x, y, 20), optimizer, sparsifier, settings, 0, dev, None)
+    stats = train_epoch(net, RepeatedBatch(x, y, steps), optimizer, sparsifier, settings, 0, dev, None)
     params = dict(model.named_parameters())
     weights_zero = all(int(torch.count_nonzero(params[k].detach()[~m])) == 0 for k, m in masks.items())
     grads_zero = all(int(torch.count_nonzero(params[k].grad[~m])) == 0 for k, m in masks.items())
@@ -182,7 +209,7 @@ for structure, sparsity in (("unstructured", 0.95), ("2:4", 0.5)):
     total = sum(m.numel() for m in masks.values())
     pruned = sum(int((~m).sum()) for m in masks.values())
     nm_ok = all(M.nm_valid(params[k].detach(), 2, 4) for k in masks) if structure == "2:4" else True
-    channels_last = all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)
+    channels_last = rehearsal or all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)
     names_clean = not any(k.startswith(("_orig_mod.", "module.")) for k in model.state_dict())
     exact = structure != "unstructured" or pruned == round(sparsity * total)
     record(f"masks exact under bf16 + channels_last + compile ({structure})",
@@ -209,19 +236,20 @@ import numpy as np
 root = os.path.join(os.environ["WORK"], "cifar", "cifar-100-python")
 os.makedirs(root, exist_ok=True)
 rng = np.random.default_rng(0)
-for name, count in (("train", 10_000), ("test", 2_000)):
+sizes = (600, 100) if os.environ["REHEARSAL"] == "1" else (10_000, 2_000)
+for name, count in zip(("train", "test"), sizes):
     batch = {b"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
              b"fine_labels": rng.integers(0, 100, count).tolist()}
     with open(os.path.join(root, name), "wb") as fh:
         pickle.dump(batch, fh, protocol=2)  # the layout (and protocol) of the original CIFAR-100 python files
-print(f"CIFAR-100-format folder with 10,000 train / 2,000 test random images at {root}")
+print(f"CIFAR-100-format folder with {sizes[0]:,} train / {sizes[1]:,} test random images at {root}")
 PY
 }
 
 short_acdc() {  # the settings of the short runs: dense, compressed, decompressed, compressed; one epoch each
     echo --set schedule.epochs=4 --set schedule.warmup_epochs=1 --set schedule.compressed_epochs=1 \
         --set schedule.decompressed_epochs=1 --set schedule.final_compressed_epochs=1 --set "optim.milestones=[]" \
-        --set optim.lr=0.02 --set data.val_size=1000 --set log.tensorboard=false --set log.progress=false
+        --set optim.lr=0.02 --set data.val_size="$((REHEARSAL == 1 ? 100 : 1000))" --set log.tensorboard=false --set log.progress=false
 }
 
 check_run() {  # check_run NAME RUN_DIR EPOCHS RANKS TARGET: metrics and files of a finished run
@@ -248,6 +276,9 @@ detail = (f"{len(rows)} epochs, phases {[r['phase'] for r in rows]}, {pruned:,}/
           f"{zeros_ok}, masks agree on {ranks} rank(s): {agree}, plain names: {clean}, "
           f"epoch img/s {max(rates):,.0f}")
 print(f"{name}: {'PASS' if ok else 'FAIL'} ({detail})")
+copy_name = os.path.basename(run_dir.rstrip("/")) + "-metrics.jsonl"
+with open(os.path.join(run_dir, "metrics.jsonl")) as src, open(os.path.join(os.environ["OUT_DIR"], copy_name), "w") as dst:
+    dst.write(src.read())
 with open(os.path.join(os.environ["OUT_DIR"], "checks.jsonl"), "a") as fh:
     fh.write(json.dumps({"check": name, "status": "PASS" if ok else "FAIL", "detail": detail,
                          "img_per_s": max(rates)}) + "\n")
@@ -257,9 +288,9 @@ PY
 
 wrn_run() {
     make_cifar || return 1
-    python3 -m acdc_cli train --preset wrn-cifar100-95 --data-dir "$WORK/cifar" --out "$OUT_DIR/wrn-run" --force \
-        $(short_acdc) --json > "$OUT_DIR/wrn-run.json" || return 1
-    check_run "WRN-28-10 AC/DC run (generated CIFAR-100)" "$OUT_DIR/wrn-run" 4 1 0.95
+    python3 -m acdc_cli train --preset wrn-cifar100-95 --data-dir "$WORK/cifar" --out "$WORK/wrn-run" --force \
+        $(short_acdc) "$@" --json > "$WORK/wrn-run.json" || return 1
+    check_run "WRN-28-10 AC/DC run (generated CIFAR-100)" "$WORK/wrn-run" 4 1 0.95
 }
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -270,11 +301,12 @@ torchrun_smoke() {
     gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
     nproc=$((gpus >= 2 ? 2 : 1))
     ((nproc == 2)) && extra=(--set runtime.sync_batchnorm=true)
+    ((REHEARSAL == 1)) && nproc=2 && extra=(--set runtime.threads=1)  # two gloo processes on the CPU
     [[ -d "$WORK/cifar" ]] || make_cifar || return 1
     python3 -m torch.distributed.run --standalone --nproc-per-node "$nproc" -m acdc_cli train \
-        --preset wrn-cifar100-95 --set model.name=wrn-10-2 --data-dir "$WORK/cifar" --out "$OUT_DIR/torchrun-run" \
-        --force $(short_acdc) "${extra[@]}" --json > "$OUT_DIR/torchrun-run.json" || return 1
-    check_run "torchrun smoke run ($nproc process(es))" "$OUT_DIR/torchrun-run" 4 "$nproc" 0.95
+        --preset wrn-cifar100-95 --set model.name=wrn-10-2 --data-dir "$WORK/cifar" --out "$WORK/torchrun-run" \
+        --force $(short_acdc) "${extra[@]}" "$@" --json > "$WORK/torchrun-run.json" || return 1
+    check_run "torchrun smoke run ($nproc process(es))" "$WORK/torchrun-run" 4 "$nproc" 0.95
 }
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -294,10 +326,10 @@ bench() {  # bench PRESET EXTRA...
 export -f record preflight masks_on_cuda make_cifar short_acdc check_run wrn_run torchrun_smoke bench
 step preflight 60 preflight || { echo "preflight failed: nothing else can run"; cat "$CHECKS"; exit 1; }
 step "masks on CUDA" 120 masks_on_cuda
-step "WRN-28-10 AC/DC run" 100 wrn_run
-step "torchrun smoke run" 80 torchrun_smoke
-step "bench wrn-cifar100-95" 120 bench wrn-cifar100-95
-step "bench resnet50-imagenet-90" 160 bench resnet50-imagenet-90 --steps 30
+step "WRN-28-10 AC/DC run" 100 wrn_run "${RUN_ARGS[@]}"
+step "torchrun smoke run" 80 torchrun_smoke "${RUN_ARGS[@]}"
+step "bench wrn-cifar100-95" 120 bench wrn-cifar100-95 "${WRN_BENCH[@]}"
+step "bench resnet50-imagenet-90" 160 bench resnet50-imagenet-90 "${R50_BENCH[@]}"
 
 # 6. the summary, last
 python3 - <<'PY'
@@ -309,7 +341,10 @@ rows = [json.loads(line) for line in open(os.path.join(out, "checks.jsonl")) if 
 
 def load(name):
     path = os.path.join(out, f"bench-{name}.json")
-    return json.load(open(path)) if os.path.exists(path) else None
+    try:
+        return json.load(open(path))
+    except (OSError, ValueError):  # missing, or empty after a failed bench
+        return None
 
 wrn, r50 = load("wrn-cifar100-95"), load("resnet50-imagenet-90")
 targets = []
@@ -337,6 +372,8 @@ if r50:
     ]
 width = max([len(r["check"]) for r in rows] + [len(t[0]) for t in targets] + [10])
 print()
+if os.environ["REHEARSAL"] == "1":
+    print("REHEARSAL on the CPU at toy sizes: it tested this script; no figure below means anything")
 print(f"acdc gpu_check, {datetime.now():%Y-%m-%d %H:%M}, {(wrn or r50 or {}).get('device', 'CUDA device')}, "
       f"torch {(wrn or r50 or {}).get('torch', '?')}; outputs in {out}")
 print(f"{'check':<{width}}  status   detail")

@@ -64,3 +64,39 @@ def test_reference_hooks_keep_pruned_weights_at_zero(monkeypatch):
     # the gradient hooks zeroed the last step's gradients of exactly the pruned weights
     assert all(torch.count_nonzero(w.grad[w == 0]) == 0 for w in weights)
     assert sum(int(torch.count_nonzero(w.grad[w != 0])) for w in weights) > 0
+
+
+def test_gpu_check_script_rehearses_on_the_cpu(tmp_path):
+    """bench/gpu_check.sh end to end in its CPU rehearsal (toy sizes, about a minute): every step passes, the
+    outputs are the 7 small files a GPU run leaves, and the summary names every target. A broken script would
+    otherwise only show on a GPU machine, whose minutes are few."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "ACDC_GPU_CHECK_REHEARSAL": "1",
+           # python3 must be the interpreter running the tests (the project's venv)
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+           "TMPDIR": str(tmp_path)}
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "checks.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in rows] == ["PASS"] * 9, rows
+    assert {r["check"] for r in rows} >= {"preflight", "global mask = CPU mask, exact count",
+                                          "torchrun smoke run (2 process(es))", "acdc bench resnet50-imagenet-90"}
+    assert sorted(p.name for p in out.iterdir()) == [
+        "bench-resnet50-imagenet-90.json", "bench-wrn-cifar100-95.json", "checks.jsonl", "gpu_check.log",
+        "mask_update.json", "torchrun-run-metrics.jsonl", "wrn-run-metrics.jsonl"]
+    for name in ("bench-wrn-cifar100-95.json", "bench-resnet50-imagenet-90.json"):
+        result = json.loads((out / name).read_text())
+        assert result["device_type"] == "cpu" and result["ratio"] > 0
+    metrics = [json.loads(line) for line in (out / "torchrun-run-metrics.jsonl").read_text().splitlines()]
+    assert [m["phase"] for m in metrics] == ["dense", "sparse", "dense", "sparse"]
+    assert all(len(set(m["mask_checksums"])) == 1 for m in metrics if m["mask_checksums"])
+    summary = done.stdout[done.stdout.index("REHEARSAL on the CPU at toy sizes: it tested"):]
+    for target in ("<= 10 ms", ">= 9,000 img/s", ">= 2.8x", ">= 5,500 img/s", "ImageFolder pipeline"):
+        assert target in summary
+    assert not list(tmp_path.glob("tmp.*"))  # its temporary folder (and the runs in it) are gone
