@@ -66,6 +66,17 @@ def test_global_mask_matches_reference(shapes, sparsity, seed, ties):
         np.testing.assert_array_equal(got[name].numpy(), want[name])
 
 
+@pytest.mark.parametrize("sparsity", [0.3, 0.9, 0.99])
+def test_nan_weights_rank_last_and_counts_stay_exact(sparsity):
+    """A diverged weight (NaN) is the last to be pruned, and the count stays exact even when NaNs must go."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(20, 5, generator=g)
+    w.view(-1)[torch.randperm(100, generator=g)[:5]] = float("nan")
+    got = M.global_magnitude_masks({"w": w}, sparsity)["w"]
+    assert int((~got).sum()) == round(sparsity * 100)
+    np.testing.assert_array_equal(got.numpy(), reference_global({"w": w}, sparsity)["w"])
+
+
 @settings(max_examples=30, deadline=None)
 @given(shapes=shapes, sparsity=st.floats(0.0, 0.99), seed=st.integers(0, 2**16))
 def test_uniform_mask_prunes_each_layer_exactly(shapes, sparsity, seed):

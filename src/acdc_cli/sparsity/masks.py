@@ -1,8 +1,8 @@
 """Pure mask math: magnitude masks (global, uniform) and N:M masks along input channels.
 
 Every function takes weights and returns boolean masks (True = kept). Counts are exact: ``round(sparsity * n)``
-weights are pruned, ties broken deterministically (lower flat index pruned first), and thresholds come from a stable
-sort, never ``kthvalue`` (tens of times slower on GPU).
+weights are pruned, ties broken deterministically (lower flat index pruned first), and thresholds come from a sort,
+never ``kthvalue`` (tens of times slower on GPU).
 """
 
 from __future__ import annotations
@@ -17,12 +17,21 @@ def pruned_count(numel: int, sparsity: float) -> int:
 
 
 def _mask_from_scores(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Flat boolean mask that drops the ``k`` smallest scores (stable: equal scores drop in index order)."""
-    mask = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        order = torch.sort(scores.flatten(), stable=True).indices
-        mask[order[:k]] = False
-    return mask
+    """Flat boolean mask that drops the ``k`` smallest scores; equal scores drop in index order (lower first).
+
+    The k-th smallest score is the threshold: everything below it goes, and of the scores equal to it, the first
+    ``k - #below`` in index order. Only sorted values are needed (no scatter of sort indices), and nothing is read
+    back to the host. NaN scores rank above every number.
+    """
+    flat = scores.flatten()
+    if k <= 0:
+        return torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
+    flat = torch.nan_to_num(flat, nan=float("inf"))
+    threshold = torch.sort(flat).values[k - 1]
+    below = flat < threshold
+    tied = flat == threshold
+    room = k - below.sum()
+    return ~(below | (tied & (torch.cumsum(tied, 0) <= room)))
 
 
 def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
