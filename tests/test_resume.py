@@ -244,3 +244,88 @@ def test_nan_policy_skip_skips_the_step_and_counts_it(tmp_path, nan_model):
     assert before.keys() == after.keys()
     for key in before:
         assert torch.equal(before[key], after[key]), key
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints written in the background
+
+
+def test_background_writer_keeps_order_and_hands_errors_back():
+    import threading
+
+    from acdc_cli.checkpoint import BackgroundWriter
+    from acdc_cli.errors import AcdcError
+
+    written, main = [], threading.get_ident()
+
+    def slow(name):
+        time.sleep(0.2)
+        written.append((name, threading.get_ident() != main))
+
+    writer = BackgroundWriter()
+    writer.submit(slow, "first")
+    writer.submit(written.append, ("second", True))  # waits for the first
+    writer.wait()
+    assert written == [("first", True), ("second", True)]
+
+    def fail():
+        raise AcdcError("cannot write /full/disk: No space left on device")
+
+    writer.submit(fail)
+    with pytest.raises(AcdcError, match="No space left"):
+        writer.wait()
+    writer.wait()  # reported once
+
+
+def test_checkpoint_snapshot_is_independent_of_training(tmp_path):
+    """What a background write saves is the state at the save, even if training changes the tensors meanwhile."""
+    from acdc_cli import train as train_mod
+    from acdc_cli.checkpoint import host_copy
+    from acdc_cli.config import load_settings
+    from acdc_cli.models import create
+    from acdc_cli.sparsity.sparsifier import Sparsifier
+
+    settings = load_settings()
+    model = create("tiny-test", num_classes=10)
+    sparsifier = Sparsifier(model, ["*"], [], "global", "unstructured")
+    sparsifier.compress(0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    ckpt = train_mod._checkpoint(model, sparsifier, settings, {"num_classes": 10}, 1, "sparse", {"val_top1": 0.5})
+    state = train_mod._resume_state(train_mod.RunState(epoch=1), optimizer, sparsifier)
+    before = {k: v.clone() for k, v in ckpt.weights.items()}
+    momentum = [s["momentum_buffer"].clone() for s in state["optimizer"]["state"].values()]
+    with torch.no_grad():  # training goes on
+        for p in model.parameters():
+            p.add_(1.0)
+        for buffer in optimizer.state.values():
+            buffer["momentum_buffer"].add_(1.0)
+        next(iter(sparsifier.masks.values())).logical_not_()
+    assert all(torch.equal(ckpt.weights[k], before[k]) for k in before)
+    assert all(torch.equal(a, s["momentum_buffer"]) for a, s in zip(momentum, state["optimizer"]["state"].values()))
+    assert sum(int((~m).sum()) for m in ckpt.masks.values()) == round(0.5 * sparsifier.numel)
+    nested = {"a": [torch.ones(2)], "b": (torch.zeros(1), 3)}
+    copied = host_copy(nested)
+    nested["a"][0].add_(1)
+    assert torch.equal(copied["a"][0], torch.ones(2)) and copied["b"][1] == 3
+
+
+def test_a_failed_background_write_stops_the_run_with_one_line(tmp_path, monkeypatch):
+    from acdc_cli import checkpoint as ckpt_mod
+
+    real = ckpt_mod._atomic_write
+
+    def disk_full(path, data):
+        if path.name == "last.safetensors" and (path.parent / "last.safetensors").exists():
+            raise OSError(28, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(ckpt_mod, "_atomic_write", disk_full)
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--out", str(run_dir), *SHORT])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot write" in lines[0] and "No space left" in lines[0]
+    assert "Traceback" not in result.output
+    assert load_checkpoint(run_dir / "last.safetensors").epoch == 1  # the first checkpoint is intact

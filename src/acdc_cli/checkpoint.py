@@ -12,7 +12,9 @@ import os
 import pickle
 import re
 import tempfile
+import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +80,54 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def host_copy(value: Any) -> Any:
+    """``value`` with every tensor copied to the CPU (nested dicts, lists and tuples rebuilt): a snapshot that shares
+    no memory with the training state, so it can be written while training goes on."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: host_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [host_copy(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(host_copy(v) for v in value)
+    return value
+
+
+class BackgroundWriter:
+    """Writes checkpoints in a thread while training goes on, one write at a time.
+
+    ``submit`` first waits for the previous write, so files land in submission order; ``wait`` blocks until the
+    last one is on disk and re-raises its error, if any (a full disk is then an AcdcError in the training loop).
+    Writes are atomic, so a process killed mid-write still leaves the previous files intact. Callers hand over
+    snapshots (:func:`host_copy`), never live tensors.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, write: Callable[..., None], *args: Any) -> None:
+        self.wait()
+
+        def run() -> None:
+            try:
+                write(*args)
+            except BaseException as exc:  # handed to the training thread by wait()
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name="acdc-checkpoint-writer")
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:

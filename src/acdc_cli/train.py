@@ -3,6 +3,7 @@ checkpoint. Everything else is a call into a small function."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import hashlib
@@ -25,11 +26,13 @@ from torch import nn
 from acdc_cli import data as data_mod
 from acdc_cli import distributed, models, runtime
 from acdc_cli.checkpoint import (
+    BackgroundWriter,
     Checkpoint,
     atomic_write_text,
     build_model,
     load_checkpoint,
     load_state,
+    host_copy,
     load_weights,
     remove_stale_temps,
     save_checkpoint,
@@ -324,15 +327,16 @@ def _model_kwargs(settings: Settings, bundle: data_mod.DataBundle) -> dict[str, 
 
 def _checkpoint(model: nn.Module, sparsifier: Sparsifier, settings: Settings, model_kwargs: dict[str, Any],
                 epoch: int, phase: str, metrics: dict[str, Any]) -> Checkpoint:
+    # snapshots on the host: the files are written in the background while training changes the live tensors
     return Checkpoint(
-        weights={k: v.detach() for k, v in model.state_dict().items()},
-        masks=dict(sparsifier.masks or {}),
+        weights=host_copy(dict(model.state_dict())),
+        masks=host_copy(dict(sparsifier.masks or {})),
         arch=settings.model.name,
         model_kwargs=model_kwargs,
         config=settings.model_dump(mode="json"),
         epoch=epoch,
         phase=phase,
-        metrics=metrics,
+        metrics=host_copy(metrics),
         extra={"preset": settings.preset, "paper_top1": settings.paper_top1, "kind": "train"},
     )
 
@@ -429,6 +433,7 @@ def _run(settings, run_dir, info, device, resume, from_checkpoint, console, stop
         progress.start()
     # a fresh run that starts inside a phase (schedule.start_epoch) enters that phase at its first epoch
     fresh_start = None if resume else run_state.epoch
+    writer = BackgroundWriter()  # rank 0's checkpoint files, written while the next epoch trains
     try:
         for epoch in range(run_state.epoch, settings.schedule.epochs):
             phase = phase_at(phases, epoch)
@@ -441,8 +446,8 @@ def _run(settings, run_dir, info, device, resume, from_checkpoint, console, stop
             if epoch in (phase.start, fresh_start):
                 mask_checksums = runtime.verify_masks(sparsifier.masks, info)
             bundle.train.set_epoch(epoch)
-            save = functools.partial(_save_step, run_dir, model, sparsifier, optimizer, settings, model_kwargs,
-                                     phase, run_state) if is_main else None
+            save = functools.partial(_save_step, writer, run_dir, model, sparsifier, optimizer, settings,
+                                     model_kwargs, phase, run_state) if is_main else None
             after_step = functools.partial(_after_step, stop=stop, every=settings.runtime.checkpoint_every_steps,
                                            steps=len(bundle.train), epoch=epoch, save=save)
             stats = train_epoch(net, bundle.train, optimizer, sparsifier, settings, epoch, device, progress,
@@ -475,10 +480,17 @@ def _run(settings, run_dir, info, device, resume, from_checkpoint, console, stop
             run_state.epoch = epoch + 1
             if is_main:
                 logger.log_epoch(row, sparse_stats["per_layer"])
-                _save_epoch(run_dir, model, sparsifier, optimizer, settings, model_kwargs, phase, row, run_state)
+                _save_epoch(writer, run_dir, model, sparsifier, optimizer, settings, model_kwargs, phase, row,
+                            run_state)
             if epoch + 1 < settings.schedule.epochs and stop.should_stop():
                 preempted = {"signal": stop.name, "epoch": epoch + 1, "step": 0}
                 break
+    except BaseException:
+        with contextlib.suppress(BaseException):  # the error in flight matters more than a failed write
+            writer.wait()
+        raise
+    else:
+        writer.wait()  # every checkpoint on disk before the run reports, tests best_* or exits
     finally:
         if progress is not None:
             progress.stop()
@@ -508,18 +520,26 @@ def _start_epoch(settings: Settings, from_checkpoint: Path | None, checkpoint_ep
     return checkpoint_epoch
 
 
-def _save_epoch(run_dir, model, sparsifier, optimizer, settings, model_kwargs, phase, row, run_state) -> None:
-    """last every epoch; best_sparse (compressed phase at full target sparsity) and best_dense by val top-1."""
+def _save_epoch(writer, run_dir, model, sparsifier, optimizer, settings, model_kwargs, phase, row, run_state) -> None:
+    """last every epoch; best_sparse (compressed phase at full target sparsity) and best_dense by val top-1.
+    The files are written in the background (``writer``) from snapshots taken here."""
     epoch = row["epoch"]
     ckpt = _checkpoint(model, sparsifier, settings, model_kwargs, epoch + 1, phase.kind, row)
     at_target = phase.kind == "sparse" and abs(phase.sparsity - settings.sparsity.target) < 1e-9
     best_key = "best_sparse" if at_target else "best_dense" if phase.kind == "dense" else None
+    best_path = None
     if best_key is not None:
         best = getattr(run_state, best_key)
         if best is None or row["val_top1"] > best["val_top1"]:
             setattr(run_state, best_key, {"epoch": epoch, "val_top1": row["val_top1"]})
-            save_checkpoint(run_dir / f"{best_key}.safetensors", ckpt)
-    save_last(run_dir, ckpt, _resume_state(run_state, optimizer, sparsifier))
+            best_path = run_dir / f"{best_key}.safetensors"
+    writer.submit(_write_checkpoints, run_dir, ckpt, _resume_state(run_state, optimizer, sparsifier), best_path)
+
+
+def _write_checkpoints(run_dir: Path, ckpt: Checkpoint, state: dict[str, Any], best_path: Path | None) -> None:
+    if best_path is not None:
+        save_checkpoint(best_path, ckpt)
+    save_last(run_dir, ckpt, state)
 
 
 def _after_step(totals: EpochTotals, *, stop: StopSignal, every: int, steps: int, epoch: int,
@@ -534,7 +554,7 @@ def _after_step(totals: EpochTotals, *, stop: StopSignal, every: int, steps: int
     return stopping
 
 
-def _save_step(run_dir, model, sparsifier, optimizer, settings, model_kwargs, phase, run_state, step: int,
+def _save_step(writer, run_dir, model, sparsifier, optimizer, settings, model_kwargs, phase, run_state, step: int,
                every_rank: list[dict[str, Any]]) -> None:
     """A mid-epoch last.*: each rank's sums so far let the epoch go on as if never stopped."""
     own = every_rank[0]
@@ -543,7 +563,8 @@ def _save_step(run_dir, model, sparsifier, optimizer, settings, model_kwargs, ph
                "train_top1": own["correct"].item() / max(own["count"], 1)}
     ckpt = _checkpoint(model, sparsifier, settings, model_kwargs, run_state.epoch, phase.kind, partial)
     ckpt.extra["step"] = step
-    save_last(run_dir, ckpt, _resume_state(run_state, optimizer, sparsifier, step, every_rank))
+    writer.submit(_write_checkpoints, run_dir, ckpt,
+                  _resume_state(run_state, optimizer, sparsifier, step, every_rank), None)
 
 
 def _resume_state(run_state: RunState, optimizer: torch.optim.Optimizer, sparsifier: Sparsifier, step: int = 0,
@@ -558,7 +579,7 @@ def _resume_state(run_state: RunState, optimizer: torch.optim.Optimizer, sparsif
     }
     if every_rank is not None:
         state["totals"] = every_rank
-    return state
+    return host_copy(state)
 
 
 def _resume(run_dir: Path, model: nn.Module, sparsifier: Sparsifier, optimizer: torch.optim.Optimizer,
