@@ -1,0 +1,64 @@
+"""How long an epoch-end checkpoint blocks the training thread, and when its files are on disk.
+
+    python bench/checkpoint_overlap.py [--model wrn-28-10] [--dir PATH] [--repeats 3]
+
+Saves a compressed-phase checkpoint of the model (last + best_sparse + resume state, with optimizer momentum) the
+way the training loop does, through the background writer, into a temporary folder under --dir (default: the
+current folder, so the disk measured is the one runs write to).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from acdc_cli import train
+from acdc_cli.checkpoint import BackgroundWriter
+from acdc_cli.config import load_settings
+from acdc_cli.models import create
+from acdc_cli.sparsity.schedule import plan
+from acdc_cli.sparsity.sparsifier import Sparsifier
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="wrn-28-10")
+    parser.add_argument("--dir", type=Path, default=Path("."))
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    settings = load_settings(preset="wrn-cifar100-95", overrides=[f"model.name='{args.model}'"])
+    model = create(args.model, num_classes=100)
+    optimizer = train.build_optimizer(model, settings)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # momentum buffers exist, as in a real run
+    sp = settings.sparsity
+    sparsifier = Sparsifier(model, sp.include, sp.exclude, sp.scope, sp.structure)
+    sparsifier.compress(sp.target)
+    phase = [p for p in plan(settings) if p.kind == "sparse"][-1]
+    folder = Path(tempfile.mkdtemp(dir=args.dir, prefix="acdc-ckpt-bench-"))
+    writer = BackgroundWriter()
+    try:
+        for i in range(args.repeats):
+            row = {"epoch": i, "val_top1": float(i)}  # improving: best_sparse is written each time too
+            started = time.perf_counter()
+            train._save_epoch(writer, folder, model, sparsifier, optimizer, settings, {"num_classes": 100}, phase,
+                              row, train.RunState())
+            returned = time.perf_counter()
+            writer.wait()
+            done = time.perf_counter()
+            size = sum(f.stat().st_size for f in folder.iterdir()) / 1e6
+            print(f"{args.model}: training thread blocked {returned - started:.3f} s; files ({size:.0f} MB) on disk "
+                  f"{done - started:.3f} s after the save began")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
