@@ -64,8 +64,21 @@ def _rank_gpu(local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+# a gloo group beside an nccl one, for the ranks' small host-side agreements (see control_group)
+_CONTROL_GROUP: dist.ProcessGroup | None = None
+
+
+def control_group() -> dist.ProcessGroup | None:
+    """The group for agreements between ranks on host values (stop signals, non-finite losses): gloo over CPU
+    tensors, so the host never waits for queued GPU work to exchange a flag. ``None`` means the default group,
+    which is gloo itself on the CPU."""
+    return _CONTROL_GROUP
+
+
 def setup(device_name: str) -> DistInfo:
-    """Join torchrun's process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""
+    """Join torchrun's process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU; with nccl also a gloo
+    control group)."""
+    global _CONTROL_GROUP
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -74,6 +87,8 @@ def setup(device_name: str) -> DistInfo:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.is_initialized() and dist.get_backend() == "nccl" and _CONTROL_GROUP is None:
+        _CONTROL_GROUP = dist.new_group(backend="gloo")  # a collective: every rank makes it here, in step
     return DistInfo(rank, world_size, local_rank, device)
 
 
@@ -83,6 +98,8 @@ def barrier() -> None:
 
 
 def teardown() -> None:
+    global _CONTROL_GROUP
+    _CONTROL_GROUP = None
     if dist.is_initialized():
         dist.destroy_process_group()
 

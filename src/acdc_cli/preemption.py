@@ -5,8 +5,9 @@ The first signal only raises a flag: the loop finishes the step it is in, writes
 signal repeated within a second counts as the first one (torchrun passes on the Ctrl-C the terminal also sent).
 
 Under torchrun every rank must stop after the same step, or the ranks that go on would wait forever in the next
-collective: the ranks compare their flags with an all_reduce. Each comparison makes the host wait for the device,
-so with a process group it happens every ``SYNC_EVERY_STEPS`` steps and at every epoch end, not after every step.
+collective: the ranks compare their flags with an all_reduce over CPU tensors (the gloo control group beside nccl),
+which lines up the ranks' host threads but never waits for their GPUs. It happens every ``SYNC_EVERY_STEPS`` steps
+and at every epoch end.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from acdc_cli.distributed import control_group
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 SYNC_EVERY_STEPS = 10
@@ -33,9 +36,11 @@ def reduce_int(value: int, op: str = "max") -> int:
     """``value`` combined over all ranks (``"max"`` or ``"min"``); without a process group, the value itself."""
     if not _group_active():
         return value
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    group = control_group()
+    on_gpu = group is None and dist.get_backend() == "nccl"  # an nccl group that acdc's setup did not make
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     tensor = torch.tensor([value], dtype=torch.long, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN, group=group)
     return int(tensor.item())
 
 
