@@ -190,7 +190,7 @@ def _json_field(meta: dict[str, str], key: str, path: Path, default: Any = None)
         raise AcdcError(f"{path}: metadata field '{key}' is not valid JSON") from None
 
 
-def _lenient_json(text: str) -> Any:
+def lenient_json(text: str) -> Any:
     """Metadata strings are stored raw, everything else as JSON; read both back."""
     try:
         return json.loads(text)
@@ -217,8 +217,12 @@ def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
         # -0.0 from masking is stored as +0.0 so the file holds plain zeros
         tensors[name] = tensors[name] + 0.0 if tensors[name].is_floating_point() else tensors[name]
         tensors[MASK_PREFIX + name] = mask.to(torch.uint8)
-    metadata = {
-        "format": CHECKPOINT_FORMAT,
+    save_safetensors(path, tensors, {"format": CHECKPOINT_FORMAT, **provenance(ckpt), **ckpt.extra})
+
+
+def provenance(ckpt: Checkpoint) -> dict[str, Any]:
+    """The metadata that every file made from a checkpoint carries: acdc version, model, settings and progress."""
+    return {
         "acdc_version": acdc_cli.__version__,
         "arch": ckpt.arch,
         "model_kwargs": ckpt.model_kwargs,
@@ -226,9 +230,7 @@ def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
         "epoch": ckpt.epoch,
         "phase": ckpt.phase,
         "metrics": ckpt.metrics,
-        **ckpt.extra,
     }
-    save_safetensors(path, tensors, metadata)
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -252,7 +254,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
     if not isinstance(arch, str) or not isinstance(model_kwargs, dict):
         raise AcdcError(f"{path}: metadata lacks a valid arch / model_kwargs")
     known = {"format", "acdc_version", "arch", "model_kwargs", "config", "epoch", "phase", "metrics"}
-    extra = {k: _lenient_json(meta[k]) for k in meta if k not in known}
+    extra = {k: lenient_json(meta[k]) for k in meta if k not in known}
     epoch = _json_field(meta, "epoch", path, 0)
     config = _json_field(meta, "config", path, {})
     metrics = _json_field(meta, "metrics", path, {})

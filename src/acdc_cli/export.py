@@ -21,11 +21,11 @@ import torch
 from safetensors.torch import save as st_save
 from torch import nn
 
-import acdc_cli
 from acdc_cli.checkpoint import (
     CHECKPOINT_FORMAT,
     Checkpoint,
     load_checkpoint,
+    provenance,
     read_safetensors,
     rebuild_model,
     save_safetensors,
@@ -109,23 +109,31 @@ def fold_masks(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     return out
 
 
+def layer_weight(name: str, tensor: torch.Tensor) -> bool:
+    """A Conv/Linear-like weight of a state dict: a floating tensor of 2+ dimensions named ``*.weight``."""
+    return name.endswith("weight") and tensor.dim() >= 2 and tensor.is_floating_point()
+
+
+def rule_reason(name: str, include: list[str], exclude: list[str]) -> str | None:
+    """Why the sparsity.include/exclude globs (over module names) leave weight ``name`` dense; None when they
+    select it."""
+    module = layer_prefix(name)
+    if not any(fnmatch.fnmatchcase(module, p) for p in include):
+        return "not in sparsity.include"
+    if any(fnmatch.fnmatchcase(module, p) for p in exclude):
+        return "excluded by sparsity.exclude"
+    return None
+
+
 def prunable_names(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
                    config: dict[str, Any]) -> list[str]:
     """The weights sparsity is about: those with a mask; in a checkpoint without masks, the Conv/Linear weights
-    (floating tensors of 2+ dimensions named ``*.weight``) that the saved sparsity.include/exclude globs select."""
+    (:func:`layer_weight`) that the saved sparsity.include/exclude globs select."""
     if masks:
         return sorted((n for n in weights if n in masks), key=natural_key)
     rules = config.get("sparsity") or {}
     include, exclude = rules.get("include", ["*"]), rules.get("exclude", [])
-    names = []
-    for name, tensor in weights.items():
-        if not (name.endswith("weight") and tensor.dim() >= 2 and tensor.is_floating_point()):
-            continue
-        module = layer_prefix(name)
-        if any(fnmatch.fnmatchcase(module, p) for p in include) and not any(
-            fnmatch.fnmatchcase(module, p) for p in exclude
-        ):
-            names.append(name)
+    names = [n for n, t in weights.items() if layer_weight(n, t) and rule_reason(n, include, exclude) is None]
     return sorted(names, key=natural_key)
 
 
@@ -204,13 +212,7 @@ def export_checkpoint(source: Path, out: Path, fmt: str, dtype: str = "float32",
         "export_format": fmt,
         "dtype": dtype,
         "structure": structure,
-        "acdc_version": acdc_cli.__version__,
-        "arch": ckpt.arch,
-        "model_kwargs": ckpt.model_kwargs,
-        "config": ckpt.config,
-        "epoch": ckpt.epoch,
-        "phase": ckpt.phase,
-        "metrics": ckpt.metrics,
+        **provenance(ckpt),
         "source": source.name,
         "tensors": list(weights),
         "prunable": prunable,

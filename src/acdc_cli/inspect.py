@@ -3,16 +3,22 @@ tool. Per-layer sparsity and N:M validity are counted from the tensors in the fi
 
 from __future__ import annotations
 
-import fnmatch
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from acdc_cli.checkpoint import CHECKPOINT_FORMAT, MASK_PREFIX, load_checkpoint, read_safetensors
+from acdc_cli.checkpoint import CHECKPOINT_FORMAT, MASK_PREFIX, lenient_json, load_checkpoint, read_safetensors
 from acdc_cli.errors import AcdcError
-from acdc_cli.export import EXPORT_FORMAT, decode_export, dense_file_bytes, layer_prefix, natural_key, prunable_names
+from acdc_cli.export import (
+    EXPORT_FORMAT,
+    decode_export,
+    dense_file_bytes,
+    layer_weight,
+    natural_key,
+    prunable_names,
+    rule_reason,
+)
 from acdc_cli.sparsity import formats as F
 from acdc_cli.sparsity.masks import nm_compatible
 
@@ -58,26 +64,13 @@ def _dense_by_rule(weights: dict[str, torch.Tensor], pruned: list[str], config: 
     nm = _nm_of(structure) if _claims_nm(structure) else None
     out = []
     for name, tensor in weights.items():
-        if name in pruned or not (name.endswith("weight") and tensor.dim() >= 2 and tensor.is_floating_point()):
+        if name in pruned or not layer_weight(name, tensor):
             continue
-        module = layer_prefix(name)
-        if not any(fnmatch.fnmatchcase(module, p) for p in include):
-            reason = "not in sparsity.include"
-        elif any(fnmatch.fnmatchcase(module, p) for p in exclude):
-            reason = "excluded by sparsity.exclude"
-        elif nm is not None and not nm_compatible(tensor, nm[1]):
+        reason = rule_reason(name, include, exclude)
+        if reason is None and nm is not None and not nm_compatible(tensor, nm[1]):
             reason = f"input channels ({tensor.shape[1]}) not a multiple of {nm[1]}"
-        else:
-            reason = "no mask"
-        out.append({"name": name, "shape": list(tensor.shape), "reason": reason})
+        out.append({"name": name, "shape": list(tensor.shape), "reason": reason or "no mask"})
     return sorted(out, key=lambda layer: natural_key(layer["name"]))
-
-
-def _json_meta(meta: dict[str, str], key: str) -> Any:
-    try:
-        return json.loads(meta[key]) if key in meta else None
-    except json.JSONDecodeError:
-        return meta[key]
 
 
 def inspect_file(path: Path) -> dict[str, Any]:
@@ -113,7 +106,7 @@ def inspect_file(path: Path) -> dict[str, Any]:
         dense, parts_of = decode_export(tensors, meta, path)
         structure = meta.get("structure")
         nm = _nm_of(structure)
-        recorded = _json_meta(meta, "prunable")
+        recorded = lenient_json(meta.get("prunable", "null"))
         names = ([n for n in recorded if isinstance(n, str) and n in dense] if isinstance(recorded, list)
                  else list(parts_of))
         layers = []
@@ -122,9 +115,9 @@ def inspect_file(path: Path) -> dict[str, Any]:
             layers.append(_layer(n, dense[n], F.stored_bytes(parts), meta["export_format"] if n in parts_of
                                  else "dense", nm))
         info.update(kind="export", format=meta["export_format"], structure=structure, dtype=meta.get("dtype"))
-        info["dense_layers"] = _dense_by_rule(dense, names, _json_meta(meta, "config"), structure)
-        info["metadata"] = {k: _json_meta(meta, k) for k in ("arch", "preset", "epoch", "phase", "metrics",
-                                                             "acdc_version", "source")}
+        info["dense_layers"] = _dense_by_rule(dense, names, lenient_json(meta.get("config", "null")), structure)
+        info["metadata"] = {k: lenient_json(meta.get(k, "null"))
+                            for k in ("arch", "preset", "epoch", "phase", "metrics", "acdc_version", "source")}
     elif tag is None or tag in FRAMEWORK_TAGS:
         compressed = sorted(k for k in tensors if k.endswith(".compressed"))
         if compressed:
