@@ -30,12 +30,21 @@ app.add_typer(presets_app, name="presets")
 _state = {"debug": False}
 
 
+def _console(stderr: bool = False) -> Console:
+    """A terminal gets rich's wrapping at its width; a pipe, a file or a batch log gets each message on one line
+    (hard-wrapping at an assumed 80 columns would split paths and words that scripts and tests look for)."""
+    console = Console(stderr=stderr)
+    if not console.is_terminal:
+        console.soft_wrap = True
+    return console
+
+
 def out_console() -> Console:
-    return Console()
+    return _console()
 
 
 def err_console() -> Console:
-    return Console(stderr=True)
+    return _console(stderr=True)
 
 
 def one_line(message: str) -> str:
