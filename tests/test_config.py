@@ -1,6 +1,7 @@
 """Settings precedence and validation: defaults < preset < --config < env < flags < --set."""
 
 import pytest
+from pydantic import ValidationError
 
 from acdc_cli.config import Settings, dump_toml, load_settings, parse_set
 from acdc_cli.errors import AcdcError
@@ -67,7 +68,11 @@ def test_unknown_env_keys_are_rejected(monkeypatch):
 def test_nm_structure_implies_target():
     s = load_settings(overrides=["sparsity.structure='2:4'"])
     assert s.sparsity.n_m == (2, 4) and s.sparsity.target == 0.5
-    assert Settings(sparsity={"structure": "1:4", "target": 0.9}).sparsity.target == 0.75
+    assert Settings(sparsity={"structure": "1:4"}).sparsity.target == 0.75
+    # a target stated beside N:M must agree with it (issue #15: 0.9 used to become 0.5 silently)
+    assert Settings(sparsity={"structure": "1:4", "target": 0.75}).sparsity.target == 0.75
+    with pytest.raises(ValidationError, match="contradicts"):
+        Settings(sparsity={"structure": "1:4", "target": 0.9})
 
 
 def test_parse_set_reads_toml_values_or_strings():

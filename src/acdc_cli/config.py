@@ -21,9 +21,19 @@ from acdc_cli.errors import AcdcError
 
 _NM = re.compile(r"^(\d+):(\d+)$")
 
+# Upper bounds on what a setting may ask for, so that a typo (epochs = 1e18) is refused in one line instead of filling
+# the memory or running for ever. Each is far beyond any real run of this tool.
+MAX_EPOCHS = 10_000  # 50 x the longest schedule of the paper (200 epochs)
+MAX_BATCH_SIZE = 65_536  # 256 x the paper's ImageNet batch
+MAX_SYNTHETIC_SIZE = 1_000_000  # synthetic images per split
+MAX_WORKERS = 256  # loader worker processes
+MAX_THREADS = 1024  # torch CPU threads (torch crashes at exit with ~10**5)
+
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are refused for every float setting: no rate, decay, factor or fraction here means anything
+    # non-finite, and a NaN compares false with every bound
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataSettings(_Section):
@@ -31,14 +41,21 @@ class DataSettings(_Section):
         "digits", description="dataset: digits (ships with scikit-learn), cifar10, cifar100, imagenet, synthetic"
     )
     dir: Path | None = Field(None, description="dataset root folder (not needed for digits/synthetic); stored absolute")
-    batch_size: int = Field(64, gt=0, description="global training batch size (split across ranks)")
-    eval_batch_size: int = Field(512, gt=0, description="batch size for validation and test passes")
+    batch_size: int = Field(
+        64, gt=0, le=MAX_BATCH_SIZE, description="global training batch size (split across ranks)"
+    )
+    eval_batch_size: int = Field(
+        512, gt=0, le=MAX_BATCH_SIZE, description="batch size for validation and test passes"
+    )
     val_size: int = Field(270, ge=1, description="images held out of the training split for validation (model selection)")
     augment: bool = Field(True, description="dataset's standard training augmentation (crop + flip)")
     random_labels: int = Field(0, ge=0, description="memorization: this many training images get random labels")
-    num_workers: int = Field(4, ge=0, description="loader worker processes (ImageFolder only)")
+    num_workers: int = Field(4, ge=0, le=MAX_WORKERS, description="loader worker processes (ImageFolder only)")
     download: bool = Field(False, description="fetch CIFAR when the folder is missing (needs a network)")
-    synthetic_size: int = Field(512, gt=0, description="images per split for data.name=synthetic")
+    synthetic_size: int = Field(
+        512, gt=0, le=MAX_SYNTHETIC_SIZE,
+        description="training images for data.name=synthetic (val and test: a quarter as many)",
+    )
 
 
     @field_validator("dir")
@@ -60,25 +77,37 @@ class OptimSettings(_Section):
     weight_decay: float = Field(5e-4, ge=0, description="L2 weight decay")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
     lr_schedule: Literal["cosine", "step", "constant"] = Field("cosine", description="LR decay shape")
-    milestones: list[int] = Field(default_factory=list, description="step schedule: epochs after which LR *= gamma")
+    milestones: list[int] = Field(
+        default_factory=list, max_length=MAX_EPOCHS, description="step schedule: epochs after which LR *= gamma"
+    )
     gamma: float = Field(0.1, gt=0, description="step schedule: LR factor at each milestone")
-    lr_warmup_epochs: float = Field(0.0, ge=0, description="linear LR warm-up from 0, in epochs (per step)")
-    cosine_epochs: int | None = Field(None, gt=0, description="cosine period in epochs (None: schedule.epochs)")
+    lr_warmup_epochs: float = Field(
+        0.0, ge=0, le=MAX_EPOCHS, description="linear LR warm-up from 0, in epochs (per step)"
+    )
+    cosine_epochs: int | None = Field(
+        None, gt=0, le=MAX_EPOCHS, description="cosine period in epochs (None: schedule.epochs)"
+    )
     min_lr: float = Field(0.0, ge=0, description="cosine floor")
 
 
 class ScheduleSettings(_Section):
     method: Literal["acdc", "gmp", "dense"] = Field("acdc", description="acdc, gmp (gradual magnitude), or dense")
-    epochs: int = Field(30, gt=0, description="total training epochs")
-    warmup_epochs: int = Field(4, ge=0, description="acdc: dense epochs before the first compressed phase")
-    compressed_epochs: int = Field(3, gt=0, description="acdc: length of each compressed (sparse) phase")
-    decompressed_epochs: int = Field(3, gt=0, description="acdc: length of each decompressed (dense) phase")
-    final_decompressed_epochs: int = Field(0, ge=0, description="acdc: dense phase before the final compressed one")
-    final_compressed_epochs: int = Field(8, ge=0, description="acdc: length of the final compressed phase")
+    epochs: int = Field(30, gt=0, le=MAX_EPOCHS, description="total training epochs")
+    warmup_epochs: int = Field(
+        4, ge=0, le=MAX_EPOCHS, description="acdc: dense epochs before the first compressed phase"
+    )
+    compressed_epochs: int = Field(3, gt=0, le=MAX_EPOCHS, description="acdc: length of each compressed (sparse) phase")
+    decompressed_epochs: int = Field(
+        3, gt=0, le=MAX_EPOCHS, description="acdc: length of each decompressed (dense) phase"
+    )
+    final_decompressed_epochs: int = Field(
+        0, ge=0, le=MAX_EPOCHS, description="acdc: dense phase before the final compressed one"
+    )
+    final_compressed_epochs: int = Field(8, ge=0, le=MAX_EPOCHS, description="acdc: length of the final compressed phase")
     reset_momentum: bool = Field(True, description="zero optimizer momentum at every phase change")
-    gmp_start_epoch: int = Field(0, ge=0, description="gmp: epoch of the first pruning step")
-    gmp_end_epoch: int = Field(0, ge=0, description="gmp: epoch at which target sparsity is reached")
-    prune_every: int = Field(1, gt=0, description="gmp: epochs between mask recomputations")
+    gmp_start_epoch: int = Field(0, ge=0, le=MAX_EPOCHS, description="gmp: epoch of the first pruning step")
+    gmp_end_epoch: int = Field(0, ge=0, le=MAX_EPOCHS, description="gmp: epoch at which target sparsity is reached")
+    prune_every: int = Field(1, gt=0, le=MAX_EPOCHS, description="gmp: epochs between mask recomputations")
     start_epoch: int | str = Field(
         0,
         description="first epoch to train; 'checkpoint' continues at the --from checkpoint's epoch, so the LR "
@@ -91,11 +120,11 @@ class ScheduleSettings(_Section):
         if isinstance(value, str):
             if value == "checkpoint":
                 return value
-            if not value.isdigit():
-                raise ValueError(f"must be an epoch number or 'checkpoint', got '{value}'")
+            if not value.isdigit() or len(value) > 9:
+                raise ValueError(f"must be an epoch number or 'checkpoint', got '{value[:40]}'")
             value = int(value)
-        if value < 0:
-            raise ValueError("must be an epoch number >= 0 or 'checkpoint'")
+        if not 0 <= value <= MAX_EPOCHS:
+            raise ValueError(f"must be an epoch number in [0, {MAX_EPOCHS}] or 'checkpoint'")
         return value
 
 
@@ -129,10 +158,16 @@ class SparsitySettings(_Section):
 
     @model_validator(mode="after")
     def _nm_target(self) -> SparsitySettings:
-        # N:M fixes the sparsity at 1 - N/M whatever target a preset carried
+        # N:M fixes the sparsity at 1 - N/M: a target left out follows it, a target stated beside it must agree
+        # (load_settings drops a target that a lower layer stated for another structure)
         nm = self.n_m
-        if nm is not None:
-            object.__setattr__(self, "target", 1 - nm[0] / nm[1])
+        if nm is None:
+            return self
+        implied = 1 - nm[0] / nm[1]
+        if "target" in self.model_fields_set and abs(self.target - implied) > 1e-9:
+            raise ValueError(f"target {self.target:g} contradicts structure {self.structure}, which prunes "
+                             f"{implied:g}; leave sparsity.target out or set it to {implied:g}")
+        object.__setattr__(self, "target", implied)
         return self
 
 
@@ -145,7 +180,9 @@ class RuntimeSettings(_Section):
     compile: bool = Field(False, description="torch.compile the model (CUDA)")
     sync_batchnorm: bool = Field(False, description="SyncBatchNorm across DDP ranks (CUDA; batch statistics "
                                  "over the global batch instead of each rank's share)")
-    threads: int | None = Field(None, gt=0, description="CPU threads for torch (None: torch's default)")
+    threads: int | None = Field(
+        None, gt=0, le=MAX_THREADS, description="CPU threads for torch (None: torch's default)"
+    )
     checkpoint_every_steps: int = Field(
         0, ge=0, description="also write last.* every N training steps, for mid-epoch resume (0: epoch ends only)"
     )
@@ -215,6 +252,10 @@ class Settings(BaseSettings):
                     f"schedule: gmp needs gmp_start_epoch <= gmp_end_epoch < epochs, got "
                     f"{s.gmp_start_epoch}, {s.gmp_end_epoch}, {s.epochs}"
                 )
+            if self.sparsity.n_m is not None:
+                raise ValueError(f"gmp ramps the sparsity up gradually, which N:M ({self.sparsity.structure}) cannot "
+                                 "do: its sparsity is fixed at 1 - N/M; use schedule.method acdc or an unstructured "
+                                 "sparsity.structure")
             if self.sparsity.initial > self.sparsity.target:
                 raise ValueError("sparsity.initial must not exceed sparsity.target for gmp")
         if any(m < 0 or m >= s.epochs for m in self.optim.milestones):
@@ -249,6 +290,8 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise AcdcError(f"config file not found: {path}") from None
     except tomllib.TOMLDecodeError as exc:
         raise AcdcError(f"{path} is not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise AcdcError(f"{path}: arrays or tables nested too deeply") from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
         raise AcdcError(f"cannot read config {path}: {exc.__class__.__name__}") from None
 
@@ -274,6 +317,8 @@ def parse_set(item: str) -> tuple[list[str], Any]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
+    except RecursionError:
+        raise AcdcError(f"--set {key}: value nested too deeply") from None
     return key.split("."), value
 
 
@@ -287,6 +332,17 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def merge_layer(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``. A layer that sets ``sparsity.structure`` without a target also drops the target of the
+    layers below: that target was stated for another structure, and an N:M structure implies its own."""
+    top_rules = top.get("sparsity")
+    base_rules = base.get("sparsity")
+    if (isinstance(top_rules, dict) and "structure" in top_rules and "target" not in top_rules
+            and isinstance(base_rules, dict) and "target" in base_rules):
+        base = {**base, "sparsity": {k: v for k, v in base_rules.items() if k != "target"}}
+    return _deep_merge(base, top)
+
+
 def _nest(path: list[str], value: Any) -> dict[str, Any]:
     for key in reversed(path):
         value = {key: value}
@@ -298,8 +354,11 @@ def _env_layer() -> dict[str, Any]:
         return {}
     try:
         values = EnvSettingsSource(Settings)()
+    except RecursionError:
+        raise AcdcError("environment: an ACDC_* value is nested too deeply") from None
     except Exception as exc:  # pydantic-settings raises SettingsError on undecodable JSON values
-        raise AcdcError(f"environment: {exc}") from None
+        first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise AcdcError(f"environment: {first}") from None
     # nested unknown keys (ACDC_OPTIM__NOPE) stay in the dict and fail validation by name; top-level ones are
     # dropped by pydantic-settings, so look for them here
     known = set(Settings.model_fields)
@@ -327,26 +386,31 @@ def load_settings(
     flags: dict[str, Any] | None = None,
     base: dict[str, Any] | None = None,
 ) -> Settings:
-    """Resolve settings from all layers; ``base`` (a saved run's config) sits below the preset."""
+    """Resolve settings from all layers; ``base`` (a saved run's config) sits below the preset. Without a preset, a
+    config file or a base, the preset is the quickstart."""
     layer: dict[str, Any] = dict(base or {})
-    if preset is None and config is None and not base:
+    if preset is None and config is None and base is None:
         preset = "quickstart"
-    if preset is not None:
-        layer = _deep_merge(layer, read_toml(preset_path(preset)))
-        layer["preset"] = preset
-    if config is not None:
-        layer = _deep_merge(layer, read_toml(config))
-    layer = _deep_merge(layer, _env_layer())
-    for dotted, value in (flags or {}).items():
-        if value is not None:
-            layer = _deep_merge(layer, _nest(dotted.split("."), value))
-    for item in overrides or []:
-        path, value = parse_set(item)
-        layer = _deep_merge(layer, _nest(path, value))
     try:
-        return Settings(**layer)
+        if preset is not None:
+            layer = merge_layer(layer, read_toml(preset_path(preset)))
+            layer["preset"] = preset
+        if config is not None:
+            layer = merge_layer(layer, read_toml(config))
+        layer = merge_layer(layer, _env_layer())
+        # flags and every --set form one layer: `--set sparsity.target=0.9 --set sparsity.structure=2:4` conflicts
+        command_line: dict[str, Any] = {}
+        for dotted, value in (flags or {}).items():
+            if value is not None:
+                command_line = _deep_merge(command_line, _nest(dotted.split("."), value))
+        for item in overrides or []:
+            path, value = parse_set(item)
+            command_line = _deep_merge(command_line, _nest(path, value))
+        return Settings(**merge_layer(layer, command_line))
     except ValidationError as exc:
         raise AcdcError(format_validation_error(exc)) from None
+    except RecursionError:  # tables nested deeply in two layers at once (merging them recurses)
+        raise AcdcError("settings nested too deeply") from None
 
 
 def dump_toml(data: dict[str, Any]) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from acdc_cli.checkpoint import Checkpoint, atomic_write_text, build_model, load_checkpoint, save_checkpoint
-from acdc_cli.config import Settings, format_validation_error
+from acdc_cli.config import Settings, format_validation_error, merge_layer
 from acdc_cli.errors import AcdcError
 from acdc_cli.export import check_writable
 from acdc_cli.sparsity.sparsifier import Sparsifier
@@ -63,9 +63,9 @@ def finetune_settings(source: Checkpoint, sparsity: dict[str, Any]) -> Settings:
         "final_decompressed_epochs": 0,
         "final_compressed_epochs": schedule.get("epochs", Settings().schedule.epochs),
     }
-    config["sparsity"] = {**(config.get("sparsity") or {}), **sparsity}
     try:
-        return Settings(**config)
+        # the source's sparsity rules under these: a target the source stated for its own structure goes with it
+        return Settings(**merge_layer(config, {"sparsity": sparsity}))
     except ValidationError as exc:
         raise AcdcError(format_validation_error(exc)) from None
 
@@ -91,7 +91,7 @@ def prune_checkpoint(
         raise AcdcError("--sparsity is required for unstructured pruning (e.g. --sparsity 0.9)")
     ckpt = load_checkpoint(source)
     rules: dict[str, Any] = {"structure": structure, "scope": scope}
-    if sparsity is not None:
+    if sparsity is not None and structure == "unstructured":
         rules["target"] = sparsity
     if include:
         rules["include"] = list(include)
