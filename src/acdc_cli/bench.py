@@ -29,11 +29,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
 from acdc_cli import models, runtime
-from acdc_cli.config import Settings
+from acdc_cli.config import MAX_BATCH_SIZE, Settings
 from acdc_cli.distributed import DistInfo, resolve_device
 from acdc_cli.errors import AcdcError
 from acdc_cli.sparsity.sparsifier import Sparsifier
@@ -47,6 +48,10 @@ UNAUGMENTED = {"digits"}
 MASK_UPDATE_REPEATS = 5
 # batches of JPEGs generated for the ImageFolder pipeline: writing each costs a few ms, so not one per timed step
 IMAGEFOLDER_BATCHES = 4
+# the random input batch lives on the device (8 GiB: ~14,000 ImageNet-sized float32 images), and the input pipeline
+# is timed over steps x batch uint8 images in memory
+MAX_BATCH_BYTES = 8 * 2**30
+MAX_STEPS = 100_000
 
 
 def elapsed_seconds(fn: Callable[[], Any], device: torch.device) -> float:
@@ -199,17 +204,23 @@ def run_bench(settings: Settings, *, steps: int = 50, warmup: int = 10, batch_si
     """Measure everything ``acdc bench`` reports; returns one flat dict (the JSON the CLI prints)."""
     from acdc_cli.train import build_optimizer, train_epoch
 
-    if steps < 1 or warmup < 0:
-        raise AcdcError(f"--steps must be at least 1 and --warmup at least 0 (got {steps}, {warmup})")
+    if not 1 <= steps <= MAX_STEPS or not 0 <= warmup <= MAX_STEPS:
+        raise AcdcError(f"--steps must be in [1, {MAX_STEPS}] and --warmup in [0, {MAX_STEPS}] (got {steps}, {warmup})")
     if settings.data.name not in NUM_CLASSES:
         raise AcdcError(f"acdc bench does not know dataset '{settings.data.name}'")
     say = status or (lambda message: None)
     device = resolve_device(settings.runtime.device)
-    batch = batch_size or settings.data.batch_size
-    if batch < 1:
-        raise AcdcError(f"--batch-size must be at least 1, got {batch}")
+    batch = settings.data.batch_size if batch_size is None else batch_size  # 0 is refused, not read as "unset"
+    if not 1 <= batch <= MAX_BATCH_SIZE:
+        raise AcdcError(f"--batch-size must be in [1, {MAX_BATCH_SIZE}], got {batch}")
     entry, _ = models.lookup(settings.model.name)
     c, s = entry.in_channels, entry.input_size
+    if batch * c * s * s * 4 > MAX_BATCH_BYTES:
+        raise AcdcError(f"--batch-size {batch}: a batch of {c}x{s}x{s} float32 images for {settings.model.name} "
+                        f"exceeds the {MAX_BATCH_BYTES // 2**30} GiB acdc bench allocates; lower it")
+    if settings.data.name in TENSOR_DATASETS and batch * steps * c * s * s > MAX_BATCH_BYTES:
+        raise AcdcError(f"--steps {steps} x --batch-size {batch}: the input pipeline's {batch * steps:,} uint8 images "
+                        f"exceed the {MAX_BATCH_BYTES // 2**30} GiB acdc bench allocates; lower either")
     g = torch.Generator().manual_seed(settings.runtime.seed)
     images = torch.randn(batch, c, s, s, generator=g).to(device)
     labels = torch.randint(0, NUM_CLASSES[settings.data.name], (batch,), generator=g).to(device)
@@ -286,7 +297,7 @@ def render(result: dict[str, Any], console: Console) -> None:
         label for key, label in (("acdc_amp", "bf16 autocast"), ("acdc_channels_last", "channels_last"),
                                  ("acdc_compile", "torch.compile")) if result[key]
     ) or "fp32, eager"
-    table = Table(title=f"acdc bench: {result['preset'] or result['model']} on {result['device']}")
+    table = Table(title=escape(f"acdc bench: {result['preset'] or result['model']} on {result['device']}"))
     table.add_column("measurement")
     table.add_column("rate", justify="right")
     table.add_row("reference-style step (fp32, NCHW, eager, gradient hooks)",
@@ -305,4 +316,5 @@ def render(result: dict[str, Any], console: Console) -> None:
         f"{100 * result['sparsity']:.0f} % sparse; {result['steps']} timed steps after {result['warmup']} warm-up "
         f"steps per mode; torch {result['torch']}",
         highlight=False,
+        markup=False,
     )

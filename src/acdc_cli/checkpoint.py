@@ -64,9 +64,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def remove_stale_temps(folder: Path) -> None:
-    """Delete the temporary files of atomic writes that a killed process left in ``folder``."""
+    """Delete the temporary files of atomic writes that a killed process left in ``folder``. One that cannot be
+    deleted (a read-only file system) is left: it is never read, and the run's next write names the real problem."""
     for tmp in Path(folder).glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -139,6 +143,11 @@ def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
 
 # acdc's own metadata nests 4 levels; a file nesting hundreds would make json.loads hit Python's recursion limit
 MAX_METADATA_DEPTH = 32
+# No layer of an image classifier comes near these. A tensor's bytes always lie inside the file (safe_open checks
+# that), but a tensor of no elements may still declare [0, 2**40], which readers would carry into reshapes and
+# divisions.
+MAX_TENSOR_DIM = 2**31
+MAX_TENSOR_DIMS = 8
 
 
 def _json_depth(text: str) -> int:
@@ -170,31 +179,48 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         raise AcdcError(f"no such file: {path}")
     try:
         with safe_open(str(path), framework="pt") as fh:
+            # the header first: safe_open has checked that every declared tensor's bytes lie inside the file, and
+            # the shapes are checked here before any tensor is read
             meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            for key, text in meta.items():
+                if _json_depth(text) > MAX_METADATA_DEPTH:
+                    raise AcdcError(f"{path}: metadata field '{key}' is nested deeper than {MAX_METADATA_DEPTH} levels")
+            names = list(fh.keys())
+            for name in names:
+                shape = fh.get_slice(name).get_shape()
+                if len(shape) > MAX_TENSOR_DIMS or any(size > MAX_TENSOR_DIM for size in shape):
+                    raise AcdcError(f"{path}: tensor {name} declares shape {shape}, beyond any layer acdc reads "
+                                    f"(at most {MAX_TENSOR_DIMS} dimensions of at most 2**31)")
+            tensors = {name: fh.get_tensor(name) for name in names}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         raise AcdcError(f"{path} is not a readable safetensors file ({first})") from None
-    for key, text in meta.items():
-        if _json_depth(text) > MAX_METADATA_DEPTH:
-            raise AcdcError(f"{path}: metadata field '{key}' is nested deeper than {MAX_METADATA_DEPTH} levels")
     return tensors, meta
+
+
+def parse_json(text: str) -> Any:
+    """``json.loads`` for text from a file: ValueError on anything it cannot read (not JSON, an integer of more than
+    4,300 digits, nesting beyond the recursion limit)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 def _json_field(meta: dict[str, str], key: str, path: Path, default: Any = None) -> Any:
     if key not in meta:
         return default
     try:
-        return json.loads(meta[key])
-    except json.JSONDecodeError:
+        return parse_json(meta[key])
+    except ValueError:
         raise AcdcError(f"{path}: metadata field '{key}' is not valid JSON") from None
 
 
 def lenient_json(text: str) -> Any:
     """Metadata strings are stored raw, everything else as JSON; read both back."""
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
+        return parse_json(text)
+    except ValueError:
         return text
 
 
@@ -239,16 +265,27 @@ def load_checkpoint(path: Path) -> Checkpoint:
     if meta.get("format") != CHECKPOINT_FORMAT:
         found = meta.get("format", "no acdc metadata")
         raise AcdcError(f"{path} is not an acdc checkpoint (format: {found})")
-    masks = {k[len(MASK_PREFIX) :]: v.bool() for k, v in tensors.items() if k.startswith(MASK_PREFIX)}
+    stored_masks = {k[len(MASK_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MASK_PREFIX)}
     weights = {k: v for k, v in tensors.items() if not k.startswith(MASK_PREFIX)}
-    stray = set(masks) - set(weights)
+    stray = set(stored_masks) - set(weights)
     if stray:
         raise AcdcError(f"{path}: mask for unknown weight {sorted(stray)[0]}")
-    for name, mask in masks.items():
+    masks = {}
+    for name, mask in stored_masks.items():
         if mask.shape != weights[name].shape:
             raise AcdcError(f"{path}: mask shape of {name} does not match its weight")
         if weights[name].dim() < 2 or not weights[name].is_floating_point():
             raise AcdcError(f"{path}: mask for {name}, which is not a conv or linear weight")
+        # a mask is 0/1: reading 2, 255 or 0.5 as "keep" would trust a file that is not what acdc wrote
+        if mask.dtype not in (torch.uint8, torch.bool):
+            raise AcdcError(f"{path}: mask of {name} is {str(mask.dtype).removeprefix('torch.')}; acdc masks are "
+                            "0/1 uint8")
+        if bool((mask.view(torch.uint8) > 1).any()):
+            raise AcdcError(f"{path}: mask of {name} holds values other than 0 and 1")
+        masks[name] = mask.bool()
+        # weights outside their mask count as pruned everywhere: eval scores, inspect counts and export writes the
+        # same tensors (acdc writes zeros there; a file that does not is read as if it did)
+        weights[name] = torch.where(masks[name], weights[name], torch.zeros((), dtype=weights[name].dtype))
     arch = meta.get("arch")
     model_kwargs = _json_field(meta, "model_kwargs", path, {})
     if not isinstance(arch, str) or not isinstance(model_kwargs, dict):

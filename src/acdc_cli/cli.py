@@ -30,21 +30,29 @@ app.add_typer(presets_app, name="presets")
 _state = {"debug": False}
 
 
-def _console(stderr: bool = False) -> Console:
+def _console(stderr: bool = False, markup: bool = True) -> Console:
     """A terminal gets rich's wrapping at its width; a pipe, a file or a batch log gets each message on one line
-    (hard-wrapping at an assumed 80 columns would split paths and words that scripts and tests look for)."""
-    console = Console(stderr=stderr)
+    (hard-wrapping at an assumed 80 columns would split paths and words that scripts and tests look for).
+    ``markup=False``: nothing printed is read as rich markup, not even the text inside a panel."""
+    console = Console(stderr=stderr, markup=markup)
     if not console.is_terminal:
         console.soft_wrap = True
     return console
 
 
-def out_console() -> Console:
-    return _console()
+def out_console(markup: bool = True) -> Console:
+    return _console(markup=markup)
 
 
-def err_console() -> Console:
-    return _console(stderr=True)
+def print_json(value: Any) -> None:
+    """One JSON object on stdout; NaN and infinities become null (bare NaN is not JSON)."""
+    from acdc_cli.metrics import json_line
+
+    print(json_line(value))
+
+
+def err_console(markup: bool = True) -> Console:
+    return _console(stderr=True, markup=markup)
 
 
 def one_line(message: str) -> str:
@@ -128,7 +136,9 @@ def _print_resolved(settings, as_json: bool) -> None:
     from acdc_cli.sparsity.schedule import plan
 
     if as_json:
-        print(json.dumps(_resolved_json(settings), indent=2))
+        from acdc_cli.metrics import finite_or_null
+
+        print(json.dumps(finite_or_null(_resolved_json(settings)), indent=2, allow_nan=False))
         return
     console = out_console()
     console.print(settings.to_toml(), highlight=False, markup=False)
@@ -231,7 +241,7 @@ def train(
         mark_stopped()
     resume_command = f"acdc train --resume {shlex.quote(str(result.run_dir))}"
     if as_json:
-        print(json.dumps({
+        print_json({
             "run_dir": str(result.run_dir),
             "best_sparse": result.best_sparse,
             "best_dense": result.best_dense,
@@ -239,7 +249,7 @@ def train(
             "files": [str(p) for p in result.files],
             "preempted": result.preempted,
             "resume_command": resume_command if result.preempted else None,
-        }))
+        })
     elif result.preempted is not None:
         stopped = result.preempted
         console.print(f"stopped by {stopped['signal'] or 'a signal on another rank'}: checkpoint written at epoch "
@@ -247,7 +257,8 @@ def train(
                       markup=False, highlight=False, soft_wrap=True)
         console.print(f"resume with: {resume_command}", markup=False, highlight=False, soft_wrap=True)
     else:
-        console.print(summary_panel(result))
+        # the panel quotes the run dir: a path holding "[/]" is text, not markup
+        (err_console(markup=False) if as_json else out_console(markup=False)).print(summary_panel(result))
 
 
 def _checkpoint_settings(path: Path) -> dict[str, Any]:
@@ -359,7 +370,7 @@ def bench(
         result = run_bench(settings, steps=steps, warmup=warmup, batch_size=batch_size,
                            status=lambda message: status.update(f"acdc bench: {message}"))
     if as_json:
-        print(json.dumps(result))
+        print_json(result)
     else:
         render(result, out_console())
 
@@ -391,7 +402,9 @@ def presets_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
             "paper_top1": s.paper_top1,
         })
     if as_json:
-        print(json.dumps(rows, indent=2))
+        from acdc_cli.metrics import finite_or_null
+
+        print(json.dumps(finite_or_null(rows), indent=2, allow_nan=False))
         return
     from rich import box
 
@@ -483,7 +496,7 @@ def eval_cmd(
         if progress is not None:
             progress.stop()
     if as_json:
-        print(json.dumps(result))
+        print_json(result)
         return
     # strings from the file's metadata and paths are shown as they are, never read as rich markup
     table = Table(title=escape(f"acdc eval: {checkpoint}"), show_header=False)
@@ -543,19 +556,21 @@ def prune(
 
     result = prune_checkpoint(checkpoint, out, sparsity, structure, scope, include, exclude, force)
     if as_json:
-        print(json.dumps(result.as_dict()))
+        print_json(result.as_dict())
         return
-    table = Table(title=f"pruned {checkpoint} ({result.structure}, {result.scope})")
+    # paths and layer names are text, never rich markup
+    table = Table(title=escape(f"pruned {checkpoint} ({result.structure}, {result.scope})"))
     for col in ("layer", "shape", "sparsity"):
         table.add_column(col, justify="right" if col == "sparsity" else "left")
     for layer in result.layers:
-        kept = _pct(layer["sparsity"]) if "sparsity" in layer else f"[dim]dense: {layer['kept_dense']}[/]"
-        table.add_row(layer["name"], "×".join(map(str, layer["shape"])), kept)
+        kept = _pct(layer["sparsity"]) if "sparsity" in layer else f"[dim]dense: {escape(layer['kept_dense'])}[/]"
+        table.add_row(escape(layer["name"]), "×".join(map(str, layer["shape"])), kept)
     console = out_console()
     console.print(table)
     console.print(f"sparsity {_pct(result.sparsity)} of the selected weights; wrote {result.path} and "
-                  f"{result.config_path}", highlight=False)
-    console.print(f"fine-tune with the masks held: acdc train --from {shlex.quote(str(result.path))}", highlight=False)
+                  f"{result.config_path}", highlight=False, markup=False)
+    console.print(f"fine-tune with the masks held: acdc train --from {shlex.quote(str(result.path))}", highlight=False,
+                  markup=False)
 
 
 @app.command("export")
@@ -585,7 +600,7 @@ def export_cmd(
     result = export_checkpoint(checkpoint, out, format_, dtype, force)
     summary = result.as_dict()
     if as_json:
-        print(json.dumps(summary))
+        print_json(summary)
         return
     table = Table(title=f"{result.format} export ({result.dtype})")
     for col in ("layer", "shape", "kept", "sparsity", "2:4", "dense", "stored"):
@@ -593,7 +608,7 @@ def export_cmd(
         table.add_column(col, justify="left" if col in ("layer", "shape", "2:4") else "right",
                          overflow="fold", no_wrap=col != "layer")
     for layer in result.layers:
-        table.add_row(layer.name, "×".join(map(str, layer.shape)), f"{layer.kept:,}", _pct(layer.sparsity),
+        table.add_row(escape(layer.name), "×".join(map(str, layer.shape)), f"{layer.kept:,}", _pct(layer.sparsity),
                       _nm_text(layer.nm_valid), _size(layer.dense_bytes), _size(layer.stored_bytes))
     kept = sum(layer.kept for layer in result.layers)
     table.add_row("total", "", f"{kept:,}", _pct(result.sparsity), "", _size(sum(x.dense_bytes for x in result.layers)),
@@ -601,7 +616,7 @@ def export_cmd(
     console = out_console()
     console.print(table)
     console.print(f"wrote {result.path}: {_size(result.size_bytes)}, {summary['ratio_to_dense']:.3f} × a dense export "
-                  f"({_size(result.dense_bytes)})", highlight=False)
+                  f"({_size(result.dense_bytes)})", highlight=False, markup=False)
 
 
 @app.command("inspect")
@@ -621,7 +636,7 @@ def inspect_cmd(
 
     info = inspect_file(file)
     if as_json:
-        print(json.dumps(info))
+        print_json(info)
         return
     meta = info["metadata"]
     # strings from the file's metadata and paths are shown as they are, never read as rich markup
@@ -664,6 +679,9 @@ def inspect_cmd(
     for name in info["structure_violations"]:
         console.print(f"[bold red]warning:[/] {escape(name)} breaks the {escape(str(info['structure']))} structure "
                       "the file claims", highlight=False)
+    for name in info["outside_mask"]:
+        console.print(f"[bold red]warning:[/] {escape(name)} holds non-zero weights outside its mask; acdc reads "
+                      "them as zeros (eval, export, prune and train --from apply the mask)", highlight=False)
 
 
 def main() -> None:

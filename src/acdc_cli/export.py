@@ -246,8 +246,8 @@ def _stats(name: str, weight: torch.Tensor, parts: dict[str, torch.Tensor], enco
         name=name,
         shape=list(weight.shape),
         kept=kept,
-        sparsity=1.0 - kept / weight.numel(),
-        nm_valid=F.nm_check(weight, 2, 4),
+        sparsity=1.0 - kept / max(weight.numel(), 1),
+        nm_valid=F.nm_check(weight, 2, 4) if weight.numel() else None,  # a layer of no weights has no groups
         dense_bytes=weight.numel() * weight.element_size(),
         stored_bytes=F.stored_bytes(parts),
         encoding=encoding,

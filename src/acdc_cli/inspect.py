@@ -48,7 +48,7 @@ def _layer(name: str, weight: torch.Tensor, stored: int, encoding: str, nm: tupl
         "zeros": zeros,
         "sparsity": zeros / max(weight.numel(), 1),
         "nm": f"{nm[0]}:{nm[1]}",
-        "nm_valid": F.nm_check(weight, *nm),
+        "nm_valid": F.nm_check(weight, *nm) if weight.numel() else None,  # a layer of no weights has no groups
         "encoding": encoding,
         "dense_bytes": weight.numel() * weight.element_size(),
         "stored_bytes": stored,
@@ -93,6 +93,9 @@ def inspect_file(path: Path) -> dict[str, Any]:
         info.update(kind="checkpoint", format=CHECKPOINT_FORMAT, structure=structure or ("unstructured" if ckpt.masks
                                                                                              else "dense"))
         info["dense_layers"] = _dense_by_rule(dense, names, ckpt.config, structure) if ckpt.masks else []
+        # load_checkpoint applies the masks; say so where the file itself holds weights outside them
+        info["outside_mask"] = [n for n in names if n in ckpt.masks
+                                and bool((F.bit_nonzero(tensors[n]) & ~ckpt.masks[n]).any())]
         info["metadata"] = {
             "arch": ckpt.arch,
             "preset": ckpt.extra.get("preset"),
@@ -114,7 +117,8 @@ def inspect_file(path: Path) -> dict[str, Any]:
             parts = parts_of.get(n, {n: dense[n]})
             layers.append(_layer(n, dense[n], F.stored_bytes(parts), meta["export_format"] if n in parts_of
                                  else "dense", nm))
-        info.update(kind="export", format=meta["export_format"], structure=structure, dtype=meta.get("dtype"))
+        info.update(kind="export", format=meta["export_format"], structure=structure, dtype=meta.get("dtype"),
+                    outside_mask=[])
         info["dense_layers"] = _dense_by_rule(dense, names, lenient_json(meta.get("config", "null")), structure)
         info["metadata"] = {k: lenient_json(meta.get(k, "null"))
                             for k in ("arch", "preset", "epoch", "phase", "metrics", "acdc_version", "source")}
@@ -127,7 +131,7 @@ def inspect_file(path: Path) -> dict[str, Any]:
         nm = (2, 4)
         layers = [_layer(n, dense[n], dense[n].numel() * dense[n].element_size(), "dense", nm)
                   for n in prunable_names(dense, {}, {})]
-        info.update(kind="state_dict", format="dense", structure=None, dense_layers=[])
+        info.update(kind="state_dict", format="dense", structure=None, dense_layers=[], outside_mask=[])
         info["metadata"] = {k: v for k, v in meta.items()}
     else:
         raise AcdcError(f"{path} carries foreign metadata (format '{tag}'): not an acdc checkpoint, export or plain "

@@ -9,6 +9,8 @@ from typing import Any
 
 from rich.console import Console
 
+from acdc_cli.errors import AcdcError
+
 # console columns: key, header, width, format
 _COLUMNS = [
     ("epoch", "epoch", 5, "{:d}"),
@@ -25,19 +27,50 @@ _COLUMNS = [
 ]
 
 
+def finite_or_null(value: Any) -> Any:
+    """``value`` with every NaN and infinity (in nested dicts, lists and tuples) replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
+def json_line(value: Any) -> str:
+    """``value`` as one line of strict JSON: a non-finite number is written as null, never as bare NaN."""
+    return json.dumps(finite_or_null(value), allow_nan=False)
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not Path(path).exists():
-        return []
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        line = line.strip()
-        if not line:
+    """Every row of ``path`` that is a JSON object (damaged lines skipped)."""
+    return read_rows(path)[0]
+
+
+def read_rows(path: Path) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """(every row of ``path`` that is a JSON object, every other non-empty line as its bytes): a line torn by a crash
+    or damaged by hand costs that line alone."""
+    path = Path(path)
+    if not path.exists():
+        return [], []
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise AcdcError(f"cannot read {path}: {exc.strerror or exc.__class__.__name__}") from None
+    rows, damaged = [], []
+    for line in data.split(b"\n"):
+        if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a torn last line from a crash: everything after it is not trusted
-    return rows
+            row = json.loads(line)
+        except (ValueError, RecursionError):  # not JSON or UTF-8, an int of over 4,300 digits, nesting too deep
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            damaged.append(line)
+    return rows, damaged
 
 
 class MetricsLogger:
@@ -47,7 +80,20 @@ class MetricsLogger:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.console = console
         self.per_layer = per_layer
-        self.rows = [r for r in read_jsonl(self.path) if isinstance(r.get("epoch"), int) and r["epoch"] < start_epoch]
+        rows, damaged = read_rows(self.path)
+        if damaged:
+            # kept beside the file, never dropped in silence: the rows around them are all still there
+            aside = self.path.with_name(self.path.name + ".damaged")
+            from acdc_cli.checkpoint import atomic_write_bytes
+
+            try:
+                previous = aside.read_bytes() if aside.exists() else b""
+            except OSError as exc:
+                raise AcdcError(f"cannot read {aside}: {exc.strerror or exc.__class__.__name__}") from None
+            atomic_write_bytes(aside, previous + b"".join(line + b"\n" for line in damaged))
+            console.print(f"note: {len(damaged)} damaged line(s) of {self.path} set aside in {aside}", markup=False,
+                          highlight=False, soft_wrap=True)
+        self.rows = [r for r in rows if type(r.get("epoch")) is int and r["epoch"] < start_epoch]
         self._write()
         self.writer = None
         if tensorboard:
@@ -61,7 +107,7 @@ class MetricsLogger:
         # the whole file through a temp file and a rename (a few kB even for long runs): never a torn line
         from acdc_cli.checkpoint import atomic_write_text
 
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+        atomic_write_text(self.path, "".join(json_line(r) + "\n" for r in self.rows))
 
     def log_epoch(self, row: dict[str, Any], per_layer: dict[str, float] | None = None) -> None:
         self.rows.append(row)
@@ -90,7 +136,7 @@ class MetricsLogger:
             text = "-" if value is None else fmt.format(value)
             cells.append(f"{text:>{width}}")
         style = "cyan" if row.get("phase") == "sparse" else None
-        self.console.print(" ".join(cells), style=style, highlight=False)
+        self.console.print(" ".join(cells), style=style, highlight=False, markup=False)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -13,6 +13,10 @@ from acdc_cli.data.tensor_loader import TensorLoader
 from acdc_cli.errors import AcdcError
 
 
+# synthetic images are generated in memory (uint8): 4 GiB is ~900,000 CIFAR-sized or ~28,000 ImageNet-sized images
+MAX_SYNTHETIC_BYTES = 4 * 2**30
+
+
 @dataclass
 class DataBundle:
     train: Any  # TensorLoader or a torch DataLoader wrapper with set_epoch()
@@ -62,6 +66,10 @@ def _synthetic(settings: Settings, device: torch.device, rank: int, world_size: 
 
     entry, _ = lookup(settings.model.name)
     n, c, s = settings.data.synthetic_size, entry.in_channels, entry.input_size
+    images = n + 2 * max(n // 4, 1)  # train, val, test
+    if images * c * s * s > MAX_SYNTHETIC_BYTES:
+        raise AcdcError(f"data.synthetic_size {n}: {images:,} images of {c}x{s}x{s} bytes for {settings.model.name} "
+                        f"exceed the {MAX_SYNTHETIC_BYTES // 2**30} GiB acdc generates; lower it")
     g = torch.Generator().manual_seed(settings.runtime.seed)
     num_classes = 10
 

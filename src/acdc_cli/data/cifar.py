@@ -103,11 +103,17 @@ def read_batch(raw: bytes, source: str, fmt: CifarFormat) -> tuple[torch.Tensor,
         got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise AcdcError(f"{source} is not a {fmt.title} batch file ('data' must be uint8 (N, 3072), got {got})")
     try:
-        label_array = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError, OverflowError):
-        raise AcdcError(f"{source} is not a {fmt.title} batch file ('{fmt.label_key}' is not a list of ints)") from None
+        # no dtype here: asking numpy for int64 would truncate a label 0.5 to 0 without a word
+        label_array = np.asarray(labels)
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        label_array = None
+    if label_array is None or label_array.dtype.kind not in "iu":
+        raise AcdcError(f"{source} is not a {fmt.title} batch file ('{fmt.label_key}' is not a list of integers)")
     if label_array.shape != (data.shape[0],):
-        raise AcdcError(f"{source}: {data.shape[0]} images but {label_array.size} labels")
+        shape = "x".join(map(str, label_array.shape)) or "a scalar"
+        raise AcdcError(f"{source}: {data.shape[0]} images but '{fmt.label_key}' has shape {shape} "
+                        f"(expected {data.shape[0]} labels in one list)")
+    label_array = label_array.astype(np.int64)
     if label_array.size and (label_array.min() < 0 or label_array.max() >= fmt.num_classes):
         raise AcdcError(f"{source}: labels outside 0..{fmt.num_classes - 1}")
     images = torch.from_numpy(np.ascontiguousarray(data)).view(-1, 3, 32, 32)

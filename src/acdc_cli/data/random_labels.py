@@ -24,7 +24,7 @@ def select_random_labels(
             f"data.random_labels ({count}) exceeds the {len(train_indices)} images left for training after the "
             "validation split"
         )
-    g = torch.Generator().manual_seed(seed * 1_000_003 + _STREAM)
+    g = torch.Generator().manual_seed((seed * 1_000_003 + _STREAM) % 2**63)  # seeds up to 2**62 fit
     positions = torch.randperm(len(train_indices), generator=g)[:count].sort().values
     labels = torch.randint(0, num_classes, (count,), generator=g)
     return positions, labels
