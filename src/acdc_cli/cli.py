@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from acdc_cli import __version__
-from acdc_cli.errors import AcdcError
+from acdc_cli.errors import AcdcError, one_line
 
 app = typer.Typer(
     help="Train sparse image classifiers with AC/DC (Alternating Compressed/DeCompressed training).",
@@ -53,11 +53,6 @@ def print_json(value: Any) -> None:
 
 def err_console(markup: bool = True) -> Console:
     return _console(stderr=True, markup=markup)
-
-
-def one_line(message: str) -> str:
-    """``message`` as one line of plain text: control characters (a newline in a file's metadata) are escaped."""
-    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in message)
 
 
 def user_errors(func):

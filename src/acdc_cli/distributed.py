@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from acdc_cli.errors import AcdcError
+from acdc_cli.errors import AcdcError, one_line
 
 if TYPE_CHECKING:
     from acdc_cli.config import Settings
@@ -79,9 +79,7 @@ def setup(device_name: str) -> DistInfo:
     """Join torchrun's process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU; with nccl also a gloo
     control group)."""
     global _CONTROL_GROUP
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world_size, local_rank = launch_env()
     device = resolve_device(device_name, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -108,14 +106,53 @@ def teardown() -> None:
 # `acdc train --nproc N`: the same processes `torchrun --standalone --nproc-per-node N -m acdc_cli train ...` starts
 
 
+_RANK_VARIABLES = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}  # and their values in a process alone
+_stray_warned = False
+
+
+def _launched() -> bool:
+    """WORLD_SIZE > 1 beside the rendezvous variables torchrun (or another launcher) sets: only then are RANK and
+    LOCAL_RANK this process's place in a process group."""
+    world = os.environ.get("WORLD_SIZE", "").strip()
+    return (world.isdigit() and int(world) > 1
+            and ("MASTER_ADDR" in os.environ or any(k.startswith("TORCHELASTIC_") for k in os.environ)))
+
+
+def launch_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) of this process.
+
+    Inside a launch (see :func:`_launched`) they must be valid, or this is a one-line AcdcError. Outside one, rank
+    variables left in the environment (RANK=1 from another job) are ignored with one warning on stderr, and the
+    process runs alone as rank 0: it writes its run dir and reports its errors."""
+    global _stray_warned
+    if _launched():
+        world = int(os.environ["WORLD_SIZE"])
+        rank, local = os.environ.get("RANK", "").strip(), os.environ.get("LOCAL_RANK", "0").strip()
+        if not (rank.isdigit() and int(rank) < world and local.isdigit() and int(local) < world):
+            raise AcdcError(f"launched with WORLD_SIZE={world} but RANK={one_line(rank[:40])!r}, LOCAL_RANK="
+                            f"{one_line(local[:40])!r}: each must be a number below WORLD_SIZE")
+        return int(rank), world, int(local)
+    stray = [f"{name}={one_line(os.environ[name][:40])}" for name, alone in _RANK_VARIABLES.items()
+             if os.environ.get(name, alone).strip() != alone]
+    if stray and not _stray_warned:
+        _stray_warned = True
+        print(f"warning: ignoring {', '.join(stray)}: no torchrun launch (that needs WORLD_SIZE > 1 and MASTER_ADDR "
+              "or TORCHELASTIC_* variables); running as one process, rank 0", file=sys.stderr)
+    return 0, 1, 0
+
+
 def env_rank() -> int:
-    """This process's global rank as torchrun set it (0 outside torchrun)."""
-    return int(os.environ.get("RANK", "0"))
+    """This process's global rank in a torchrun launch; 0 outside one, and where the launch's variables are invalid
+    (so that the error about them is printed)."""
+    try:
+        return launch_env()[0]
+    except AcdcError:
+        return 0
 
 
 def under_launcher() -> bool:
     """True inside a process that torchrun (or another launcher setting its variables) started."""
-    return "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
+    return "TORCHELASTIC_RUN_ID" in os.environ or _launched()
 
 
 def check_nproc(nproc: int, settings: Settings) -> int:
