@@ -181,10 +181,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         with safe_open(str(path), framework="pt") as fh:
             # the header first: safe_open has checked that every declared tensor's bytes lie inside the file, and
             # the shapes are checked here before any tensor is read
-            meta = fh.metadata() or {}
-            for key, text in meta.items():
-                if _json_depth(text) > MAX_METADATA_DEPTH:
-                    raise AcdcError(f"{path}: metadata field '{key}' is nested deeper than {MAX_METADATA_DEPTH} levels")
+            meta = _checked_metadata(fh, path)
             names = list(fh.keys())
             for name in names:
                 shape = fh.get_slice(name).get_shape()
@@ -196,6 +193,40 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         raise AcdcError(f"{path} is not a readable safetensors file ({first})") from None
     return tensors, meta
+
+
+def _checked_metadata(fh: Any, path: Path) -> dict[str, str]:
+    meta = fh.metadata() or {}
+    for key, text in meta.items():
+        if _json_depth(text) > MAX_METADATA_DEPTH:
+            raise AcdcError(f"{path}: metadata field '{key}' is nested deeper than {MAX_METADATA_DEPTH} levels")
+    return meta
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The raw metadata of a safetensors file, from its header alone: no tensor is read."""
+    path = Path(path)
+    if not path.is_file():
+        raise AcdcError(f"no such file: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return _checked_metadata(fh, path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise AcdcError(f"{path} is not a readable safetensors file ({first})") from None
+
+
+def recorded_config(path: Path) -> dict[str, Any]:
+    """The settings an acdc checkpoint records (from its header alone); empty when it records none."""
+    path = Path(path)
+    meta = read_metadata(path)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise AcdcError(f"{path} is not an acdc checkpoint (format: {meta.get('format', 'no acdc metadata')})")
+    config = _json_field(meta, "config", path, {})
+    if not isinstance(config, dict):
+        raise AcdcError(f"{path}: malformed metadata (epoch / config / metrics)")
+    _check_config(config, path)
+    return config
 
 
 def parse_json(text: str) -> Any:

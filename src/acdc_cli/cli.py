@@ -182,7 +182,7 @@ def train(
     With no options this runs the embedded quickstart: AC/DC to 90 % sparsity on scikit-learn's digits, on the CPU,
     in about ten seconds. Settings resolve as: defaults < preset < --config < ACDC_SECTION__KEY env < flags/--set.
     """
-    from acdc_cli.config import load_settings
+    from acdc_cli.config import load_settings, merge_layer
     from acdc_cli.train import default_run_dir, prepare_run_dir, run, saved_settings, summary_panel
 
     flags = {"data.dir": str(data_dir) if data_dir else None, "runtime.device": device, "runtime.seed": seed,
@@ -190,9 +190,13 @@ def train(
     if resume is not None:
         if preset or config or from_:
             raise AcdcError("--resume continues a run with its saved settings; drop --preset/--config/--from")
-        base = saved_settings(resume)
+        config_toml = saved_settings(resume)  # also: is it a run dir with a checkpoint
+        recorded = _recorded_run_settings(resume)
+        # config.toml (where a moved data.dir may be recorded) over the settings the checkpoint records, so that an
+        # emptied config.toml still resumes; what it or a flag changes is checked against the checkpoint
+        base = merge_layer(recorded.model_dump(mode="json"), config_toml)
         settings = load_settings(base=base, overrides=set_, flags=flags)
-        _check_resume_settings(_saved_run_settings(resume, base), settings)
+        _check_resume_settings(recorded, settings, resume)
         run_dir = resume
     else:
         # --from alone continues with the checkpoint's own settings (a pruned checkpoint's are compressed throughout)
@@ -299,22 +303,29 @@ _RESUME_SECTIONS_MAY_CHANGE = {"runtime", "log"}
 _RESUME_MUST_KEEP = {"runtime.seed", "runtime.sync_batchnorm"}
 
 
-def _saved_run_settings(run_dir: Path, base: dict[str, Any]):
-    """The run's settings exactly as config.toml holds them: no environment, no flags."""
+def _recorded_run_settings(run_dir: Path):
+    """The settings the run's last checkpoint was computed with, as recorded inside last.safetensors (config.toml is
+    a file anyone can edit, so it is not the reference)."""
     from pydantic import ValidationError
 
+    from acdc_cli.checkpoint import recorded_config
     from acdc_cli.config import Settings, format_validation_error
 
+    path = run_dir / "last.safetensors"
+    config = recorded_config(path)
+    if not config:
+        raise AcdcError(f"{path} records no settings, so this run cannot be resumed; start a new run with --from {path}")
     try:
-        return Settings(**base)
+        return Settings(**config)
     except ValidationError as exc:
-        raise AcdcError(f"{run_dir}/config.toml: {format_validation_error(exc)}") from None
+        raise AcdcError(f"{path}: recorded settings: {format_validation_error(exc)}") from None
 
 
-def _check_resume_settings(saved, requested) -> None:
-    """A resumed run continues the same computation: only locations and runtime/log knobs may change (from flags,
-    --set or ACDC_* variables alike); the seed, which fixes splits, data order and dropout, may not."""
-    a, b = saved.model_dump(mode="json"), requested.model_dump(mode="json")
+def _check_resume_settings(recorded, requested, run_dir: Path) -> None:
+    """A resumed run continues the same computation: only locations and runtime/log knobs may change (from
+    config.toml, flags, --set or ACDC_* variables alike); the seed, which fixes splits, data order and dropout, may
+    not. ``recorded``: the settings inside last.safetensors."""
+    a, b = recorded.model_dump(mode="json"), requested.model_dump(mode="json")
     for section, values in a.items():
         keys = values.keys() if isinstance(values, dict) else [None]
         for key in keys:
@@ -325,8 +336,9 @@ def _check_resume_settings(saved, requested) -> None:
                 continue
             if section in _RESUME_SECTIONS_MAY_CHANGE and dotted not in _RESUME_MUST_KEEP:
                 continue
-            raise AcdcError(f"cannot change {dotted} when resuming ({old!r} -> {new!r}); only locations "
-                            "(data.dir, ...) and runtime.* / log.* settings other than runtime.seed may change")
+            raise AcdcError(f"cannot change {dotted} when resuming ({old!r} in {run_dir / 'last.safetensors'} -> "
+                            f"{new!r} from config.toml, flags, --set or ACDC_*); only locations (data.dir, ...) and "
+                            "runtime.* / log.* settings other than runtime.seed may change")
 
 
 # ----------------------------------------------------------------------------------------------------------------
