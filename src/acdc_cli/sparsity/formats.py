@@ -36,7 +36,8 @@ def to_rows(weight: torch.Tensor) -> torch.Tensor:
     """(O, I, *k) -> (O, prod(k) * I) with the input channels innermost."""
     if weight.dim() < 2:
         raise ValueError(f"only weights of 2 or more dimensions have rows, got shape {tuple(weight.shape)}")
-    return to_groups_layout(weight).reshape(weight.shape[0], -1).contiguous()
+    # the column count spelled out: -1 is ambiguous for a layer of no weights
+    return to_groups_layout(weight).reshape(weight.shape[0], math.prod(weight.shape[1:])).contiguous()
 
 
 def from_rows(rows: torch.Tensor, shape: tuple[int, ...] | list[int]) -> torch.Tensor:

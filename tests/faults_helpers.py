@@ -1,0 +1,37 @@
+"""Small files for the fault tests (issue #15): a tiny checkpoint on synthetic data, and raw safetensors blobs."""
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+
+from acdc_cli.checkpoint import Checkpoint, save_checkpoint
+from acdc_cli.config import load_settings
+from acdc_cli.models import create
+
+# synthetic data, so `eval` of these checkpoints needs no dataset on disk
+TINY_SETTINGS = ["data.name=synthetic", "data.synthetic_size=64", "data.eval_batch_size=64", "model.name=tiny-test",
+                 'sparsity.include=["conv", "fc"]', "runtime.device=cpu"]
+
+
+def tiny_weights(seed: int = 0) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = create("tiny-test", num_classes=10, in_channels=3)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def tiny_checkpoint(path: Path, weights: dict[str, torch.Tensor] | None = None,
+                    masks: dict[str, torch.Tensor] | None = None, **extra) -> Path:
+    """A tiny-test checkpoint with these weights (default: a fresh model) and masks, written as acdc writes one."""
+    config = load_settings(overrides=TINY_SETTINGS).model_dump(mode="json")
+    save_checkpoint(path, Checkpoint(weights=weights if weights is not None else tiny_weights(), masks=masks or {},
+                                     arch="tiny-test", model_kwargs={"num_classes": 10, "in_channels": 3},
+                                     config=config, epoch=1, phase="sparse" if masks else "dense", **extra))
+    return path
+
+
+def raw_safetensors(header: dict, data: bytes = b"") -> bytes:
+    """A safetensors file from a header dict (tensor entries and ``__metadata__``) and the bytes that follow it."""
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data
