@@ -1,0 +1,210 @@
+"""Issue #15, item 5 and the output rules: what used to end in a traceback is one line on stderr; paths and names
+are never read as rich markup; JSON output is strict JSON (null, never NaN); a damaged metrics.jsonl loses no row."""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from acdc_cli.checkpoint import load_checkpoint, remove_stale_temps
+from acdc_cli.cli import app
+from acdc_cli.errors import AcdcError
+from acdc_cli.evaluate import eval_checkpoint
+from acdc_cli.export import load as load_export
+from acdc_cli.inspect import inspect_file
+from acdc_cli.metrics import MetricsLogger, read_jsonl
+from cli_helpers import fails
+from faults_helpers import tiny_checkpoint, tiny_weights
+
+QUICK = ["--set", "schedule.method=dense", "--set", "schedule.epochs=3", "--set", "log.tensorboard=false",
+         "--set", "log.progress=false"]
+
+
+def invoke(*args, env=None):
+    return CliRunner(env=env).invoke(app, [str(a) for a in args])
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN and Infinity, as every other JSON reader does."""
+    def refuse(constant):
+        raise ValueError(f"bare {constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> Path:
+    """A finished three-epoch dense run of the digits CNN, in a folder whose path holds "[/]" (copy before use)."""
+    run_dir = tmp_path_factory.mktemp("quick") / "a[" / "]b" / "run"
+    result = invoke("train", "--out", run_dir, *QUICK)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return run_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rich markup: "[/]" closes a tag, so a path or a name holding it used to raise MarkupError after the work was done
+
+
+def test_a_run_dir_holding_markup_finishes_with_its_summary(quick_run):
+    assert "[/]" in str(quick_run)
+    assert (quick_run / "best_dense.safetensors").is_file()  # the fixture asserted exit 0 and no exception
+
+
+def test_prune_export_inspect_eval_with_markup_in_paths(quick_run, tmp_path):
+    folder = tmp_path / "x[" / "]y"
+    folder.mkdir(parents=True)
+    pruned, exported = folder / "p.safetensors", folder / "e.safetensors"
+    result = invoke("prune", quick_run / "best_dense.safetensors", "--sparsity", "0.5", "-o", pruned)
+    assert result.exit_code == 0, result.output
+    assert f"wrote {pruned} and {folder / 'p.toml'}" in result.stdout
+    result = invoke("export", pruned, "-f", "sparse-bitmask", "-o", exported)
+    assert result.exit_code == 0, result.output
+    assert f"wrote {exported}:" in result.stdout
+    for args in (["inspect", "--layers", exported], ["eval", pruned]):
+        result = invoke(*args)
+        assert result.exit_code == 0, result.output
+    assert str(folder / "missing.safetensors") in fails(["inspect", str(folder / "missing.safetensors")])
+
+
+def test_layer_names_holding_markup_are_printed_as_they_are(tmp_path):
+    names = ("x[/]y.weight", "[bold]z.weight")
+    weights = {**tiny_weights(), **{name: torch.ones(4, 8) for name in names}}
+    # masked, so that export and inspect list them among the prunable layers
+    ckpt = tiny_checkpoint(tmp_path / "names.safetensors", weights=weights,
+                           masks={name: torch.ones(4, 8, dtype=torch.bool) for name in names})
+    result = invoke("export", ckpt, "-f", "dense", "-o", tmp_path / "e.safetensors")
+    assert result.exit_code == 0, result.output
+    assert "x[/]y.weight" in result.stdout and "[bold]z.weight" in result.stdout
+    result = invoke("inspect", "--layers", ckpt)
+    assert result.exit_code == 0, result.output
+    assert "x[/]y.weight" in result.stdout and "[bold]z.weight" in result.stdout
+
+
+def test_bench_table_with_markup_in_the_preset_name(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('preset = "my[/]preset"\n')
+    result = invoke("bench", "--config", config, "--steps", "1", "--warmup", "0", "--batch-size", "8")
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "my[/]preset" in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# nesting that recursion cannot parse
+
+
+def test_settings_nested_2000_deep_are_one_line(tmp_path):
+    deep = "[" * 2000 + "]" * 2000
+    config = tmp_path / "deep.toml"
+    config.write_text(f"[optim]\nmilestones = {deep}\n")
+    assert "nested too deeply" in fails(["train", "--dry-run", "--config", str(config)])
+    assert "nested too deeply" in fails(["train", "--dry-run", "--set", f"optim.milestones={deep}"])
+    result = invoke("train", "--dry-run", env={"ACDC_OPTIM__MILESTONES": deep})
+    assert result.exit_code == 2 and result.stderr.strip() == "error: environment: an ACDC_* value is nested too deeply"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# metadata that json cannot read
+
+
+@pytest.mark.parametrize("field", ["epoch", "config", "preset"])
+def test_an_integer_of_5000_digits_in_the_metadata_is_one_line_or_text(tmp_path, field):
+    """json.loads raises ValueError (not JSONDecodeError) past 4,300 digits; every reader used to pass it through."""
+    good = tiny_checkpoint(tmp_path / "good.safetensors")
+    with safe_open(str(good), framework="pt") as fh:
+        meta = fh.metadata()
+    path = tmp_path / "bigint.safetensors"
+    save_file(load_file(good), path, metadata={**meta, field: "7" * 5000})
+    if field == "preset":  # free text: read back as the string it is
+        assert load_checkpoint(path).extra["preset"] == "7" * 5000
+        return
+    for reader in (load_checkpoint, inspect_file, load_export, eval_checkpoint):
+        with pytest.raises(AcdcError, match=f"metadata field '{field}' is not valid JSON"):
+            reader(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# stale temporary files that cannot be removed (a read-only file system)
+
+
+def test_a_stale_temp_that_cannot_be_removed_is_left(tmp_path):
+    """A stale `.NAME.tmp` that unlink cannot remove (here a non-empty folder: root bypasses permissions) used to be an
+    OSError traceback out of remove_stale_temps."""
+    (tmp_path / ".last.safetensors.abc.tmp").mkdir()
+    (tmp_path / ".last.safetensors.abc.tmp" / "inside").write_text("x")
+    (tmp_path / ".config.toml.def.tmp").write_text("stale")
+    remove_stale_temps(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".last.safetensors.abc.tmp"]
+
+
+def test_resume_on_a_read_only_file_system_with_a_stale_temp_is_one_line(quick_run, tmp_path):
+    """The real case, in a mount namespace of our own: the run dir bind-mounted read-only."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1) for a private read-only mount")
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("user and mount namespaces are not available here")
+    run_dir = Path(shutil.copytree(quick_run, tmp_path / "run"))
+    (run_dir / ".last.safetensors.abc.tmp").write_text("stale")
+    script = (f'mount --bind "{run_dir}" "{run_dir}" && mount -o remount,bind,ro "{run_dir}" && '
+              f'exec "{sys.executable}" -m acdc_cli train --resume "{run_dir}"')
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == f"error: cannot write {run_dir / 'metrics.jsonl'}: Read-only file system"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# JSON: null for NaN
+
+
+def test_eval_json_writes_null_for_a_nan_loss(tmp_path):
+    weights = tiny_weights()
+    weights["fc.weight"] = torch.full_like(weights["fc.weight"], float("nan"))
+    path = tiny_checkpoint(tmp_path / "nan.safetensors", weights=weights)
+    result = invoke("eval", "--json", path)
+    assert result.exit_code == 0, result.output
+    report = strict_json(result.stdout)
+    assert report["loss"] is None and report["images"] == 16
+
+
+def test_inspect_json_writes_null_for_nan_metrics(tmp_path):
+    path = tiny_checkpoint(tmp_path / "m.safetensors", metrics={"val_top1": float("nan"), "val_loss": float("inf")})
+    result = invoke("inspect", "--json", path)
+    assert result.exit_code == 0, result.output
+    assert strict_json(result.stdout)["metadata"]["metrics"] == {"val_top1": None, "val_loss": None}
+
+
+def test_metrics_jsonl_writes_null_for_nan(tmp_path):
+    logger = MetricsLogger(tmp_path, Console(file=open("/dev/null", "w")), tensorboard=False, per_layer=False)
+    logger.log_epoch({"epoch": 0, "phase": "dense", "train_loss": float("nan"), "val_top1": 0.5})
+    logger.close()
+    (line,) = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert strict_json(line) == {"epoch": 0, "phase": "dense", "train_loss": None, "val_top1": 0.5}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a damaged metrics.jsonl
+
+
+@pytest.mark.parametrize("damage", [b'{"epoch": 1, "pha', b"\xff\xfe not even text", b"[1, 2]"])
+def test_resume_keeps_every_valid_row_and_sets_damaged_lines_aside(quick_run, tmp_path, damage):
+    """A damaged line used to end the rows read: --resume then rewrote metrics.jsonl without the epochs after it."""
+    run_dir = Path(shutil.copytree(quick_run, tmp_path / "run"))
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_bytes().splitlines()
+    assert len(lines) == 3
+    metrics.write_bytes(b"\n".join([lines[0], damage, lines[2]]) + b"\n")
+    result = invoke("train", "--resume", run_dir)
+    assert result.exit_code == 0, result.output
+    assert [row["epoch"] for row in read_jsonl(metrics)] == [0, 2]
+    assert (run_dir / "metrics.jsonl.damaged").read_bytes() == damage + b"\n"
+    notes = [line for line in result.stdout.splitlines() if "damaged" in line]
+    assert notes == [f"note: 1 damaged line(s) of {metrics} set aside in {metrics}.damaged"]
+    assert all(math.isfinite(row["val_top1"]) for row in read_jsonl(metrics))
