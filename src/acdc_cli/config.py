@@ -208,7 +208,7 @@ class Settings(BaseSettings):
     """Everything a run depends on. Saved as TOML in every run dir."""
 
     model_config = SettingsConfigDict(
-        env_prefix="ACDC_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
+        env_prefix="ACDC_", env_nested_delimiter="__", extra="forbid", validate_assignment=True, allow_inf_nan=False
     )
 
     preset: str | None = Field(None, description="name of the preset these settings came from")

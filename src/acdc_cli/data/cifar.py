@@ -109,10 +109,11 @@ def read_batch(raw: bytes, source: str, fmt: CifarFormat) -> tuple[torch.Tensor,
         label_array = None
     if label_array is None or label_array.dtype.kind not in "iu":
         raise AcdcError(f"{source} is not a {fmt.title} batch file ('{fmt.label_key}' is not a list of integers)")
+    if label_array.ndim != 1:
+        shape = " x ".join(map(str, label_array.shape)) or "()"
+        raise AcdcError(f"{source}: '{fmt.label_key}' has shape {shape}; expected one list of {data.shape[0]} labels")
     if label_array.shape != (data.shape[0],):
-        shape = "x".join(map(str, label_array.shape)) or "a scalar"
-        raise AcdcError(f"{source}: {data.shape[0]} images but '{fmt.label_key}' has shape {shape} "
-                        f"(expected {data.shape[0]} labels in one list)")
+        raise AcdcError(f"{source}: {data.shape[0]} images but {label_array.size} labels")
     label_array = label_array.astype(np.int64)
     if label_array.size and (label_array.min() < 0 or label_array.max() >= fmt.num_classes):
         raise AcdcError(f"{source}: labels outside 0..{fmt.num_classes - 1}")
