@@ -193,3 +193,12 @@ def test_zero_size_layers_within_the_bounds_are_read(tmp_path):
 def test_bench_refuses_sizes_it_cannot_measure(args, expected):
     """`bench --batch-size 0` used to run at the preset's batch size (0 read as "not given")."""
     assert expected in fails(["bench", *args])
+
+
+def test_the_largest_seed_draws_random_labels():
+    """runtime.seed allows up to 2**62 - 1, but seed * 1,000,003 overflowed torch's manual_seed (ValueError)."""
+    from acdc_cli.data.random_labels import select_random_labels
+
+    positions, labels = select_random_labels(torch.arange(100), 10, 10, seed=2**62 - 1)
+    assert positions.tolist() == sorted(set(positions.tolist())) and len(positions) == 10
+    assert ((0 <= labels) & (labels < 10)).all()
