@@ -110,6 +110,34 @@ def test_settings_nested_2000_deep_are_one_line(tmp_path):
     assert result.exit_code == 2 and result.stderr.strip() == "error: environment: an ACDC_* value is nested too deeply"
 
 
+@pytest.mark.parametrize("case,expected", [
+    ("a 5000-digit integer", "is not valid TOML: Exceeds the limit (4300 digits)"),
+    ("a symlink loop", "Too many levels of symbolic links"),
+    ("endless", "is larger than 1 MiB"),
+    ("not UTF-8", "not UTF-8 text"),
+    ("a folder", "Is a directory"),
+])
+def test_config_files_that_cannot_be_read_are_one_line(tmp_path, case, expected):
+    """Each of these was a traceback (ValueError, OSError), or read /dev/zero until the memory ran out."""
+    path = tmp_path / "c.toml"
+    if case == "a 5000-digit integer":
+        path.write_text(f"[optim]\nlr = {'9' * 5000}\n")
+    elif case == "a symlink loop":
+        path.symlink_to(path)
+    elif case == "endless":
+        path = Path("/dev/zero")
+    elif case == "not UTF-8":
+        path.write_bytes(b'description = "\xff"\n')
+    else:
+        path.mkdir()
+    assert expected in fails(["train", "--dry-run", "--config", str(path)])
+
+
+def test_a_5000_digit_set_value_is_read_as_text():
+    assert "optim.lr" in fails(["train", "--dry-run", "--set", f"optim.lr={'9' * 5000}"])
+    assert "schedule.epochs" in fails(["train", "--dry-run", "--set", f"schedule.epochs={'9' * 5000}"])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # metadata that json cannot read
 

@@ -28,6 +28,7 @@ MAX_BATCH_SIZE = 65_536  # 256 x the paper's ImageNet batch
 MAX_SYNTHETIC_SIZE = 1_000_000  # synthetic images per split
 MAX_WORKERS = 256  # loader worker processes
 MAX_THREADS = 1024  # torch CPU threads (torch crashes at exit with ~10**5)
+MAX_CONFIG_BYTES = 2**20  # a --config file (the presets are 1-3 kB)
 
 
 class _Section(BaseModel):
@@ -285,15 +286,23 @@ def preset_names() -> list[str]:
 def read_toml(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:
-            return tomllib.load(fh)
+            data = fh.read(MAX_CONFIG_BYTES + 1)  # bounded: --config /dev/zero never ends
     except FileNotFoundError:
         raise AcdcError(f"config file not found: {path}") from None
+    except OSError as exc:  # a folder, no permission, a symlink loop, ...
+        raise AcdcError(f"cannot read config {path}: {exc.strerror or exc.__class__.__name__}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise AcdcError(f"config {path} is larger than {MAX_CONFIG_BYTES // 2**20} MiB; a settings file is a few kB")
+    try:
+        return tomllib.loads(data.decode())
+    except UnicodeDecodeError:
+        raise AcdcError(f"cannot read config {path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise AcdcError(f"{path} is not valid TOML: {exc}") from None
     except RecursionError:  # tomllib parses nested arrays and inline tables recursively
         raise AcdcError(f"{path}: arrays or tables nested too deeply") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise AcdcError(f"cannot read config {path}: {exc.__class__.__name__}") from None
+    except ValueError as exc:  # an integer of more than 4,300 digits
+        raise AcdcError(f"{path} is not valid TOML: {str(exc).split(':')[0]}") from None
 
 
 def preset_path(name: str) -> Path:
@@ -315,7 +324,7 @@ def parse_set(item: str) -> tuple[list[str], Any]:
         raise AcdcError(f"--set: bad key '{key}' (expected section.key)")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except ValueError:  # not TOML (TOMLDecodeError), or an integer of more than 4,300 digits: a string
         value = raw
     except RecursionError:
         raise AcdcError(f"--set {key}: value nested too deeply") from None
