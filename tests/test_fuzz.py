@@ -306,3 +306,35 @@ def test_all_readers_fuzz_long(tmp_path, seeds, data):
         result = CliRunner().invoke(app, [*command, str(path)])
         assert result.exit_code in (0, 2), repr(result.exception)
         assert result.exit_code == 0 or len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def _setting_keys() -> list[str]:
+    from acdc_cli.config import Settings
+
+    keys = [name for name, field in Settings.model_fields.items() if not hasattr(field.annotation, "model_fields")]
+    for section, field in Settings.model_fields.items():
+        if hasattr(field.annotation, "model_fields"):
+            keys += [f"{section}.{name}" for name in field.annotation.model_fields]
+    return keys
+
+
+SET_VALUES = st.one_of(
+    st.text(max_size=30),
+    st.integers(-2**70, 2**70).map(str),
+    st.floats().map(repr),
+    st.sampled_from(["inf", "nan", "-0.0", "1e400", "true", "[]", "[[[[1]]]]", "{a = 1}", '"2:4"', "'x[/]y'",
+                     "9" * 5000, "[" * 3000, "[" * 1500 + "]" * 1500]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=st.sampled_from(_setting_keys()), raw=SET_VALUES)
+def test_set_fuzz(key, raw):
+    """`--set KEY=VALUE` with any value: settings, or an AcdcError of one line (never another exception)."""
+    try:
+        load_settings(overrides=[f"{key}={raw}"])
+    except AcdcError as exc:
+        assert str(exc) and "\n" not in str(exc), repr(exc)
+        event("AcdcError")
+    else:
+        event("settings")
