@@ -227,3 +227,9 @@ def test_an_emptied_config_toml_resumes_with_the_recorded_settings(finished):
     result = invoke("train", "--resume", finished)
     assert result.exit_code == 0, result.output
     assert load_settings(config=finished / "config.toml").model_dump(mode="json") == recorded
+
+
+@pytest.mark.parametrize("flag", [["--set", 'data.dir="~nosuchuser/data"'], ["--data-dir", "~nosuchuser"]])
+def test_a_data_dir_in_an_unknown_users_home_is_one_line(flag):
+    """Path.expanduser raises RuntimeError for ~name of no user (found by test_fuzz.test_set_fuzz)."""
+    assert "no such user's home folder" in fails(["train", "--dry-run", *flag])

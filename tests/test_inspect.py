@@ -112,17 +112,26 @@ def test_inspect_flags_a_layer_that_breaks_2_4(files, tmp_path):
     weight = ckpt.weights[name].clone()
     group = weight[0, 0:4, 1, 1]
     group[group == 0] = 0.5  # all four input channels of one group non-zero
-    ckpt.weights[name] = weight  # as if edited outside acdc: the mask still says 2:4
+    ckpt.weights[name] = weight  # as if edited outside acdc
+    # with the mask still 2:4, every reader applies it (issue #15): the layer stays 2:4, inspect warns about the file
+    outside = tmp_path / "outside.safetensors"
+    save_checkpoint(outside, ckpt)
+    info = inspect_json(outside)
+    assert info["structure_violations"] == [] and info["outside_mask"] == [name]
+    assert invoke("export", outside, "--format", "sparse-24-bitmask", "-o", tmp_path / "ok.safetensors").exit_code == 0
+    # with the mask edited too, the layer breaks 2:4
+    ckpt.masks[name] = ckpt.masks[name].clone()
+    ckpt.masks[name][0, 0:4, 1, 1] = True
     broken = tmp_path / "broken.safetensors"
     save_checkpoint(broken, ckpt)
     info = inspect_json(broken)
-    assert info["structure_violations"] == [name]
+    assert info["structure_violations"] == [name] and info["outside_mask"] == []
     assert [layer["name"] for layer in info["layers"] if layer["nm_valid"] is False] == [name]
     result = invoke("inspect", broken, "--layers")
     assert result.exit_code == 0 and f"{name} breaks the 2:4 structure" in " ".join(result.stdout.split())
     assert any("features.7" in line and " no " in line for line in result.stdout.splitlines())
-    # export folds the masks in, which restores 2:4; without masks the edited weights are refused
-    assert invoke("export", broken, "--format", "sparse-24-bitmask", "-o", tmp_path / "ok.safetensors").exit_code == 0
+    refused = invoke("export", broken, "--format", "sparse-24-bitmask", "-o", tmp_path / "x.safetensors")
+    assert refused.exit_code == 2 and name in refused.stderr and "acdc prune" in refused.stderr
     ckpt.masks = {}
     save_checkpoint(broken, ckpt)
     refused = invoke("export", broken, "--format", "sparse-24-bitmask", "-o", tmp_path / "x.safetensors")

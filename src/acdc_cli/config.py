@@ -63,7 +63,12 @@ class DataSettings(_Section):
     @classmethod
     def _absolute_dir(cls, value: Path | None) -> Path | None:
         # a run dir's config.toml must still name the data when the job restarts in another working directory
-        return value.expanduser().absolute() if value is not None else None
+        if value is None:
+            return None
+        try:
+            return value.expanduser().absolute()
+        except RuntimeError:  # ~name of a user that does not exist
+            raise ValueError(f"cannot expand '{str(value)[:60]}': no such user's home folder") from None
 
 
 class ModelSettings(_Section):
