@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from acdc_cli import export
 from acdc_cli.checkpoint import load_checkpoint, remove_stale_temps
 from acdc_cli.cli import app
 from acdc_cli.errors import AcdcError
@@ -155,6 +156,20 @@ def test_an_integer_of_5000_digits_in_the_metadata_is_one_line_or_text(tmp_path,
         return
     for reader in (load_checkpoint, inspect_file, load_export, eval_checkpoint):
         with pytest.raises(AcdcError, match=f"metadata field '{field}' is not valid JSON"):
+            reader(path)
+
+
+@pytest.mark.parametrize("field", ["layers", "tensors", "model_kwargs"])
+def test_an_integer_of_5000_digits_in_an_exports_metadata_is_one_line(tmp_path, field):
+    source = tiny_checkpoint(tmp_path / "src.safetensors")
+    exported = export.export_checkpoint(source, tmp_path / "e.safetensors", "sparse-bitmask").path
+    with safe_open(str(exported), framework="pt") as fh:
+        meta = fh.metadata()
+    path = tmp_path / "bigint.safetensors"
+    save_file(load_file(exported), path, metadata={**meta, field: "7" * 5000})
+    readers = (inspect_file, load_export) if field != "model_kwargs" else (export.load_model,)
+    for reader in readers:
+        with pytest.raises(AcdcError, match=f"metadata lacks a valid '{field}'"):
             reader(path)
 
 

@@ -25,6 +25,7 @@ from acdc_cli.checkpoint import (
     CHECKPOINT_FORMAT,
     Checkpoint,
     load_checkpoint,
+    parse_json,
     provenance,
     read_safetensors,
     rebuild_model,
@@ -269,8 +270,8 @@ def check_writable(out: Path, force: bool) -> None:
 
 def _meta_json(meta: dict[str, str], key: str, path: Path, kind: type) -> Any:
     try:
-        value = json.loads(meta[key])
-    except (KeyError, json.JSONDecodeError):
+        value = parse_json(meta[key])
+    except (KeyError, ValueError):  # ValueError: not JSON, or an integer of more than 4,300 digits
         raise AcdcError(f"{path}: metadata lacks a valid '{key}'") from None
     if not isinstance(value, kind):
         raise AcdcError(f"{path}: metadata field '{key}' is malformed")
