@@ -22,6 +22,15 @@ from acdc_cli.errors import AcdcError
 _NM = re.compile(r"^(\d+):(\d+)$")
 
 
+def _old_bool(value: Any, true: str, false: str) -> Any:
+    """A former boolean setting's value (a bool, or its text from an environment variable) as its new choice."""
+    if isinstance(value, bool):
+        return true if value else false
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return true if value.lower() == "true" else false
+    return value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -49,8 +58,28 @@ class DataSettings(_Section):
 
 
 class ModelSettings(_Section):
-    name: str = Field("digits-cnn", description="registered architecture (see models registry), e.g. wrn-28-10")
+    name: str = Field(
+        "digits-cnn",
+        description="built-in architecture (e.g. wrn-28-10), torchvision:<name> (e.g. torchvision:resnet18) or "
+        "timm:<name> (needs the timm extra)",
+    )
     dropout: float | None = Field(None, ge=0, lt=1, description="dropout probability (None: the model's default)")
+    weights: Path | None = Field(
+        None,
+        description="local pretrained weights to start from: .safetensors or a torch state dict (read with "
+        "weights_only=True); stored absolute; nothing is ever downloaded",
+    )
+    weights_skip: list[str] = Field(
+        default_factory=list,
+        description="glob patterns of state-dict keys of model.weights left as initialised, e.g. ['fc.*'] for a new "
+        "classifier",
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _absolute_weights(cls, value: Path | None) -> Path | None:
+        # a resumed or relaunched run must find the file from any working directory
+        return value.expanduser().absolute() if value is not None else None
 
 
 class OptimSettings(_Section):
@@ -75,7 +104,11 @@ class ScheduleSettings(_Section):
     decompressed_epochs: int = Field(3, gt=0, description="acdc: length of each decompressed (dense) phase")
     final_decompressed_epochs: int = Field(0, ge=0, description="acdc: dense phase before the final compressed one")
     final_compressed_epochs: int = Field(8, ge=0, description="acdc: length of the final compressed phase")
-    reset_momentum: bool = Field(True, description="zero optimizer momentum at every phase change")
+    reset_momentum: Literal["restore", "every", "never"] = Field(
+        "restore",
+        description="when optimizer momentum is zeroed: 'restore' at each decompression (the reference), 'every' "
+        "phase change, or 'never'",
+    )
     gmp_start_epoch: int = Field(0, ge=0, description="gmp: epoch of the first pruning step")
     gmp_end_epoch: int = Field(0, ge=0, description="gmp: epoch at which target sparsity is reached")
     prune_every: int = Field(1, gt=0, description="gmp: epochs between mask recomputations")
@@ -97,6 +130,12 @@ class ScheduleSettings(_Section):
         if value < 0:
             raise ValueError("must be an epoch number >= 0 or 'checkpoint'")
         return value
+
+    @field_validator("reset_momentum", mode="before")
+    @classmethod
+    def _reset_momentum_bool(cls, value: Any) -> Any:
+        # run dirs written before the choice existed hold a bool: true reset at every phase change
+        return _old_bool(value, "every", "never")
 
 
 class SparsitySettings(_Section):
@@ -140,7 +179,9 @@ class RuntimeSettings(_Section):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     seed: int = Field(0, ge=0, lt=2**62, description="seed for weights, data order, augmentation and splits")
     deterministic: bool = Field(False, description="bit-reproducible kernels (slower on GPU)")
-    amp: bool = Field(True, description="bf16 autocast on CUDA (CPU always runs fp32)")
+    amp: Literal["bf16", "fp16", "off"] = Field(
+        "bf16", description="autocast precision on CUDA: bf16, fp16 (with a gradient scaler) or off; CPU runs fp32"
+    )
     channels_last: bool = Field(True, description="channels_last memory format on CUDA")
     compile: bool = Field(False, description="torch.compile the model (CUDA)")
     sync_batchnorm: bool = Field(False, description="SyncBatchNorm across DDP ranks (CUDA; batch statistics "
@@ -152,6 +193,12 @@ class RuntimeSettings(_Section):
     nan_policy: Literal["stop", "skip"] = Field(
         "stop", description="non-finite loss: stop the run (exit 1), or skip the step (one host sync per step)"
     )
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_bool(cls, value: Any) -> Any:
+        # run dirs written before the choice existed hold a bool: true was bf16 autocast
+        return _old_bool(value, "bf16", "off")
 
     @field_validator("device")
     @classmethod

@@ -110,6 +110,18 @@ def decompressed_starts(phases: list[Phase]) -> list[int]:
     return [p.start for i, p in enumerate(phases) if p.kind == "dense" and i > 0]
 
 
+def momentum_resets(phases: list[Phase], policy: str) -> set[int]:
+    """Epochs at whose start the optimizer's momentum is zeroed: ``"restore"`` at the start of each dense phase that
+    follows a compressed one (not the warm-up), ``"every"`` at every phase change, ``"never"`` at none."""
+    if policy == "never":
+        return set()
+    if policy == "every":
+        return {p.start for p in phases[1:]}
+    if policy == "restore":
+        return {p.start for before, p in zip(phases, phases[1:]) if before.kind == "sparse" and p.kind == "dense"}
+    raise ValueError(f"unknown momentum reset policy {policy!r} (choose restore, every or never)")
+
+
 def learning_rate(settings: Settings, epoch: float) -> float:
     """LR at a (fractional) epoch: linear warm-up, then step or cosine decay."""
     o = settings.optim
