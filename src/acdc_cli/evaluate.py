@@ -3,7 +3,6 @@ checkpoint on its own dataset (``acdc eval``)."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,18 +17,12 @@ from acdc_cli.checkpoint import build_model, load_checkpoint
 from acdc_cli.config import load_settings
 from acdc_cli.distributed import resolve_device
 from acdc_cli.errors import AcdcError
+from acdc_cli.runtime import autocast
 from acdc_cli.sparsity.sparsifier import select_layers
 
 
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA; CPU runs fp32."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = False) -> dict[str, float]:
+def evaluate(model: nn.Module, loader, device: torch.device, amp: str | bool = False) -> dict[str, float]:
     """``{"loss", "top1", "top5", "images"}``; accuracies are fractions in [0, 1]."""
     was_training = model.training
     model.eval()
@@ -55,7 +48,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = False) 
 
 
 @torch.no_grad()
-def evaluate_memorized(model: nn.Module, loader, device: torch.device, amp: bool = False) -> dict[str, float]:
+def evaluate_memorized(model: nn.Module, loader, device: torch.device, amp: str | bool = False) -> dict[str, float]:
     """Memorization metrics over a loader of (x, random label, true label): how many of the random-label training
     images the model predicts as their random label (``memorized_top1``) and as their true one
     (``memorized_true_top1``)."""
