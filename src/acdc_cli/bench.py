@@ -36,6 +36,7 @@ from acdc_cli import models, runtime
 from acdc_cli.config import Settings
 from acdc_cli.distributed import DistInfo, resolve_device
 from acdc_cli.errors import AcdcError
+from acdc_cli.engine import ACDC
 from acdc_cli.sparsity.sparsifier import Sparsifier
 
 # classes of each dataset, for building the model without reading the dataset
@@ -224,13 +225,16 @@ def run_bench(settings: Settings, *, steps: int = 50, warmup: int = 10, batch_si
     say("acdc step" + (" (torch.compile warm-up can take a minute)" if rt.compile else ""))
     model = _build_model(settings, device)
     net = runtime.prepare_model(model, settings, DistInfo(0, 1, 0, device))
-    sparsifier = _masks_at_target(model, settings)
     optimizer = build_optimizer(model, settings)
+    # the engine's step hooks mask as in training; the masks are set at the target sparsity, whatever the plan
+    sparsifier = ACDC.from_settings(settings, model, optimizer).sparsifier
+    sparsifier.compress(settings.sparsity.target)
+    scaler = runtime.grad_scaler(device, rt.amp)
     if warmup:
-        train_epoch(net, RepeatedBatch(images, labels, warmup), optimizer, sparsifier, settings, 0, device, None)
+        train_epoch(net, RepeatedBatch(images, labels, warmup), optimizer, settings, 0, device, None, scaler=scaler)
     timed = RepeatedBatch(images, labels, steps)
     step_seconds = elapsed_seconds(
-        lambda: train_epoch(net, timed, optimizer, sparsifier, settings, 0, device, None), device)
+        lambda: train_epoch(net, timed, optimizer, settings, 0, device, None, scaler=scaler), device)
     acdc = steps * batch / step_seconds
 
     say("global mask update")
@@ -250,7 +254,7 @@ def run_bench(settings: Settings, *, steps: int = 50, warmup: int = 10, batch_si
         if tensor_data:
             say("training epoch (input pipeline + step + masks + metrics)")
             epoch_seconds = elapsed_seconds(
-                lambda: train_epoch(net, loader, optimizer, sparsifier, settings, 0, device, None), device)
+                lambda: train_epoch(net, loader, optimizer, settings, 0, device, None, scaler=scaler), device)
             epoch = loader.num_samples / epoch_seconds
 
     return {
@@ -266,7 +270,8 @@ def run_bench(settings: Settings, *, steps: int = 50, warmup: int = 10, batch_si
         "warmup": warmup,
         "sparsity": settings.sparsity.target,
         "structure": settings.sparsity.structure,
-        "acdc_amp": rt.amp and on_cuda,
+        "acdc_amp": runtime.precision(device, rt.amp) != "fp32",
+        "acdc_precision": runtime.precision(device, rt.amp),
         "acdc_channels_last": rt.channels_last and on_cuda,
         "acdc_compile": rt.compile,
         "reference_img_per_s": reference,
@@ -283,7 +288,8 @@ def run_bench(settings: Settings, *, steps: int = 50, warmup: int = 10, batch_si
 def render(result: dict[str, Any], console: Console) -> None:
     """The bench result as a table, with how it was measured."""
     acdc_mode = ", ".join(
-        label for key, label in (("acdc_amp", "bf16 autocast"), ("acdc_channels_last", "channels_last"),
+        label for key, label in (("acdc_amp", f"{result['acdc_precision']} autocast"),
+                                 ("acdc_channels_last", "channels_last"),
                                  ("acdc_compile", "torch.compile")) if result[key]
     ) or "fp32, eager"
     table = Table(title=f"acdc bench: {result['preset'] or result['model']} on {result['device']}")

@@ -107,6 +107,14 @@ SetOpt = Annotated[
     typer.Option("--set", "-s", help="Override one setting, e.g. --set optim.lr=0.02 (repeatable; value read as TOML)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--model", help="For a plain state dict (.safetensors or a torch file): the model it belongs to, "
+                 "e.g. torchvision:resnet18 (with --num-classes)."),
+]
+NumClassesOpt = Annotated[
+    Optional[int], typer.Option("--num-classes", help="For a plain state dict: the model's number of classes.")
+]
 
 
 def _phases_table(phases) -> Table:
@@ -178,7 +186,8 @@ def train(
     in about ten seconds. Settings resolve as: defaults < preset < --config < ACDC_SECTION__KEY env < flags/--set.
     """
     from acdc_cli.config import load_settings
-    from acdc_cli.train import default_run_dir, prepare_run_dir, run, saved_settings, summary_panel
+    from acdc_cli.rundir import default_run_dir, prepare_run_dir, saved_settings
+    from acdc_cli.train import run, summary_panel
 
     flags = {"data.dir": str(data_dir) if data_dir else None, "runtime.device": device, "runtime.seed": seed,
              "data.download": True if download else None}
@@ -194,6 +203,9 @@ def train(
         base = _checkpoint_settings(from_) if from_ is not None and preset is None and config is None else None
         settings = load_settings(preset, config, set_, flags, base=base)
         run_dir = out or default_run_dir(settings)
+    if from_ is not None and settings.model.weights is not None:
+        raise AcdcError("--from and model.weights both give the starting weights; keep one")
+    _check_model(settings, check_weights=resume is None)
     if dry_run:
         _print_resolved(settings, as_json)
         return
@@ -248,6 +260,17 @@ def train(
         console.print(f"resume with: {resume_command}", markup=False, highlight=False, soft_wrap=True)
     else:
         console.print(summary_panel(result))
+
+
+def _check_model(settings, check_weights: bool) -> None:
+    """The model name and (for a new run) the pretrained weights file, checked before anything runs (--dry-run
+    too)."""
+    from acdc_cli.models import lookup
+
+    lookup(settings.model.name)
+    weights = settings.model.weights
+    if check_weights and weights is not None and not weights.is_file():
+        raise AcdcError(f"model.weights: no such file {weights}")
 
 
 def _checkpoint_settings(path: Path) -> dict[str, Any]:
@@ -530,6 +553,8 @@ def prune(
         Optional[list[str]], typer.Option("--exclude", help="Glob over module names to keep dense (repeatable).")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite OUT (and its .toml) if they exist.")] = False,
+    model: ModelOpt = None,
+    num_classes: NumClassesOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """One-shot magnitude pruning with the training engine: unstructured (global or uniform) or N:M.
@@ -541,7 +566,8 @@ def prune(
     """
     from acdc_cli.prune import prune_checkpoint
 
-    result = prune_checkpoint(checkpoint, out, sparsity, structure, scope, include, exclude, force)
+    result = prune_checkpoint(checkpoint, out, sparsity, structure, scope, include, exclude, force, model,
+                              num_classes)
     if as_json:
         print(json.dumps(result.as_dict()))
         return
@@ -570,6 +596,8 @@ def export_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="The .safetensors file to write.")],
     dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16.")] = "float32",
     force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
+    model: ModelOpt = None,
+    num_classes: NumClassesOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write a checkpoint as a sparse file that is really smaller, or as a dense state dict.
@@ -582,7 +610,7 @@ def export_cmd(
     """
     from acdc_cli.export import export_checkpoint
 
-    result = export_checkpoint(checkpoint, out, format_, dtype, force)
+    result = export_checkpoint(checkpoint, out, format_, dtype, force, model, num_classes)
     summary = result.as_dict()
     if as_json:
         print(json.dumps(summary))

@@ -87,8 +87,8 @@ def eval_checkpoint(
         raise AcdcError(f"unknown split '{split}' (choose {', '.join(SPLITS)})")
     path = Path(path)
     ckpt = load_checkpoint(path)
-    if not ckpt.config:
-        raise AcdcError(f"{path} records no training settings, so its dataset is unknown")
+    if "data" not in ckpt.config:  # acdc.save() without data=...
+        raise AcdcError(f"{path} records no dataset, so there is nothing to evaluate it on")
     flags = {
         "data.dir": str(data_dir) if data_dir is not None else None,
         "data.eval_batch_size": batch_size,

@@ -158,15 +158,19 @@ def _structure(fmt: str, ckpt: Checkpoint) -> str:
     return str((ckpt.config.get("sparsity") or {}).get("structure", "unstructured"))
 
 
-def export_checkpoint(source: Path, out: Path, fmt: str, dtype: str = "float32", force: bool = False) -> ExportResult:
-    """Write ``out`` in format ``fmt`` from the checkpoint ``source``; returns the mask statistics and sizes."""
+def export_checkpoint(source: Path, out: Path, fmt: str, dtype: str = "float32", force: bool = False,
+                      model_name: str | None = None, num_classes: int | None = None) -> ExportResult:
+    """Write ``out`` in format ``fmt`` from the checkpoint ``source`` (or, with ``model_name`` and ``num_classes``, a
+    plain state dict); returns the mask statistics and sizes."""
+    from acdc_cli.weights import load_source
+
     source, out = Path(source), Path(out)
     if fmt not in FORMATS:
         raise AcdcError(f"unknown export format '{fmt}' (choose {', '.join(FORMATS)})")
     if dtype not in DTYPES:
         raise AcdcError(f"unknown dtype '{dtype}' (choose {', '.join(DTYPES)})")
     check_writable(out, force)
-    ckpt = load_checkpoint(source)
+    ckpt = load_source(source, model_name, num_classes)
     cast = DTYPES[dtype]
     weights = {k: v.to(cast) if v.is_floating_point() else v
                for k, v in sorted(fold_masks(ckpt).items(), key=lambda item: natural_key(item[0]))}
