@@ -78,7 +78,8 @@ def lookup(name: str) -> tuple[ModelEntry, dict[str, int]]:
     prefixed = TORCHVISION + name
     if prefixed in candidates and prefixed not in close:
         close.insert(0, prefixed)
-    hint = f"did you mean {', '.join(close[:3])}?" if close else "built-in: " + ", ".join(e.name for e in _REGISTRY.values())
+    builtin = ", ".join(e.name for e in _REGISTRY.values())
+    hint = f"did you mean {', '.join(close[:3])}?" if close else f"built-in: {builtin}"
     raise AcdcError(f"unknown model '{name}'; {hint} (also torchvision:<name>, timm:<name>)")
 
 
