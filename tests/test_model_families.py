@@ -154,6 +154,11 @@ def test_train_from_local_weights_and_its_one_line_errors(tmp_path):
     result = CliRunner().invoke(app, [*common, "--set", 'model.weights_skip=["fc.*"]', "--out", str(tmp_path / "ok")])
     assert result.exit_code == 0, result.output
     assert "left as initialised: fc.weight, fc.bias" in result.output
+    # its checkpoints carry on with --from: their own weights are the start, not model.weights again
+    carried = CliRunner().invoke(app, ["train", "--from", str(tmp_path / "ok" / "last.safetensors"),
+                                       "--out", str(tmp_path / "carried")])
+    assert carried.exit_code == 0, carried.output
+    assert "model.weights" not in carried.output
     assert "no such file" in fails(["train", "--dry-run", "--set", f"model.weights={tmp_path / 'missing.pt'}"])
     weights = str(tmp_path / "w.safetensors")
     both = ["train", "--preset", "quickstart", "--from", weights, "--set", f"model.weights={weights}"]

@@ -281,6 +281,10 @@ def _checkpoint_settings(path: Path) -> dict[str, Any]:
     config = load_checkpoint(path).config
     if not config:
         raise AcdcError(f"--from {path} records no settings; give --preset or --config as well")
+    # the pretrained weights that run started from are history: the checkpoint's own weights are the start now
+    model = config.get("model")
+    if isinstance(model, dict) and "weights" in model:
+        config = {**config, "model": {k: v for k, v in model.items() if k != "weights"}}
     return config
 
 
