@@ -131,7 +131,7 @@ def test_gmp_presets_ramp_cubically_and_hold():
         assert phases[-1] == {"start": 40, "end": 100, "kind": "sparse", "sparsity": target}
         config = load_settings(preset=name)
         assert config.schedule.method == "gmp" and config.schedule.prune_every == 5
-        assert not config.schedule.reset_momentum
+        assert config.schedule.reset_momentum == "never"
 
 
 def test_ftdense_continues_from_the_checkpoint_epoch():
