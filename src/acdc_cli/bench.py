@@ -35,8 +35,8 @@ from torch import nn
 from acdc_cli import models, runtime
 from acdc_cli.config import Settings
 from acdc_cli.distributed import DistInfo, resolve_device
-from acdc_cli.errors import AcdcError
 from acdc_cli.engine import ACDC
+from acdc_cli.errors import AcdcError
 from acdc_cli.sparsity.sparsifier import Sparsifier
 
 # classes of each dataset, for building the model without reading the dataset

@@ -122,8 +122,7 @@ def prune_checkpoint(
         phase="sparse",
         # the source's metrics described other weights; eval measures these
         metrics={},
-        extra={**{k: v for k, v in ckpt.extra.items() if k != "imported_from"}, "kind": "prune",
-               "pruned_from": source.name},
+        extra={**ckpt.extra, "kind": "prune", "pruned_from": source.name},
     )
     save_checkpoint(out, pruned)
     atomic_write_text(config_path, settings.to_toml())
