@@ -60,9 +60,17 @@ class OptimSettings(_Section):
     weight_decay: float = Field(5e-4, ge=0, description="L2 weight decay")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
     lr_schedule: Literal["cosine", "step", "constant"] = Field("cosine", description="LR decay shape")
-    milestones: list[int] = Field(default_factory=list, description="step schedule: epochs after which LR *= gamma")
+    milestones: list[int] = Field(
+        default_factory=list, description="step schedule: first epochs at each lowered LR (LR *= gamma from each on)"
+    )
     gamma: float = Field(0.1, gt=0, description="step schedule: LR factor at each milestone")
-    lr_warmup_epochs: float = Field(0.0, ge=0, description="linear LR warm-up from 0, in epochs (per step)")
+    lr_warmup_epochs: float = Field(
+        0.0, ge=0, description="LR warm-up epochs W: epoch e < W at lr*(e+1)/W (per step: linear from 0)"
+    )
+    lr_per_step: bool = Field(
+        False, description="set the LR at every step (continuous warm-up and decay) instead of once per epoch as the "
+        "reference does"
+    )
     cosine_epochs: int | None = Field(None, gt=0, description="cosine period in epochs (None: schedule.epochs)")
     min_lr: float = Field(0.0, ge=0, description="cosine floor")
 
@@ -75,7 +83,10 @@ class ScheduleSettings(_Section):
     decompressed_epochs: int = Field(3, gt=0, description="acdc: length of each decompressed (dense) phase")
     final_decompressed_epochs: int = Field(0, ge=0, description="acdc: dense phase before the final compressed one")
     final_compressed_epochs: int = Field(8, ge=0, description="acdc: length of the final compressed phase")
-    reset_momentum: bool = Field(True, description="zero optimizer momentum at every phase change")
+    reset_momentum: Literal["restore", "every", "never"] = Field(
+        "restore", description="zero optimizer momentum at each restore (start of a dense phase after a compressed "
+        "one, as the reference), at every phase change, or never"
+    )
     gmp_start_epoch: int = Field(0, ge=0, description="gmp: epoch of the first pruning step")
     gmp_end_epoch: int = Field(0, ge=0, description="gmp: epoch at which target sparsity is reached")
     prune_every: int = Field(1, gt=0, description="gmp: epochs between mask recomputations")
@@ -84,6 +95,16 @@ class ScheduleSettings(_Section):
         description="first epoch to train; 'checkpoint' continues at the --from checkpoint's epoch, so the LR "
         "schedule and phase plan carry on where it stopped (dense fine-tuning of a best_dense checkpoint)",
     )
+
+    @field_validator("reset_momentum", mode="before")
+    @classmethod
+    def _reset_momentum_bool(cls, value: Any) -> Any:
+        # settings written before the policy had names: true meant every phase change, false never
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            value = value.lower() == "true"
+        if isinstance(value, bool):
+            return "every" if value else "never"
+        return value
 
     @field_validator("start_epoch")
     @classmethod
