@@ -127,13 +127,17 @@ def _phases_table(phases) -> Table:
 
 
 def _resolved_json(settings) -> dict[str, Any]:
-    from acdc_cli.sparsity.schedule import plan
+    from acdc_cli.sparsity.schedule import epoch_plan, plan
 
-    return {"config": settings.model_dump(mode="json"), "phases": [p.as_dict() for p in plan(settings)]}
+    return {
+        "config": settings.model_dump(mode="json"),
+        "phases": [p.as_dict() for p in plan(settings)],
+        "epochs": [e.as_dict() for e in epoch_plan(settings)],
+    }
 
 
 def _print_resolved(settings, as_json: bool) -> None:
-    from acdc_cli.sparsity.schedule import plan
+    from acdc_cli.sparsity.schedule import epoch_plan, plan
 
     if as_json:
         print(json.dumps(_resolved_json(settings), indent=2))
@@ -141,6 +145,15 @@ def _print_resolved(settings, as_json: bool) -> None:
     console = out_console()
     console.print(settings.to_toml(), highlight=False, markup=False)
     console.print(_phases_table(plan(settings)))
+    epochs = epoch_plan(settings)
+    resets = [str(e.epoch) for e in epochs if e.reset_momentum]
+    console.print(f"momentum zeroed at the start of epochs: {', '.join(resets) or 'none'} "
+                  f"(schedule.reset_momentum = {settings.schedule.reset_momentum})", highlight=False, markup=False)
+    shown = epochs if len(epochs) <= 4 else [*epochs[:3], None, epochs[-1]]
+    lrs = ", ".join("..." if e is None else f"{e.epoch}: {e.lr:.6g}" for e in shown)
+    cadence = "at every step" if settings.optim.lr_per_step else "once per epoch"
+    console.print(f"LR set {cadence}; at the start of epochs {lrs} (every epoch: --json, key \"epochs\")",
+                  highlight=False, markup=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -89,9 +89,17 @@ class OptimSettings(_Section):
     weight_decay: float = Field(5e-4, ge=0, description="L2 weight decay")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
     lr_schedule: Literal["cosine", "step", "constant"] = Field("cosine", description="LR decay shape")
-    milestones: list[int] = Field(default_factory=list, description="step schedule: epochs after which LR *= gamma")
+    milestones: list[int] = Field(
+        default_factory=list, description="step schedule: first epochs at each lowered LR (LR *= gamma from each on)"
+    )
     gamma: float = Field(0.1, gt=0, description="step schedule: LR factor at each milestone")
-    lr_warmup_epochs: float = Field(0.0, ge=0, description="linear LR warm-up from 0, in epochs (per step)")
+    lr_warmup_epochs: float = Field(
+        0.0, ge=0, description="LR warm-up epochs W: epoch e < W at lr*(e+1)/W (per step: linear from 0)"
+    )
+    lr_per_step: bool = Field(
+        False, description="set the LR at every step (continuous warm-up and decay) instead of once per epoch as the "
+        "reference does"
+    )
     cosine_epochs: int | None = Field(None, gt=0, description="cosine period in epochs (None: schedule.epochs)")
     min_lr: float = Field(0.0, ge=0, description="cosine floor")
 
