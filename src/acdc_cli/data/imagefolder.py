@@ -28,6 +28,7 @@ import io
 import math
 import os
 import random
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -143,6 +144,9 @@ def open_with_pil(data: bytes | bytearray, path: str, max_pixels: int) -> Any:
     """A PIL image in RGB, refused from its header when over the pixel bound (before its pixels are decoded)."""
     from PIL import Image, UnidentifiedImageError
 
+    header = jpeg_header(data)
+    if header is not None and header.height * header.width > max_pixels:
+        raise _too_large(path, header.height, header.width, max_pixels)  # as the other decoders say it
     try:
         with warnings.catch_warnings():
             # acdc applies its own bound below; PIL's warning would repeat for every epoch of a large image
@@ -153,7 +157,13 @@ def open_with_pil(data: bytes | bytearray, path: str, max_pixels: int) -> Any:
             raise _too_large(path, height, width, max_pixels)
         return image.convert("RGB")
     except Image.DecompressionBombError as exc:
-        raise AcdcError(f"cannot read image {path} (PIL refuses it: {str(exc).splitlines()[0]})") from None
+        # PIL refuses more than twice its own bound before acdc sees the size; its message holds the pixel count
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+        if found and int(found.group(1)) > max_pixels:
+            raise AcdcError(f"image {path} is {size}, more than data.max_image_pixels = {max_pixels:,}: shrink or "
+                            "remove it, or raise the bound") from None
+        raise AcdcError(f"image {path} is {size}, more than PIL decodes: shrink it or convert it to JPEG") from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         # truncated, corrupt or unknown files; PIL raises all of these for broken headers
         raise AcdcError(f"cannot read image {path} ({exc.__class__.__name__})") from None
