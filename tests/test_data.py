@@ -19,6 +19,8 @@ from acdc_cli.data.tensor_loader import TensorLoader
 from acdc_cli.errors import AcdcError
 
 CPU = torch.device("cpu")
+# torchvision 0.29 warns on each call to its codecs; acdc silences that at import, pytest restores warnings per test
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
 
 # ----------------------------------------------------------------------------------------------------------------
