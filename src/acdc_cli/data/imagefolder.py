@@ -227,14 +227,16 @@ def _interleaved(image: torch.Tensor) -> torch.Tensor:
 
 
 def train_pixels(image: torch.Tensor, plan: CropPlan) -> torch.Tensor:
-    """uint8 (3, H, W) on any device -> the planned crop resized to (3, 224, 224), flipped when planned; channels
-    interleaved in memory."""
+    """uint8 (3, H, W) on any device -> the planned crop resized to (3, 224, 224), flipped when planned (on the CPU
+    with the channels interleaved in memory)."""
     from torchvision.transforms.v2 import functional as F
 
     crop = image[:, plan.top : plan.top + plan.height, plan.left : plan.left + plan.width]
-    # the uint8 resize kernel works on interleaved channels: a copied crop in that layout comes back in it, where a
-    # strided view of the crop costs a repacking on the way in and another on the way out (30 % of the resize)
-    out = F.resize(_interleaved(crop), [CROP, CROP], antialias=True)
+    if crop.device.type == "cpu":
+        # the CPU's uint8 resize kernel works on interleaved channels: a copied crop in that layout comes back in it,
+        # where a strided view of the crop costs a repacking on the way in and another on the way out (30 % of it)
+        crop = _interleaved(crop)
+    out = F.resize(crop, [CROP, CROP], antialias=True)
     return out.flip(-1) if plan.flip else out
 
 
@@ -388,7 +390,8 @@ class ImageDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[Any, ...]:
         index, aug_seed = key
         path = self.path(index)
-        self._rng.seed(aug_seed)
+        if self.augment:
+            self._rng.seed(aug_seed)
         data = read_bytes(path)
         if self.decode == "pil":
             image = open_with_pil(data, path, self.max_pixels)
