@@ -421,9 +421,10 @@ def test_nvjpeg_batches_match_the_cpu_pipeline(tmp_path):
     host, device = make("cpu"), make("gpu")
     a = [x.cpu() for x, _ in host.iterate(normalized=False)]
     b = [x.cpu() for x, _ in device.iterate(normalized=False)]
-    for x, y in zip(a, b):
-        mse = (x.double() - y.double()).pow(2).mean().item()
-        assert 10 * np.log10(255**2 / max(mse, 1e-12)) > 35  # PSNR: the same pictures, crops and flips
+    psnr = [10 * np.log10(255**2 / max((x.double() - y.double()).pow(2).mean().item(), 1e-12)) for x, y in zip(a, b)]
+    # decoders that differ in IDCT and rounding only stay above 40 dB; on these pictures a crop 2 pixels off gives
+    # 30 dB and a wrong flip or crop 12 dB
+    assert len(psnr) == 3 and min(psnr) > 35, psnr
     again = [x.cpu() for x, _ in device.iterate(normalized=False)]
     tail = [x.cpu() for x, _ in device.iterate(2, normalized=False)]
     assert all(torch.equal(x, y) for x, y in zip(b, again)) and torch.equal(tail[0], b[2])
