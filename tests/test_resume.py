@@ -20,7 +20,7 @@ from acdc_cli.cli import app
 from acdc_cli.metrics import read_jsonl
 from acdc_cli.models import registry
 
-STEPS = 40  # 1,257 training digits in batches of 32
+STEPS = 39  # 1,257 training digits in whole batches of 32
 EPOCHS = 5
 # 5 epochs: dense, sparse, dense, sparse, sparse (two compressed phases, so mask change and a restore are covered)
 SHORT = [
@@ -200,19 +200,19 @@ class NanAt(nn.Module):
 
 @pytest.fixture
 def nan_model(monkeypatch):
-    """Register ``nan-at-45`` for this test only: step 4 of epoch 1 (steps 0-39 are epoch 0) gives a NaN loss."""
+    """Register ``nan-at-1-4`` for this test only: step 4 of epoch 1 (forward STEPS + 5) gives a NaN loss."""
     made: list[NanAt] = []
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
 
-    @registry.register("nan-at-45", input_size=8, in_channels=1)
+    @registry.register("nan-at-1-4", input_size=8, in_channels=1)
     def factory(num_classes: int = 10, in_channels: int = 1, dropout: float = 0.0) -> nn.Module:
-        made.append(NanAt(45, num_classes, in_channels, dropout))
+        made.append(NanAt(STEPS + 5, num_classes, in_channels, dropout))
         return made[-1]
 
     return made
 
 
-NAN_RUN = [*SHORT, "--set", "model.name=nan-at-45", "--set", "schedule.epochs=3",
+NAN_RUN = [*SHORT, "--set", "model.name=nan-at-1-4", "--set", "schedule.epochs=3",
            "--set", "schedule.final_compressed_epochs=1"]
 
 

@@ -45,7 +45,18 @@ class DataSettings(_Section):
     val_size: int = Field(270, ge=1, description="images held out of the training split for validation (model selection)")
     augment: bool = Field(True, description="dataset's standard training augmentation (crop + flip)")
     random_labels: int = Field(0, ge=0, description="memorization: this many training images get random labels")
-    num_workers: int = Field(4, ge=0, description="loader worker processes (ImageFolder only)")
+    num_workers: int | None = Field(
+        None, ge=0, description="ImageFolder loader worker processes per training process (None: the cores this "
+        "process may use, shared among the machine's ranks, minus one)"
+    )
+    decode: Literal["cpu", "gpu", "pil"] = Field(
+        "cpu", description="ImageFolder decoding: cpu (libjpeg-turbo in the workers), gpu (nvJPEG, batched, crop on "
+        "the GPU; CUDA only), pil (PIL in the workers, slower)"
+    )
+    max_image_pixels: int = Field(
+        89_478_485, gt=0, description="ImageFolder: an image with more pixels is refused, naming the file (default: "
+        "PIL's decompression-bomb bound, about 268 MB decoded)"
+    )
     download: bool = Field(False, description="fetch CIFAR when the folder is missing (needs a network)")
     synthetic_size: int = Field(512, gt=0, description="images per split for data.name=synthetic")
 
