@@ -569,6 +569,12 @@ def export_cmd(
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="The .safetensors file to write.")],
     dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16.")] = "float32",
+    conv_layout: Annotated[
+        str,
+        typer.Option("--conv-layout", help="sparse-bitmask: rows stores conv weights as (O, kh·kw·I) rows (compact); "
+                                           "native in their own shape, which compressed-tensors' ModelCompressor "
+                                           "restores by itself (bigger bitmask)."),
+    ] = "rows",
     force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -582,7 +588,7 @@ def export_cmd(
     """
     from acdc_cli.export import export_checkpoint
 
-    result = export_checkpoint(checkpoint, out, format_, dtype, force)
+    result = export_checkpoint(checkpoint, out, format_, dtype, force, conv_layout)
     summary = result.as_dict()
     if as_json:
         print(json.dumps(summary))
