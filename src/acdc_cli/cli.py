@@ -564,11 +564,20 @@ def export_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="The checkpoint to export.")],
     format_: Annotated[
         str,
-        typer.Option("--format", "-f", help="sparse-24-bitmask (2:4 weights), sparse-bitmask (any sparsity) or dense "
-                                            "(a plain state dict, masks folded in)."),
+        typer.Option("--format", "-f", help="sparse-24-bitmask (2:4 weights), sparse-bitmask (any sparsity), dense "
+                                            "(a plain state dict, masks folded in) or onnx (for ONNX Runtime and "
+                                            "TensorRT; needs the 'onnx' extra)."),
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="The .safetensors file to write.")],
-    dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16.")] = "float32",
+    out: Annotated[Path, typer.Option("--out", "-o", help="The .safetensors (or .onnx) file to write.")],
+    dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16 (onnx: float32).")] = "float32",
+    opset: Annotated[Optional[int], typer.Option("--opset", help="onnx: ONNX opset (18 or newer; default: the "
+                                                                 "exporter's).")] = None,
+    batch: Annotated[Optional[str], typer.Option("--batch", help="onnx: 'dynamic' (default) or a fixed batch "
+                                                                 "size.")] = None,
+    input_size: Annotated[Optional[int], typer.Option("--input-size", help="onnx: side of the square input image "
+                                                                           "(default: the model's, e.g. 224).")] = None,
+    fold_bn: Annotated[bool, typer.Option("--fold-bn", help="onnx: fold BatchNorm into the preceding convs (zeros "
+                                                            "stay zero; the 2:4 pattern is re-checked).")] = False,
     conv_layout: Annotated[
         str,
         typer.Option("--conv-layout", help="sparse-bitmask: rows stores conv weights as (O, kh·kw·I) rows (compact); "
@@ -584,10 +593,26 @@ def export_cmd(
     weights as O×kh×kw×I); dense is a plain state dict with the masks folded in, which torchvision loads. Prints the
     mask statistics and the size against a dense export.
 
-    `acdc_cli.export.load(OUT)` turns any export back into the exact dense state dict.
-    """
-    from acdc_cli.export import export_checkpoint
+    onnx writes the model in eval mode (fp32, masks folded in, BatchNorm kept unless --fold-bn) with input `input`
+    and output `logits`; it is written only after its initializers have been read back (pruned zeros intact) and
+    ONNX Runtime's logits compared with PyTorch's.
 
+    `acdc_cli.export.load(OUT)` turns any safetensors export back into the exact dense state dict.
+    """
+    from acdc_cli.export import ONNX, export_checkpoint
+
+    onnx_options = {"--opset": opset, "--batch": batch, "--input-size": input_size, "--fold-bn": fold_bn or None}
+    if format_ == ONNX:
+        if dtype != "float32" or conv_layout != "rows":
+            raise AcdcError("--format onnx writes float32 weights in their own shape (drop --dtype/--conv-layout; "
+                            "TensorRT builds fp16 engines with --fp16)")
+        from acdc_cli.onnx_export import export_onnx
+
+        _render_onnx_export(export_onnx(checkpoint, out, opset, batch, input_size, fold_bn, force), as_json)
+        return
+    given = [flag for flag, value in onnx_options.items() if value is not None]
+    if given:
+        raise AcdcError(f"{given[0]} applies to --format onnx only")
     result = export_checkpoint(checkpoint, out, format_, dtype, force, conv_layout)
     summary = result.as_dict()
     if as_json:
@@ -608,6 +633,31 @@ def export_cmd(
     console.print(table)
     console.print(f"wrote {result.path}: {_size(result.size_bytes)}, {summary['ratio_to_dense']:.3f} × a dense export "
                   f"({_size(result.dense_bytes)})", highlight=False)
+
+
+def _render_onnx_export(result, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result.as_dict()))
+        return
+    table = Table(title=f"onnx export (float32, opset {result.opset})")
+    for col in ("initializer", "shape", "kept", "sparsity", "2:4", "as trained"):
+        table.add_column(col, justify="right" if col in ("kept", "sparsity") else "left",
+                         overflow="fold", no_wrap=col != "initializer")
+    for layer in result.layers:
+        same = "bit-exact" if layer.exact else ("zeros kept" if layer.zeros_kept else "[red]changed[/]")
+        table.add_row(escape(layer.name), "×".join(map(str, layer.shape)), f"{layer.kept:,}", _pct(layer.sparsity),
+                      _nm_text(layer.nm_valid), same)
+    console = out_console()
+    console.print(table)
+    shape = "×".join(map(str, result.input_shape))
+    console.print(f"wrote {escape(str(result.path))}: {_size(result.size_bytes)}, input [bold]input[/] {shape} -> "
+                  f"[bold]logits[/], sparsity {_pct(result.sparsity)} ({escape(result.structure)})", highlight=False)
+    if result.fold_bn:
+        pattern = "2:4 kept in every 2:4 layer" if result.structure == "2:4" else "pruned zeros kept"
+        console.print(f"folded {result.batchnorms_folded} of {result.batchnorms} BatchNorm layers into the conv "
+                      f"before them (the others do not follow a conv); re-checked: {pattern}", highlight=False)
+    console.print(f"ONNX Runtime (CPU) vs PyTorch: max |Δ logit| {result.max_abs_diff:.2e} "
+                  f"(logits up to {result.max_abs_logit:.3g})", highlight=False)
 
 
 @app.command("inspect")
