@@ -447,7 +447,10 @@ def _nm_text(valid: bool | None) -> str:
 @app.command("eval")
 @user_errors
 def eval_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `acdc train` or `acdc prune`.")],
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A checkpoint (`acdc train`, `acdc prune`) or an export of any format (`acdc export`: "
+                                  "sparse-24-bitmask, sparse-bitmask, dense, onnx).")
+    ],
     data_dir: Annotated[
         Optional[Path],
         typer.Option("--data-dir", "-d", help="Dataset folder (default: the one saved in the checkpoint; digits need none)."),
@@ -459,13 +462,18 @@ def eval_cmd(
         Optional[int], typer.Option("--batch-size", "-b", min=1, help="Images per batch (default: data.eval_batch_size).")
     ] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N (default: as trained).")] = None,
+    amp: Annotated[bool, typer.Option("--amp", help="bf16 autocast on CUDA (default: fp32; the CPU always runs "
+                                                    "fp32).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Top-1, top-5 and loss of a checkpoint as saved, beside the paper's number.
+    """Top-1, top-5 and loss of a checkpoint or export as saved, beside the paper's number when comparable.
 
-    Evaluates the weights as saved (sparse or dense) and reports their sparsity over the prunable weights, and the
-    paper's top-1 with the difference when the checkpoint's preset records one. Model and dataset are rebuilt from the checkpoint's own metadata: no preset or flag is needed. Accuracies and
-    sparsity are fractions in [0, 1] in --json output.
+    Evaluates the weights as saved (sparse or dense) in fp32 (--amp: bf16 autocast on CUDA) and reports their
+    sparsity over the prunable weights. An .onnx export runs on ONNX Runtime's CPU provider, so the file you ship is
+    the one measured. The paper's top-1 and the difference are shown only when model, dataset, sparsity, structure
+    and epochs are still the preset's and the split is the test split; otherwise the output says why not. Model and
+    dataset are rebuilt from the file's own metadata: no preset or flag is needed. Accuracies and sparsity are
+    fractions in [0, 1] in --json output.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -478,7 +486,7 @@ def eval_cmd(
                             TimeRemainingColumn(), console=console, transient=True)
         progress.start()
     try:
-        result = eval_checkpoint(checkpoint, split, data_dir, batch_size, device, progress)
+        result = eval_checkpoint(checkpoint, split, data_dir, batch_size, device, progress, amp)
     finally:
         if progress is not None:
             progress.stop()
@@ -491,7 +499,9 @@ def eval_cmd(
     table.add_column("", justify="right")
     table.add_row("model", escape(f"{result['arch']} ({result['preset'] or 'no preset'}), "
                                   f"{_epochs_done(result['epoch'])}, {result['phase']}"))
+    table.add_row("file", escape(f"{result['kind']} ({result['format']}, {result['weights_dtype']} weights)"))
     table.add_row("split", f"{result['split']}, {result['images']:,} images on {result['device']}")
+    table.add_row("precision", result["precision"])
     table.add_row("top-1", _pct(result["top1"]))
     table.add_row("top-5", _pct(result["top5"]))
     table.add_row("loss", f"{result['loss']:.4f}")
@@ -500,7 +510,13 @@ def eval_cmd(
         table.add_row("val top-1 recorded in training", _pct(result["recorded_val_top1"]))
     if result["paper_top1"] is not None:
         table.add_row("paper top-1", f"{_pct(result['paper_top1'])} ({100 * result['paper_diff']:+.2f} points)")
-    out_console().print(table)
+    else:
+        table.add_row("paper top-1", "none shown (below)")
+    console = out_console()
+    console.print(table)
+    if result["paper_note"] is not None:
+        # on its own line: a table cell would fold the reason at the terminal's width
+        console.print(escape(f"no paper number: {result['paper_note']}"), highlight=False)
 
 
 @app.command()
