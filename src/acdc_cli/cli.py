@@ -333,14 +333,24 @@ def bench(
     preset: PresetOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    steps: Annotated[int, typer.Option("--steps", help="Timed training steps per mode (after the warm-up).")] = 50,
+    steps: Annotated[
+        Optional[int], typer.Option("--steps", help="Timed training steps per mode (default 50); with --inference, "
+                                                    "timed passes per model and batch size (default 20).")
+    ] = None,
     warmup: Annotated[
-        int, typer.Option("--warmup", help="Untimed steps first (absorbs torch.compile and cudnn autotuning).")
-    ] = 10,
+        Optional[int], typer.Option("--warmup", help="Untimed steps first (absorbs torch.compile and cudnn autotuning; "
+                                                     "default 10, with --inference 3).")
+    ] = None,
     batch_size: Annotated[
-        Optional[int], typer.Option("--batch-size", "-b", help="Batch size (default: the preset's data.batch_size).")
+        Optional[int], typer.Option("--batch-size", "-b", help="Batch size (default: the preset's data.batch_size; "
+                                                               "with --inference: 1 and this, default 64).")
     ] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N (runtime.device).")] = None,
+    inference: Annotated[
+        Optional[Path],
+        typer.Option("--inference", help="Instead: dense vs sparse inference throughput of this checkpoint or export "
+                                         "(.safetensors or .onnx), at batch 1 and 64."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure a preset's training speed on this device, in one run, on synthetic data.
@@ -349,17 +359,36 @@ def bench(
     channels_last and torch.compile as the settings say), plus a training epoch through the preset's loader, the
     global mask update and the input pipeline alone. Without --preset it measures the quickstart, in seconds on any
     machine. Use --set runtime.compile=true to time the compiled step.
+
+    With --inference FILE: images/s of the file's model with dense weights against its sparse weights, side by side
+    (median of --steps timed passes): on CUDA with PyTorch's 2:4 sparse kernels for 2:4 Linear layers, on ONNX
+    Runtime (CPU) for .onnx files; each layer says whether it ran a sparse kernel.
     """
+    status_console = err_console() if as_json else out_console()
+    if inference is not None:
+        if preset or config or set_:
+            raise AcdcError("--inference times the file's own model: drop --preset/--config/--set")
+        from acdc_cli.bench_inference import BATCH_SIZES, render as render_inference, run_inference_bench
+
+        sizes = BATCH_SIZES if batch_size is None else (1, batch_size)
+        with status_console.status("acdc bench --inference") as status:
+            result = run_inference_bench(inference, device, 20 if steps is None else steps,
+                                         3 if warmup is None else warmup, sizes,
+                                         status=lambda message: status.update(f"acdc bench --inference: {message}"))
+        if as_json:
+            print(json.dumps(result))
+        else:
+            render_inference(result, out_console())
+        return
     from acdc_cli.bench import render, run_bench
     from acdc_cli.config import load_settings
 
     settings = load_settings(preset, config, set_, {"runtime.device": device})
-    status_console = err_console() if as_json else out_console()
     with status_console.status("acdc bench") as status:
-        result = run_bench(settings, steps=steps, warmup=warmup, batch_size=batch_size,
-                           status=lambda message: status.update(f"acdc bench: {message}"))
+        result = run_bench(settings, steps=50 if steps is None else steps, warmup=10 if warmup is None else warmup,
+                           batch_size=batch_size, status=lambda message: status.update(f"acdc bench: {message}"))
     if as_json:
-        print(json.dumps(result))
+        print(json.dumps({"schema": "acdc.bench/1", **result}))
     else:
         render(result, out_console())
 
