@@ -49,7 +49,8 @@ def _check_numbers(data: dict, batch_sizes: list[int]) -> None:
 def test_checkpoint_on_the_cpu(files, one_thread):
     data = bench_json(files["checkpoint"])
     assert data["schema"] == "acdc.bench.inference/1"
-    assert (data["kind"], data["runtime"], data["device"], data["precision"]) == ("checkpoint", "pytorch", "cpu", "fp32")
+    assert (data["kind"], data["runtime"], data["device"]) == ("checkpoint", "pytorch", "cpu")
+    assert data["precision"] == "fp32"
     assert data["input_shape"] == [1, 8, 8] and data["repeats"] == 3 and data["warmup"] == 1
     _check_numbers(data, [1, 64])
     weights = fold_masks(load_checkpoint(files["checkpoint"]))

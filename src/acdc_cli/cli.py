@@ -477,8 +477,8 @@ def _nm_text(valid: bool | None) -> str:
 @user_errors
 def eval_cmd(
     checkpoint: Annotated[
-        Path, typer.Argument(help="A checkpoint (`acdc train`, `acdc prune`) or an export of any format (`acdc export`: "
-                                  "sparse-24-bitmask, sparse-bitmask, dense, onnx).")
+        Path, typer.Argument(help="A checkpoint (`acdc train`, `acdc prune`) or an export of any format "
+                                  "(`acdc export`: sparse-24-bitmask, sparse-bitmask, dense, onnx).")
     ],
     data_dir: Annotated[
         Optional[Path],
@@ -658,7 +658,7 @@ def export_cmd(
     given = [flag for flag, value in onnx_options.items() if value is not None]
     if given:
         raise AcdcError(f"{given[0]} applies to --format onnx only")
-    result = export_checkpoint(checkpoint, out, format_, dtype, force, conv_layout)
+    result = export_checkpoint(checkpoint, out, format_, dtype, force, conv_layout=conv_layout)
     summary = result.as_dict()
     if as_json:
         print(json.dumps(summary))

@@ -211,8 +211,8 @@ def eval_checkpoint(
         raise AcdcError(f"unknown split '{split}' (choose {', '.join(SPLITS)})")
     path = Path(path)
     source = open_for_eval(path)
-    if not source.config:
-        raise AcdcError(f"{path} records no training settings, so its dataset is unknown")
+    if "data" not in source.config:
+        raise AcdcError(f"{path} records no dataset, so there is nothing to evaluate it on")
     if source.kind == "onnx" and (amp or device not in (None, "cpu")):
         raise AcdcError("an ONNX file runs on ONNX Runtime's CPU provider in fp32: drop --device/--amp")
     flags = {
@@ -227,7 +227,7 @@ def eval_checkpoint(
     if loader is None or len(loader) == 0:
         raise AcdcError(f"dataset '{settings.data.name}' has no {split} split in these settings")
     model = source.model.to(dev)
-    # autocast only changes anything on CUDA: elsewhere --amp still computes in fp32, and says so
+    # bf16 autocast only runs on CUDA: elsewhere --amp still computes in fp32, and says so
     use_amp = amp and dev.type == "cuda"
     batches = loader if progress is None else _advancing(loader, progress, f"eval {split}")
     metrics = evaluate(model, batches, dev, use_amp)
@@ -254,7 +254,7 @@ def eval_checkpoint(
         "top5": metrics["top5"],
         "loss": metrics["loss"],
         "sparsity": zeros / max(numel, 1),
-        "precision": "bf16-autocast" if use_amp else "fp32",
+        "precision": "bf16" if use_amp else "fp32",
         "weights_dtype": source.weights_dtype,
         "paper_top1": paper,
         "paper_diff": metrics["top1"] - paper if paper is not None else None,

@@ -166,7 +166,7 @@ def _structure(fmt: str, ckpt: Checkpoint) -> str:
     return str((ckpt.config.get("sparsity") or {}).get("structure", "unstructured"))
 
 
-def export_checkpoint(source: Path, out: Path, fmt: str, dtype: str = "float32", force: bool = False,
+def export_checkpoint(source: Path, out: Path, fmt: str, dtype: str = "float32", force: bool = False, *,
                       conv_layout: str = F.ROWS) -> ExportResult:
     """Write ``out`` in format ``fmt`` from the checkpoint ``source``; returns the mask statistics and sizes.
 
