@@ -178,6 +178,29 @@ def test_missing_extra_names_it(sources, tmp_path, monkeypatch):
                                      "pip install 'acdc-cli[onnx]'")
 
 
+@pytest.mark.parametrize("damage", ["external-data", "short-initializer"])
+def test_hostile_onnx_files_are_one_line_errors(sources, tmp_path, damage):
+    """`acdc eval` / `bench --inference` read ONNX files: an initializer pointing to another file, or one whose data
+    does not fit its shape, is refused with one line."""
+    out = tmp_path / "m.onnx"
+    export_json(sources["unstructured"], "-o", out)
+    proto = onnx.load(str(out))
+    init = next(i for i in proto.graph.initializer if i.name == "classifier.1.weight")
+    if damage == "external-data":
+        init.data_location = onnx.TensorProto.EXTERNAL
+        init.external_data.add(key="location", value="/etc/passwd")
+        init.ClearField("raw_data")
+    else:
+        init.raw_data = init.raw_data[:100]
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(proto.SerializeToString())
+    for command in (["eval", bad], ["bench", "--inference", bad, "--steps", "1"]):
+        result = invoke(*command)
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "classifier.1.weight" in lines[0], result.stderr
+
+
 def test_existing_output_is_kept_without_force(sources, tmp_path):
     out = tmp_path / "m.onnx"
     out.write_bytes(b"keep me")

@@ -128,14 +128,15 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int, int]:
     """(model with every BatchNorm that directly follows a conv folded into it, BatchNorm layers before, after)."""
     from torch.fx.experimental.optimization import fuse
 
-    def count(m: nn.Module) -> int:
-        return sum(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.modules())
-
     try:
         fused = fuse(model)
     except Exception as exc:  # torch.fx cannot trace every model; say which and why
         raise AcdcError(f"--fold-bn: torch.fx cannot trace this model ({_first_line(exc)})") from exc
-    return fused, count(model), count(fused)
+    return fused, batchnorm_count(model), batchnorm_count(fused)
+
+
+def batchnorm_count(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _first_line(exc: BaseException) -> str:
@@ -195,15 +196,15 @@ def export_onnx(source: Path, out: Path, opset: int | None = None, batch: str | 
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(fixed_batch or 2, channels, side, side, generator=generator)
 
-    exported, batchnorms, left = model, 0, 0
     if fold_bn:
         exported, batchnorms, left = fold_batchnorm(model)
     else:
-        batchnorms = left = sum(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in model.modules())
+        exported, batchnorms, left = model, batchnorm_count(model), batchnorm_count(model)
     graph = _graph(exported, example, opset, dynamic=fixed_batch is None)
 
     masks = ckpt.masks
     prunable = prunable_names(weights, masks, ckpt.config)
+    # as the safetensors exports say it: the saved N:M / unstructured rule when there are masks
     structure = str((ckpt.config.get("sparsity") or {}).get("structure", "unstructured")) if masks else "dense"
     metadata = {
         "format": ONNX_FORMAT,
@@ -246,10 +247,16 @@ def _serialize(graph: Any, metadata: dict[str, Any]) -> Any:
 
 
 def initializers(proto: Any) -> dict[str, np.ndarray]:
-    """Every initializer of an ONNX model by name, as numpy arrays."""
+    """Every initializer of an ONNX model by name, as numpy arrays; a malformed one is a one-line AcdcError."""
     from onnx import numpy_helper
 
-    return {init.name: numpy_helper.to_array(init) for init in proto.graph.initializer}
+    out = {}
+    for init in proto.graph.initializer:
+        try:
+            out[init.name] = numpy_helper.to_array(init)
+        except Exception as exc:  # onnx raises ValueError, TypeError, ... for tensors whose data does not fit
+            raise AcdcError(f"ONNX initializer {init.name!r} is malformed ({_first_line(exc)})") from None
+    return out
 
 
 def check_initializers(proto: Any, weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
@@ -361,6 +368,10 @@ def read_onnx(path: Path) -> tuple[Any, dict[str, str]]:
     meta = {prop.key: prop.value for prop in proto.metadata_props}
     if meta.get("format") != ONNX_FORMAT:
         raise AcdcError(f"{path} is an ONNX file but not an acdc export (it carries no acdc metadata)")
+    # acdc writes every initializer into the file; one pointing elsewhere would make the readers open that path
+    external = [init.name for init in proto.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL]
+    if external:
+        raise AcdcError(f"{path}: initializer {external[0]!r} points to external data, which acdc does not read")
     return proto, meta
 
 
