@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from acdc_cli import train
-from acdc_cli.checkpoint import BackgroundWriter
 from acdc_cli.config import load_settings
+from acdc_cli.distributed import DistInfo
+from acdc_cli.engine import ACDC
 from acdc_cli.models import create
-from acdc_cli.sparsity.schedule import plan
-from acdc_cli.sparsity.sparsifier import Sparsifier
+from acdc_cli.rundir import RunDir
 
 
 def main() -> None:
@@ -38,20 +38,18 @@ def main() -> None:
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     optimizer.step()  # momentum buffers exist, as in a real run
-    sp = settings.sparsity
-    sparsifier = Sparsifier(model, sp.include, sp.exclude, sp.scope, sp.structure)
-    sparsifier.compress(sp.target)
-    phase = [p for p in plan(settings) if p.kind == "sparse"][-1]
+    engine = ACDC.from_settings(settings, model, optimizer)
+    phase = engine.start_epoch(settings.schedule.epochs - 1)  # the final compressed phase: masks at the target
     folder = Path(tempfile.mkdtemp(dir=args.dir, prefix="acdc-ckpt-bench-"))
-    writer = BackgroundWriter()
+    store = RunDir(folder, settings, {"num_classes": 100}, model, engine, optimizer,
+                   torch.amp.GradScaler("cpu", enabled=False), DistInfo(0, 1, 0, torch.device("cpu")))
     try:
         for i in range(args.repeats):
             row = {"epoch": i, "val_top1": float(i)}  # improving: best_sparse is written each time too
             started = time.perf_counter()
-            train._save_epoch(writer, folder, model, sparsifier, optimizer, settings, {"num_classes": 100}, phase,
-                              row, train.RunState())
+            store.save_epoch(phase, row)
             returned = time.perf_counter()
-            writer.wait()
+            store.wait()
             done = time.perf_counter()
             size = sum(f.stat().st_size for f in folder.iterdir()) / 1e6
             print(f"{args.model}: training thread blocked {returned - started:.3f} s; files ({size:.0f} MB) on disk "

@@ -146,6 +146,7 @@ from acdc_cli.bench import RepeatedBatch
 from acdc_cli.config import load_settings
 from acdc_cli.distributed import DistInfo
 from acdc_cli.models import create
+from acdc_cli.engine import ACDC
 from acdc_cli.sparsity import masks as M
 from acdc_cli.sparsity.sparsifier import Sparsifier
 from acdc_cli.train import build_optimizer, train_epoch
@@ -192,16 +193,15 @@ for structure, sparsity in (("unstructured", 0.95), ("2:4", 0.5)):
     torch.manual_seed(0)
     model = create("wrn-10-2", num_classes=100).to(dev)
     net = runtime.prepare_model(model, settings, DistInfo(0, 1, 0, dev))
-    sp = settings.sparsity
-    sparsifier = Sparsifier(model, sp.include, sp.exclude, sp.scope, sp.structure)
     optimizer = build_optimizer(model, settings)
+    sparsifier = ACDC.from_settings(settings, model, optimizer).sparsifier  # its step hooks apply these masks
     batch, steps = (16, 3) if rehearsal else (128, 20)
     x = torch.randn(batch, 3, 32, 32, device=dev)
     y = torch.randint(0, 100, (batch,), device=dev)
-    train_epoch(net, RepeatedBatch(x, y, 3), optimizer, sparsifier, settings, 0, dev, None)  # dense, compiles
+    train_epoch(net, RepeatedBatch(x, y, 3), optimizer, settings, 0, dev, None)  # dense, compiles
     sparsifier.compress(sparsity)
     masks = {k: v.clone() for k, v in sparsifier.masks.items()}
-    stats = train_epoch(net, RepeatedBatch(x, y, steps), optimizer, sparsifier, settings, 0, dev, None)
+    stats = train_epoch(net, RepeatedBatch(x, y, steps), optimizer, settings, 0, dev, None)
     params = dict(model.named_parameters())
     weights_zero = all(int(torch.count_nonzero(params[k].detach()[~m])) == 0 for k, m in masks.items())
     grads_zero = all(int(torch.count_nonzero(params[k].grad[~m])) == 0 for k, m in masks.items())

@@ -28,6 +28,7 @@ def test_bench_json_reports_both_modes_and_ratio():
     # the CPU step runs fp32 whatever the settings say; the mask update covers every conv/linear weight
     assert out["acdc_amp"] is False and out["acdc_channels_last"] is False
     assert out["mask_weights"] == 98_848 and out["pipeline"].startswith("TensorLoader")
+    assert out["pipeline_pil_img_per_s"] is None and out["pipeline_ratio"] is None  # no PIL path to compare
 
 
 def test_bench_table_and_bad_input():
@@ -44,8 +45,11 @@ def test_bench_times_the_imagefolder_pipeline_on_generated_jpegs():
     # an ImageNet preset with a tiny model in its place: the JPEG pipeline is real, the step is cheap
     out = _bench_json("--preset", "resnet50-imagenet-90", "--set", "model.name=tiny-test",
                       "--set", "data.num_workers=0", "-b", "4", "--steps", "2", "--warmup", "1")
-    assert out["dataset"] == "imagenet" and out["pipeline"].startswith("ImageFolder")
+    assert out["dataset"] == "imagenet" and out["pipeline"].startswith("ImageFolder, data.decode=cpu")
     assert out["pipeline_img_per_s"] > 0 and out["acdc_epoch_img_per_s"] is None
+    # the PIL decoder side by side, per core, and their ratio
+    assert out["pipeline_pil_img_per_s"] > 0
+    assert out["pipeline_ratio"] == pytest.approx(out["pipeline_img_per_s"] / out["pipeline_pil_img_per_s"])
     assert out["reference_img_per_s"] > 0 and out["acdc_img_per_s"] > 0
 
 

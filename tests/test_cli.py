@@ -1,7 +1,9 @@
 """The CLI through Typer's runner: settings layers, dry runs, presets, one-line errors."""
 
 import json
+import math
 
+import pytest
 from typer.testing import CliRunner
 
 from acdc_cli import __version__
@@ -37,10 +39,13 @@ def test_debug_shows_the_traceback():
 
 def test_dry_run_json_shape():
     data = json.loads(invoke("train", "--dry-run", "--json").stdout)
-    assert set(data) == {"config", "phases"}
+    assert set(data) == {"config", "phases", "epochs"}
     assert data["config"]["preset"] == "quickstart"
     assert data["phases"][0] == {"start": 0, "end": 4, "kind": "dense", "sparsity": 0.0}
     assert data["phases"][-1] == {"start": 22, "end": 30, "kind": "sparse", "sparsity": 0.9}
+    assert [e["epoch"] for e in data["epochs"]] == list(range(30))
+    assert data["epochs"][7] == {"epoch": 7, "phase": "dense", "sparsity": 0.0, "lr": pytest.approx(0.05 * 0.5 * (
+        1 + math.cos(math.pi * 7 / 30))), "reset_momentum": True}
 
 
 def test_dry_run_table_and_flags():

@@ -13,12 +13,14 @@ import torch
 
 from acdc_cli.config import load_settings
 from acdc_cli.data import build, cifar, split_val
-from acdc_cli.data.imagefolder import ImageDataset, ImageLoader, eval_transform
+from acdc_cli.data.imagefolder import ImageDataset, ImageLoader
 from acdc_cli.data.random_labels import select_random_labels
 from acdc_cli.data.tensor_loader import TensorLoader
 from acdc_cli.errors import AcdcError
 
 CPU = torch.device("cpu")
+# torchvision 0.29 warns on each call to its codecs; acdc silences that at import, pytest restores warnings per test
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -318,7 +320,9 @@ def test_imagefolder_bundle_splits_and_shapes(tmp_path):
              for split in ("train", "val", "test")}
     assert not set(paths["train"]) & set(paths["val"])
     assert all("/train/" in p for p in paths["train"] + paths["val"]) and all("/val/" in p for p in paths["test"])
-    assert len(bundle.train) == 5
+    # 18 training images in whole batches of 4: the last 2 wait for the next epoch's shuffle
+    assert len(bundle.train) == 4 and bundle.train.num_samples == 16
+    assert [len(y) for _, y in bundle.train] == [4, 4, 4, 4]
     x, y = next(iter(bundle.train))
     assert x.shape == (4, 3, 224, 224) and x.dtype == torch.float32 and y.dtype == torch.long
     # normalized with ImageNet statistics: a generated image's pixel values map back into 0..255
@@ -347,7 +351,7 @@ def test_imagefolder_epochs_are_seeded_and_independent_of_workers(tmp_path):
 def test_imagefolder_shards_by_rank(tmp_path):
     write_imagefolder(tmp_path, classes=2, train=5, val=1)
     paths = sorted(str(p) for p in (tmp_path / "train").rglob("*.JPEG"))
-    dataset = ImageDataset(paths, np.zeros(len(paths), dtype=np.int64), eval_transform())
+    dataset = ImageDataset(paths, np.zeros(len(paths), dtype=np.int64), augment=False)
     orders = []
     for rank in (0, 1):
         loader = ImageLoader(dataset, 2, (0.5,) * 3, (0.25,) * 3, shuffle=True, seed=7, rank=rank, world_size=2)

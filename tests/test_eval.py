@@ -3,11 +3,12 @@
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from acdc_cli.checkpoint import load_checkpoint, save_checkpoint
 from acdc_cli.cli import app
-from acdc_cli.evaluate import eval_checkpoint
+from acdc_cli.evaluate import eval_checkpoint, paper_reference
 from acdc_cli.metrics import read_jsonl
 from acdc_cli.prune import prune_checkpoint
 
@@ -33,7 +34,8 @@ def test_best_sparse_on_val_reproduces_metrics_jsonl(quickstart_run):
     assert data["loss"] == pytest.approx(row["val_loss"], rel=1e-9)
     assert data["sparsity"] == pytest.approx(row["sparsity"], abs=1e-12)
     assert abs(data["sparsity"] - 0.9) < 1e-3
-    assert data["paper_top1"] is None  # the quickstart has no paper number
+    assert data["paper_top1"] is None and data["paper_note"] == "preset quickstart has no paper number"
+    assert data["schema"] == "acdc.eval/1" and data["precision"] == "fp32" and data["kind"] == "checkpoint"
     for key in ("top1", "top5", "sparsity"):
         assert 0.0 <= data[key] <= 1.0
 
@@ -55,17 +57,128 @@ def test_dense_checkpoint_and_table_output(quickstart_run):
     result = invoke("eval", path)
     assert result.exit_code == 0
     assert "top-1" in result.stdout and "270 images" in result.stdout and "recorded in training" in result.stdout
+    assert "precision" in result.stdout and "fp32" in result.stdout
+    assert "no paper number: preset quickstart has no paper number" in result.stdout
 
 
-def test_paper_number_and_difference(quickstart_run, tmp_path):
+@pytest.fixture
+def paper_preset(tmp_path, monkeypatch):
+    """A preset folder holding 'digits-paper': the quickstart's experiment with a paper number of 0.95."""
+    import acdc_cli.config as config
+
+    folder = tmp_path / "presets"
+    folder.mkdir()
+    text = (config.presets_dir() / "quickstart.toml").read_text()
+    (folder / "digits-paper.toml").write_text("paper_top1 = 0.95\n" + text)
+    monkeypatch.setattr(config, "presets_dir", lambda: folder)
+    return "digits-paper"
+
+
+def _as_preset(quickstart_run, tmp_path, preset: str, **changes) -> str:
     ckpt = load_checkpoint(quickstart_run / "best_sparse.safetensors")
-    ckpt.extra["paper_top1"] = 0.95
-    path = tmp_path / "with-paper.safetensors"
+    ckpt.config["preset"] = preset
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        ckpt.config[section][key] = value
+    path = tmp_path / f"{preset}-{len(changes)}.safetensors"
     save_checkpoint(path, ckpt)
-    data = eval_json(path)
-    assert data["paper_top1"] == 0.95 and data["paper_diff"] == pytest.approx(data["top1"] - 0.95)
-    result = invoke("eval", path)
-    assert "paper top-1" in result.stdout and "95.00 %" in result.stdout and "points" in result.stdout
+    return path
+
+
+def test_paper_number_only_when_comparable(quickstart_run, tmp_path, paper_preset):
+    path = _as_preset(quickstart_run, tmp_path, paper_preset)
+    data = eval_json(path, "--split", "test")
+    assert data["paper_top1"] == 0.95 and data["paper_note"] is None
+    assert data["paper_diff"] == pytest.approx(data["top1"] - 0.95)
+    shown = invoke("eval", path, "--split", "test")
+    assert "95.00 %" in shown.stdout and "points" in shown.stdout
+    # the paper's number is a test-split number
+    val = eval_json(path)
+    assert val["paper_top1"] is None and val["paper_diff"] is None and "test split" in val["paper_note"]
+    # a run that is no longer the preset's experiment
+    longer = eval_json(_as_preset(quickstart_run, tmp_path, paper_preset, schedule__epochs=31), "--split", "test")
+    assert longer["paper_top1"] is None and longer["paper_note"] == (
+        "not preset digits-paper's experiment: epochs 31 (preset: 30)")
+    table = invoke("eval", _as_preset(quickstart_run, tmp_path, paper_preset, schedule__epochs=31), "--split", "test")
+    assert "no paper number: not preset digits-paper's experiment: epochs 31 (preset: 30)" in table.stdout
+
+
+@pytest.mark.parametrize("change, note", [
+    ({"model": {"name": "tiny-test"}}, "model tiny-test (preset: digits-cnn)"),
+    ({"data": {"name": "synthetic"}}, "dataset synthetic (preset: digits)"),
+    ({"sparsity": {"target": 0.95}}, "sparsity 0.95 (preset: 0.9)"),
+    ({"sparsity": {"structure": "2:4"}}, "sparsity 0.5 (preset: 0.9), structure 2:4 (preset: unstructured)"),
+    ({"schedule": {"method": "dense"}}, "sparsity 0.0 (preset: 0.9)"),
+    ({"preset": "nope"}, None),
+])
+def test_paper_reference_names_what_changed(paper_preset, change, note):
+    from acdc_cli.config import load_settings
+
+    settings = load_settings(preset=paper_preset).model_dump(mode="json")
+    for section, values in change.items():
+        if isinstance(values, dict):
+            settings[section].update(values)
+        else:
+            settings[section] = values
+    paper, why = paper_reference(load_settings(base=settings), "test")
+    assert paper is None
+    assert why == (f"not preset digits-paper's experiment: {note}" if note else "'nope' is not a preset of this acdc")
+    assert paper_reference(load_settings(preset=paper_preset), "test") == (0.95, None)
+
+
+def test_amp_on_the_cpu_still_computes_in_fp32(quickstart_run):
+    path = quickstart_run / "best_sparse.safetensors"
+    plain, amp = eval_json(path), eval_json(path, "--amp")
+    assert amp["precision"] == "fp32" and amp["loss"] == plain["loss"]
+
+
+@pytest.fixture(scope="module")
+def exports(quickstart_run, tmp_path_factory):
+    """The quickstart's best_sparse in every export format (2:4 from a 2:4 pruning of best_dense), with the
+    checkpoint each came from."""
+    from acdc_cli.export import export_checkpoint
+    from acdc_cli.onnx_export import export_onnx
+
+    folder = tmp_path_factory.mktemp("eval-exports")
+    sparse, pruned = quickstart_run / "best_sparse.safetensors", folder / "pruned24.safetensors"
+    prune_checkpoint(quickstart_run / "best_dense.safetensors", pruned, structure="2:4")
+    files = {fmt: (export_checkpoint(sparse, folder / f"{fmt}.safetensors", fmt).path, sparse)
+             for fmt in ("sparse-bitmask", "dense")}
+    files["sparse-24-bitmask"] = (export_checkpoint(pruned, folder / "24.safetensors", "sparse-24-bitmask").path,
+                                  pruned)
+    files["bfloat16"] = (export_checkpoint(sparse, folder / "bf16.safetensors", "sparse-bitmask", "bfloat16").path,
+                         sparse)
+    pytest.importorskip("onnxruntime", reason="the 'onnx' extra is not installed (pip install -e '.[onnx]')")
+    files["onnx"] = (export_onnx(sparse, folder / "model.onnx").path, sparse)
+    return files
+
+
+@pytest.mark.parametrize("fmt", ["sparse-bitmask", "dense", "sparse-24-bitmask", "onnx"])
+def test_every_export_format_evaluates_like_its_checkpoint(exports, fmt):
+    path, source = exports[fmt]
+    data, reference = eval_json(path, "--split", "test"), eval_json(source, "--split", "test")
+    assert data["kind"] == ("onnx" if fmt == "onnx" else "export") and data["format"] == fmt
+    assert data["images"] == reference["images"] == 270
+    assert data["sparsity"] == reference["sparsity"]  # counted in the file's own tensors
+    assert data["top1"] == reference["top1"] and data["top5"] == reference["top5"]
+    if fmt == "onnx":  # ONNX Runtime's kernels round differently
+        assert data["loss"] == pytest.approx(reference["loss"], rel=1e-5) and data["device"] == "cpu (onnxruntime)"
+    else:
+        assert data["loss"] == reference["loss"]
+    assert data["preset"] == "quickstart" and data["epoch"] == reference["epoch"]
+    assert data["recorded_val_top1"] == reference["recorded_val_top1"]
+
+
+def test_bfloat16_export_reports_its_weights_and_fp32_compute(exports):
+    data = eval_json(exports["bfloat16"][0])
+    assert data["weights_dtype"] == "bfloat16" and data["precision"] == "fp32"
+    assert abs(data["sparsity"] - 0.9) < 1e-3 and data["top1"] > 0.9
+
+
+def test_onnx_eval_refuses_gpu_options(exports):
+    result = invoke("eval", exports["onnx"][0], "--amp")
+    assert result.exit_code == 2 and "ONNX Runtime's CPU provider" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_eval_of_a_pruned_checkpoint_reports_its_sparsity(quickstart_run, tmp_path):
@@ -76,17 +189,20 @@ def test_eval_of_a_pruned_checkpoint_reports_its_sparsity(quickstart_run, tmp_pa
     assert result["sparsity"] >= 0.97 - 1e-6 and result["images"] == 270
 
 
-@pytest.mark.parametrize("case", ["split", "export", "no-config", "missing"])
+@pytest.mark.parametrize("case", ["split", "state-dict", "no-config", "missing", "foreign-onnx"])
 def test_eval_errors_are_one_line(quickstart_run, tmp_path, case):
     path = quickstart_run / "best_sparse.safetensors"
     args = [path]
     if case == "split":
         args += ["--split", "train"]
-    elif case == "export":
-        from acdc_cli.export import export_checkpoint
+    elif case == "state-dict":
+        from safetensors.torch import save_file
 
-        args = [tmp_path / "e.safetensors"]
-        export_checkpoint(path, args[0], "dense")
+        args = [tmp_path / "plain.safetensors"]
+        save_file({"w": torch.ones(2, 2)}, str(args[0]))
+    elif case == "foreign-onnx":
+        args = [tmp_path / "foreign.onnx"]
+        args[0].write_bytes(b"not a protobuf at all")
     elif case == "no-config":
         ckpt = load_checkpoint(path)
         ckpt.config = {}

@@ -16,6 +16,7 @@ from acdc_cli.cli import app
 from acdc_cli.config import Settings
 from acdc_cli.export import export_checkpoint, fold_masks, load, load_model
 from acdc_cli.prune import prune_checkpoint
+from acdc_cli.sparsity import formats as F
 from acdc_cli.sparsity.masks import nm_mask
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -110,6 +111,60 @@ def test_sparse_bitmask_layout_has_row_offsets(sources, tmp_path):
     assert json.loads(meta["sparsity_config"])["format"] == "sparse-bitmask"
 
 
+def _sparsity_config(path) -> dict:
+    with safe_open(str(path), framework="pt") as fh:
+        return json.loads(fh.metadata()["sparsity_config"])
+
+
+@pytest.mark.parametrize("kind", ["unstructured", "2:4"])
+def test_sparsity_config_names_modules(sources, tmp_path, kind):
+    """compressed-tensors matches targets/ignore against model.named_modules(): they must be module names."""
+    fmt = "sparse-24-bitmask" if kind == "2:4" else "sparse-bitmask"
+    out = tmp_path / "e.safetensors"
+    export_checkpoint(sources[kind], out, fmt)
+    config = _sparsity_config(out)
+    modules = dict(load_model(out).named_modules())
+    compressed = [n.removesuffix(".weight") for n in load_checkpoint(sources[kind]).masks]
+    assert sorted(config["targets"]) == sorted(compressed)
+    assert all(isinstance(modules[name], (torch.nn.Conv2d, torch.nn.Linear)) for name in config["targets"])
+    # 2:4: the first conv (1 input channel) has no mask and stays dense; unstructured prunes every layer
+    assert config["ignore"] == (["features.0"] if kind == "2:4" else [])
+    assert config["sparsity_structure"] == ("2:4" if kind == "2:4" else "unstructured")
+
+
+def test_native_conv_layout_keeps_the_weight_shape(sources, tmp_path):
+    out = tmp_path / "native.safetensors"
+    result = export_checkpoint(sources["unstructured"], out, "sparse-bitmask", conv_layout="native")
+    ckpt = load_checkpoint(sources["unstructured"])
+    expected = fold_masks(ckpt)
+    with safe_open(str(out), framework="pt") as fh:
+        meta = fh.metadata()
+        stored = {k: fh.get_tensor(k) for k in fh.keys()}
+    layers = json.loads(meta["layers"])
+    assert meta["conv_layout"] == "native" and result.as_dict()["conv_layout"] == "native"
+    weight = expected["features.3.weight"]  # 32 x 32 x 3 x 3
+    assert layers["features.3.weight"]["layout"] == "OIHW" and layers["classifier.1.weight"]["layout"] == "OI"
+    assert stored["features.3.shape"].tolist() == [32, 32, 3, 3]
+    assert stored["features.3.bitmask"].shape == (32, 32, 3, 1)  # packed along kw, one byte per 3 weights
+    keep = np.unpackbits(stored["features.3.bitmask"].numpy(), axis=-1, count=3, bitorder="little").astype(bool)
+    assert np.array_equal(keep, (weight != 0).numpy())
+    assert torch.equal(stored["features.3.compressed"], weight[weight != 0])  # OIHW row-major order
+    per_channel = (weight != 0).reshape(32, -1).sum(dim=1)
+    assert stored["features.3.row_offsets"].tolist() == [0] + torch.cumsum(per_channel, 0)[:-1].tolist()
+    loaded = load(out)
+    assert all(torch.equal(_bits(loaded[k]), _bits(v)) for k, v in expected.items())
+    rows = tmp_path / "rows.safetensors"
+    assert export_checkpoint(sources["unstructured"], rows, "sparse-bitmask").size_bytes < result.size_bytes
+
+
+@pytest.mark.parametrize("fmt", ["sparse-24-bitmask", "dense"])
+def test_native_conv_layout_only_for_sparse_bitmask(sources, tmp_path, fmt):
+    out = tmp_path / "x.safetensors"
+    result = invoke("export", sources["2:4"], "--format", fmt, "--conv-layout", "native", "-o", out)
+    assert result.exit_code == 2 and "sparse-bitmask only" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
 def test_export_cli_prints_statistics_and_refuses_overwrite(sources, tmp_path):
     out = tmp_path / "cli.safetensors"
     result = invoke("export", sources["unstructured"], "--format", "sparse-bitmask", "-o", out)
@@ -196,3 +251,74 @@ def test_resnet50_24_export_round_trip(resnet50_exports):
     assert "conv1.weight" in keys and "conv1.compressed" not in keys  # 3 input channels: stored as it is
     assert {"fc.compressed", "fc.bitmask", "fc.shape", "layer4.2.conv3.compressed"} <= keys
     assert "fc.weight" not in keys and "fc.bias" in keys
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# compressed-tensors reads the exports with its own code: run with the library installed (0.12.x-0.14.x)
+
+
+def _compressed_tensors():
+    """The installed compressed-tensors, or a skip that says why (these tests install nothing)."""
+    ct = pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed "
+                             "(pip install 'compressed-tensors>=0.12,<0.15' to run the interop tests)")
+    major_minor = tuple(int(part) for part in ct.__version__.split(".")[:2])
+    if not (0, 12) <= major_minor < (0, 15):
+        pytest.skip(f"compressed-tensors {ct.__version__}: only 0.12-0.14 have the sparse compressors these files use")
+    return ct
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("kind", ["unstructured", "2:4"])
+def test_compressed_tensors_module_matching_finds_every_pruned_module(sources, tmp_path, kind):
+    _compressed_tensors()
+    from compressed_tensors.utils.match import match_named_modules
+
+    out = tmp_path / "e.safetensors"
+    export_checkpoint(sources[kind], out, "sparse-24-bitmask" if kind == "2:4" else "sparse-bitmask")
+    config = _sparsity_config(out)
+    matched = {name for name, _ in match_named_modules(load_model(out), config["targets"], config["ignore"])}
+    pruned = {n.removesuffix(".weight") for n in load_checkpoint(sources[kind]).masks}
+    assert matched == pruned and len(pruned) >= 5
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("kind", ["unstructured", "2:4"])
+def test_compressed_tensors_decompresses_rows_bit_exactly(sources, tmp_path, kind):
+    """The library's own compressor decodes every layer to acdc's (O, kh·kw·I) rows; acdc's reader restores the
+    conv shape from the recorded layout."""
+    _compressed_tensors()
+    from compressed_tensors.compressors import ModelCompressor
+
+    out = tmp_path / "e.safetensors"
+    export_checkpoint(sources[kind], out, "sparse-24-bitmask" if kind == "2:4" else "sparse-bitmask")
+    compressor = ModelCompressor.from_compression_config({"sparsity_config": _sparsity_config(out)})
+    decoded = dict(compressor.sparsity_compressor.decompress(str(out)))
+    expected = fold_masks(load_checkpoint(sources[kind]))
+    assert set(decoded) == set(expected)
+    for name, tensor in expected.items():
+        want = F.to_rows(tensor) if name in load_checkpoint(sources[kind]).masks else tensor
+        assert torch.equal(_bits(decoded[name]), _bits(want)), name
+
+
+@pytest.mark.interop
+def test_compressed_tensors_model_compressor_restores_native_layout(sources, tmp_path):
+    """With --conv-layout native, ModelCompressor.decompress puts every weight back into the model in its own
+    shape, without acdc's reader: the model computes exactly what acdc's loader gives."""
+    _compressed_tensors()
+    from compressed_tensors.compressors import ModelCompressor
+
+    out = tmp_path / "native.safetensors"
+    export_checkpoint(sources["unstructured"], out, "sparse-bitmask", conv_layout="native")
+    config = _sparsity_config(out)
+    reference = load_model(out).eval()
+    model = load_model(out).eval()
+    with torch.no_grad():
+        for name in config["targets"]:
+            model.get_submodule(name).weight.fill_(7.0)
+    ModelCompressor.from_compression_config({"sparsity_config": config}).decompress(str(out), model)
+    for name in config["targets"]:
+        restored, want = model.get_submodule(name).weight, reference.get_submodule(name).weight
+        assert restored.shape == want.shape and torch.equal(restored, want), name
+    images = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(images), reference(images))

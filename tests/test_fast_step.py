@@ -13,9 +13,9 @@ from acdc_cli.bench import RepeatedBatch
 from acdc_cli.config import load_settings
 from acdc_cli.data.tensor_loader import TensorLoader
 from acdc_cli.distributed import DistInfo
+from acdc_cli.engine import ACDC
 from acdc_cli.models import create
 from acdc_cli.sparsity import masks as M
-from acdc_cli.sparsity.sparsifier import Sparsifier
 from acdc_cli.train import build_optimizer, train_epoch
 
 CPU = torch.device("cpu")
@@ -54,6 +54,13 @@ def _setup(overrides: list[str], model_name: str = "tiny-test", structure: str =
     return settings, model
 
 
+def _masked_optimizer(model, settings):
+    """The training optimizer with the engine's masking hooks, and the engine's sparsifier (whose masks they
+    apply)."""
+    optimizer = build_optimizer(model, settings)
+    return optimizer, ACDC.from_settings(settings, model, optimizer).sparsifier
+
+
 def _pruned_weights_and_grads_zero(model, masks) -> tuple[bool, bool]:
     params = dict(model.named_parameters())
     weights = all(int(torch.count_nonzero(params[n].detach()[~m])) == 0 for n, m in masks.items())
@@ -65,8 +72,7 @@ def test_training_step_never_waits_for_the_host(one_thread):
     """Every op of the steps (augmenting loader, forward, loss, backward, mask multiplies, optimizer, the on-device
     metric sums) runs without a device-to-host read; the epoch's three sums are read once, after the last step."""
     settings, model = _setup([])
-    sparsifier = Sparsifier(model, ["*"], [], "global", "unstructured")
-    optimizer = build_optimizer(model, settings)
+    optimizer, sparsifier = _masked_optimizer(model, settings)
     sparsifier.compress(0.8)
     g = torch.Generator().manual_seed(0)
     loader = TensorLoader(torch.randint(0, 256, (96, 3, 8, 8), generator=g, dtype=torch.uint8),
@@ -74,7 +80,7 @@ def test_training_step_never_waits_for_the_host(one_thread):
                           shuffle=True, augment=True, pad=2)
     per_step: list[int] = []
     with HostWaits() as waits:
-        stats = train_epoch(model, loader, optimizer, sparsifier, settings, 0, CPU, None,
+        stats = train_epoch(model, loader, optimizer, settings, 0, CPU, None,
                             after_step=lambda totals: per_step.append(len(waits.seen)) and False)
     assert per_step == [0] * 6, waits.seen
     assert waits.seen == ["aten::_local_scalar_dense"] * 3  # first bad step, loss sum, top-1 count: once an epoch
@@ -99,15 +105,14 @@ def test_masks_exact_under_bf16_autocast_and_channels_last(one_thread, structure
     weights' layout (the foreach fast path)."""
     settings, model = _setup([], structure=structure)
     model.to(memory_format=torch.channels_last)
-    sparsifier = Sparsifier(model, ["*"], [], "global", structure)
-    optimizer = build_optimizer(model, settings)
+    optimizer, sparsifier = _masked_optimizer(model, settings)
     x = torch.randn(16, 3, 8, 8).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (16,))
-    train_epoch(model, RepeatedBatch(x, y, 2), optimizer, sparsifier, settings, 0, CPU, None)
+    train_epoch(model, RepeatedBatch(x, y, 2), optimizer, settings, 0, CPU, None)
     sparsifier.compress(sparsity)
     masks = {n: m.clone() for n, m in sparsifier.masks.items()}
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        stats = train_epoch(model, RepeatedBatch(x, y, 4), optimizer, sparsifier, settings, 0, CPU, None)
+        stats = train_epoch(model, RepeatedBatch(x, y, 4), optimizer, settings, 0, CPU, None)
     assert stats["train_loss"] == stats["train_loss"]  # finite (NaN != NaN)
     weights_zero, grads_zero = _pruned_weights_and_grads_zero(model, masks)
     assert weights_zero and grads_zero
@@ -145,12 +150,11 @@ def test_compiled_step_keeps_masks_exact_and_matches_eager(one_thread):
     torch._dynamo.reset()
     counters.clear()
     for label, model, step_net in (("eager", eager_model, eager_model), ("compiled", compiled_model, net)):
-        sparsifier = Sparsifier(model, ["*"], [], "global", "unstructured")
-        optimizer = build_optimizer(model, settings)
-        dense = train_epoch(step_net, RepeatedBatch(x, y, 2), optimizer, sparsifier, settings, 0, CPU, None)
+        optimizer, sparsifier = _masked_optimizer(model, settings)
+        dense = train_epoch(step_net, RepeatedBatch(x, y, 2), optimizer, settings, 0, CPU, None)
         sparsifier.compress(0.9)
         masks = {n: m.clone() for n, m in sparsifier.masks.items()}
-        sparse = train_epoch(step_net, RepeatedBatch(x, y, 3), optimizer, sparsifier, settings, 0, CPU, None)
+        sparse = train_epoch(step_net, RepeatedBatch(x, y, 3), optimizer, settings, 0, CPU, None)
         runs[label] = (dense["train_loss"], sparse["train_loss"], masks, model)
     graphs_after_masks = counters["stats"]["unique_graphs"]
     eager, compiled = runs["eager"], runs["compiled"]
@@ -163,7 +167,7 @@ def test_compiled_step_keeps_masks_exact_and_matches_eager(one_thread):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
     assert graphs_after_masks >= 1
     sparsifier.decompress()
-    train_epoch(net, RepeatedBatch(x, y, 1), optimizer, sparsifier, settings, 0, CPU, None)
+    train_epoch(net, RepeatedBatch(x, y, 1), optimizer, settings, 0, CPU, None)
     assert counters["stats"]["unique_graphs"] == graphs_after_masks  # masks live outside the graph
     assert list(compiled_model.state_dict()) == names
 

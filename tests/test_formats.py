@@ -53,7 +53,7 @@ def test_bitmask_packing_is_numpy_packbits_little_per_row(rows, cols, seed):
     packed = F.pack_bitmask(keep)
     assert packed.dtype == torch.uint8 and packed.shape == (rows, -(-cols // 8))
     assert np.array_equal(packed.numpy(), np.packbits(keep.numpy(), axis=-1, bitorder="little"))
-    assert torch.equal(F.unpack_bitmask(packed, cols), keep)
+    assert torch.equal(F.unpack_bitmask(packed, (rows, cols)), keep)
 
 
 def test_bitmask_bit_order_is_lsb_first():

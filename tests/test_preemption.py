@@ -20,7 +20,7 @@ from acdc_cli.cli import app
 from acdc_cli.metrics import read_jsonl
 from acdc_cli.preemption import DUPLICATE_WINDOW_S, StopSignal, reduce_int
 
-# 3 epochs of 79 steps (batch 16): a signal sent just after epoch 0's checkpoint lands early in epoch 1
+# 3 epochs of 78 steps (whole batches of 16): a signal sent just after epoch 0's checkpoint lands early in epoch 1
 RUN = [
     "--set", "schedule.epochs=3", "--set", "schedule.warmup_epochs=1", "--set", "schedule.compressed_epochs=1",
     "--set", "schedule.decompressed_epochs=1", "--set", "schedule.final_compressed_epochs=1",
@@ -62,7 +62,7 @@ def test_sigterm_mid_epoch_writes_checkpoint_exits_0_and_resume_completes(tmp_pa
     assert time.monotonic() - sent < 10
     assert f"resume with: acdc train --resume {run_dir}" in out and "SIGTERM" in out
     ckpt = load_checkpoint(run_dir / "last.safetensors")
-    assert ckpt.epoch == 1 and 0 < ckpt.extra["step"] < 79  # inside epoch 1, not at its end
+    assert ckpt.epoch == 1 and 0 < ckpt.extra["step"] < 78  # inside epoch 1, not at its end
     assert [r["epoch"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [0]
 
     resumed = CliRunner().invoke(app, ["train", "--resume", str(run_dir)])

@@ -20,7 +20,7 @@ from acdc_cli.cli import app
 from acdc_cli.metrics import read_jsonl
 from acdc_cli.models import registry
 
-STEPS = 40  # 1,257 training digits in batches of 32
+STEPS = 39  # 1,257 training digits in whole batches of 32
 EPOCHS = 5
 # 5 epochs: dense, sparse, dense, sparse, sparse (two compressed phases, so mask change and a restore are covered)
 SHORT = [
@@ -144,21 +144,21 @@ def test_sigkill_at_random_points_resumes_bit_identically(tmp_path, reference):
 
 def test_mid_epoch_checkpoint_holds_step_totals_and_rng(tmp_path, reference):
     """A run stopped after a mid-epoch checkpoint (here: an exception right after it) resumes from that step."""
-    from acdc_cli import train as train_mod
+    from acdc_cli.rundir import RunDir
 
     run_dir = tmp_path / "run"
-    real_save = train_mod._save_step
+    real_save = RunDir.save_step
 
     class Stop(Exception):
         pass
 
-    def save_then_stop(*args):
-        real_save(*args)
-        if args[-2] == 12 and args[-3].epoch == 1:  # step, run_state: a compressed phase, then a restore
+    def save_then_stop(store, phase, step, every_rank):
+        real_save(store, phase, step, every_rank)
+        if step == 12 and store.state.epoch == 1:  # a compressed phase, then a restore
             raise Stop
 
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(train_mod, "_save_step", save_then_stop)
+        m.setattr(RunDir, "save_step", save_then_stop)
         first = CliRunner().invoke(app, ["train", "--out", str(run_dir), *SHORT,
                                          "--set", "runtime.checkpoint_every_steps=6"])
     assert isinstance(first.exception, Stop)
@@ -200,13 +200,13 @@ class NanAt(nn.Module):
 
 @pytest.fixture
 def nan_model(monkeypatch):
-    """Register ``nan-at-45`` for this test only: step 4 of epoch 1 (steps 0-39 are epoch 0) gives a NaN loss."""
+    """Register ``nan-at-1-4`` for this test only: step 4 of epoch 1 (forward STEPS + 5) gives a NaN loss."""
     made: list[NanAt] = []
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
 
-    @registry.register("nan-at-45", input_size=8, in_channels=1)
+    @registry.register("nan-at-1-4", input_size=8, in_channels=1)
     def factory(num_classes: int = 10, in_channels: int = 1, dropout: float = 0.0) -> nn.Module:
-        model = NanAt(45, num_classes, in_channels, dropout)
+        model = NanAt(STEPS + 5, num_classes, in_channels, dropout)
         if next(model.parameters()).device.type != "meta":  # models.create sizes every model on meta first
             made.append(model)
         return model
@@ -214,7 +214,7 @@ def nan_model(monkeypatch):
     return made
 
 
-NAN_RUN = [*SHORT, "--set", "model.name=nan-at-45", "--set", "schedule.epochs=3",
+NAN_RUN = [*SHORT, "--set", "model.name=nan-at-1-4", "--set", "schedule.epochs=3",
            "--set", "schedule.final_compressed_epochs=1"]
 
 
@@ -281,21 +281,22 @@ def test_background_writer_keeps_order_and_hands_errors_back():
 
 def test_checkpoint_snapshot_is_independent_of_training(tmp_path):
     """What a background write saves is the state at the save, even if training changes the tensors meanwhile."""
-    from acdc_cli import train as train_mod
+    from acdc_cli import rundir
     from acdc_cli.checkpoint import host_copy
     from acdc_cli.config import load_settings
+    from acdc_cli.engine import ACDC
     from acdc_cli.models import create
-    from acdc_cli.sparsity.sparsifier import Sparsifier
 
     settings = load_settings()
     model = create("tiny-test", num_classes=10)
-    sparsifier = Sparsifier(model, ["*"], [], "global", "unstructured")
-    sparsifier.compress(0.5)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    engine = ACDC.from_settings(settings, model, optimizer)
+    sparsifier = engine.sparsifier
+    sparsifier.compress(0.5)
     model(torch.randn(2, 3, 8, 8)).sum().backward()
     optimizer.step()
-    ckpt = train_mod._checkpoint(model, sparsifier, settings, {"num_classes": 10}, 1, "sparse", {"val_top1": 0.5})
-    state = train_mod._resume_state(train_mod.RunState(epoch=1), optimizer, sparsifier)
+    ckpt = rundir.snapshot(model, engine, settings, {"num_classes": 10}, 1, "sparse", {"val_top1": 0.5})
+    state = rundir.resume_state(rundir.RunState(epoch=1), engine, optimizer, torch.amp.GradScaler("cpu"))
     before = {k: v.clone() for k, v in ckpt.weights.items()}
     masks_before = {k: v.clone() for k, v in ckpt.masks.items()}
     momentum = [s["momentum_buffer"].clone() for s in state["optimizer"]["state"].values()]

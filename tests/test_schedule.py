@@ -1,15 +1,21 @@
-"""Phase plans and the learning-rate schedule."""
+"""Phase plans, momentum resets, the learning-rate schedule and the per-epoch plan."""
+
+import math
 
 import pytest
 
 from acdc_cli.config import load_settings
+from acdc_cli.errors import AcdcError
 from acdc_cli.sparsity.schedule import (
+    Phase,
     acdc_phases,
     compressed_starts,
     decompressed_starts,
+    epoch_plan,
     gmp_phases,
     gmp_sparsity,
     learning_rate,
+    momentum_resets,
     phase_at,
     plan,
 )
@@ -72,10 +78,73 @@ def test_step_lr_multistep_semantics():
     assert learning_rate(s, 25) == pytest.approx(0.001)
 
 
-def test_cosine_with_linear_warmup():
+def test_lr_is_set_once_per_epoch_by_default():
     s = load_settings(overrides=["optim.lr=0.256", "optim.lr_warmup_epochs=5", "schedule.epochs=30"])
+    assert not s.optim.lr_per_step
+    # warm-up epoch e runs at lr * (e + 1) / 5, every step of it (optimization/lr_schedulers.py CosineLR)
+    assert [learning_rate(s, e) for e in (0, 0.5, 0.99, 1, 4, 4.7)] == pytest.approx(
+        [0.0512, 0.0512, 0.0512, 0.1024, 0.256, 0.256])
+    # then a cosine per epoch from lr at epoch 5 over the 25 epochs left
+    assert learning_rate(s, 5.9) == pytest.approx(0.256)
+    assert learning_rate(s, 17.5) == learning_rate(s, 17) == pytest.approx(0.128 * (1 + math.cos(math.pi * 12 / 25)))
+    assert learning_rate(s, 29.99) == pytest.approx(0.128 * (1 + math.cos(math.pi * 24 / 25)))
+
+
+def test_lr_per_step_is_continuous():
+    s = load_settings(overrides=["optim.lr=0.256", "optim.lr_warmup_epochs=5", "schedule.epochs=30",
+                                 "optim.lr_per_step=true"])
     assert learning_rate(s, 0) == 0.0
     assert learning_rate(s, 2.5) == pytest.approx(0.128)
     assert learning_rate(s, 5) == pytest.approx(0.256)
     assert learning_rate(s, 17.5) == pytest.approx(0.128)
     assert learning_rate(s, 30) == pytest.approx(0.0, abs=1e-12)
+    step = load_settings(overrides=["optim.lr_schedule='step'", "optim.milestones=[10]", "optim.lr=0.1",
+                                    "optim.lr_per_step=true"])
+    assert learning_rate(step, 9.99) == pytest.approx(0.1) and learning_rate(step, 10) == pytest.approx(0.01)
+
+
+IMAGENET_PHASES = acdc_phases(100, 10, 5, 5, 10, 15, 0.9)
+
+
+@pytest.mark.parametrize("policy, expected", [
+    # the reference zeroes momentum when it restores (recycler epochs [15, 10, 66] and [75, 20, 86] of
+    # configs/neurips/iht_imagenet_resnet50_insta_cosinelr_s90_ep100.yaml, --reset_momentum_after_recycling)
+    ("restore", {15, 25, 35, 45, 55, 65, 75}),
+    ("every", {10, 15, 20, 25, 30, 35, 40, 45, 50, 55, 60, 65, 70, 75, 85}),
+    ("never", set()),
+])
+def test_momentum_reset_policies(policy, expected):
+    assert momentum_resets(IMAGENET_PHASES, policy) == expected
+
+
+def test_momentum_resets_of_other_plans():
+    cifar = acdc_phases(200, 10, 20, 20, 0, 30, 0.95)
+    assert momentum_resets(cifar, "restore") == {30, 70, 110, 150}
+    gmp = gmp_phases(100, 1, 40, 5, 0.05, 0.9)
+    # GMP never restores; "every" resets at each mask recomputation
+    assert momentum_resets(gmp, "restore") == set()
+    assert momentum_resets(gmp, "every") == {1, 6, 11, 16, 21, 26, 31, 36, 40}
+    dense = [Phase(0, 10, "dense", 0.0)]
+    assert momentum_resets(dense, "restore") == momentum_resets(dense, "every") == set()
+    with pytest.raises(ValueError):
+        momentum_resets(cifar, "sometimes")
+
+
+def test_reset_momentum_setting_accepts_the_old_booleans():
+    assert load_settings().schedule.reset_momentum == "restore"
+    assert load_settings(overrides=["schedule.reset_momentum=true"]).schedule.reset_momentum == "every"
+    assert load_settings(overrides=["schedule.reset_momentum=false"]).schedule.reset_momentum == "never"
+    assert load_settings(overrides=["schedule.reset_momentum='every'"]).schedule.reset_momentum == "every"
+    with pytest.raises(AcdcError, match="schedule.reset_momentum"):
+        load_settings(overrides=["schedule.reset_momentum='sometimes'"])
+
+
+def test_epoch_plan_lists_every_epoch():
+    s = load_settings()  # quickstart: dense 0-3, C 4-6, D 7-9, C 10-12, D 13-15, C 16-18, D 19-21, final C 22-29
+    epochs = epoch_plan(s)
+    assert [e.epoch for e in epochs] == list(range(30))
+    assert [e.epoch for e in epochs if e.phase == "sparse" and epochs[e.epoch - 1].phase == "dense"] == [4, 10, 16, 22]
+    assert all(e.sparsity == (0.9 if e.phase == "sparse" else 0.0) for e in epochs)
+    assert [e.epoch for e in epochs if e.reset_momentum] == [7, 13, 19]
+    assert [e.lr for e in epochs] == [learning_rate(s, e) for e in range(30)]
+    assert epochs[0].as_dict() == {"epoch": 0, "phase": "dense", "sparsity": 0.0, "lr": 0.05, "reset_momentum": False}

@@ -8,10 +8,10 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from typer.testing import CliRunner
 
-from acdc_cli import train as train_mod
 from acdc_cli.cli import app
 from acdc_cli.metrics import read_jsonl
 from acdc_cli.models import create
+from acdc_cli.rundir import RunDir
 from acdc_cli.sparsity.sparsifier import prunable_modules
 
 
@@ -95,15 +95,15 @@ def test_resumed_run_continues_identically(tmp_path, monkeypatch):
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     assert CliRunner().invoke(app, ["train", "--out", str(whole), *SHORT]).exit_code == 0
 
-    real_save = train_mod._save_epoch
+    real_save = RunDir.save_epoch
 
-    def save_then_crash(*args):
-        real_save(*args)  # the files are still being written in the background when the crash comes
-        if args[-2]["epoch"] == 4:  # row: inside a compressed phase, after a decompressed one
+    def save_then_crash(store, phase, row):
+        real_save(store, phase, row)  # the files are still being written in the background when the crash comes
+        if row["epoch"] == 4:  # inside a compressed phase, after a decompressed one
             raise Interrupted
 
     with monkeypatch.context() as m:
-        m.setattr(train_mod, "_save_epoch", save_then_crash)
+        m.setattr(RunDir, "save_epoch", save_then_crash)
         first = CliRunner().invoke(app, ["train", "--out", str(broken), *SHORT])
     assert isinstance(first.exception, Interrupted)
     assert len(read_jsonl(broken / "metrics.jsonl")) == 5

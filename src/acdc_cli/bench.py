@@ -10,7 +10,9 @@ Timed on synthetic data at the preset's batch and input size, in a compressed ph
 - acdc's training epoch: the same step fed by the preset's GPU-resident loader (data + step + masks + metrics);
 - the global mask update (recompute masks from magnitudes, apply them, measure the mask change), in ms;
 - the input pipeline alone: the preset's loader type on synthetic images (TensorLoader with the preset's
-  augmentation; for ImageFolder presets, the real ImageFolder pipeline over JPEGs generated in a temporary folder).
+  augmentation; for ImageFolder presets, the real ImageFolder pipeline over ImageNet-sized JPEGs generated in a
+  temporary folder, per core: no worker processes and one torch thread, from files to uint8 batches on the device,
+  with data.decode as set and with PIL side by side, in interleaved passes whose medians are reported).
 
 Every timing starts after warm-up steps (which also absorb torch.compile and cudnn autotuning) and, on CUDA, is
 bracketed by CUDA events after a device synchronize.
@@ -36,6 +38,7 @@ from torch import nn
 from acdc_cli import models, runtime
 from acdc_cli.config import MAX_BATCH_SIZE, Settings
 from acdc_cli.distributed import DistInfo, resolve_device
+from acdc_cli.engine import ACDC
 from acdc_cli.errors import AcdcError
 from acdc_cli.sparsity.sparsifier import Sparsifier
 
@@ -48,6 +51,14 @@ UNAUGMENTED = {"digits"}
 MASK_UPDATE_REPEATS = 5
 # batches of JPEGs generated for the ImageFolder pipeline: writing each costs a few ms, so not one per timed step
 IMAGEFOLDER_BATCHES = 4
+IMAGEFOLDER_VAL_IMAGES = 4
+# timed passes per ImageFolder decoder, interleaved so that a change in machine load hits both alike
+PIPELINE_REPEATS = 3
+IMAGEFOLDER_KINDS = {
+    "cpu": "torchvision decode_jpeg + transforms.v2",
+    "gpu": "nvJPEG batch decode + crop on the device",
+    "pil": "PIL decode + resize",
+}
 # the random input batch lives on the device (8 GiB: ~14,000 ImageNet-sized float32 images), and the input pipeline
 # is timed over steps x batch uint8 images in memory
 MAX_BATCH_BYTES = 8 * 2**30
@@ -138,34 +149,52 @@ def reference_step_rate(settings: Settings, images: torch.Tensor, labels: torch.
     return steps * images.shape[0] / seconds
 
 
-def _pipeline_loader(settings: Settings, batch_size: int, images: int, device: torch.device,
-                     workdir: Path) -> tuple[Any, str]:
-    """The preset's training loader over synthetic images, and a name for its kind."""
+def _tensor_loader(settings: Settings, batch_size: int, images: int, device: torch.device) -> tuple[Any, str]:
+    """The preset's GPU-resident training loader over synthetic images, and a name for its kind."""
     from acdc_cli.data.tensor_loader import TensorLoader
 
     name = settings.data.name
     entry, _ = models.lookup(settings.model.name)
-    if name in TENSOR_DATASETS:
-        c, s = entry.in_channels, entry.input_size
-        g = torch.Generator().manual_seed(settings.runtime.seed)
-        pixels = torch.randint(0, 256, (images, c, s, s), generator=g, dtype=torch.uint8)
-        targets = torch.randint(0, NUM_CLASSES[name], (images,), generator=g)
-        augment = settings.data.augment and name not in UNAUGMENTED
-        loader = TensorLoader(pixels, targets, batch_size, (0.5,) * c, (0.25,) * c, shuffle=True, augment=augment,
-                              seed=settings.runtime.seed, device=device)
-        return loader, "TensorLoader (on device" + (", crop + flip)" if augment else ")")
-    if name == "imagenet":
-        from acdc_cli import data as data_mod
+    c, s = entry.in_channels, entry.input_size
+    g = torch.Generator().manual_seed(settings.runtime.seed)
+    pixels = torch.randint(0, 256, (images, c, s, s), generator=g, dtype=torch.uint8)
+    targets = torch.randint(0, NUM_CLASSES[name], (images,), generator=g)
+    augment = settings.data.augment and name not in UNAUGMENTED
+    loader = TensorLoader(pixels, targets, batch_size, (0.5,) * c, (0.25,) * c, shuffle=True, drop_last=True,
+                          augment=augment, seed=settings.runtime.seed, device=device)
+    return loader, "TensorLoader (on device" + (", crop + flip)" if augment else ")")
 
-        val_images = 4
-        write_jpeg_tree(workdir, train_images=images + val_images, test_images=4)
-        local = settings.model_copy(deep=True)
-        local.data.dir = workdir
-        local.data.val_size = val_images
-        local.data.batch_size = batch_size
-        bundle = data_mod.build(local, device)
-        return bundle.train, f"ImageFolder (JPEG decode + crop, {local.data.num_workers} workers)"
-    raise AcdcError(f"acdc bench has no input pipeline for dataset '{name}'")
+
+def _imagefolder_loader(settings: Settings, batch_size: int, device: torch.device, workdir: Path,
+                        decode: str) -> tuple[Any, str]:
+    """The ImageFolder training loader over the tree in ``workdir`` with one decoder and no worker processes."""
+    from acdc_cli import data as data_mod
+
+    local = settings.model_copy(deep=True)
+    local.data.dir = workdir
+    local.data.val_size = IMAGEFOLDER_VAL_IMAGES
+    local.data.batch_size = batch_size
+    local.data.num_workers = 0
+    local.data.decode = decode
+    bundle = data_mod.build(local, device)
+    return bundle.train, f"ImageFolder, data.decode={decode} ({IMAGEFOLDER_KINDS[decode]}), one core"
+
+
+def measure_pipeline(settings: Settings, batch_size: int, images: int, device: torch.device,
+                     workdir: Path) -> tuple[Any, str, float, float | None]:
+    """(the preset's training loader over ``images`` synthetic images, its kind, its img/s, and for ImageFolder
+    presets the img/s of the PIL decoder measured beside it, else None)."""
+    name = settings.data.name
+    if name in TENSOR_DATASETS:
+        loader, kind = _tensor_loader(settings, batch_size, images, device)
+        return loader, kind, pipeline_rate(loader, device), None
+    if name != "imagenet":
+        raise AcdcError(f"acdc bench has no input pipeline for dataset '{name}'")
+    write_jpeg_tree(workdir, train_images=images + IMAGEFOLDER_VAL_IMAGES, test_images=4)
+    loader, kind = _imagefolder_loader(settings, batch_size, device, workdir, settings.data.decode)
+    pil_loader, _ = _imagefolder_loader(settings, batch_size, device, workdir, "pil")
+    rate, pil_rate = per_core_rates([loader, pil_loader], device)
+    return loader, kind, rate, pil_rate
 
 
 def write_jpeg_tree(root: Path, train_images: int, test_images: int, classes: int = 2, seed: int = 0) -> None:
@@ -184,19 +213,36 @@ def write_jpeg_tree(root: Path, train_images: int, test_images: int, classes: in
             picture.save(folder / f"img{index:05d}.JPEG", quality=90)
 
 
+def _timed_pass(batches: Callable[[], Any], device: torch.device) -> float:
+    """img/s of one pass over ``batches()``."""
+    counted: list[int] = []
+    seconds = elapsed_seconds(lambda: counted.append(sum(batch[1].numel() for batch in batches())), device)
+    return counted[0] / seconds
+
+
 def pipeline_rate(loader: Any, device: torch.device) -> float:
     """img/s of one pass over the loader after a warm-up pass (workers started, caches warm)."""
+    _timed_pass(lambda: loader, device)
+    return _timed_pass(lambda: loader, device)
 
-    def one_pass() -> int:
-        count = 0
-        for batch in loader:
-            count += batch[1].numel()
-        return count
 
-    one_pass()
-    counted: list[int] = []
-    seconds = elapsed_seconds(lambda: counted.append(one_pass()), device)
-    return counted[0] / seconds
+def per_core_rates(loaders: list[Any], device: torch.device, repeats: int = PIPELINE_REPEATS) -> list[float]:
+    """Median img/s of each ImageFolder loader over ``repeats`` passes on one torch thread, the loaders' passes
+    interleaved (after one warm-up pass each: page cache, decoder set-up). A pass ends with uint8 batches on the
+    device: normalization is the training device's work (on a GPU, a negligible one), not the decoders'."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        passes = [lambda loader=loader: loader.iterate(normalized=False) for loader in loaders]
+        for one_pass in passes:
+            _timed_pass(one_pass, device)
+        rates: list[list[float]] = [[] for _ in loaders]
+        for _ in range(repeats):
+            for one_pass, measured in zip(passes, rates):
+                measured.append(_timed_pass(one_pass, device))
+    finally:
+        torch.set_num_threads(threads)
+    return [statistics.median(measured) for measured in rates]
 
 
 def run_bench(settings: Settings, *, steps: int = 50, warmup: int = 10, batch_size: int | None = None,
@@ -235,13 +281,16 @@ def run_bench(settings: Settings, *, steps: int = 50, warmup: int = 10, batch_si
     say("acdc step" + (" (torch.compile warm-up can take a minute)" if rt.compile else ""))
     model = _build_model(settings, device)
     net = runtime.prepare_model(model, settings, DistInfo(0, 1, 0, device))
-    sparsifier = _masks_at_target(model, settings)
     optimizer = build_optimizer(model, settings)
+    # the engine's step hooks mask as in training; the masks are set at the target sparsity, whatever the plan
+    sparsifier = ACDC.from_settings(settings, model, optimizer).sparsifier
+    sparsifier.compress(settings.sparsity.target)
+    scaler = runtime.grad_scaler(device, rt.amp)
     if warmup:
-        train_epoch(net, RepeatedBatch(images, labels, warmup), optimizer, sparsifier, settings, 0, device, None)
+        train_epoch(net, RepeatedBatch(images, labels, warmup), optimizer, settings, 0, device, None, scaler=scaler)
     timed = RepeatedBatch(images, labels, steps)
     step_seconds = elapsed_seconds(
-        lambda: train_epoch(net, timed, optimizer, sparsifier, settings, 0, device, None), device)
+        lambda: train_epoch(net, timed, optimizer, settings, 0, device, None, scaler=scaler), device)
     acdc = steps * batch / step_seconds
 
     say("global mask update")
@@ -255,13 +304,12 @@ def run_bench(settings: Settings, *, steps: int = 50, warmup: int = 10, batch_si
     with tempfile.TemporaryDirectory(prefix="acdc-bench-") as workdir:
         tensor_data = settings.data.name in TENSOR_DATASETS
         count = batch * (steps if tensor_data else min(steps, IMAGEFOLDER_BATCHES))
-        loader, pipeline_kind = _pipeline_loader(settings, batch, count, device, Path(workdir))
-        pipeline = pipeline_rate(loader, device)
+        loader, pipeline_kind, pipeline, pipeline_pil = measure_pipeline(settings, batch, count, device, Path(workdir))
         epoch = None
         if tensor_data:
             say("training epoch (input pipeline + step + masks + metrics)")
             epoch_seconds = elapsed_seconds(
-                lambda: train_epoch(net, loader, optimizer, sparsifier, settings, 0, device, None), device)
+                lambda: train_epoch(net, loader, optimizer, settings, 0, device, None, scaler=scaler), device)
             epoch = loader.num_samples / epoch_seconds
 
     return {
@@ -277,7 +325,8 @@ def run_bench(settings: Settings, *, steps: int = 50, warmup: int = 10, batch_si
         "warmup": warmup,
         "sparsity": settings.sparsity.target,
         "structure": settings.sparsity.structure,
-        "acdc_amp": rt.amp and on_cuda,
+        "acdc_amp": runtime.precision(device, rt.amp) != "fp32",
+        "acdc_precision": runtime.precision(device, rt.amp),
         "acdc_channels_last": rt.channels_last and on_cuda,
         "acdc_compile": rt.compile,
         "reference_img_per_s": reference,
@@ -288,13 +337,16 @@ def run_bench(settings: Settings, *, steps: int = 50, warmup: int = 10, batch_si
         "mask_weights": sparsifier.numel,
         "pipeline": pipeline_kind,
         "pipeline_img_per_s": pipeline,
+        "pipeline_pil_img_per_s": pipeline_pil,
+        "pipeline_ratio": pipeline / pipeline_pil if pipeline_pil else None,
     }
 
 
 def render(result: dict[str, Any], console: Console) -> None:
     """The bench result as a table, with how it was measured."""
     acdc_mode = ", ".join(
-        label for key, label in (("acdc_amp", "bf16 autocast"), ("acdc_channels_last", "channels_last"),
+        label for key, label in (("acdc_amp", f"{result['acdc_precision']} autocast"),
+                                 ("acdc_channels_last", "channels_last"),
                                  ("acdc_compile", "torch.compile")) if result[key]
     ) or "fp32, eager"
     table = Table(title=escape(f"acdc bench: {result['preset'] or result['model']} on {result['device']}"))
@@ -310,6 +362,10 @@ def render(result: dict[str, Any], console: Console) -> None:
     table.add_row(f"global mask update ({result['mask_weights']:,} weights, {result['structure']})",
                   f"{result['mask_update_ms']:.2f} ms")
     table.add_row(f"input pipeline: {result['pipeline']}", f"{result['pipeline_img_per_s']:,.0f} img/s")
+    if result["pipeline_pil_img_per_s"] is not None:
+        table.add_row(f"input pipeline: ImageFolder, data.decode=pil ({IMAGEFOLDER_KINDS['pil']}), one core",
+                      f"{result['pipeline_pil_img_per_s']:,.0f} img/s")
+        table.add_row("ratio pipeline / PIL pipeline, per core", f"{result['pipeline_ratio']:.2f}x", style="bold")
     console.print(table)
     console.print(
         f"{result['model']} at batch {result['batch_size']}, input {'x'.join(map(str, result['input_shape']))}, "

@@ -110,6 +110,14 @@ SetOpt = Annotated[
     typer.Option("--set", "-s", help="Override one setting, e.g. --set optim.lr=0.02 (repeatable; value read as TOML)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--model", help="For a plain state dict (.safetensors or a torch file): the model it belongs to, "
+                 "e.g. torchvision:resnet18 (with --num-classes)."),
+]
+NumClassesOpt = Annotated[
+    Optional[int], typer.Option("--num-classes", help="For a plain state dict: the model's number of classes.")
+]
 
 
 def _phases_table(phases) -> Table:
@@ -122,13 +130,17 @@ def _phases_table(phases) -> Table:
 
 
 def _resolved_json(settings) -> dict[str, Any]:
-    from acdc_cli.sparsity.schedule import plan
+    from acdc_cli.sparsity.schedule import epoch_plan, plan
 
-    return {"config": settings.model_dump(mode="json"), "phases": [p.as_dict() for p in plan(settings)]}
+    return {
+        "config": settings.model_dump(mode="json"),
+        "phases": [p.as_dict() for p in plan(settings)],
+        "epochs": [e.as_dict() for e in epoch_plan(settings)],
+    }
 
 
 def _print_resolved(settings, as_json: bool) -> None:
-    from acdc_cli.sparsity.schedule import plan
+    from acdc_cli.sparsity.schedule import epoch_plan, plan
 
     if as_json:
         from acdc_cli.metrics import finite_or_null
@@ -138,6 +150,15 @@ def _print_resolved(settings, as_json: bool) -> None:
     console = out_console()
     console.print(settings.to_toml(), highlight=False, markup=False)
     console.print(_phases_table(plan(settings)))
+    epochs = epoch_plan(settings)
+    resets = [str(e.epoch) for e in epochs if e.reset_momentum]
+    console.print(f"momentum zeroed at the start of epochs: {', '.join(resets) or 'none'} "
+                  f"(schedule.reset_momentum = {settings.schedule.reset_momentum})", highlight=False, markup=False)
+    shown = epochs if len(epochs) <= 4 else [*epochs[:3], None, epochs[-1]]
+    lrs = ", ".join("..." if e is None else f"{e.epoch}: {e.lr:.6g}" for e in shown)
+    cadence = "at every step" if settings.optim.lr_per_step else "once per epoch"
+    console.print(f"LR set {cadence}; at the start of epochs {lrs} (every epoch: --json, key \"epochs\")",
+                  highlight=False, markup=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -183,7 +204,8 @@ def train(
     in about ten seconds. Settings resolve as: defaults < preset < --config < ACDC_SECTION__KEY env < flags/--set.
     """
     from acdc_cli.config import load_settings, merge_layer
-    from acdc_cli.train import default_run_dir, prepare_run_dir, run, saved_settings, summary_panel
+    from acdc_cli.rundir import default_run_dir, prepare_run_dir, saved_settings
+    from acdc_cli.train import run, summary_panel
 
     flags = {"data.dir": str(data_dir) if data_dir else None, "runtime.device": device, "runtime.seed": seed,
              "data.download": True if download else None}
@@ -203,6 +225,9 @@ def train(
         base = _checkpoint_settings(from_) if from_ is not None and preset is None and config is None else None
         settings = load_settings(preset, config, set_, flags, base=base)
         run_dir = out or default_run_dir(settings)
+    if from_ is not None and settings.model.weights is not None:
+        raise AcdcError("--from and model.weights both give the starting weights; keep one")
+    _check_model(settings, check_weights=resume is None)
     if dry_run:
         _print_resolved(settings, as_json)
         return
@@ -260,6 +285,17 @@ def train(
         (err_console(markup=False) if as_json else out_console(markup=False)).print(summary_panel(result))
 
 
+def _check_model(settings, check_weights: bool) -> None:
+    """The model name and (for a new run) the pretrained weights file, checked before anything runs (--dry-run
+    too)."""
+    from acdc_cli.models import lookup
+
+    lookup(settings.model.name)
+    weights = settings.model.weights
+    if check_weights and weights is not None and not weights.is_file():
+        raise AcdcError(f"model.weights: no such file {weights}")
+
+
 def _checkpoint_settings(path: Path) -> dict[str, Any]:
     from acdc_cli.checkpoint import load_checkpoint
 
@@ -268,6 +304,10 @@ def _checkpoint_settings(path: Path) -> dict[str, Any]:
     config = load_checkpoint(path).config
     if not config:
         raise AcdcError(f"--from {path} records no settings; give --preset or --config as well")
+    # the pretrained weights that run started from are history: the checkpoint's own weights are the start now
+    model = config.get("model")
+    if isinstance(model, dict) and "weights" in model:
+        config = {**config, "model": {k: v for k, v in model.items() if k != "weights"}}
     return config
 
 
@@ -351,14 +391,24 @@ def bench(
     preset: PresetOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    steps: Annotated[int, typer.Option("--steps", help="Timed training steps per mode (after the warm-up).")] = 50,
+    steps: Annotated[
+        Optional[int], typer.Option("--steps", help="Timed training steps per mode (default 50); with --inference, "
+                                                    "timed passes per model and batch size (default 20).")
+    ] = None,
     warmup: Annotated[
-        int, typer.Option("--warmup", help="Untimed steps first (absorbs torch.compile and cudnn autotuning).")
-    ] = 10,
+        Optional[int], typer.Option("--warmup", help="Untimed steps first (absorbs torch.compile and cudnn autotuning; "
+                                                     "default 10, with --inference 3).")
+    ] = None,
     batch_size: Annotated[
-        Optional[int], typer.Option("--batch-size", "-b", help="Batch size (default: the preset's data.batch_size).")
+        Optional[int], typer.Option("--batch-size", "-b", help="Batch size (default: the preset's data.batch_size; "
+                                                               "with --inference: 1 and this, default 64).")
     ] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N (runtime.device).")] = None,
+    inference: Annotated[
+        Optional[Path],
+        typer.Option("--inference", help="Instead: dense vs sparse inference throughput of this checkpoint or export "
+                                         "(.safetensors or .onnx), at batch 1 and 64."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure a preset's training speed on this device, in one run, on synthetic data.
@@ -367,17 +417,36 @@ def bench(
     channels_last and torch.compile as the settings say), plus a training epoch through the preset's loader, the
     global mask update and the input pipeline alone. Without --preset it measures the quickstart, in seconds on any
     machine. Use --set runtime.compile=true to time the compiled step.
+
+    With --inference FILE: images/s of the file's model with dense weights against its sparse weights, side by side
+    (median of --steps timed passes): on CUDA with PyTorch's 2:4 sparse kernels for 2:4 Linear layers, on ONNX
+    Runtime (CPU) for .onnx files; each layer says whether it ran a sparse kernel.
     """
+    status_console = err_console() if as_json else out_console()
+    if inference is not None:
+        if preset or config or set_:
+            raise AcdcError("--inference times the file's own model: drop --preset/--config/--set")
+        from acdc_cli.bench_inference import BATCH_SIZES, render as render_inference, run_inference_bench
+
+        sizes = BATCH_SIZES if batch_size is None else (1, batch_size)
+        with status_console.status("acdc bench --inference") as status:
+            result = run_inference_bench(inference, device, 20 if steps is None else steps,
+                                         3 if warmup is None else warmup, sizes,
+                                         status=lambda message: status.update(f"acdc bench --inference: {message}"))
+        if as_json:
+            print_json(result)
+        else:
+            render_inference(result, out_console())
+        return
     from acdc_cli.bench import render, run_bench
     from acdc_cli.config import load_settings
 
     settings = load_settings(preset, config, set_, {"runtime.device": device})
-    status_console = err_console() if as_json else out_console()
     with status_console.status("acdc bench") as status:
-        result = run_bench(settings, steps=steps, warmup=warmup, batch_size=batch_size,
-                           status=lambda message: status.update(f"acdc bench: {message}"))
+        result = run_bench(settings, steps=50 if steps is None else steps, warmup=10 if warmup is None else warmup,
+                           batch_size=batch_size, status=lambda message: status.update(f"acdc bench: {message}"))
     if as_json:
-        print_json(result)
+        print_json({"schema": "acdc.bench/1", **result})
     else:
         render(result, out_console())
 
@@ -467,7 +536,10 @@ def _nm_text(valid: bool | None) -> str:
 @app.command("eval")
 @user_errors
 def eval_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `acdc train` or `acdc prune`.")],
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A checkpoint (`acdc train`, `acdc prune`) or an export of any format "
+                                  "(`acdc export`: sparse-24-bitmask, sparse-bitmask, dense, onnx).")
+    ],
     data_dir: Annotated[
         Optional[Path],
         typer.Option("--data-dir", "-d", help="Dataset folder (default: the one saved in the checkpoint; digits need none)."),
@@ -479,13 +551,18 @@ def eval_cmd(
         Optional[int], typer.Option("--batch-size", "-b", min=1, help="Images per batch (default: data.eval_batch_size).")
     ] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N (default: as trained).")] = None,
+    amp: Annotated[bool, typer.Option("--amp", help="bf16 autocast on CUDA (default: fp32; the CPU always runs "
+                                                    "fp32).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Top-1, top-5 and loss of a checkpoint as saved, beside the paper's number.
+    """Top-1, top-5 and loss of a checkpoint or export as saved, beside the paper's number when comparable.
 
-    Evaluates the weights as saved (sparse or dense) and reports their sparsity over the prunable weights, and the
-    paper's top-1 with the difference when the checkpoint's preset records one. Model and dataset are rebuilt from the checkpoint's own metadata: no preset or flag is needed. Accuracies and
-    sparsity are fractions in [0, 1] in --json output.
+    Evaluates the weights as saved (sparse or dense) in fp32 (--amp: bf16 autocast on CUDA) and reports their
+    sparsity over the prunable weights. An .onnx export runs on ONNX Runtime's CPU provider, so the file you ship is
+    the one measured. The paper's top-1 and the difference are shown only when model, dataset, sparsity, structure
+    and epochs are still the preset's and the split is the test split; otherwise the output says why not. Model and
+    dataset are rebuilt from the file's own metadata: no preset or flag is needed. Accuracies and sparsity are
+    fractions in [0, 1] in --json output.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -498,7 +575,7 @@ def eval_cmd(
                             TimeRemainingColumn(), console=console, transient=True)
         progress.start()
     try:
-        result = eval_checkpoint(checkpoint, split, data_dir, batch_size, device, progress)
+        result = eval_checkpoint(checkpoint, split, data_dir, batch_size, device, progress, amp)
     finally:
         if progress is not None:
             progress.stop()
@@ -511,7 +588,9 @@ def eval_cmd(
     table.add_column("", justify="right")
     table.add_row("model", escape(f"{result['arch']} ({result['preset'] or 'no preset'}), "
                                   f"{_epochs_done(result['epoch'])}, {result['phase']}"))
+    table.add_row("file", escape(f"{result['kind']} ({result['format']}, {result['weights_dtype']} weights)"))
     table.add_row("split", f"{result['split']}, {result['images']:,} images on {result['device']}")
+    table.add_row("precision", result["precision"])
     table.add_row("top-1", _pct(result["top1"]))
     table.add_row("top-5", _pct(result["top5"]))
     table.add_row("loss", f"{result['loss']:.4f}")
@@ -520,7 +599,13 @@ def eval_cmd(
         table.add_row("val top-1 recorded in training", _pct(result["recorded_val_top1"]))
     if result["paper_top1"] is not None:
         table.add_row("paper top-1", f"{_pct(result['paper_top1'])} ({100 * result['paper_diff']:+.2f} points)")
-    out_console().print(table)
+    else:
+        table.add_row("paper top-1", "none shown (below)")
+    console = out_console()
+    console.print(table)
+    if result["paper_note"] is not None:
+        # on its own line: a table cell would fold the reason at the terminal's width
+        console.print(escape(f"no paper number: {result['paper_note']}"), highlight=False)
 
 
 @app.command()
@@ -550,6 +635,8 @@ def prune(
         Optional[list[str]], typer.Option("--exclude", help="Glob over module names to keep dense (repeatable).")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite OUT (and its .toml) if they exist.")] = False,
+    model: ModelOpt = None,
+    num_classes: NumClassesOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """One-shot magnitude pruning with the training engine: unstructured (global or uniform) or N:M.
@@ -561,7 +648,8 @@ def prune(
     """
     from acdc_cli.prune import prune_checkpoint
 
-    result = prune_checkpoint(checkpoint, out, sparsity, structure, scope, include, exclude, force)
+    result = prune_checkpoint(checkpoint, out, sparsity, structure, scope, include, exclude, force, model,
+                              num_classes)
     if as_json:
         print_json(result.as_dict())
         return
@@ -586,12 +674,29 @@ def export_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="The checkpoint to export.")],
     format_: Annotated[
         str,
-        typer.Option("--format", "-f", help="sparse-24-bitmask (2:4 weights), sparse-bitmask (any sparsity) or dense "
-                                            "(a plain state dict, masks folded in)."),
+        typer.Option("--format", "-f", help="sparse-24-bitmask (2:4 weights), sparse-bitmask (any sparsity), dense "
+                                            "(a plain state dict, masks folded in) or onnx (for ONNX Runtime and "
+                                            "TensorRT; needs the 'onnx' extra)."),
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="The .safetensors file to write.")],
-    dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16.")] = "float32",
+    out: Annotated[Path, typer.Option("--out", "-o", help="The .safetensors (or .onnx) file to write.")],
+    dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16 (onnx: float32).")] = "float32",
+    opset: Annotated[Optional[int], typer.Option("--opset", help="onnx: ONNX opset (18 or newer; default: the "
+                                                                 "exporter's).")] = None,
+    batch: Annotated[Optional[str], typer.Option("--batch", help="onnx: 'dynamic' (default) or a fixed batch "
+                                                                 "size.")] = None,
+    input_size: Annotated[Optional[int], typer.Option("--input-size", help="onnx: side of the square input image "
+                                                                           "(default: the model's, e.g. 224).")] = None,
+    fold_bn: Annotated[bool, typer.Option("--fold-bn", help="onnx: fold BatchNorm into the preceding convs (zeros "
+                                                            "stay zero; the 2:4 pattern is re-checked).")] = False,
+    conv_layout: Annotated[
+        str,
+        typer.Option("--conv-layout", help="sparse-bitmask: rows stores conv weights as (O, kh·kw·I) rows (compact); "
+                                           "native in their own shape, which compressed-tensors' ModelCompressor "
+                                           "restores by itself (bigger bitmask)."),
+    ] = "rows",
     force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
+    model: ModelOpt = None,
+    num_classes: NumClassesOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write a checkpoint as a sparse file that is really smaller, or as a dense state dict.
@@ -600,11 +705,29 @@ def export_cmd(
     weights as O×kh×kw×I); dense is a plain state dict with the masks folded in, which torchvision loads. Prints the
     mask statistics and the size against a dense export.
 
-    `acdc_cli.export.load(OUT)` turns any export back into the exact dense state dict.
-    """
-    from acdc_cli.export import export_checkpoint
+    onnx writes the model in eval mode (fp32, masks folded in, BatchNorm kept unless --fold-bn) with input `input`
+    and output `logits`; it is written only after its initializers have been read back (pruned zeros intact) and
+    ONNX Runtime's logits compared with PyTorch's.
 
-    result = export_checkpoint(checkpoint, out, format_, dtype, force)
+    `acdc_cli.export.load(OUT)` turns any safetensors export back into the exact dense state dict.
+    """
+    from acdc_cli.export import ONNX, export_checkpoint
+
+    onnx_options = {"--opset": opset, "--batch": batch, "--input-size": input_size, "--fold-bn": fold_bn or None}
+    if format_ == ONNX:
+        if dtype != "float32" or conv_layout != "rows":
+            raise AcdcError("--format onnx writes float32 weights in their own shape (drop --dtype/--conv-layout; "
+                            "TensorRT builds fp16 engines with --fp16)")
+        from acdc_cli.onnx_export import export_onnx
+
+        _render_onnx_export(export_onnx(checkpoint, out, opset, batch, input_size, fold_bn, force,
+                                        model_name=model, num_classes=num_classes), as_json)
+        return
+    given = [flag for flag, value in onnx_options.items() if value is not None]
+    if given:
+        raise AcdcError(f"{given[0]} applies to --format onnx only")
+    result = export_checkpoint(checkpoint, out, format_, dtype, force, model, num_classes,
+                               conv_layout=conv_layout)
     summary = result.as_dict()
     if as_json:
         print_json(summary)
@@ -624,6 +747,31 @@ def export_cmd(
     console.print(table)
     console.print(f"wrote {result.path}: {_size(result.size_bytes)}, {summary['ratio_to_dense']:.3f} × a dense export "
                   f"({_size(result.dense_bytes)})", highlight=False, markup=False)
+
+
+def _render_onnx_export(result, as_json: bool) -> None:
+    if as_json:
+        print_json(result.as_dict())
+        return
+    table = Table(title=f"onnx export (float32, opset {result.opset})")
+    for col in ("initializer", "shape", "kept", "sparsity", "2:4", "as trained"):
+        table.add_column(col, justify="right" if col in ("kept", "sparsity") else "left",
+                         overflow="fold", no_wrap=col != "initializer")
+    for layer in result.layers:
+        same = "bit-exact" if layer.exact else ("zeros kept" if layer.zeros_kept else "[red]changed[/]")
+        table.add_row(escape(layer.name), "×".join(map(str, layer.shape)), f"{layer.kept:,}", _pct(layer.sparsity),
+                      _nm_text(layer.nm_valid), same)
+    console = out_console()
+    console.print(table)
+    shape = "×".join(map(str, result.input_shape))
+    console.print(f"wrote {escape(str(result.path))}: {_size(result.size_bytes)}, input [bold]input[/] {shape} -> "
+                  f"[bold]logits[/], sparsity {_pct(result.sparsity)} ({escape(result.structure)})", highlight=False)
+    if result.fold_bn:
+        pattern = "2:4 kept in every 2:4 layer" if result.structure == "2:4" else "pruned zeros kept"
+        console.print(f"folded {result.batchnorms_folded} of {result.batchnorms} BatchNorm layers into the conv "
+                      f"before them (the others do not follow a conv); re-checked: {pattern}", highlight=False)
+    console.print(f"ONNX Runtime (CPU) vs PyTorch: max |Δ logit| {result.max_abs_diff:.2e} "
+                  f"(logits up to {result.max_abs_logit:.3g})", highlight=False)
 
 
 @app.command("inspect")

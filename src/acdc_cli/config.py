@@ -31,6 +31,15 @@ MAX_THREADS = 1024  # torch CPU threads (torch crashes at exit with ~10**5)
 MAX_CONFIG_BYTES = 2**20  # a --config file (the presets are 1-3 kB)
 
 
+def _old_bool(value: Any, true: str, false: str) -> Any:
+    """A former boolean setting's value (a bool, or its text from an environment variable) as its new choice."""
+    if isinstance(value, bool):
+        return true if value else false
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return true if value.lower() == "true" else false
+    return value
+
+
 class _Section(BaseModel):
     # inf and nan are refused for every float setting: no rate, decay, factor or fraction here means anything
     # non-finite, and a NaN compares false with every bound
@@ -51,7 +60,18 @@ class DataSettings(_Section):
     val_size: int = Field(270, ge=1, description="images held out of the training split for validation (model selection)")
     augment: bool = Field(True, description="dataset's standard training augmentation (crop + flip)")
     random_labels: int = Field(0, ge=0, description="memorization: this many training images get random labels")
-    num_workers: int = Field(4, ge=0, le=MAX_WORKERS, description="loader worker processes (ImageFolder only)")
+    num_workers: int | None = Field(
+        None, ge=0, le=MAX_WORKERS, description="ImageFolder loader worker processes per training process (None: the "
+        "cores this process may use, shared among the machine's ranks, minus one)"
+    )
+    decode: Literal["cpu", "gpu", "pil"] = Field(
+        "cpu", description="ImageFolder decoding: cpu (libjpeg-turbo in the workers), gpu (nvJPEG, batched, crop on "
+        "the GPU; CUDA only), pil (PIL in the workers, slower)"
+    )
+    max_image_pixels: int = Field(
+        89_478_485, gt=0, description="ImageFolder: an image with more pixels is refused, naming the file (default: "
+        "PIL's decompression-bomb bound, about 268 MB decoded)"
+    )
     download: bool = Field(False, description="fetch CIFAR when the folder is missing (needs a network)")
     synthetic_size: int = Field(
         512, gt=0, le=MAX_SYNTHETIC_SIZE,
@@ -72,8 +92,28 @@ class DataSettings(_Section):
 
 
 class ModelSettings(_Section):
-    name: str = Field("digits-cnn", description="registered architecture (see models registry), e.g. wrn-28-10")
+    name: str = Field(
+        "digits-cnn",
+        description="built-in architecture (e.g. wrn-28-10), torchvision:<name> (e.g. torchvision:resnet18) or "
+        "timm:<name> (needs the timm extra)",
+    )
     dropout: float | None = Field(None, ge=0, lt=1, description="dropout probability (None: the model's default)")
+    weights: Path | None = Field(
+        None,
+        description="local pretrained weights to start from: .safetensors or a torch state dict (read with "
+        "weights_only=True); stored absolute; nothing is ever downloaded",
+    )
+    weights_skip: list[str] = Field(
+        default_factory=list,
+        description="glob patterns of state-dict keys of model.weights left as initialised, e.g. ['fc.*'] for a new "
+        "classifier",
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _absolute_weights(cls, value: Path | None) -> Path | None:
+        # a resumed or relaunched run must find the file from any working directory
+        return value.expanduser().absolute() if value is not None else None
 
 
 class OptimSettings(_Section):
@@ -84,11 +124,17 @@ class OptimSettings(_Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
     lr_schedule: Literal["cosine", "step", "constant"] = Field("cosine", description="LR decay shape")
     milestones: list[int] = Field(
-        default_factory=list, max_length=MAX_EPOCHS, description="step schedule: epochs after which LR *= gamma"
+        default_factory=list, max_length=MAX_EPOCHS,
+        description="step schedule: first epochs at each lowered LR (LR *= gamma from each on)",
     )
     gamma: float = Field(0.1, gt=0, description="step schedule: LR factor at each milestone")
     lr_warmup_epochs: float = Field(
-        0.0, ge=0, le=MAX_EPOCHS, description="linear LR warm-up from 0, in epochs (per step)"
+        0.0, ge=0, le=MAX_EPOCHS,
+        description="LR warm-up epochs W: epoch e < W at lr*(e+1)/W (per step: linear from 0)",
+    )
+    lr_per_step: bool = Field(
+        False, description="set the LR at every step (continuous warm-up and decay) instead of once per epoch as the "
+        "reference does"
     )
     cosine_epochs: int | None = Field(
         None, gt=0, le=MAX_EPOCHS, description="cosine period in epochs (None: schedule.epochs)"
@@ -110,7 +156,11 @@ class ScheduleSettings(_Section):
         0, ge=0, le=MAX_EPOCHS, description="acdc: dense phase before the final compressed one"
     )
     final_compressed_epochs: int = Field(8, ge=0, le=MAX_EPOCHS, description="acdc: length of the final compressed phase")
-    reset_momentum: bool = Field(True, description="zero optimizer momentum at every phase change")
+    reset_momentum: Literal["restore", "every", "never"] = Field(
+        "restore",
+        description="when optimizer momentum is zeroed: 'restore' at each decompression (the reference), 'every' "
+        "phase change, or 'never'",
+    )
     gmp_start_epoch: int = Field(0, ge=0, le=MAX_EPOCHS, description="gmp: epoch of the first pruning step")
     gmp_end_epoch: int = Field(0, ge=0, le=MAX_EPOCHS, description="gmp: epoch at which target sparsity is reached")
     prune_every: int = Field(1, gt=0, le=MAX_EPOCHS, description="gmp: epochs between mask recomputations")
@@ -132,6 +182,12 @@ class ScheduleSettings(_Section):
         if not 0 <= value <= MAX_EPOCHS:
             raise ValueError(f"must be an epoch number in [0, {MAX_EPOCHS}] or 'checkpoint'")
         return value
+
+    @field_validator("reset_momentum", mode="before")
+    @classmethod
+    def _reset_momentum_bool(cls, value: Any) -> Any:
+        # run dirs written before the choice existed hold a bool: true reset at every phase change
+        return _old_bool(value, "every", "never")
 
 
 class SparsitySettings(_Section):
@@ -181,7 +237,9 @@ class RuntimeSettings(_Section):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     seed: int = Field(0, ge=0, lt=2**62, description="seed for weights, data order, augmentation and splits")
     deterministic: bool = Field(False, description="bit-reproducible kernels (slower on GPU)")
-    amp: bool = Field(True, description="bf16 autocast on CUDA (CPU always runs fp32)")
+    amp: Literal["bf16", "fp16", "off"] = Field(
+        "bf16", description="autocast precision on CUDA: bf16, fp16 (with a gradient scaler) or off; CPU runs fp32"
+    )
     channels_last: bool = Field(True, description="channels_last memory format on CUDA")
     compile: bool = Field(False, description="torch.compile the model (CUDA)")
     sync_batchnorm: bool = Field(False, description="SyncBatchNorm across DDP ranks (CUDA; batch statistics "
@@ -195,6 +253,12 @@ class RuntimeSettings(_Section):
     nan_policy: Literal["stop", "skip"] = Field(
         "stop", description="non-finite loss: stop the run (exit 1), or skip the step (one host sync per step)"
     )
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_bool(cls, value: Any) -> Any:
+        # run dirs written before the choice existed hold a bool: true was bf16 autocast
+        return _old_bool(value, "bf16", "off")
 
     @field_validator("device")
     @classmethod

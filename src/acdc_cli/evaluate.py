@@ -1,10 +1,10 @@
 """Top-1 / top-5 / loss of a model over a loader (sums stay on the device until the end of the pass), and of a
-checkpoint on its own dataset (``acdc eval``)."""
+checkpoint or export (safetensors or ONNX) on its own dataset (``acdc eval``)."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,22 +14,23 @@ from rich.progress import Progress
 from torch import nn
 
 from acdc_cli import data as data_mod
-from acdc_cli.checkpoint import build_model, load_checkpoint
-from acdc_cli.config import load_settings
+from acdc_cli.checkpoint import (
+    CHECKPOINT_FORMAT,
+    build_model,
+    lenient_json,
+    load_checkpoint,
+    read_safetensors,
+    rebuild_model,
+)
+from acdc_cli.config import Settings, load_settings
 from acdc_cli.distributed import resolve_device
 from acdc_cli.errors import AcdcError
+from acdc_cli.runtime import autocast, precision
 from acdc_cli.sparsity.sparsifier import select_layers
 
 
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA; CPU runs fp32."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = False) -> dict[str, float]:
+def evaluate(model: nn.Module, loader, device: torch.device, amp: str | bool = False) -> dict[str, float]:
     """``{"loss", "top1", "top5", "images"}``; accuracies are fractions in [0, 1]."""
     was_training = model.training
     model.eval()
@@ -55,7 +56,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = False) 
 
 
 @torch.no_grad()
-def evaluate_memorized(model: nn.Module, loader, device: torch.device, amp: bool = False) -> dict[str, float]:
+def evaluate_memorized(model: nn.Module, loader, device: torch.device, amp: str | bool = False) -> dict[str, float]:
     """Memorization metrics over a loader of (x, random label, true label): how many of the random-label training
     images the model predicts as their random label (``memorized_top1``) and as their true one
     (``memorized_true_top1``)."""
@@ -76,6 +77,113 @@ def evaluate_memorized(model: nn.Module, loader, device: torch.device, amp: bool
 
 
 SPLITS = ("val", "test")
+EVAL_SCHEMA = "acdc.eval/1"
+
+
+@dataclass
+class EvalSource:
+    """What ``acdc eval`` needs from a file, whatever its kind."""
+
+    kind: str  # "checkpoint" | "export" | "onnx"
+    format: str  # acdc-checkpoint, sparse-24-bitmask, sparse-bitmask, dense or onnx
+    model: nn.Module  # runs the file's weights (an ONNX Runtime session for .onnx)
+    arch: str
+    config: dict[str, Any]
+    prunable: list[str] | None  # the weights sparsity is counted over; None: those the sparsity rules select
+    weights: dict[str, torch.Tensor]  # at least the prunable ones, as stored in the file
+    weights_dtype: str
+    epoch: Any
+    phase: Any
+    metrics: dict[str, Any]
+    preset: Any
+
+
+def open_for_eval(path: Path) -> EvalSource:
+    """An acdc checkpoint, a safetensors export (any format) or an ONNX export, ready to evaluate."""
+    from acdc_cli.export import EXPORT_FORMAT, decode_export
+    from acdc_cli.onnx_export import is_onnx_file
+
+    if is_onnx_file(path):
+        return _open_onnx(path)
+    tensors, meta = read_safetensors(path)
+    if meta.get("format") != EXPORT_FORMAT:
+        ckpt = load_checkpoint(path)
+        model = build_model(ckpt)
+        return EvalSource("checkpoint", CHECKPOINT_FORMAT, model, ckpt.arch, ckpt.config,
+                          list(ckpt.masks) if ckpt.masks else None, dict(model.named_parameters()), "float32",
+                          ckpt.epoch, ckpt.phase, ckpt.metrics, ckpt.extra.get("preset"))
+    state = decode_export(tensors, meta, path)[0]
+    arch, kwargs = meta.get("arch"), _json_meta(meta, "model_kwargs", path, {})
+    if not isinstance(arch, str):
+        raise AcdcError(f"{path}: metadata lacks arch, so the model cannot be rebuilt")
+    model = rebuild_model(arch, kwargs, state, str(path))
+    return EvalSource("export", meta["export_format"], model, arch, _json_meta(meta, "config", path, {}),
+                      _names(meta, path, state), state, str(meta.get("dtype", "float32")),
+                      lenient_json(meta.get("epoch", "null")), meta.get("phase"), _json_meta(meta, "metrics", path, {}),
+                      meta.get("preset"))
+
+
+def _open_onnx(path: Path) -> EvalSource:
+    from acdc_cli.onnx_export import OnnxRuntimeModule, initializers, read_onnx, session
+
+    proto, meta = read_onnx(path)
+    stored = {name: torch.from_numpy(value.copy()) for name, value in initializers(proto).items()}
+    return EvalSource("onnx", "onnx", OnnxRuntimeModule(session(path)), str(meta.get("arch")),
+                      _json_meta(meta, "config", path, {}), _names(meta, path, stored), stored, "float32",
+                      lenient_json(meta.get("epoch", "null")), meta.get("phase"), _json_meta(meta, "metrics", path, {}),
+                      meta.get("preset"))
+
+
+def _json_meta(meta: dict[str, str], key: str, path: Path, default: Any) -> Any:
+    value = lenient_json(meta[key]) if key in meta else default
+    if not isinstance(value, type(default)):
+        raise AcdcError(f"{path}: metadata field '{key}' is malformed")
+    return value
+
+
+def _names(meta: dict[str, str], path: Path, weights: dict[str, torch.Tensor]) -> list[str]:
+    names = _json_meta(meta, "prunable", path, [])
+    if not all(isinstance(n, str) and isinstance(weights.get(n), torch.Tensor) for n in names):
+        raise AcdcError(f"{path}: metadata field 'prunable' names weights the file does not hold")
+    return names
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _planned_sparsity(settings: Settings) -> float:
+    return 0.0 if settings.schedule.method == "dense" else settings.sparsity.target
+
+
+def paper_reference(settings: Settings, split: str) -> tuple[float | None, str | None]:
+    """(the paper's top-1, None) when the file's run is its preset's experiment, evaluated on the test split;
+    otherwise (None, why no paper number is comparable)."""
+    name = settings.preset
+    if not name:
+        return None, "the file names no preset"
+    try:
+        preset = load_settings(preset=name)
+    except AcdcError:
+        return None, f"'{name}' is not a preset of this acdc"
+    if preset.paper_top1 is None:
+        return None, f"preset {name} has no paper number"
+    changed = [
+        f"{label} {ours} (preset: {theirs})"
+        for label, ours, theirs in (
+            ("model", settings.model.name, preset.model.name),
+            ("dataset", settings.data.name, preset.data.name),
+            ("sparsity", _planned_sparsity(settings), _planned_sparsity(preset)),
+            ("structure", settings.sparsity.structure, preset.sparsity.structure),
+            ("epochs", settings.schedule.epochs, preset.schedule.epochs),
+        )
+        if ours != theirs
+    ]
+    if changed:
+        return None, f"not preset {name}'s experiment: " + ", ".join(changed)
+    if split != "test":
+        return None, f"the paper's number is on the test split, this is {split} (use --split test)"
+    return preset.paper_top1, None
 
 
 def eval_checkpoint(
@@ -85,60 +193,68 @@ def eval_checkpoint(
     batch_size: int | None = None,
     device: str | None = None,
     progress: Progress | None = None,
+    amp: bool = False,
 ) -> dict[str, Any]:
-    """Top-1 / top-5 / loss of a checkpoint's weights as saved, on its own dataset rebuilt from its saved settings.
+    """Top-1 / top-5 / loss of a checkpoint's or export's weights as saved, on its own dataset rebuilt from its saved
+    settings, in fp32 unless ``amp`` (autocast in the run's runtime.amp precision, bf16 by default; CUDA only). An ONNX export runs on ONNX Runtime's CPU provider.
 
     ``progress`` (optional) gets one task that advances per batch. Accuracies and sparsity are fractions in [0, 1].
     """
     if split not in SPLITS:
         raise AcdcError(f"unknown split '{split}' (choose {', '.join(SPLITS)})")
     path = Path(path)
-    ckpt = load_checkpoint(path)
-    if not ckpt.config:
-        raise AcdcError(f"{path} records no training settings, so its dataset is unknown")
+    source = open_for_eval(path)
+    if "data" not in source.config:
+        raise AcdcError(f"{path} records no dataset, so there is nothing to evaluate it on")
+    if source.kind == "onnx" and (amp or device not in (None, "cpu")):
+        raise AcdcError("an ONNX file runs on ONNX Runtime's CPU provider in fp32: drop --device/--amp")
     flags = {
         "data.dir": str(data_dir) if data_dir is not None else None,
         "data.eval_batch_size": batch_size,
-        "runtime.device": device,
+        "runtime.device": "cpu" if source.kind == "onnx" else device,
     }
-    settings = load_settings(base=ckpt.config, flags=flags)
+    settings = load_settings(base=source.config, flags=flags)
     dev = resolve_device(settings.runtime.device)
     bundle = data_mod.build(settings, dev)
     loader = bundle.val if split == "val" else bundle.test
     if loader is None or len(loader) == 0:
         raise AcdcError(f"dataset '{settings.data.name}' has no {split} split in these settings")
-    model = build_model(ckpt).to(dev)
-
+    model = source.model.to(dev)
+    # --amp uses the run's own autocast precision (runtime.amp, bf16 unless set), and only on CUDA: elsewhere it
+    # still computes in fp32, and says so
+    mode = (settings.runtime.amp if settings.runtime.amp != "off" else "bf16") if amp else "off"
     batches = loader if progress is None else _advancing(loader, progress, f"eval {split}")
-    metrics = evaluate(model, batches, dev, settings.runtime.amp)
+    metrics = evaluate(model, batches, dev, mode)
 
-    if ckpt.masks:
-        names = list(ckpt.masks)
-    else:
+    names = source.prunable
+    if names is None:
         sp = settings.sparsity
         names = [r.param for r in select_layers(model, sp.include, sp.exclude, sp.n_m) if r.selected]
-    weights = dict(model.named_parameters())
-    zeros = sum(int((weights[n] == 0).sum()) for n in names)
-    numel = sum(weights[n].numel() for n in names)
-    paper = ckpt.extra.get("paper_top1", settings.paper_top1)
-    paper = paper if isinstance(paper, (int, float)) else None
-    recorded = ckpt.metrics.get("val_top1")
+    zeros = sum(int((source.weights[n] == 0).sum()) for n in names)
+    numel = sum(source.weights[n].numel() for n in names)
+    paper, paper_note = paper_reference(settings, split)
     return {
+        "schema": EVAL_SCHEMA,
         "checkpoint": str(path),
-        "arch": ckpt.arch,
-        "preset": ckpt.extra.get("preset", settings.preset),
-        "epoch": ckpt.epoch,
-        "phase": ckpt.phase,
+        "kind": source.kind,
+        "format": source.format,
+        "arch": source.arch,
+        "preset": source.preset if isinstance(source.preset, str) else settings.preset,
+        "epoch": source.epoch,
+        "phase": source.phase,
         "split": split,
         "images": metrics["images"],
         "top1": metrics["top1"],
         "top5": metrics["top5"],
         "loss": metrics["loss"],
         "sparsity": zeros / max(numel, 1),
+        "precision": precision(dev, mode),
+        "weights_dtype": source.weights_dtype,
         "paper_top1": paper,
         "paper_diff": metrics["top1"] - paper if paper is not None else None,
-        "recorded_val_top1": recorded if isinstance(recorded, (int, float)) else None,
-        "device": str(dev),
+        "paper_note": paper_note,
+        "recorded_val_top1": _number(source.metrics.get("val_top1")),
+        "device": "cpu (onnxruntime)" if source.kind == "onnx" else str(dev),
     }
 
 

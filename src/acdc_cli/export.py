@@ -1,11 +1,14 @@
-"""Exports of a checkpoint: compressed sparse safetensors in the compressed-tensors layouts, or a dense state dict.
+"""Exports of a checkpoint: compressed sparse safetensors in the compressed-tensors layouts, or a dense state dict
+(ONNX lives in :mod:`acdc_cli.onnx_export`).
 
 ``sparse-24-bitmask`` and ``sparse-bitmask`` replace each prunable weight ``<layer>.weight`` by ``<layer>.compressed``,
-``<layer>.bitmask`` and ``<layer>.shape`` (plus ``<layer>.row_offsets`` for ``sparse-bitmask``), 2-D with conv weights
-in (O, kh, kw, I) order (see :mod:`acdc_cli.sparsity.formats`); every other tensor is stored as it is. ``dense`` is a
-plain state dict with the masks folded in. ``__metadata__`` records the format, dtype, structure, each compressed
-layer's original shape and layout, the state-dict order, and the checkpoint's own metadata, so :func:`load` rebuilds
-the exact dense state dict and :func:`load_model` the model.
+``<layer>.bitmask`` and ``<layer>.shape`` (plus ``<layer>.row_offsets`` for ``sparse-bitmask``): 2-D with conv weights
+in (O, kh, kw, I) order by default, or, for ``sparse-bitmask`` with ``conv_layout="native"``, in the weight's own
+shape (see :mod:`acdc_cli.sparsity.formats`); every other tensor is stored as it is. ``dense`` is a plain state dict
+with the masks folded in. ``__metadata__`` records the format, dtype, structure, each compressed layer's original
+shape and layout, the state-dict order, the checkpoint's own metadata and compressed-tensors' ``sparsity_config``
+(``targets``: the compressed modules by name, ``ignore``: the conv/linear modules left dense), so :func:`load`
+rebuilds the exact dense state dict and :func:`load_model` the model.
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ from acdc_cli.sparsity import formats as F
 from acdc_cli.sparsity.masks import nm_compatible
 
 EXPORT_FORMAT = "acdc-export"
+EXPORT_SCHEMA = "acdc.export/1"
 DENSE = "dense"
-FORMATS = (F.BITMASK_24, F.BITMASK, DENSE)
+ONNX = "onnx"
+FORMATS = (F.BITMASK_24, F.BITMASK, DENSE)  # the safetensors formats; ONNX is written by acdc_cli.onnx_export
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # the tensors each compressed layer is stored as, by encoding (compressed-tensors' COMPRESSION_PARAM_NAMES)
 PARTS = {F.BITMASK_24: ("shape", "compressed", "bitmask"), F.BITMASK: ("shape", "compressed", "bitmask", "row_offsets")}
@@ -64,6 +69,7 @@ class ExportResult:
     layers: list[LayerStats]
     size_bytes: int  # the file on disk
     dense_bytes: int  # size of a dense export of the same checkpoint in the same dtype
+    conv_layout: str = F.ROWS
 
     @property
     def sparsity(self) -> float:
@@ -72,10 +78,12 @@ class ExportResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "schema": EXPORT_SCHEMA,
             "path": str(self.path),
             "format": self.format,
             "dtype": self.dtype,
             "structure": self.structure,
+            "conv_layout": self.conv_layout,
             "sparsity": self.sparsity,
             "size_bytes": self.size_bytes,
             "dense_bytes": self.dense_bytes,
@@ -159,15 +167,30 @@ def _structure(fmt: str, ckpt: Checkpoint) -> str:
     return str((ckpt.config.get("sparsity") or {}).get("structure", "unstructured"))
 
 
-def export_checkpoint(source: Path, out: Path, fmt: str, dtype: str = "float32", force: bool = False) -> ExportResult:
-    """Write ``out`` in format ``fmt`` from the checkpoint ``source``; returns the mask statistics and sizes."""
+def export_checkpoint(source: Path, out: Path, fmt: str, dtype: str = "float32", force: bool = False,
+                      model_name: str | None = None, num_classes: int | None = None, *,
+                      conv_layout: str = F.ROWS) -> ExportResult:
+    """Write ``out`` in format ``fmt`` from the checkpoint ``source`` (or, with ``model_name`` and ``num_classes``, a
+    plain state dict); returns the mask statistics and sizes.
+
+    ``conv_layout`` (``sparse-bitmask`` only): ``rows`` stores conv weights as (O, kh·kw·I) rows, ``native`` in
+    their own shape, which compressed-tensors' decompressor restores as it is (at the cost of a bigger bitmask).
+    """
+    from acdc_cli.weights import load_source
+
     source, out = Path(source), Path(out)
     if fmt not in FORMATS:
-        raise AcdcError(f"unknown export format '{fmt}' (choose {', '.join(FORMATS)})")
+        raise AcdcError(f"unknown export format '{fmt}' (choose {', '.join((*FORMATS, ONNX))})")
     if dtype not in DTYPES:
         raise AcdcError(f"unknown dtype '{dtype}' (choose {', '.join(DTYPES)})")
+    if conv_layout not in F.CONV_LAYOUTS:
+        raise AcdcError(f"unknown conv layout '{conv_layout}' (choose {', '.join(F.CONV_LAYOUTS)})")
+    if conv_layout == F.NATIVE and fmt != F.BITMASK:
+        raise AcdcError(f"--conv-layout native applies to sparse-bitmask only: {fmt} keeps conv weights "
+                        + ("as (O, kh·kw·I) rows, the only layout whose groups of 4 run along input channels"
+                           if fmt == F.BITMASK_24 else "in their own shape already"))
     check_writable(out, force)
-    ckpt = load_checkpoint(source)
+    ckpt = load_source(source, model_name, num_classes)
     cast = DTYPES[dtype]
     weights = {k: v.to(cast) if v.is_floating_point() else v
                for k, v in sorted(fold_masks(ckpt).items(), key=lambda item: natural_key(item[0]))}
@@ -189,8 +212,8 @@ def export_checkpoint(source: Path, out: Path, fmt: str, dtype: str = "float32",
         if fmt == F.BITMASK_24:
             parts = _encode_24(name, weight, ckpt.masks.get(name), source)
         else:
-            rows = F.to_rows(weight)
-            parts = F.encode_bitmask(rows, F.bit_nonzero(rows))
+            stored = weight if conv_layout == F.NATIVE else F.to_rows(weight)
+            parts = F.encode_bitmask(stored, F.bit_nonzero(stored))
         prefix = layer_prefix(name)
         for part, tensor in parts.items():
             key = f"{prefix}.{part}"
@@ -199,8 +222,8 @@ def export_checkpoint(source: Path, out: Path, fmt: str, dtype: str = "float32",
             tensors[key] = tensor
         layers_meta[name] = {
             "shape": list(weight.shape),
-            "layout": F.layout_name(tuple(weight.shape)),
-            "rows": [int(v) for v in parts["shape"].flatten()],
+            "layout": F.layout_name(tuple(weight.shape), conv_layout),
+            "stored_shape": [int(v) for v in parts["shape"].flatten()],
             "encoding": fmt,
         }
         stats.append(_stats(name, weight, parts, fmt))
@@ -213,6 +236,7 @@ def export_checkpoint(source: Path, out: Path, fmt: str, dtype: str = "float32",
         "export_format": fmt,
         "dtype": dtype,
         "structure": structure,
+        "conv_layout": conv_layout,
         **provenance(ckpt),
         "source": source.name,
         "tensors": list(weights),
@@ -221,18 +245,19 @@ def export_checkpoint(source: Path, out: Path, fmt: str, dtype: str = "float32",
         **{k: v for k, v in ckpt.extra.items() if k in ("preset", "paper_top1")},
     }
     if fmt != DENSE:
-        # the fields of compressed-tensors' sparsity config, for tools that read the format from it
+        # compressed-tensors' sparsity config: its module matching compares targets and ignore with module names
+        # (model.named_modules()), so both list modules, never parameter names
         metadata["sparsity_config"] = {
             "format": fmt,
             "sparsity_structure": "2:4" if fmt == F.BITMASK_24 else "unstructured",
             "global_sparsity": zeros / max(numel, 1),
-            "targets": list(layers_meta),
-            "ignore": [],
+            "targets": [layer_prefix(n) for n in layers_meta],
+            "ignore": [layer_prefix(n) for n, t in weights.items() if layer_weight(n, t) and n not in layers_meta],
         }
     save_safetensors(out, tensors, metadata)
     size = out.stat().st_size
     dense_bytes = size if fmt == DENSE else dense_file_bytes(weights, metadata)
-    return ExportResult(out, fmt, dtype, structure, stats, size, dense_bytes)
+    return ExportResult(out, fmt, dtype, structure, stats, size, dense_bytes, conv_layout)
 
 
 def dense_file_bytes(weights: dict[str, torch.Tensor], metadata: dict[str, Any]) -> int:
@@ -292,8 +317,12 @@ def decode_export(tensors: dict[str, torch.Tensor], meta: dict[str, str],
     parts_of: dict[str, dict[str, torch.Tensor]] = {}
     for name, info in layers.items():
         encoding = info.get("encoding") if isinstance(info, dict) else None
-        if not isinstance(encoding, str) or encoding not in PARTS or not isinstance(info.get("shape"), list):
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if (not isinstance(encoding, str) or encoding not in PARTS or not isinstance(shape, list) or len(shape) < 2
+                or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape)):
             raise AcdcError(f"{path}: malformed layer entry for {name}")
+        # files written before the layout was a choice record "OHWI" / "OI" ..., which are rows layouts
+        rows_layout = F.is_rows_layout(str(info.get("layout", F.layout_name(shape))), shape)
         prefix = layer_prefix(name)
         missing = [p for p in PARTS[encoding] if f"{prefix}.{p}" not in tensors]
         if missing:
@@ -301,8 +330,12 @@ def decode_export(tensors: dict[str, torch.Tensor], meta: dict[str, str],
         parts = {p: tensors[f"{prefix}.{p}"] for p in PARTS[encoding]}
         decode = F.decode_24 if encoding == F.BITMASK_24 else F.decode_bitmask
         try:
-            rows = decode(parts["compressed"], parts["bitmask"], parts["shape"])
-            dense[name] = F.from_rows(rows, info["shape"])
+            decoded = decode(parts["compressed"], parts["bitmask"], parts["shape"])
+            if rows_layout:
+                decoded = F.from_rows(decoded, shape)
+            elif list(decoded.shape) != shape or info.get("layout") != F.layout_name(shape, F.NATIVE):
+                raise ValueError(f"stored as {info.get('layout')!r} of shape {list(decoded.shape)}, not {shape}")
+            dense[name] = decoded
         except (ValueError, RuntimeError, TypeError, IndexError, OverflowError) as exc:  # shapes from the file
             raise AcdcError(f"{path}: cannot decode {name} ({exc})") from None
         parts_of[name] = parts

@@ -13,11 +13,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from acdc_cli.checkpoint import Checkpoint, atomic_write_text, build_model, load_checkpoint, save_checkpoint
+from acdc_cli.checkpoint import Checkpoint, atomic_write_text, build_model, save_checkpoint
 from acdc_cli.config import Settings, format_validation_error, merge_layer
 from acdc_cli.errors import AcdcError
 from acdc_cli.export import check_writable
 from acdc_cli.sparsity.sparsifier import Sparsifier
+from acdc_cli.weights import load_source
 
 
 @dataclass
@@ -79,8 +80,12 @@ def prune_checkpoint(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     force: bool = False,
+    model_name: str | None = None,
+    num_classes: int | None = None,
 ) -> PruneResult:
-    """Prune ``source`` to ``sparsity`` (implied by an N:M ``structure``) and write ``out`` and its fine-tune TOML."""
+    """Prune ``source`` to ``sparsity`` (implied by an N:M ``structure``) and write ``out`` and its fine-tune TOML.
+
+    ``source`` is an acdc checkpoint, or with ``model_name`` and ``num_classes`` a plain state dict."""
     source, out = Path(source), Path(out)
     if out.suffix != ".safetensors":
         raise AcdcError(f"-o {out}: name the pruned checkpoint *.safetensors (its fine-tune settings go beside it)")
@@ -89,7 +94,7 @@ def prune_checkpoint(
     check_writable(config_path, force)
     if structure == "unstructured" and sparsity is None:
         raise AcdcError("--sparsity is required for unstructured pruning (e.g. --sparsity 0.9)")
-    ckpt = load_checkpoint(source)
+    ckpt = load_source(source, model_name, num_classes)
     rules: dict[str, Any] = {"structure": structure, "scope": scope}
     if sparsity is not None and structure == "unstructured":
         rules["target"] = sparsity

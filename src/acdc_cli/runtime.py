@@ -1,5 +1,6 @@
-"""How a model runs on its device and across ranks: DDP, SyncBatchNorm, channels_last, torch.compile, cudnn autotuning,
-rank-sharded evaluation with all-reduced metrics, and the mask agreement check between ranks.
+"""How a model runs on its device and across ranks: precision (autocast, gradient scaler), DDP, SyncBatchNorm,
+channels_last, torch.compile, cudnn autotuning, rank-sharded evaluation with all-reduced metrics, and the mask agreement
+check between ranks.
 
 ``train.py`` keeps the raw model for masks, checkpoints and state-dict names and hands the wrapped ``net`` returned by
 :func:`prepare_model` to the training step only, so no ``module.`` or ``_orig_mod.`` prefix ever reaches a file.
@@ -7,6 +8,7 @@ rank-sharded evaluation with all-reduced metrics, and the mask agreement check b
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import zlib
 from collections.abc import Iterator
@@ -19,10 +21,36 @@ from torch import nn
 from acdc_cli.config import Settings
 from acdc_cli.distributed import DistInfo
 from acdc_cli.errors import AcdcError, TrainingFault
-from acdc_cli.evaluate import evaluate as evaluate_local
 
 # 2**61 - 1, a Mersenne prime: per-layer mask hashes are combined modulo it so the checksum fits an int64
 _CHECKSUM_MODULUS = (1 << 61) - 1
+
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def precision(device: torch.device, amp: str | bool) -> str:
+    """The precision a forward pass runs in: ``runtime.amp`` ("bf16", "fp16", "off"; a bool from older callers means
+    bf16 or off) on CUDA, and always "fp32" elsewhere (CPU autocast is slower than fp32 for these models)."""
+    if amp is True:
+        amp = "bf16"
+    if device.type != "cuda" or amp not in _AUTOCAST_DTYPES:
+        return "fp32"
+    return str(amp)
+
+
+def autocast(device: torch.device, amp: str | bool) -> contextlib.AbstractContextManager[Any]:
+    """Autocast in :func:`precision`'s dtype, or nothing for fp32."""
+    chosen = precision(device, amp)
+    if chosen == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=_AUTOCAST_DTYPES[chosen])
+
+
+def grad_scaler(device: torch.device, amp: str | bool) -> torch.amp.GradScaler:
+    """A gradient scaler, enabled for fp16 only (bf16 has fp32's range and needs none). A disabled scaler passes
+    every call straight through, so one training step serves every precision; its state goes into resume states."""
+    return torch.amp.GradScaler(device.type, enabled=precision(device, amp) == "fp16")
 
 
 def configure_backends(settings: Settings, device: torch.device) -> None:
@@ -186,9 +214,12 @@ def shard_for_eval(loader: Any, info: DistInfo) -> Any:
     return _EveryNthBatch(loader, rank, world)
 
 
-def evaluate(model: nn.Module, loader: Any, device: torch.device, amp: bool, info: DistInfo) -> dict[str, float]:
+def evaluate(model: nn.Module, loader: Any, device: torch.device, amp: str | bool,
+             info: DistInfo) -> dict[str, float]:
     """``evaluate`` over this rank's shard (from :func:`shard_for_eval`), then sums all-reduced: every rank returns
     the metrics of rank 0's model over the whole split. A collective: all ranks must call it."""
+    from acdc_cli.evaluate import evaluate as evaluate_local  # evaluate.py imports this module's autocast
+
     if not info.enabled:
         return evaluate_local(model, loader, device, amp)
     sync_buffers(model, info)

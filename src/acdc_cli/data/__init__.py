@@ -19,7 +19,7 @@ MAX_SYNTHETIC_BYTES = 4 * 2**30
 
 @dataclass
 class DataBundle:
-    train: Any  # TensorLoader or a torch DataLoader wrapper with set_epoch()
+    train: Any  # TensorLoader or ImageLoader: whole batches only (drop_last), set_epoch(), iterate(start_batch)
     val: Any
     test: Any
     num_classes: int
@@ -49,7 +49,7 @@ def _digits(settings: Settings, device: torch.device, rank: int, world_size: int
     common = dict(mean=mean, std=std, seed=settings.runtime.seed, device=device)
     return DataBundle(
         train=TensorLoader(
-            images[train_i], labels[train_i], d.batch_size // world_size, shuffle=True,
+            images[train_i], labels[train_i], d.batch_size // world_size, shuffle=True, drop_last=True,
             augment=False, rank=rank, world_size=world_size, **common,
         ),
         val=TensorLoader(images[val_i], labels[val_i], d.eval_batch_size, **common),
@@ -81,7 +81,7 @@ def _synthetic(settings: Settings, device: torch.device, rank: int, world_size: 
     common = dict(mean=mean, std=std, seed=settings.runtime.seed, device=device)
     d = settings.data
     return DataBundle(
-        train=TensorLoader(*split(n), d.batch_size // world_size, shuffle=True, augment=d.augment,
+        train=TensorLoader(*split(n), d.batch_size // world_size, shuffle=True, drop_last=True, augment=d.augment,
                            rank=rank, world_size=world_size, **common),
         val=TensorLoader(*split(max(n // 4, 1)), d.eval_batch_size, **common),
         test=TensorLoader(*split(max(n // 4, 1)), d.eval_batch_size, **common),

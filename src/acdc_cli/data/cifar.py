@@ -223,8 +223,8 @@ def build(settings: Settings, device: torch.device, rank: int, world_size: int) 
         train_labels[positions] = random
         augment = False
     return DataBundle(
-        train=TensorLoader(images[train_i], train_labels, d.batch_size // world_size, shuffle=True, augment=augment,
-                           rank=rank, world_size=world_size, **common),
+        train=TensorLoader(images[train_i], train_labels, d.batch_size // world_size, shuffle=True, drop_last=True,
+                           augment=augment, rank=rank, world_size=world_size, **common),
         val=TensorLoader(images[val_i], labels[val_i], d.eval_batch_size, **common),
         test=TensorLoader(*splits["test"], d.eval_batch_size, **common),
         num_classes=fmt.num_classes,

@@ -2,7 +2,7 @@
 
 Order and augmentation are drawn from generators seeded by (seed, epoch), so an epoch's batches depend only on the
 epoch number: a resumed run sees exactly the batches an uninterrupted one would, and every rank agrees on the
-permutation it shards.
+permutation it shards. Training loaders (``drop_last``) yield whole batches only, so a compiled step sees one shape.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ class TensorLoader:
         std: tuple[float, ...],
         *,
         shuffle: bool = False,
+        drop_last: bool = False,
         augment: bool = False,
         pad: int = 4,
         flip: bool = True,
@@ -41,15 +42,24 @@ class TensorLoader:
         self.batch_size = batch_size
         self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * 255.0
         self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1) * 255.0
-        self.shuffle, self.augment, self.pad, self.flip = shuffle, augment, pad, flip
+        self.shuffle, self.drop_last, self.augment, self.pad, self.flip = shuffle, drop_last, augment, pad, flip
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
 
     @property
-    def num_samples(self) -> int:
-        """Samples this rank sees per epoch (ranks get equal shares; a remainder < world_size is dropped)."""
+    def shard_size(self) -> int:
+        """Samples in this rank's share (ranks get equal shares; a remainder < world_size is dropped)."""
         n = len(self.labels)
         return n // self.world_size if self.world_size > 1 else n
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank yields per epoch: with ``drop_last``, whole batches only, unless the share is smaller
+        than one batch (then it is the epoch's one batch)."""
+        share = self.shard_size
+        if self.drop_last and share >= self.batch_size:
+            return share - share % self.batch_size
+        return share
 
     def __len__(self) -> int:
         return -(-self.num_samples // self.batch_size)
@@ -66,7 +76,7 @@ class TensorLoader:
         n = len(self.labels)
         order = torch.randperm(n, generator=self._generator(0)) if self.shuffle else torch.arange(n)
         if self.world_size > 1:
-            order = order[: self.num_samples * self.world_size][self.rank :: self.world_size]
+            order = order[: self.shard_size * self.world_size][self.rank :: self.world_size]
         return order.to(self.device, non_blocking=True)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -74,10 +84,11 @@ class TensorLoader:
 
     def _augmentation(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The whole epoch's crop offsets (dy, dx) and flips for this rank, drawn on the host from ``g`` and moved to
-        the device in one copy: the steps then never copy from the host (or wait for it) to augment a batch."""
+        the device in one copy: the steps then never copy from the host (or wait for it) to augment a batch. Drawn for
+        the whole share, dropped samples included, so a sample's draws do not depend on the batch size."""
         if not self.augment:
             return None
-        n = self.num_samples
+        n = self.shard_size
         span = 2 * self.pad + 1
         offsets = torch.randint(0, span, (2, n), generator=g) if self.pad else torch.zeros(2, n, dtype=torch.long)
         flips = (torch.rand(n, generator=g) < 0.5) if self.flip else torch.zeros(n, dtype=torch.bool)

@@ -1,8 +1,11 @@
-"""MobileNetV1 (Howard et al. 2017) for 224-pixel ImageNet, laid out as the AC/DC reference (from STR) lays it out.
+"""MobileNetV1 (Howard et al. 2017) for 224-pixel ImageNet, laid out as the AC/DC reference lays it out
+(IST-DASLab/ACDC ``models/mobilenet.py``, from Intel's Distiller, width 1.0).
 
 ``model.0`` is the 3x3 stem (conv, BN, ReLU); ``model.1`` ... ``model.13`` are depthwise-separable blocks whose
-``.0`` is the depthwise 3x3 conv and ``.3`` the pointwise 1x1 conv; ``fc`` is the classifier. The reference's
-"no_conv1_dw" sparsity rules (prune ``model.*.3`` and ``fc`` only) therefore apply unchanged.
+``.0`` is the depthwise 3x3 conv and ``.3`` the pointwise 1x1 conv; ``model.14`` is the average pool and ``fc`` the
+classifier. The reference's "no_conv1_dw" layer list (``model.N.3`` and ``fc``) therefore applies unchanged.
+Initialisation is PyTorch's default, as in the reference (which sets none), and modules are created in its order, so
+under the same seed the weights are the reference's.
 """
 
 from __future__ import annotations
@@ -38,20 +41,18 @@ class MobileNetV1(nn.Module):
         for cout, stride in _BLOCKS:
             layers.append(_separable(cin, cout, stride))
             cin = cout
+        # the reference's AvgPool2d(7) at 224 pixels; adaptive so that smaller inputs also work
+        layers.append(nn.AdaptiveAvgPool2d(1))
         self.model = nn.Sequential(*layers)
+        # not in the reference (model.dropout, 0 by default: the identity); holds no parameters
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(1024, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: Tensor) -> Tensor:
-        # global average pool (7x7 at 224 pixels) so smaller inputs also work
-        out = self.model(x).mean((2, 3))
-        return self.fc(self.dropout(out))
+        return self.fc(self.dropout(self.model(x).flatten(1)))
 
 
 @register("mobilenet-v1", input_size=224, in_channels=3)
 def mobilenet_v1(num_classes: int = 1000, in_channels: int = 3, dropout: float = 0.0) -> nn.Module:
-    """The standard 224-pixel ImageNet MobileNetV1, width 1.0 (4,231,976 parameters at 1000 classes)."""
+    """The AC/DC reference's 224-pixel ImageNet MobileNetV1, width 1.0 (4,231,976 parameters at 1000 classes)."""
     return MobileNetV1(num_classes, in_channels, dropout)

@@ -1,8 +1,11 @@
 """Wide ResNets for 32x32 inputs (Zagoruyko & Komodakis), as the AC/DC reference builds them.
 
-The reference (meliketoy/wide-resnet.pytorch) uses pre-activation wide blocks with conv biases, dropout between the two
-3x3 convs, and a 1x1 conv (with bias) on the shortcut whenever the block changes shape. Module names follow it
-(``conv1``, ``layer1.0.conv1``, ``layer1.0.shortcut.0``, ``bn1``, ``linear``) so its sparsity rules carry over.
+The reference (IST-DASLab/ACDC ``models/wide_resnet_cifar.py``, from meliketoy/wide-resnet.pytorch) uses
+pre-activation wide blocks with conv biases, dropout between the two 3x3 convs, and a 1x1 conv (with bias) on the
+shortcut whenever the block changes shape. Module names follow it (``conv1``, ``layer1.0.conv1``,
+``layer1.0.shortcut.0``, ``bn1``, ``linear``) so its sparsity rules carry over. Initialisation is PyTorch's default,
+as in the reference: it defines a xavier ``conv_init`` but never applies it. Modules are created in the reference's
+order, so under the same seed the weights are the reference's.
 """
 
 from __future__ import annotations
@@ -53,10 +56,6 @@ class WideResNet(nn.Module):
         # as in the reference: momentum 0.9 on the final BatchNorm (its running stats weight each new batch by 0.9)
         self.bn1 = nn.BatchNorm2d(stages[3], momentum=0.9)
         self.linear = nn.Linear(stages[3], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.xavier_uniform_(m.weight, gain=2**0.5)
-                nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.layer3(self.layer2(self.layer1(self.conv1(x))))

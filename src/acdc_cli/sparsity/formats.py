@@ -1,13 +1,22 @@
 """Pure encodings of sparse weights in the compressed-tensors layouts (``sparse-bitmask``, ``sparse-24-bitmask``).
 
-Both layouts are 2-D. A weight (O, I, *k) is first laid out as (O, *k, I) and flattened to (O, prod(k) * I) rows, so
-that N:M groups of consecutive input channels are contiguous within a row (the layout N:M masks use). Then, as in
-compressed-tensors:
+acdc lays a weight out in one of two ways before encoding it:
 
-- ``bitmask``: uint8 (rows, ceil(cols / 8)), each row packed on its own with ``numpy.packbits(..., bitorder="little")``;
+- ``rows`` (the default): a weight (O, I, *k) is laid out as (O, *k, I) and flattened to (O, prod(k) * I) rows, so
+  that N:M groups of consecutive input channels are contiguous within a row (the layout N:M masks use). Compact, and
+  the only layout 2:4 can use; a reader needs the recorded shape and layout to rebuild a conv weight.
+- ``native``: the weight keeps its own shape (O, I, kh, kw), as compressed-tensors' own ``sparse-bitmask`` compressor
+  stores an N-D tensor; its decompressor then returns the conv weight itself. The bitmask is packed along the last
+  dimension only, so a 1x1 conv spends a byte per weight on it.
+
+Then, as in compressed-tensors:
+
+- ``bitmask``: uint8 (*leading, ceil(last / 8)), each row of the last dimension packed on its own with
+  ``numpy.packbits(..., bitorder="little")``;
 - ``compressed``: the kept values in row-major order: 1-D for ``sparse-bitmask``, (rows, cols / 2) for 2:4;
-- ``shape``: int64 ``[rows, cols]``, 1-D for ``sparse-bitmask`` and (2, 1) for ``sparse-24-bitmask``;
-- ``row_offsets`` (``sparse-bitmask`` only): int64 index into ``compressed`` where each row starts.
+- ``shape``: int64, the encoded tensor's shape: 1-D for ``sparse-bitmask`` and (2, 1) for ``sparse-24-bitmask``;
+- ``row_offsets`` (``sparse-bitmask`` only): int64 index into ``compressed`` where each row (each index of the first
+  dimension, i.e. each output channel) starts.
 
 "Kept" is a bit pattern, not a value test: a stored -0.0 stays -0.0, so decode(encode(w)) is bitwise equal to ``w``.
 """
@@ -23,13 +32,27 @@ from acdc_cli.sparsity.masks import from_groups_layout, to_groups_layout
 
 BITMASK = "sparse-bitmask"
 BITMASK_24 = "sparse-24-bitmask"
+ROWS = "rows"
+NATIVE = "native"
+CONV_LAYOUTS = (ROWS, NATIVE)
 
 
-def layout_name(shape: tuple[int, ...] | list[int]) -> str:
-    """How a weight of this shape is laid out in rows: "OI" (Linear), "OHWI" (Conv2d), "OkI" (Conv1d)..."""
+def layout_name(shape: tuple[int, ...] | list[int], conv_layout: str = ROWS) -> str:
+    """How a weight of this shape is stored: "OI" (Linear); in rows "OHWI" (Conv2d), "OkI" (Conv1d)...; native
+    "OIHW", "OIk"..."""
+    if len(shape) == 2:
+        return "OI"
+    if conv_layout == NATIVE:
+        return "OIHW" if len(shape) == 4 else "OI" + "k" * (len(shape) - 2)
     if len(shape) == 4:
         return "OHWI"
     return "O" + "k" * (len(shape) - 2) + "I"
+
+
+def is_rows_layout(layout: str, shape: tuple[int, ...] | list[int]) -> bool:
+    """Whether a weight of ``shape`` stored as ``layout`` went through :func:`to_rows` (so :func:`from_rows`
+    restores it)."""
+    return layout == layout_name(shape, ROWS)
 
 
 def to_rows(weight: torch.Tensor) -> torch.Tensor:
@@ -79,47 +102,53 @@ def nm_check(weight: torch.Tensor, n: int, m: int) -> bool | None:
 
 
 def pack_bitmask(keep: torch.Tensor) -> torch.Tensor:
-    """Bool (rows, cols) -> uint8 (rows, ceil(cols / 8)), little bit order within each byte, rows packed apart."""
-    if keep.dim() != 2:
-        raise ValueError(f"bitmasks are 2-D, got shape {tuple(keep.shape)}")
+    """Bool (*lead, n) -> uint8 (*lead, ceil(n / 8)), little bit order within each byte, each row of the last
+    dimension packed apart."""
+    if keep.dim() < 1:
+        raise ValueError("a bitmask needs at least one dimension")
     packed = np.packbits(keep.cpu().numpy().astype(np.uint8), axis=-1, bitorder="little")
     return torch.from_numpy(packed)
 
 
-def unpack_bitmask(packed: torch.Tensor, cols: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bitmask`."""
-    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != math.ceil(cols / 8):
-        raise ValueError(f"bitmask of shape {tuple(packed.shape)} ({packed.dtype}) does not fit {cols} columns")
-    bits = np.unpackbits(packed.cpu().numpy(), axis=-1, count=cols, bitorder="little")
+def unpack_bitmask(packed: torch.Tensor, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
+    """Inverse of :func:`pack_bitmask` for a mask of ``shape``."""
+    shape = tuple(int(s) for s in shape)
+    expected = (*shape[:-1], math.ceil(shape[-1] / 8)) if shape else None
+    if packed.dtype != torch.uint8 or tuple(packed.shape) != expected:
+        raise ValueError(f"bitmask of shape {tuple(packed.shape)} ({packed.dtype}) does not fit shape {shape}")
+    bits = np.unpackbits(packed.cpu().numpy(), axis=-1, count=shape[-1], bitorder="little")
     return torch.from_numpy(bits.astype(bool))
 
 
-def _check_rows(rows: torch.Tensor, keep: torch.Tensor) -> None:
-    if rows.dim() != 2 or keep.shape != rows.shape or keep.dtype != torch.bool:
-        raise ValueError("expected a 2-D tensor and a bool mask of the same shape")
+def _check_mask(values: torch.Tensor, keep: torch.Tensor, dims: int | None = None) -> None:
+    if (values.dim() < 2 or (dims is not None and values.dim() != dims) or keep.shape != values.shape
+            or keep.dtype != torch.bool):
+        shape = "a 2-D tensor" if dims == 2 else "a tensor of 2 or more dimensions"
+        raise ValueError(f"expected {shape} and a bool mask of the same shape")
 
 
-def encode_bitmask(rows: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``sparse-bitmask`` of a 2-D tensor: every position outside ``keep`` must hold (+)0."""
-    _check_rows(rows, keep)
-    if bool((bit_nonzero(rows) & ~keep).any()):
+def encode_bitmask(values: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``sparse-bitmask`` of a tensor of 2 or more dimensions (2-D rows, or a weight in its own shape): every
+    position outside ``keep`` must hold (+)0."""
+    _check_mask(values, keep)
+    if bool((bit_nonzero(values) & ~keep).any()):
         raise ValueError("a position outside the mask holds a non-zero value")
-    counts = keep.sum(dim=1)
+    counts = keep.reshape(keep.shape[0], -1).sum(dim=1)
     return {
-        "shape": torch.tensor(list(rows.shape), dtype=torch.int64),
-        "compressed": rows[keep].contiguous(),
+        "shape": torch.tensor(list(values.shape), dtype=torch.int64),
+        "compressed": values[keep].contiguous(),
         "bitmask": pack_bitmask(keep),
         "row_offsets": (torch.cumsum(counts, 0) - counts).to(torch.int64),
     }
 
 
 def decode_bitmask(compressed: torch.Tensor, bitmask: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
-    """Dense 2-D tensor from a ``sparse-bitmask`` encoding."""
-    rows, cols = (int(v) for v in shape.flatten().tolist())
-    keep = unpack_bitmask(bitmask, cols)
-    if keep.shape[0] != rows or int(keep.sum()) != compressed.numel():
+    """Dense tensor (of the encoded shape) from a ``sparse-bitmask`` encoding."""
+    dims = [int(v) for v in shape.flatten().tolist()]
+    keep = unpack_bitmask(bitmask, dims)
+    if int(keep.sum()) != compressed.numel():
         raise ValueError(f"bitmask holds {int(keep.sum())} kept positions for {compressed.numel()} values")
-    out = torch.zeros((rows, cols), dtype=compressed.dtype)
+    out = torch.zeros(dims, dtype=compressed.dtype)
     out[keep] = compressed.flatten()
     return out
 
@@ -150,7 +179,7 @@ def select_24(rows: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Ten
 
 def encode_24(rows: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor]:
     """``sparse-24-bitmask`` of a 2-D tensor: ``keep`` has exactly 2 of every 4 columns (see :func:`select_24`)."""
-    _check_rows(rows, keep)
+    _check_mask(rows, keep, dims=2)
     if rows.shape[1] % 4 or bool((group_counts(keep, 4) != 2).any()):
         raise ValueError("a 2:4 mask keeps exactly 2 of every 4 columns")
     if bool((bit_nonzero(rows) & ~keep).any()):

@@ -107,19 +107,70 @@ def compressed_starts(phases: list[Phase]) -> list[int]:
 
 def decompressed_starts(phases: list[Phase]) -> list[int]:
     """Starts of dense phases that follow a compressed one (the warm-up is not a restore)."""
-    return [p.start for i, p in enumerate(phases) if p.kind == "dense" and i > 0]
+    return [b.start for a, b in zip(phases, phases[1:]) if a.kind == "sparse" and b.kind == "dense"]
+
+
+def momentum_resets(phases: list[Phase], policy: str) -> set[int]:
+    """Epochs at whose start the optimizer's momentum is zeroed.
+
+    ``"restore"``: the start of every dense phase that follows a compressed one (the reference zeroes momentum after
+    each restore only: ``--reset_momentum_after_recycling``, policies/recyclers.py); ``"every"``: the start of every
+    phase but the first; ``"never"``: none.
+    """
+    if policy == "restore":
+        return set(decompressed_starts(phases))
+    if policy == "every":
+        return {p.start for p in phases if p.start > 0}
+    if policy == "never":
+        return set()
+    raise ValueError(f"unknown momentum reset policy '{policy}' (restore, every, never)")
 
 
 def learning_rate(settings: Settings, epoch: float) -> float:
-    """LR at a (fractional) epoch: linear warm-up, then step or cosine decay."""
+    """LR at a (fractional) epoch.
+
+    By default the LR is set once per epoch, as the reference sets it (its schedulers step at the end of an epoch):
+    a fractional ``epoch`` gets the value of the whole epoch it lies in. Warm-up epoch ``e < W`` runs at
+    ``lr * (e + 1) / W``, then the cosine goes per epoch from ``lr`` at epoch ``W`` towards ``min_lr`` at the end of
+    its period; a step schedule lowers the LR by ``gamma`` from each milestone epoch on. With ``optim.lr_per_step``
+    the same shapes are continuous in the fractional epoch (warm-up linear from 0).
+    """
     o = settings.optim
-    if o.lr_warmup_epochs > 0 and epoch < o.lr_warmup_epochs:
-        return o.lr * epoch / o.lr_warmup_epochs
+    if not o.lr_per_step:
+        epoch = math.floor(epoch)
+    warmup = o.lr_warmup_epochs
+    if warmup > 0 and epoch < warmup:
+        progress = epoch / warmup if o.lr_per_step else min((epoch + 1) / warmup, 1.0)
+        return o.lr * progress
     if o.lr_schedule == "constant":
         return o.lr
     if o.lr_schedule == "step":
-        # MultiStepLR semantics: epoch m is the first one at the lower rate
+        # epoch m is the first one at the lower rate (torch's MultiStepLR); the reference's ExponentialLR stepped at
+        # the end of epoch k is milestone k + 1
         return o.lr * o.gamma ** sum(1 for m in o.milestones if epoch >= m)
     period = o.cosine_epochs or settings.schedule.epochs
-    t = min(max(epoch - o.lr_warmup_epochs, 0.0) / max(period - o.lr_warmup_epochs, 1e-9), 1.0)
+    t = min(max(epoch - warmup, 0.0) / max(period - warmup, 1e-9), 1.0)
     return o.min_lr + (o.lr - o.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+@dataclass(frozen=True)
+class PlannedEpoch:
+    epoch: int
+    phase: str  # "dense" | "sparse"
+    sparsity: float  # target sparsity of the epoch's phase (0.0 when dense)
+    lr: float  # LR at the start of the epoch
+    reset_momentum: bool  # momentum zeroed at the start of the epoch
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def epoch_plan(settings: Settings) -> list[PlannedEpoch]:
+    """One entry per epoch of the schedule, so that a plan can be diffed against the reference without training."""
+    phases = plan(settings)
+    resets = momentum_resets(phases, settings.schedule.reset_momentum)
+    return [
+        PlannedEpoch(epoch, phase.kind, phase.sparsity, learning_rate(settings, epoch), epoch in resets)
+        for phase in phases
+        for epoch in range(phase.start, phase.end)
+    ]

@@ -180,17 +180,3 @@ def _parse_nm(structure: str) -> tuple[int, int] | None:
     n, m = structure.split(":")
     return int(n), int(m)
 
-
-def reset_momentum(optimizer: torch.optim.Optimizer) -> int:
-    """Zero every momentum buffer in place. Returns how many buffers were reset.
-
-    Assigning ``optimizer.state = {}`` or resetting a copy does nothing on current PyTorch; the buffers live in
-    ``optimizer.state[param]['momentum_buffer']`` and must be zeroed where they are.
-    """
-    count = 0
-    for state in optimizer.state.values():
-        buf = state.get("momentum_buffer")
-        if isinstance(buf, torch.Tensor):
-            buf.zero_()
-            count += 1
-    return count

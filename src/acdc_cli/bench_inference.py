@@ -1,0 +1,300 @@
+"""``acdc bench --inference FILE``: inference throughput of the sparse model against the dense one, side by side in one
+run, on this device.
+
+- dense: the same network with every conv/linear weight dense (each pruned zero replaced by a small random value),
+  run with the same kernels;
+- sparse: the file's weights as they are; on CUDA, every Linear whose weight is 2:4 along its input features runs
+  ``torch.sparse.to_sparse_semi_structured``'s 2:4 sparse kernels, in fp16 (both models then run in fp16, the
+  precision those kernels take). PyTorch has no sparse conv kernel, and none at all on the CPU, so there those layers
+  run dense kernels over weights with zeros, and the table says so per layer;
+- an ``.onnx`` file runs on ONNX Runtime's CPU provider, dense and sparse alike (its CPU kernels do not skip zeros).
+
+Each (model, batch size) is timed ``repeats`` times after ``warmup`` untimed passes, dense and sparse interleaved so
+that drifting machine load hits both alike; the median is reported. A ratio below 1 (sparse slower) is reported as
+such.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from torch import nn
+
+from acdc_cli.bench import elapsed_seconds
+from acdc_cli.distributed import resolve_device
+from acdc_cli.errors import AcdcError
+from acdc_cli.sparsity import formats as F
+
+SCHEMA = "acdc.bench.inference/1"
+BATCH_SIZES = (1, 64)
+# within this band around 1 a ratio is timing noise on a shared machine, not a speed difference
+NOISE = 0.03
+
+
+def run_inference_bench(path: Path | str, device: str | None = None, repeats: int = 20, warmup: int = 3,
+                        batch_sizes: tuple[int, ...] = BATCH_SIZES,
+                        status: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Dense vs sparse images/s of a checkpoint, safetensors export or ONNX export, per batch size (see module doc)."""
+    from acdc_cli.onnx_export import is_onnx_file
+
+    if repeats < 1 or warmup < 0:
+        raise AcdcError("--steps must be at least 1 and --warmup at least 0")
+    path = Path(path)
+    say = status or (lambda message: None)
+    if is_onnx_file(path):
+        if device not in (None, "cpu"):
+            raise AcdcError("an ONNX file is timed on ONNX Runtime's CPU provider: drop --device")
+        bench = _OnnxBench(path)
+    else:
+        bench = _TorchBench(path, resolve_device(device or "auto"))
+    results = []
+    for batch in batch_sizes:
+        say(f"batch {batch}")
+        images = torch.randn(batch, *bench.input_shape, generator=torch.Generator().manual_seed(batch))
+        dense_s, sparse_s = bench.time(images, repeats, warmup)
+        dense_ips, sparse_ips = batch / dense_s, batch / sparse_s
+        results.append({
+            "batch_size": batch,
+            "dense_ms": 1000 * dense_s,
+            "sparse_ms": 1000 * sparse_s,
+            "dense_images_per_s": dense_ips,
+            "sparse_images_per_s": sparse_ips,
+            "ratio": sparse_ips / dense_ips,
+        })
+    sparse_layers = [layer["name"] for layer in bench.layers if layer["sparse_kernel"]]
+    numel = sum(math.prod(layer["shape"]) for layer in bench.layers)
+    kept = sum(round(math.prod(layer["shape"]) * (1 - layer["sparsity"])) for layer in bench.layers)
+    return {
+        "schema": SCHEMA,
+        "file": str(path),
+        "kind": bench.kind,
+        "arch": bench.arch,
+        "runtime": bench.runtime,
+        "device": bench.device_name,
+        "threads": bench.threads,
+        "precision": bench.precision,
+        "input_shape": list(bench.input_shape),
+        "repeats": repeats,
+        "warmup": warmup,
+        "sparsity": 1.0 - kept / max(numel, 1),
+        "results": results,
+        "layers": bench.layers,
+        "sparse_layers": len(sparse_layers),
+        "max_abs_diff": bench.max_abs_diff,
+        "note": bench.note(sparse_layers),
+    }
+
+
+def _densified(value: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``value`` with each zero replaced by a small random non-zero: the dense counterpart of a sparse weight."""
+    scale = float(value.abs().max()) or 1.0
+    fill = (torch.rand(value.shape, generator=generator) * 0.5 + 0.5) * scale * 1e-2
+    return torch.where(value == 0, fill.to(value.dtype), value)
+
+
+def _layer_row(name: str, kind: str, value: torch.Tensor, sparse_kernel: bool, note: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "type": kind,
+        "shape": list(value.shape),
+        "sparsity": float((value == 0).sum()) / max(value.numel(), 1),
+        "nm_valid": F.nm_check(value, 2, 4),
+        "sparse_kernel": sparse_kernel,
+        "note": note,
+    }
+
+
+class _TorchBench:
+    """A checkpoint or safetensors export, timed with PyTorch."""
+
+    runtime = "pytorch"
+
+    def __init__(self, path: Path, device: torch.device) -> None:
+        from acdc_cli.checkpoint import lenient_json, read_safetensors
+        from acdc_cli.export import EXPORT_FORMAT, load_model
+        from acdc_cli.onnx_export import model_input
+
+        _, meta = read_safetensors(path)
+        self.kind = "export" if meta.get("format") == EXPORT_FORMAT else "checkpoint"
+        sparse = load_model(path).eval()  # refuses a file whose arch / model_kwargs do not build a model
+        self.arch = str(meta["arch"])
+        channels, side = model_input(self.arch, lenient_json(meta["model_kwargs"]), None)
+        self.input_shape = (channels, side, side)
+        self.device = device
+        self.device_name = str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+        self.threads = torch.get_num_threads()
+        # 2:4 sparse kernels take fp16/bf16: on CUDA both models run in fp16 so that only the kernels differ
+        self.dtype = torch.float16 if device.type == "cuda" else torch.float32
+        self.precision = "fp16" if self.dtype == torch.float16 else "fp32"
+        generator = torch.Generator().manual_seed(0)
+        dense = copy.deepcopy(sparse)
+        with torch.no_grad():
+            for module in dense.modules():
+                if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                    module.weight.copy_(_densified(module.weight, generator))
+        self.dense = dense.to(device, self.dtype)
+        self.sparse = sparse.to(device, self.dtype)
+        reference = copy.deepcopy(self.sparse)
+        self.layers = self._use_sparse_kernels()
+        probe = torch.randn(8, *self.input_shape, generator=generator).to(device, self.dtype)
+        with torch.inference_mode():
+            self.max_abs_diff = float((self.sparse(probe).float() - reference(probe).float()).abs().max())
+
+    def _use_sparse_kernels(self) -> list[dict[str, Any]]:
+        """Swap every 2:4 Linear weight for a semi-structured sparse tensor where PyTorch can run it; one row per
+        conv/linear layer saying what ran."""
+        rows = []
+        for name, module in self.sparse.named_modules():
+            if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                continue
+            weight = module.weight.detach()
+            kind = type(module).__name__
+            if isinstance(module, nn.Linear):
+                ran, note = self._semi_structured(module, weight)
+            elif self.device.type != "cuda":
+                ran, note = False, f"dense kernel: PyTorch has no sparse conv kernel on {self.device.type}"
+            else:
+                ran, note = False, "dense kernel: PyTorch's 2:4 kernels cover Linear layers only"
+            rows.append(_layer_row(name, kind, weight.float().cpu(), ran, note))
+        return rows
+
+    def _semi_structured(self, module: nn.Linear, weight: torch.Tensor) -> tuple[bool, str]:
+        if self.device.type != "cuda":
+            return False, f"dense kernel: 2:4 sparse kernels need CUDA, this is {self.device.type}"
+        if torch.cuda.get_device_capability(self.device) < (8, 0):
+            return False, "dense kernel: 2:4 sparse kernels need compute capability 8.0 or newer"
+        if F.nm_check(weight.float().cpu(), 2, 4) is not True:
+            return False, "dense kernel: the weight is not 2:4 along its input features"
+        from torch.sparse import to_sparse_semi_structured
+
+        try:
+            module.weight = nn.Parameter(to_sparse_semi_structured(weight.contiguous()), requires_grad=False)
+            with torch.inference_mode():
+                module(torch.zeros(1, weight.shape[1], device=self.device, dtype=self.dtype))
+        except (RuntimeError, NotImplementedError, ValueError) as exc:
+            module.weight = nn.Parameter(weight, requires_grad=False)
+            return False, f"dense kernel: PyTorch refused 2:4 for this layer ({_first_line(exc)})"
+        return True, f"2:4 sparse kernel ({type(module.weight).__name__})"
+
+    def time(self, images: torch.Tensor, repeats: int, warmup: int) -> tuple[float, float]:
+        images = images.to(self.device, self.dtype)
+        runs = {"dense": self.dense, "sparse": self.sparse}
+        seconds: dict[str, list[float]] = {k: [] for k in runs}
+        with torch.inference_mode():
+            for _ in range(warmup):
+                for model in runs.values():
+                    model(images)
+            for _ in range(repeats):
+                for key, model in runs.items():
+                    seconds[key].append(elapsed_seconds(lambda m=model: m(images), self.device))
+        return statistics.median(seconds["dense"]), statistics.median(seconds["sparse"])
+
+    def note(self, sparse_layers: list[str]) -> str | None:
+        if sparse_layers:
+            return None
+        return (f"no layer ran a sparse kernel on {self.device.type}: the sparse model ran the same dense kernels "
+                "over weights with zeros, so any difference is not from sparsity")
+
+
+class _OnnxBench:
+    """An ONNX export, timed with ONNX Runtime's CPU provider."""
+
+    kind = "onnx"
+    runtime = "onnxruntime"
+    precision = "fp32"
+
+    def __init__(self, path: Path) -> None:
+        from onnx import numpy_helper
+
+        from acdc_cli.onnx_export import OnnxRuntimeModule, initializers, read_onnx, session
+
+        proto, meta = read_onnx(path)
+        self.arch = str(meta.get("arch"))
+        self.threads = torch.get_num_threads()  # as many as PyTorch would use, set explicitly for both sessions
+        self.device_name = "cpu (onnxruntime)"
+        shape = proto.graph.input[0].type.tensor_type.shape.dim
+        self.input_shape = tuple(int(d.dim_value) for d in shape[1:])
+        consumers = {node.input[1]: node.op_type for node in proto.graph.node
+                     if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1}
+        stored = initializers(proto)
+        generator = torch.Generator().manual_seed(0)
+        self.layers = []
+        dense_proto = copy.deepcopy(proto)
+        for init in dense_proto.graph.initializer:
+            if init.name not in consumers:
+                continue
+            value = torch.from_numpy(np.array(stored[init.name]))
+            self.layers.append(_layer_row(init.name, consumers[init.name], value, False,
+                                          "dense kernel: ONNX Runtime's CPU kernels do not skip zeros"))
+            init.CopyFrom(numpy_helper.from_array(_densified(value, generator).numpy(), init.name))
+        self.sparse = OnnxRuntimeModule(session(path, self.threads))
+        self.dense = OnnxRuntimeModule(session(dense_proto.SerializeToString(), self.threads))
+        self.max_abs_diff = None  # both run the same kernels
+
+    def time(self, images: torch.Tensor, repeats: int, warmup: int) -> tuple[float, float]:
+        runs = {"dense": self.dense, "sparse": self.sparse}
+        seconds: dict[str, list[float]] = {k: [] for k in runs}
+        for _ in range(warmup):
+            for model in runs.values():
+                model(images)
+        for _ in range(repeats):
+            for key, model in runs.items():
+                started = time.perf_counter()
+                model(images)
+                seconds[key].append(time.perf_counter() - started)
+        return statistics.median(seconds["dense"]), statistics.median(seconds["sparse"])
+
+    def note(self, sparse_layers: list[str]) -> str:
+        return ("ONNX Runtime's CPU provider runs Conv and Gemm densely: a sparse file is smaller, not faster, here; "
+                "TensorRT with --sparsity=enable is the runtime that uses 2:4")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else exc.__class__.__name__
+
+
+def verdict(ratio: float) -> str:
+    if ratio < 1 - NOISE:
+        return f"sparse is slower ({ratio:.2f}x dense)"
+    if ratio > 1 + NOISE:
+        return f"sparse is faster ({ratio:.2f}x dense)"
+    return f"no measurable difference ({ratio:.2f}x)"
+
+
+def render(result: dict[str, Any], console: Console) -> None:
+    title = (f"inference: {result['arch']} ({result['kind']}), {result['runtime']} on {result['device']}, "
+             f"{result['precision']}, median of {result['repeats']}")
+    table = Table(title=escape(title))
+    for col in ("batch", "dense img/s", "sparse img/s", "sparse/dense", "dense ms", "sparse ms"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for row in result["results"]:
+        table.add_row(str(row["batch_size"]), f"{row['dense_images_per_s']:,.1f}", f"{row['sparse_images_per_s']:,.1f}",
+                      f"{row['ratio']:.3f}", f"{row['dense_ms']:.2f}", f"{row['sparse_ms']:.2f}")
+    console.print(table)
+    for row in result["results"]:
+        console.print(f"batch {row['batch_size']}: {verdict(row['ratio'])}", highlight=False)
+    layers = Table(title="conv and linear layers")
+    for col in ("layer", "type", "shape", "sparsity", "2:4", "kernel"):
+        layers.add_column(col, justify="right" if col == "sparsity" else "left", overflow="fold",
+                          no_wrap=col not in ("layer", "kernel"))
+    for layer in result["layers"]:
+        nm = "n/a" if layer["nm_valid"] is None else ("yes" if layer["nm_valid"] else "no")
+        layers.add_row(escape(layer["name"]), layer["type"], "×".join(map(str, layer["shape"])),
+                       f"{100 * layer['sparsity']:.2f} %", nm, escape(layer["note"]))
+    console.print(layers)
+    console.print(f"{result['sparse_layers']} of {len(result['layers'])} layers ran a sparse kernel; sparsity "
+                  f"{100 * result['sparsity']:.2f} % over these layers", highlight=False)
+    if result["note"]:
+        console.print(escape(result["note"]), highlight=False)

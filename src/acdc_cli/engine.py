@@ -1,0 +1,406 @@
+"""The AC/DC engine: one object that drives a model's masks through a phase plan from inside any training loop.
+
+A user's loop gains two lines, the construction and ``start_epoch``; ``acdc train`` drives its own loop through the
+same object::
+
+    acdc = ACDC(model, optimizer, epochs=100, sparsity=0.9)
+    for epoch in range(100):
+        phase = acdc.start_epoch(epoch)   # at a phase boundary: prune or restore, and reset momentum per the policy
+        for x, y in loader:
+            ...; optimizer.step()         # step hooks zero pruned gradients before and pruned weights after
+
+The masking runs in ``optimizer.register_step_pre_hook`` / ``register_step_post_hook``, so it holds for any
+``torch.optim`` optimizer, under a ``GradScaler`` (a skipped step runs neither hook and changes nothing), and for
+DistributedDataParallel or ``torch.compile`` wrappers (the engine works on the module inside them, whose names
+checkpoints keep).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from acdc_cli.checkpoint import Checkpoint, check_fit, host_copy, save_checkpoint
+from acdc_cli.config import DataSettings, Settings, format_validation_error, preset_path, read_toml
+from acdc_cli.errors import AcdcError
+from acdc_cli.sparsity.schedule import Phase, momentum_resets, phase_at, plan
+from acdc_cli.sparsity.sparsifier import Sparsifier
+
+ResetPolicy = Literal["restore", "every", "never"]
+STATE_FORMAT = "acdc-engine"
+
+# the constructor's keywords and the settings they set (from_preset takes the same ones as overrides)
+_KEYWORDS: dict[str, tuple[str, str]] = {
+    "epochs": ("schedule", "epochs"),
+    "sparsity": ("sparsity", "target"),
+    "warmup_epochs": ("schedule", "warmup_epochs"),
+    "compressed_epochs": ("schedule", "compressed_epochs"),
+    "decompressed_epochs": ("schedule", "decompressed_epochs"),
+    "final_decompressed_epochs": ("schedule", "final_decompressed_epochs"),
+    "final_compressed_epochs": ("schedule", "final_compressed_epochs"),
+    "structure": ("sparsity", "structure"),
+    "scope": ("sparsity", "scope"),
+    "include": ("sparsity", "include"),
+    "exclude": ("sparsity", "exclude"),
+    "reset_momentum": ("schedule", "reset_momentum"),
+}
+
+# optimizer state that carries momentum: SGD's and RMSprop's momentum buffers; the Adam family's moment estimates
+_MOMENT_BUFFERS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf")
+
+
+class ACDC:
+    """AC/DC for a model and its optimizer: dense warm-up, alternating compressed / decompressed phases, an optional
+    final dense phase, then the final compressed phase (Peste et al., NeurIPS 2021).
+
+    Args:
+        model: the model, plain or wrapped in DistributedDataParallel / ``torch.compile``.
+        optimizer: any ``torch.optim`` optimizer over the model's parameters.
+        epochs: length of the run; ``start_epoch`` takes ``0 .. epochs - 1``.
+        sparsity: fraction of the selected weights pruned in compressed phases (N:M structures imply 1 - N/M).
+        warmup_epochs: dense epochs before the first compressed phase.
+        compressed_epochs / decompressed_epochs: length of each compressed / decompressed phase of the alternation.
+        final_decompressed_epochs: a dense phase before the final compressed one (0: none).
+        final_compressed_epochs: length of the final compressed phase.
+        structure: ``"unstructured"`` or N:M such as ``"2:4"`` (N kept of every M consecutive input channels).
+        scope: ``"global"`` (one magnitude threshold over all selected weights) or ``"uniform"`` (per layer).
+        include / exclude: glob patterns over module names; the weights of the Conv2d and Linear modules they
+            select are pruned.
+        reset_momentum: when the optimizer's momentum (for Adam-type optimizers: the moment estimates and the
+            step count of the bias correction) is zeroed: ``"restore"`` at the start of each decompressed phase
+            that follows a compressed one (the reference), ``"every"`` at every phase change, ``"never"``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        epochs: int,
+        sparsity: float = 0.9,
+        warmup_epochs: int = 10,
+        compressed_epochs: int = 5,
+        decompressed_epochs: int = 5,
+        final_decompressed_epochs: int = 0,
+        final_compressed_epochs: int = 15,
+        structure: str = "unstructured",
+        scope: Literal["global", "uniform"] = "global",
+        include: Sequence[str] = ("*",),
+        exclude: Sequence[str] = (),
+        reset_momentum: ResetPolicy = "restore",
+    ) -> None:
+        values = {
+            "epochs": epochs, "sparsity": sparsity, "warmup_epochs": warmup_epochs,
+            "compressed_epochs": compressed_epochs, "decompressed_epochs": decompressed_epochs,
+            "final_decompressed_epochs": final_decompressed_epochs, "final_compressed_epochs": final_compressed_epochs,
+            "structure": structure, "scope": scope, "include": include, "exclude": exclude,
+            "reset_momentum": reset_momentum,
+        }
+        self._setup(model, optimizer, _settings({"schedule": {"method": "acdc"}}, values))
+
+    @classmethod
+    def from_preset(cls, preset: str, model: nn.Module, optimizer: torch.optim.Optimizer, **overrides: Any) -> ACDC:
+        """The schedule and sparsity rules of a preset (``acdc presets`` lists them; its optimizer, learning rate
+        and data settings are the loop's own business), with the constructor's keywords as overrides."""
+        unknown = sorted(set(overrides) - set(_KEYWORDS))
+        if unknown:
+            raise TypeError(f"ACDC.from_preset() got an unexpected keyword argument '{unknown[0]}'")
+        base = read_toml(preset_path(preset))
+        base["preset"] = preset
+        return cls.from_settings(_settings(base, overrides), model, optimizer)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, model: nn.Module, optimizer: torch.optim.Optimizer) -> ACDC:
+        """The engine for resolved acdc settings (any ``schedule.method``: acdc, gmp or dense); ``acdc train``'s way
+        in."""
+        engine = cls.__new__(cls)
+        engine._setup(model, optimizer, settings)
+        return engine
+
+    def _setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, settings: Settings) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.settings = settings
+        self.model = unwrap(model)
+        self.optimizer = optimizer
+        sp = settings.sparsity
+        self.sparsifier = Sparsifier(self.model, sp.include, sp.exclude, sp.scope, sp.structure)
+        optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if not any(id(p) in optimized for p in self.sparsifier.params.values()):
+            raise AcdcError("the optimizer updates none of the weights the sparsity rules select; build the ACDC "
+                            "engine with the optimizer of this model")
+        self._plan = tuple(plan(settings))
+        self._resets = momentum_resets(list(self._plan), settings.schedule.reset_momentum)
+        self._phase: Phase | None = None
+        self._epoch: int | None = None
+        self._held: dict[str, torch.Tensor] | None = None
+        # fraction of the selected weights whose kept/pruned state flipped when the current compressed phase began,
+        # against the previous compressed phase's masks; None in dense phases and at the first compressed one
+        self.mask_change: float | None = None
+        self._hooks = [optimizer.register_step_pre_hook(self._before_step),
+                       optimizer.register_step_post_hook(self._after_step)]
+
+    # ------------------------------------------------------------------------------------------------------------
+    # the loop's calls
+
+    def start_epoch(self, epoch: int) -> Phase:
+        """Call at the start of every epoch. At a phase boundary (or on the first call, wherever it is) this prunes
+        to the phase's sparsity (a compressed phase: masks recomputed from the current magnitudes, pruned weights
+        set to zero) or restores (a dense phase: every weight trains again, pruned ones from zero), then zeroes
+        momentum as ``reset_momentum`` says. Returns the epoch's phase (``kind``, ``sparsity``, ``start``,
+        ``end``)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int):
+            raise TypeError(f"epoch must be an int, got {type(epoch).__name__}")
+        if not 0 <= epoch < self._plan[-1].end:
+            raise ValueError(f"epoch {epoch} is outside the plan (epochs 0 to {self._plan[-1].end - 1})")
+        phase = phase_at(list(self._plan), epoch)
+        if phase != self._phase:
+            self._enter(phase, reset=epoch == phase.start and epoch in self._resets)
+        self._epoch = epoch
+        return phase
+
+    def _enter(self, phase: Phase, reset: bool) -> None:
+        held, self._held = self._held, None
+        self.mask_change = None
+        if phase.kind == "sparse":
+            if held is not None:
+                self.sparsifier.set_masks(held)
+            else:
+                self.mask_change = self.sparsifier.compress(phase.sparsity)
+        else:
+            self.sparsifier.decompress()
+        if reset:
+            reset_momentum(self.optimizer)
+        self._phase = phase
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.sparsifier.apply_to_grads()  # neither momentum nor Adam's moments see a pruned weight's gradient
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.sparsifier.apply_to_weights()  # weight decay and momentum cannot move a pruned weight off zero
+
+    def use_masks(self, masks: Mapping[str, torch.Tensor], epoch: int) -> bool:
+        """Let ``start_epoch(epoch)`` enter its compressed phase with ``masks`` (say, from ``acdc prune``) instead of
+        computing its own. Returns False, and changes nothing, when that epoch is dense or the masks are not what
+        these rules would hold at its sparsity (other layers, other counts, not N of every M)."""
+        phase = phase_at(list(self._plan), epoch)
+        if phase.kind != "sparse" or not self.sparsifier.masks_fit(dict(masks), phase.sparsity):
+            return False
+        self._held = dict(masks)
+        return True
+
+    def remove_hooks(self) -> None:
+        """Detach the engine from the optimizer: its steps no longer mask anything."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    # ------------------------------------------------------------------------------------------------------------
+    # what the loop can read
+
+    @property
+    def plan(self) -> tuple[Phase, ...]:
+        """Every phase of the run in order, each with ``start`` (first epoch), ``end`` (exclusive), ``kind``
+        ("dense" / "sparse") and ``sparsity``."""
+        return self._plan
+
+    @property
+    def phase(self) -> Phase | None:
+        """The phase of the last ``start_epoch`` (None before the first)."""
+        return self._phase
+
+    @property
+    def masks(self) -> Mapping[str, torch.Tensor]:
+        """Read-only: weight name -> boolean mask (True = kept), empty in dense phases. Do not modify the tensors."""
+        return MappingProxyType(self.sparsifier.masks or {})
+
+    def sparsity(self) -> float:
+        """Zeros among the selected weights now, as a fraction."""
+        return float(self.sparsifier.stats()["sparsity"])
+
+    def layer_sparsity(self) -> dict[str, float]:
+        """Zeros per selected weight, as fractions."""
+        return dict(self.sparsifier.stats()["per_layer"])  # type: ignore[call-overload]
+
+    def metrics(self) -> dict[str, Any]:
+        """The engine's share of an epoch's metrics row: phase, target and measured sparsity, mask change."""
+        phase = self._phase
+        sparse = phase is not None and phase.kind == "sparse"
+        return {
+            "phase": phase.kind if phase is not None else None,
+            "target_sparsity": phase.sparsity if phase is not None else None,
+            "sparsity": self.sparsity(),
+            "mask_change": self.mask_change if sparse else None,
+        }
+
+    # ------------------------------------------------------------------------------------------------------------
+    # state for the user's own checkpoints, and acdc checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything ``load_state_dict`` needs to continue the plan where it stopped: the current phase and
+        epoch, the masks and the previous compressed phase's masks. Tensors and plain data only (``torch.save`` /
+        ``torch.load(weights_only=True)``); the tensors are the live ones, as in ``nn.Module.state_dict``."""
+        return {
+            "format": STATE_FORMAT,
+            "epoch": self._epoch,
+            "phase": self._phase.as_dict() if self._phase is not None else None,
+            "masks": dict(self.sparsifier.masks) if self.sparsifier.masks is not None else None,
+            "previous_masks": dict(self.sparsifier.previous) if self.sparsifier.previous is not None else None,
+            "mask_change": self.mask_change,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict`'s output: the masks are applied to the weights and the next
+        ``start_epoch`` of the same phase changes nothing. A state from another plan is an AcdcError."""
+        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
+            raise AcdcError("not an ACDC engine state (expected the output of ACDC.state_dict())")
+        phase = state.get("phase")
+        current = None
+        if phase is not None:
+            current = Phase(**phase) if isinstance(phase, Mapping) else None
+            if current not in self._plan:
+                raise AcdcError(f"the engine state is at phase {phase}, which is not in this plan")
+        masks, previous = state.get("masks"), state.get("previous_masks")
+        if (current is not None and current.kind == "sparse") != (masks is not None):
+            raise AcdcError("the engine state's masks do not match its phase")
+        self.sparsifier.set_masks(dict(masks) if masks is not None else None)
+        devices = {n: p.device for n, p in self.sparsifier.params.items()}
+        self.sparsifier.previous = ({n: m.to(devices[n], torch.bool) for n, m in previous.items() if n in devices}
+                                    if previous is not None else None)
+        self._phase, self._epoch, self._held = current, state.get("epoch"), None
+        self.mask_change = state.get("mask_change")
+
+    def save(self, path: str | Path, *, arch: str, data: str | Mapping[str, Any] | None = None,
+             model_kwargs: Mapping[str, Any] | None = None, metrics: Mapping[str, Any] | None = None) -> Path:
+        """Write the model as an acdc checkpoint (weights, masks, metadata) that ``acdc eval / prune / export /
+        inspect`` and ``acdc train --from`` read like one of their own.
+
+        Args:
+            arch: the model's acdc name, which rebuilds it: ``"torchvision:resnet18"``, ``"timm:<name>"`` or a
+                built-in name.
+            data: the dataset, as acdc data settings (``"cifar10"`` or ``{"name": "cifar10", "dir": ...}``), so
+                that ``acdc eval`` can rebuild it; without it, eval has nothing to evaluate on.
+            model_kwargs: the constructor arguments (default: ``num_classes`` and ``in_channels`` read from the
+                model's last Linear and first Conv2d); checked by building the model on the meta device.
+            metrics: numbers to record beside the weights (shown by ``acdc inspect``).
+        Returns the path written.
+        """
+        from acdc_cli.models import create
+
+        weights = dict(self.model.state_dict())
+        kwargs = dict(model_kwargs) if model_kwargs is not None else self._model_kwargs(arch)
+        with torch.device("meta"):
+            built = create(arch, **kwargs)
+        hint = "; pass model_kwargs={'num_classes': N, ...} to name the constructor arguments"
+        try:
+            check_fit(built.state_dict(), weights, f"the model saved as {arch} {kwargs}")
+        except AcdcError as exc:
+            raise AcdcError(f"{exc}{hint}") from None
+        config = self.settings.model_dump(mode="json")
+        config["model"] = {**config["model"], "name": arch}
+        config.pop("data")
+        if data is not None:
+            try:
+                chosen = DataSettings(**({"name": data} if isinstance(data, str) else dict(data)))
+            except ValidationError as exc:
+                raise AcdcError(format_validation_error(exc).replace("setting ", "setting data.", 1)) from None
+            config["data"] = chosen.model_dump(mode="json")
+        phase = self._phase
+        ckpt = Checkpoint(
+            weights=host_copy(weights),
+            masks=host_copy(dict(self.sparsifier.masks or {})),
+            arch=arch,
+            model_kwargs=kwargs,
+            config=config,
+            epoch=self._epoch + 1 if self._epoch is not None else 0,
+            phase=phase.kind if phase is not None else "dense",
+            metrics=dict(metrics or {}),
+            extra={"kind": "api", "preset": self.settings.preset},
+        )
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(path, ckpt)
+        return path
+
+    def _model_kwargs(self, arch: str) -> dict[str, Any]:
+        from acdc_cli.models import lookup
+
+        entry, _ = lookup(arch)
+        convs = [m for m in self.model.modules() if isinstance(m, nn.Conv2d)]
+        linears = [m for m in self.model.modules() if isinstance(m, nn.Linear)]
+        if linears:
+            num_classes = linears[-1].out_features
+        elif convs:
+            num_classes = convs[-1].out_channels
+        else:
+            raise AcdcError(f"cannot tell the number of classes of this {arch}: pass model_kwargs={{'num_classes': N}}")
+        return {"num_classes": num_classes, "in_channels": convs[0].in_channels if convs else entry.in_channels}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel and ``torch.compile`` wrappers (any nesting)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def reset_momentum(optimizer: torch.optim.Optimizer) -> int:
+    """Zero the momentum of every parameter in place; returns how many parameters had some.
+
+    SGD's and RMSprop's ``momentum_buffer`` are zeroed. The Adam family's moment estimates (``exp_avg``,
+    ``exp_avg_sq``, ``max_exp_avg_sq``, Adamax's ``exp_inf``) are zeroed and its step count restarts (NAdam's
+    ``mu_product`` too), so that the bias correction treats the next step as a first one, as a fresh optimizer
+    would: zeroed moments with an old step count would make the next updates several times too large. Second
+    moments without a bias correction (RMSprop's ``square_avg``, Adagrad's ``sum``) are scale estimates, not
+    momentum, and are kept.
+
+    Assigning ``optimizer.state = {}`` or resetting a copy does nothing on current PyTorch; the buffers live in
+    ``optimizer.state[param]`` and must be zeroed where they are.
+    """
+    count = 0
+    for state in optimizer.state.values():
+        buffers = [state[key] for key in _MOMENT_BUFFERS if isinstance(state.get(key), torch.Tensor)]
+        if not buffers:
+            continue
+        for buffer in buffers:
+            buffer.zero_()
+        if "exp_avg" in state:
+            step = state.get("step")
+            if isinstance(step, torch.Tensor):
+                step.zero_()
+            elif step is not None:
+                state["step"] = 0
+            if isinstance(state.get("mu_product"), torch.Tensor):
+                state["mu_product"].fill_(1.0)
+        count += 1
+    return count
+
+
+def _settings(base: dict[str, Any], values: Mapping[str, Any]) -> Settings:
+    """``base`` (a preset's TOML, or nothing) with the engine's keywords set; a bad value is a one-line AcdcError
+    that names the keyword."""
+    layer = {section: dict(table) if isinstance(table, dict) else table for section, table in base.items()}
+    for keyword, value in values.items():
+        section, key = _KEYWORDS[keyword]
+        if isinstance(value, (tuple, list)):
+            value = list(value)
+        layer.setdefault(section, {})[key] = value
+    try:
+        return Settings(**layer)
+    except ValidationError as exc:
+        message = format_validation_error(exc)
+        for keyword, (section, key) in _KEYWORDS.items():
+            message = message.replace(f"{section}.{key}", keyword)
+        raise AcdcError(message) from None

@@ -1,0 +1,393 @@
+"""A training run's folder and everything that continues a run: the last/best checkpoints, mid-epoch totals, resume,
+and the start of a run from another checkpoint (``--from``) or from pretrained weights (``model.weights``).
+
+Files of a run dir::
+
+    config.toml                      the resolved settings; marks the folder as a run dir
+    metrics.jsonl, tb/               per-epoch metrics (metrics.py)
+    last.safetensors                 weights + masks + metadata of the newest checkpoint (its epoch, and step
+                                     when written mid-epoch)
+    last.state.pt, last.state.prev.pt  resume states, tensors and plain data only (torch.load weights_only): progress,
+                                     optimizer, engine (its masks are those of last.safetensors), gradient scaler,
+                                     and mid-epoch every rank's sums so far; the one whose progress matches
+                                     last.safetensors is used
+    best_sparse.safetensors          best val top-1 in a compressed phase at the target sparsity
+    best_dense.safetensors           best val top-1 in a dense epoch
+
+Rank 0 writes every file, in a background thread from host snapshots, so training goes on meanwhile; writes are
+atomic (checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from torch import nn
+
+from acdc_cli.checkpoint import (
+    BackgroundWriter,
+    Checkpoint,
+    atomic_write_text,
+    build_model,
+    host_copy,
+    load_checkpoint,
+    load_state,
+    load_weights,
+    remove_stale_temps,
+    save_checkpoint,
+    save_state,
+)
+from acdc_cli.config import Settings, read_toml
+from acdc_cli.distributed import DistInfo
+from acdc_cli.engine import ACDC, STATE_FORMAT
+from acdc_cli.errors import AcdcError
+from acdc_cli.sparsity.schedule import Phase, phase_at
+
+RUN_MARKER = "config.toml"
+CHECKPOINTS = ("last.safetensors", "best_sparse.safetensors", "best_dense.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the folder
+
+
+def default_run_dir(settings: Settings) -> Path:
+    return Path("runs") / f"{settings.preset or 'custom'}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def prepare_run_dir(run_dir: Path, force: bool) -> None:
+    """Refuse to write into a folder that already holds something, unless --force."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise AcdcError(f"--out {run_dir} exists and is not a folder")
+    if run_dir.exists() and any(run_dir.iterdir()) and not force:
+        raise AcdcError(f"run dir {run_dir} is not empty; pass --resume {run_dir} to continue it or --force to overwrite")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".acdc-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise AcdcError(f"cannot write to run dir {run_dir}: {exc.strerror or exc}") from None
+    if force:
+        for name in ("metrics.jsonl", *CHECKPOINTS):
+            (run_dir / name).unlink(missing_ok=True)
+        for state in run_dir.glob("last.state*.pt"):
+            state.unlink()
+        remove_stale_temps(run_dir)
+        shutil.rmtree(run_dir / "tb", ignore_errors=True)
+
+
+def saved_settings(run_dir: Path) -> dict[str, Any]:
+    """The settings a run dir was trained with (its config.toml), for ``--resume``."""
+    marker = Path(run_dir) / RUN_MARKER
+    if not Path(run_dir).is_dir() or not marker.is_file():
+        raise AcdcError(f"{run_dir} is not an acdc run dir (expected {RUN_MARKER} and last.safetensors)")
+    if not (Path(run_dir) / "last.safetensors").is_file():
+        raise AcdcError(f"{run_dir} has no checkpoint yet (stopped before its first one); start it again with --force")
+    return read_toml(marker)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# what a run carries from one checkpoint to the next
+
+
+@dataclass
+class RunState:
+    """The run's progress besides weights, masks, optimizer and engine state."""
+
+    epoch: int = 0  # epochs completed
+    best_sparse: dict[str, Any] | None = None  # {"epoch", "val_top1"}
+    best_dense: dict[str, Any] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "best_sparse": self.best_sparse, "best_dense": self.best_dense}
+
+
+@dataclass
+class EpochTotals:
+    """An epoch's sums so far, kept on the device so that a step never waits for the host. Mid-epoch checkpoints
+    save them, so a resumed epoch reports the metrics an uninterrupted one would."""
+
+    loss_sum: torch.Tensor  # float64: sum of per-image losses
+    correct: torch.Tensor  # long: top-1 hits
+    first_bad: torch.Tensor  # long: the first step with a non-finite loss, -1 while there is none
+    step: int = 0  # steps done in this epoch
+    count: int = 0  # images in loss_sum / correct
+    skipped: int = 0  # steps skipped for a non-finite loss (runtime.nan_policy = "skip")
+
+    @classmethod
+    def start(cls, device: torch.device, saved: dict[str, Any] | None = None) -> EpochTotals:
+        totals = cls(
+            torch.zeros((), device=device, dtype=torch.float64),
+            torch.zeros((), device=device, dtype=torch.long),
+            torch.full((), -1, device=device, dtype=torch.long),
+        )
+        if saved is not None:
+            totals.loss_sum.copy_(saved["loss_sum"])
+            totals.correct.copy_(saved["correct"])
+            totals.step, totals.count, totals.skipped = int(saved["step"]), int(saved["count"]), int(saved["skipped"])
+        return totals
+
+    def as_state(self) -> dict[str, Any]:
+        return {"loss_sum": self.loss_sum.cpu(), "correct": self.correct.cpu(), "step": self.step,
+                "count": self.count, "skipped": self.skipped}
+
+
+def gather_totals(totals: EpochTotals) -> list[dict[str, Any]]:
+    """Every rank's sums in rank order, for a mid-epoch checkpoint (a collective under DDP): each rank's share of
+    the epoch differs, so each resumes its own."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [totals.as_state()]
+    local = torch.stack([totals.loss_sum, totals.correct.double(),
+                         torch.tensor(float(totals.count), dtype=torch.float64, device=totals.loss_sum.device),
+                         torch.tensor(float(totals.skipped), dtype=torch.float64, device=totals.loss_sum.device)])
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    return [{"loss_sum": g[0].cpu(), "correct": g[1].long().cpu(), "step": totals.step, "count": int(g[2]),
+             "skipped": int(g[3])} for g in gathered]
+
+
+def snapshot(model: nn.Module, engine: ACDC, settings: Settings, model_kwargs: dict[str, Any], epoch: int,
+             phase: str, metrics: dict[str, Any]) -> Checkpoint:
+    """The checkpoint of the model as it is now, in host memory: it is written in the background while training
+    changes the live tensors."""
+    return Checkpoint(
+        weights=host_copy(dict(model.state_dict())),
+        masks=host_copy(dict(engine.masks)),
+        arch=settings.model.name,
+        model_kwargs=model_kwargs,
+        config=settings.model_dump(mode="json"),
+        epoch=epoch,
+        phase=phase,
+        metrics=host_copy(metrics),
+        extra={"preset": settings.preset, "paper_top1": settings.paper_top1, "kind": "train"},
+    )
+
+
+def resume_state(run_state: RunState, engine: ACDC, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, step: int = 0,
+                 every_rank: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Everything besides weights and masks that continues the run, as a host snapshot; tensors and plain data only.
+
+    No RNG state: data order and augmentation come from (seed, epoch) and dropout from (seed, epoch, step, rank)."""
+    engine_state = engine.state_dict()
+    del engine_state["masks"]  # stored once, in the checkpoint beside this state
+    state = {
+        "progress": {**run_state.as_dict(), "step": step},
+        "optimizer": optimizer.state_dict(),
+        "engine": engine_state,
+        "scaler": scaler.state_dict(),
+    }
+    if every_rank is not None:
+        state["totals"] = every_rank
+    return host_copy(state)
+
+
+def save_last(run_dir: Path, ckpt: Checkpoint, state: dict[str, Any]) -> None:
+    """Write the pair so that a crash at any point leaves one matching (weights, state) pair on disk.
+
+    Order: keep the old state as ``last.state.prev.pt``, write the new state, then the weights. The weights'
+    ``epoch`` and ``step`` pick whichever state file matches them on resume.
+    """
+    current, previous = run_dir / "last.state.pt", run_dir / "last.state.prev.pt"
+    if current.exists():
+        current.replace(previous)
+    save_state(current, state)
+    save_checkpoint(run_dir / "last.safetensors", ckpt)
+
+
+def load_last(run_dir: Path) -> tuple[Checkpoint, dict[str, Any]]:
+    """``last.safetensors`` and the resume state that matches its epoch and step."""
+    ckpt = load_checkpoint(run_dir / "last.safetensors")
+    step = ckpt.extra.get("step", 0)
+    for name in ("last.state.pt", "last.state.prev.pt"):
+        path = run_dir / name
+        if path.exists():
+            state = load_state(path)
+            progress = state.get("progress")
+            if isinstance(progress, dict) and (progress.get("epoch"), progress.get("step", 0)) == (ckpt.epoch, step):
+                return ckpt, state
+    raise AcdcError(f"{run_dir}: no resume state matches last.safetensors (epoch {ckpt.epoch}, step {step})")
+
+
+def _write_checkpoints(run_dir: Path, ckpt: Checkpoint, state: dict[str, Any], best_path: Path | None) -> None:
+    if best_path is not None:
+        save_checkpoint(best_path, ckpt)
+    save_last(run_dir, ckpt, state)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one run's persistence
+
+
+class RunDir:
+    """The run dir of one training run and the objects whose state it keeps: rank 0 writes, every rank resumes."""
+
+    def __init__(self, path: Path, settings: Settings, model_kwargs: dict[str, Any], model: nn.Module, engine: ACDC,
+                 optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, info: DistInfo):
+        self.path = Path(path)
+        self.settings = settings
+        self.model_kwargs = model_kwargs
+        self.model, self.engine, self.optimizer, self.scaler = model, engine, optimizer, scaler
+        self.info = info
+        self.state = RunState()
+        self._writer = BackgroundWriter()  # rank 0's checkpoint files, written while the next epoch trains
+
+    # starting ---------------------------------------------------------------------------------------------------
+
+    def write_config(self) -> None:
+        """config.toml, on resume too: a moved data.dir or a new runtime knob is what the run now uses."""
+        if self.info.is_main:
+            atomic_write_text(self.path / RUN_MARKER, self.settings.to_toml())
+
+    def resume(self) -> EpochTotals | None:
+        """Load the newest complete checkpoint and its state into the model, engine, optimizer and scaler; sets
+        :attr:`state`. Returns this rank's sums of the epoch when the checkpoint was written mid-epoch."""
+        if self.info.is_main:
+            remove_stale_temps(self.path)
+        ckpt, state = load_last(self.path)
+        load_weights(self.model, ckpt.weights, source=str(self.path / "last.safetensors"))
+        try:
+            p = state["progress"]
+            self.state = RunState(p["epoch"], p["best_sparse"], p["best_dense"])
+            self.engine.load_state_dict({**_engine_state(state, self.engine.plan), "masks": ckpt.masks or None})
+            self.optimizer.load_state_dict(state["optimizer"])
+            if state.get("scaler") and self.scaler.is_enabled():  # none saved: the run was not fp16 until now
+                self.scaler.load_state_dict(state["scaler"])
+            if not p.get("step"):
+                return None
+            every_rank = state["totals"]
+            if len(every_rank) != self.info.world_size:
+                raise AcdcError(f"{self.path} stopped mid-epoch in a run of {len(every_rank)} process(es); resume "
+                                f"it with as many (this run has {self.info.world_size}), or from an epoch-end "
+                                "checkpoint")
+            return EpochTotals.start(self.info.device, every_rank[self.info.rank])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            detail = str(exc).splitlines()[0][:120] if str(exc) else ""
+            raise AcdcError(f"{self.path}: malformed resume state ({exc.__class__.__name__} {detail})") from None
+
+    def start_from(self, checkpoint: Path, console: Console) -> None:
+        """``--from``: the checkpoint's weights; its masks too when the first epoch is compressed and they fit the
+        rules; ``schedule.start_epoch = 'checkpoint'`` continues at its epoch."""
+        source = load_checkpoint(checkpoint)
+        name = self.settings.model.name
+        if source.arch != name:
+            raise AcdcError(f"--from {checkpoint} holds a {source.arch}, settings ask for {name}")
+        classes = source.model_kwargs.get("num_classes")
+        if classes != self.model_kwargs["num_classes"]:
+            raise AcdcError(f"--from {checkpoint} was trained for {classes} classes, {self.settings.data.name} has "
+                            f"{self.model_kwargs['num_classes']}")
+        load_weights(self.model, source.weights, source=str(checkpoint))
+        self.state.epoch = first_epoch(self.settings, checkpoint, source.epoch)
+        first = phase_at(list(self.engine.plan), self.state.epoch)
+        if source.masks and first.kind == "sparse" and not self.engine.use_masks(source.masks, self.state.epoch):
+            if self.info.is_main:
+                console.print(f"note: the masks in {checkpoint} do not match these sparsity rules at "
+                              f"{first.sparsity:g}; the first compressed phase computes its own", markup=False)
+
+    def start_from_weights(self, console: Console) -> None:
+        """``model.weights``: local pretrained weights, the keys matching ``model.weights_skip`` left as
+        initialised."""
+        from acdc_cli.weights import load_pretrained
+
+        m = self.settings.model
+        assert m.weights is not None
+        skipped = load_pretrained(self.model, m.weights, m.weights_skip, m.name)
+        if self.info.is_main:
+            kept = f"; left as initialised: {', '.join(skipped)}" if skipped else ""
+            console.print(f"started from model.weights {m.weights}{kept}", markup=False, highlight=False)
+
+    # saving -----------------------------------------------------------------------------------------------------
+
+    def save_epoch(self, phase: Phase, row: dict[str, Any]) -> None:
+        """Rank 0, at an epoch's end: last every epoch; best_sparse (compressed phase at the target sparsity) and
+        best_dense by val top-1. The files are written in the background from snapshots taken here."""
+        epoch = row["epoch"]
+        ckpt = snapshot(self.model, self.engine, self.settings, self.model_kwargs, epoch + 1, phase.kind, row)
+        at_target = phase.kind == "sparse" and abs(phase.sparsity - self.settings.sparsity.target) < 1e-9
+        best_key = "best_sparse" if at_target else "best_dense" if phase.kind == "dense" else None
+        best_path = None
+        if best_key is not None:
+            best = getattr(self.state, best_key)
+            if best is None or row["val_top1"] > best["val_top1"]:
+                setattr(self.state, best_key, {"epoch": epoch, "val_top1": row["val_top1"]})
+                best_path = self.path / f"{best_key}.safetensors"
+        state = resume_state(self.state, self.engine, self.optimizer, self.scaler)
+        self._writer.submit(_write_checkpoints, self.path, ckpt, state, best_path)
+
+    def save_step(self, phase: Phase, step: int, every_rank: list[dict[str, Any]]) -> None:
+        """Rank 0, inside an epoch: a last.* whose saved sums (one per rank) let the epoch go on as if never
+        stopped."""
+        own = every_rank[0]
+        partial = {"epoch": self.state.epoch, "step": step, "phase": phase.kind,
+                   "train_loss": own["loss_sum"].item() / max(own["count"], 1),
+                   "train_top1": own["correct"].item() / max(own["count"], 1)}
+        ckpt = snapshot(self.model, self.engine, self.settings, self.model_kwargs, self.state.epoch, phase.kind,
+                        partial)
+        ckpt.extra["step"] = step
+        state = resume_state(self.state, self.engine, self.optimizer, self.scaler, step, every_rank)
+        self._writer.submit(_write_checkpoints, self.path, ckpt, state, None)
+
+    def wait(self) -> None:
+        """Block until every checkpoint is on disk; a failed write raises here."""
+        self._writer.wait()
+
+    def abandon(self) -> None:
+        """On an error: let the write in flight finish, but the error in flight matters more than its failure."""
+        with contextlib.suppress(BaseException):
+            self._writer.wait()
+
+    # finishing --------------------------------------------------------------------------------------------------
+
+    def test_best(self, loader: Any, device: torch.device, amp: str | bool) -> None:
+        """Evaluate the best sparse and best dense checkpoints on the test split; adds ``test_top1`` to their
+        records in :attr:`state`."""
+        from acdc_cli.evaluate import evaluate
+
+        for key in ("best_sparse", "best_dense"):
+            best = getattr(self.state, key)
+            path = self.path / f"{key}.safetensors"
+            if best is None or not path.exists() or loader is None:
+                continue
+            model = build_model(load_checkpoint(path)).to(device)
+            best["test_top1"] = evaluate(model, loader, device, amp)["top1"]
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.path.iterdir() if p.is_file() and not p.name.startswith(".")) + [self.path / "tb"]
+
+
+def first_epoch(settings: Settings, from_checkpoint: Path | None, checkpoint_epoch: int) -> int:
+    """schedule.start_epoch resolved: 'checkpoint' is the --from checkpoint's epoch (epochs it completed)."""
+    start = settings.schedule.start_epoch
+    if start != "checkpoint":
+        return int(start)
+    if checkpoint_epoch >= settings.schedule.epochs:
+        raise AcdcError(
+            f"--from {from_checkpoint} completed {checkpoint_epoch} epochs; schedule.epochs is "
+            f"{settings.schedule.epochs}, so nothing is left to continue"
+        )
+    return checkpoint_epoch
+
+
+def _engine_state(state: dict[str, Any], plan: tuple[Phase, ...]) -> dict[str, Any]:
+    """The engine part of a resume state; states written before the engine existed kept its pieces elsewhere (the
+    phase follows from the progress: the phase of the epoch being trained, or of the last one completed)."""
+    if "engine" in state:
+        return dict(state["engine"])
+    p = state["progress"]
+    epoch = p["epoch"] if p.get("step") else p["epoch"] - 1
+    return {
+        "format": STATE_FORMAT,
+        "epoch": epoch,
+        "phase": phase_at(list(plan), epoch).as_dict() if epoch >= 0 else None,
+        "previous_masks": state.get("previous_masks"),
+        "mask_change": p.get("mask_change"),
+    }
