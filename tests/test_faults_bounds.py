@@ -154,7 +154,9 @@ def test_a_small_file_declaring_a_huge_tensor_is_refused_and_stays_small(tmp_pat
 def test_a_zero_size_tensor_declaring_a_huge_dimension_is_one_line(tmp_path, command):
     """[0, 2**40] holds no bytes, so safetensors accepts it; inspect raised RuntimeError, export ZeroDivisionError."""
     path = tmp_path / "zero.safetensors"
-    path.write_bytes(raw_safetensors({"w.weight": {"dtype": "F32", "shape": [0, 2**40], "data_offsets": [0, 0]}}))
+    meta = {"format": "acdc-checkpoint", "arch": "tiny-test", "model_kwargs": '{"num_classes": 10}'}
+    path.write_bytes(raw_safetensors({"__metadata__": meta,
+                                      "w.weight": {"dtype": "F32", "shape": [0, 2**40], "data_offsets": [0, 0]}}))
     args = {"inspect": ["inspect", str(path)], "eval": ["eval", str(path)],
             "export": ["export", str(path), "-f", "dense", "-o", str(tmp_path / "out.safetensors")]}[command]
     assert "declares shape [0, 1099511627776]" in fails(args)

@@ -133,7 +133,7 @@ def encode_bitmask(values: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.
     _check_mask(values, keep)
     if bool((bit_nonzero(values) & ~keep).any()):
         raise ValueError("a position outside the mask holds a non-zero value")
-    counts = keep.reshape(keep.shape[0], -1).sum(dim=1)
+    counts = keep.reshape(keep.shape[0], math.prod(keep.shape[1:])).sum(dim=1)  # -1 is ambiguous with no weights
     return {
         "shape": torch.tensor(list(values.shape), dtype=torch.int64),
         "compressed": values[keep].contiguous(),
