@@ -100,7 +100,8 @@ def test_gmp_with_nm_is_refused():
 
 def test_prune_still_refuses_a_contradicting_sparsity(tmp_path):
     source = tiny_checkpoint(tmp_path / "src.safetensors")
-    line = fails(["prune", str(source), "--structure", "2:4", "--sparsity", "0.9", "-o", str(tmp_path / "p.safetensors")])
+    line = fails(["prune", str(source), "--structure", "2:4", "--sparsity", "0.9",
+                  "-o", str(tmp_path / "p.safetensors")])
     assert "--sparsity 0.9 contradicts --structure 2:4, which prunes 0.5" in line
 
 

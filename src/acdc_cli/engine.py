@@ -27,7 +27,14 @@ from pydantic import ValidationError
 from torch import nn
 
 from acdc_cli.checkpoint import Checkpoint, check_fit, host_copy, save_checkpoint
-from acdc_cli.config import DataSettings, Settings, format_validation_error, preset_path, read_toml
+from acdc_cli.config import (
+    DataSettings,
+    Settings,
+    format_validation_error,
+    merge_layer,
+    preset_path,
+    read_toml,
+)
 from acdc_cli.errors import AcdcError
 from acdc_cli.sparsity.schedule import Phase, momentum_resets, phase_at, plan
 from acdc_cli.sparsity.sparsifier import Sparsifier
@@ -391,14 +398,15 @@ def reset_momentum(optimizer: torch.optim.Optimizer) -> int:
 def _settings(base: dict[str, Any], values: Mapping[str, Any]) -> Settings:
     """``base`` (a preset's TOML, or nothing) with the engine's keywords set; a bad value is a one-line AcdcError
     that names the keyword."""
-    layer = {section: dict(table) if isinstance(table, dict) else table for section, table in base.items()}
+    keywords: dict[str, Any] = {}
     for keyword, value in values.items():
         section, key = _KEYWORDS[keyword]
         if isinstance(value, (tuple, list)):
             value = list(value)
-        layer.setdefault(section, {})[key] = value
+        keywords.setdefault(section, {})[key] = value
     try:
-        return Settings(**layer)
+        # a layer over the preset: structure="2:4" replaces the preset's unstructured target, as --set does
+        return Settings(**merge_layer(base, keywords))
     except ValidationError as exc:
         message = format_validation_error(exc)
         for keyword, (section, key) in _KEYWORDS.items():
