@@ -99,7 +99,7 @@ class StopSignal:
         is a multiple of ``sync_every``. ``None`` (epoch end) always compares. Every rank must make the same calls.
         """
         if self._planned is not None:
-            testing_hooks.deliver_planned(self._planned, step)
+            testing_hooks.deliver_planned(self._planned, step, lambda: self.received is not None)
         if not _group_active():
             return self.received is not None
         if step is not None and step % self.sync_every:

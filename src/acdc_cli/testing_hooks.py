@@ -32,7 +32,8 @@ nothing per training step.
   epoch).
 - ``rank=R``: only on global rank R (``RANK``; 0 outside torchrun); every rank when left out.
 - ``to=parent``: signal the parent process instead (under ``acdc train --nproc`` that is the launcher, which
-  passes the signal on to every rank, as a scheduler's SIGTERM would arrive).
+  passes the signal on to every rank, as a scheduler's SIGTERM would arrive), then wait until it has come back
+  to this process (at most ``PARENT_WAIT_S``; an error after that), so the stop is as exact as a direct signal.
 
   Each entry fires once per run. Two entries at the same point fire in the order given, so
   ``SIGTERM@epoch=1,step=3;SIGINT@epoch=1,step=3`` is a second signal arriving while the first is handled.
@@ -49,6 +50,8 @@ import os
 import signal
 import sys
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,17 +189,27 @@ def _caller_epoch() -> int:
     raise HookSyntaxError(f"{SIGNAL_ENV}: no caller of should_stop has an `epoch` variable to match against")
 
 
-def deliver_planned(planned: list[PlannedSignal], step: int | None) -> None:
+PARENT_WAIT_S = 300.0
+
+
+def deliver_planned(planned: list[PlannedSignal], step: int | None, received: Callable[[], bool]) -> None:
     """Raise the signals planned for this check (called from ``should_stop``, in the main thread). The handler runs
-    before this returns, so ``should_stop`` sees its flag at once."""
+    before this returns, so ``should_stop`` sees its flag at once; ``received`` says whether it has run."""
     pending = [p for p in planned if not p.fired and p.step == step]
     if not pending:
         return
     epoch = _caller_epoch()
     for p in pending:
-        if p.epoch == epoch:
-            p.fired = True
-            if p.to_parent:
-                os.kill(os.getppid(), p.signum)
-            else:
-                signal.raise_signal(p.signum)
+        if p.epoch != epoch:
+            continue
+        p.fired = True
+        if not p.to_parent:
+            signal.raise_signal(p.signum)
+            continue
+        os.kill(os.getppid(), p.signum)
+        deadline = time.monotonic() + PARENT_WAIT_S
+        while not received():  # the handler runs in this thread, during the sleep
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{SIGNAL_ENV}: the parent did not pass {signal.Signals(p.signum).name} back "
+                                   f"within {PARENT_WAIT_S:.0f} s")
+            time.sleep(0.001)
