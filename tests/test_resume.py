@@ -235,3 +235,27 @@ def test_checkpoint_snapshot_is_independent_of_training(tmp_path):
     copied = host_copy(nested)
     nested["a"][0].add_(1)
     assert torch.equal(copied["a"][0], torch.ones(2)) and copied["b"][1] == 3
+
+
+def test_fault_hook_fails_exactly_the_write_it_names(tmp_path, monkeypatch):
+    """_ACDC_TEST_FAULT counts atomic writes per file name (or all of them) and fails the one it names at the point
+    it names; what a failed write leaves is what a full disk would leave."""
+    from acdc_cli.checkpoint import atomic_write_bytes
+    from acdc_cli.errors import AcdcError
+    from acdc_cli.testing_hooks import HookSyntaxError, parse_faults
+
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    monkeypatch.setenv("_ACDC_TEST_FAULT", "fail@write:2:a.bin; fail@renamed:4")
+    atomic_write_bytes(a, b"one")  # a.bin 1, all 1
+    atomic_write_bytes(b, b"one")  # all 2
+    with pytest.raises(AcdcError, match=r"cannot write .*a\.bin: No space left on device"):
+        atomic_write_bytes(a, b"two")  # a.bin 2: fails halfway through the temporary file
+    assert a.read_bytes() == b"one" and temp_files(tmp_path) == []
+    with pytest.raises(AcdcError, match="No space left"):
+        atomic_write_bytes(b, b"two")  # all 4: fails after the rename
+    assert b.read_bytes() == b"two"
+    atomic_write_bytes(a, b"three")  # nothing planned for a.bin 3 / all 5
+    assert a.read_bytes() == b"three"
+    for bad in ("fail@write", "crash@write:1", "kill@fsync:1", "kill@write:0", "kill@write:x"):
+        with pytest.raises(HookSyntaxError, match="_ACDC_TEST_FAULT"):
+            parse_faults(bad)
