@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from typer.testing import CliRunner
 
-from acdc_cli import runtime
+from acdc_cli import distributed, runtime
 from acdc_cli.checkpoint import load_checkpoint
 from acdc_cli.cli import app
 from acdc_cli.config import load_settings
@@ -249,10 +249,11 @@ def _group_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         results["train"] = runtime.reduce_train_stats(stats, info)
     finally:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-        # as train.run does: drop DDP (its reducer holds gloo work) and leave together, or gloo may abort at exit
+        # as train.run does: drop DDP (its reducer holds the group), leave together, and let teardown free what
+        # still holds the group before destroying it, or gloo may abort at exit
         net = None  # noqa: F841
-        dist.barrier()
-        dist.destroy_process_group()
+        distributed.barrier()
+        distributed.teardown()
 
 
 def test_collectives_in_a_two_process_group(tmp_path):
