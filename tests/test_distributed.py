@@ -23,17 +23,17 @@ from acdc_cli.errors import TrainingFault
 from acdc_cli.evaluate import evaluate
 from acdc_cli.metrics import read_jsonl
 from acdc_cli.models import create
-from cli_helpers import short_schedule
+from cli_helpers import PINNED, short_schedule
 
 CPU = torch.device("cpu")
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="--nproc 2 on the CPU needs two cores")
 def test_nproc_2_quickstart_agrees_with_single_process(quickstart_run, tmp_path):
-    # no --out: the launcher fixes the default run dir once, so both ranks agree on it
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ACDC_")}
-    done = subprocess.run([sys.executable, "-m", "acdc_cli", "train", "--nproc", "2", "--json"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    # no --out: the launcher fixes the default run dir once, so both ranks agree on it; pinned like the quickstart
+    # fixture (CPU, deterministic, one thread per rank)
+    done = subprocess.run([sys.executable, "-m", "acdc_cli", "train", "--nproc", "2", "--json", *PINNED],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     printed = [line for line in done.stdout.splitlines() if line.strip()]
     assert len(printed) == 1, done.stdout  # only rank 0 prints

@@ -14,6 +14,7 @@ from acdc_cli.cli import app
 from acdc_cli.config import load_settings, preset_names, preset_path
 from acdc_cli.sparsity.schedule import learning_rate
 from acdc_cli.sparsity.sparsifier import Sparsifier
+from cli_helpers import invoke_json
 
 # ----------------------------------------------------------------------------------------------------------------
 # the reference, from PAPER.md "Reference schedules" and "Reported accuracy"
@@ -69,9 +70,7 @@ EXPECTED = {
 
 
 def _dry_run(name: str) -> dict:
-    result = CliRunner().invoke(app, ["train", "--preset", name, "--dry-run", "--json"])
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
+    return invoke_json("train", "--preset", name, "--dry-run")
 
 
 def test_every_preset_of_the_issue_exists_and_every_preset_has_a_reference():
