@@ -6,7 +6,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -176,20 +175,28 @@ def test_nan_policy_skip_skips_the_step_and_counts_it(tmp_path, nan_model):
 
 
 def test_background_writer_keeps_order_and_hands_errors_back():
+    """A second write waits for the first (held here until released), runs off the training thread, and an error
+    reaches the caller once."""
     import threading
 
     from acdc_cli.checkpoint import BackgroundWriter
     from acdc_cli.errors import AcdcError
 
-    written, main = [], threading.get_ident()
+    written, main, release = [], threading.get_ident(), threading.Event()
 
-    def slow(name):
-        time.sleep(0.2)
+    def held(name):
+        assert release.wait(timeout=300)  # a safety net, not a timing assumption
         written.append((name, threading.get_ident() != main))
 
     writer = BackgroundWriter()
-    writer.submit(slow, "first")
-    writer.submit(written.append, ("second", True))  # waits for the first
+    writer.submit(held, "first")
+    submitted = threading.Event()
+    second = threading.Thread(target=lambda: (writer.submit(written.append, ("second", True)), submitted.set()))
+    second.start()
+    # while the first write is held, submitting the second cannot return (a writer that did not wait would)
+    assert not submitted.wait(timeout=0.5)
+    release.set()
+    second.join(timeout=300)
     writer.wait()
     assert written == [("first", True), ("second", True)]
 
