@@ -15,7 +15,7 @@ from torch import nn
 from acdc_cli.checkpoint import load_checkpoint, load_state
 from acdc_cli.metrics import read_jsonl
 from acdc_cli.models import registry
-from cli_helpers import assert_same_run, fails, invoke, sets, short_schedule, torch_state_kept
+from cli_helpers import assert_same_run, fails, invoke, short_schedule, torch_state_kept
 
 STEPS = 40  # 1,257 training digits in batches of 32
 EPOCHS = 5
