@@ -2,7 +2,7 @@
 variable, so that tests never aim a kill at a wall-clock window.
 
 Both variables start with ``_ACDC_`` rather than ``ACDC_``: every ``ACDC_*`` variable is read as a setting, and an
-unknown one is refused. When a variable is unset the hooks cost one environment lookup per checkpoint write and
+unknown one is refused. When a variable is unset the hooks cost one environment lookup per atomic file write and
 nothing per training step.
 
 ``_ACDC_TEST_FAULT`` - at the N-th atomic file write of this process (checkpoint.py's write path)::
@@ -20,6 +20,8 @@ nothing per training step.
 
   Examples: ``kill@rename:3`` kills before the third write of the process is renamed into place;
   ``fail@write:2:last.safetensors`` makes the second write of a ``last.safetensors`` fail with a full disk.
+  In a training run, name the file: the checkpoint thread and the main thread (metrics.jsonl) write concurrently,
+  so the order of writes to different files is not fixed.
 
 ``_ACDC_TEST_SIGNAL`` - deliver a signal to this process when the training loop asks whether to stop
 (:meth:`acdc_cli.preemption.StopSignal.should_stop`) after an exact step::
@@ -180,7 +182,7 @@ def planned_signals() -> list[PlannedSignal] | None:
 
 
 def _caller_epoch() -> int:
-    frame = sys._getframe(2)  # the caller of StopSignal.should_stop
+    frame = sys._getframe(3)  # 0: here, 1: deliver_planned, 2: StopSignal.should_stop, 3: its caller
     while frame is not None:
         epoch = frame.f_locals.get("epoch")
         if isinstance(epoch, int) and not isinstance(epoch, bool):
