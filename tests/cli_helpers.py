@@ -35,9 +35,15 @@ def short_schedule(epochs: int, warmup: int = 1, compressed: int = 1, decompress
         f"schedule.final_decompressed_epochs={final_decompressed}", *more)]
 
 
+# wide enough that no table cell folds, even around a 120-character --basetemp; console text is never hard-wrapped
+# on a pipe (cli._console), and squash() makes comparisons independent of where a terminal would wrap
+WIDE_COLUMNS = "400"
+
+
 def invoke(*args, env: dict[str, str] | None = None):
-    """``acdc ARGS`` in this process (arguments may be paths or numbers); returns Typer's result."""
-    return CliRunner(env=env).invoke(app, [str(a) for a in args])
+    """``acdc ARGS`` in this process (arguments may be paths or numbers), its console WIDE_COLUMNS wide; returns
+    Typer's result."""
+    return CliRunner(env={"COLUMNS": WIDE_COLUMNS, **(env or {})}).invoke(app, [str(a) for a in args])
 
 
 def invoke_json(*args, env: dict[str, str] | None = None) -> dict | list:

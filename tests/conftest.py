@@ -17,23 +17,22 @@ from cli_helpers import PINNED, invoke, invoke_json, torch_state_kept
 _CLEARED_PREFIXES = ("ACDC_", "_ACDC_", "TORCHELASTIC_")
 _CLEARED = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
             "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
-# wide enough that no table cell folds, even around a 120-character --basetemp; console text is never hard-wrapped
-# on a pipe (cli._console), and cli_helpers.squash makes comparisons independent of where a terminal would wrap
-WIDE_COLUMNS = "400"
+# the caller's terminal size: the CLI run in this process gets a wide one from cli_helpers.invoke, a subprocess
+# rich's fixed default for a pipe; neither depends on the shell that started pytest
+_TERMINAL_SIZE = ("COLUMNS", "LINES")
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _hermetic():
-    """The whole session runs without ACDC_* settings, torchrun variables or the test hooks' variables of the
-    caller (subprocesses inherit the cleaned environment), and with a wide COLUMNS.
+    """The whole session runs without the caller's ACDC_* settings, torchrun variables, test hooks' variables or
+    terminal size (subprocesses inherit the cleaned environment).
 
     Session scope, so that session- and module-scoped runs (the quickstart) see the same environment as tests.
     """
     with pytest.MonkeyPatch.context() as mp:
         for name in list(os.environ):
-            if name.startswith(_CLEARED_PREFIXES) or name in _CLEARED:
+            if name.startswith(_CLEARED_PREFIXES) or name in _CLEARED or name in _TERMINAL_SIZE:
                 mp.delenv(name)
-        mp.setenv("COLUMNS", WIDE_COLUMNS)
         yield
 
 
