@@ -71,15 +71,19 @@ def test_second_signal_exits_at_once_with_130(tmp_path):
 
 
 def test_ctrl_c_outside_training_exits_130(quickstart_run, monkeypatch):
-    """A real SIGINT while `acdc inspect` works (no training, so Python's own handler raises KeyboardInterrupt)."""
+    """A real SIGINT while `acdc inspect` works: no training, so Python's own handler raises KeyboardInterrupt (it
+    is installed here, as Python does at the start of `acdc ...` in a terminal; a test run started in the
+    background of a shell inherits SIGINT ignored)."""
     from acdc_cli import inspect as inspect_mod
 
     monkeypatch.setattr(inspect_mod, "inspect_file", lambda *a, **k: signal.raise_signal(signal.SIGINT))
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         result = invoke("inspect", quickstart_run / "last.safetensors")
     except KeyboardInterrupt:
         pytest.fail("the KeyboardInterrupt escaped the CLI")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert result.exit_code == 130 and result.stderr.strip() == "interrupted" and result.stdout == ""
 
 
