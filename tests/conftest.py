@@ -1,17 +1,49 @@
-"""Shared fixtures. The quickstart run is made once per session and shared by every test that reads its files."""
+"""Shared fixtures. The suite is hermetic: nothing from the caller's environment, terminal width or machine reaches a
+test (see ``_hermetic``); the quickstart run and its 2:4 pruning are made once per session and shared."""
 
+import os
+import random
 from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from hypothesis import HealthCheck, core
+from hypothesis import settings as hypothesis_settings
+
+from acdc_cli import testing_hooks
+from cli_helpers import PINNED, invoke, invoke_json, torch_state_kept
+
+# variables that change what acdc does: its settings, torchrun's process-group setup, the test fault hooks
+_CLEARED_PREFIXES = ("ACDC_", "_ACDC_", "TORCHELASTIC_")
+_CLEARED = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
+            "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
+# the caller's terminal size: the CLI run in this process gets a wide one from cli_helpers.invoke, a subprocess
+# rich's fixed default for a pipe; neither depends on the shell that started pytest
+_TERMINAL_SIZE = ("COLUMNS", "LINES")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _hermetic():
+    """The whole session runs without the caller's ACDC_* settings, torchrun variables, test hooks' variables or
+    terminal size (subprocesses inherit the cleaned environment).
+
+    Session scope, so that session- and module-scoped runs (the quickstart) see the same environment as tests.
+    """
+    with pytest.MonkeyPatch.context() as mp:
+        for name in list(os.environ):
+            if name.startswith(_CLEARED_PREFIXES) or name in _CLEARED or name in _TERMINAL_SIZE:
+                mp.delenv(name)
+        yield
 
 
 @pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    """In-process runs set torch's thread count (runtime.threads) and deterministic mode; put them back."""
+def _restore_process_state():
+    """In-process runs set torch's thread count (runtime.threads) and deterministic mode, and the fault hooks count
+    writes: each test starts from the same state."""
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    testing_hooks.reset()
     yield
+    testing_hooks.reset()
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(deterministic)
 
@@ -25,10 +57,54 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def quickstart_run(tmp_path_factory) -> Path:
-    """`acdc train --out DIR` exactly as the README's quickstart runs it; returns DIR."""
-    from acdc_cli.cli import app
-
+    """The README's quickstart (`acdc train --out DIR`), pinned to the CPU, deterministic algorithms and one thread
+    so that its numbers mean the same on any machine (a CUDA machine would otherwise train on the GPU); returns
+    DIR. What it printed is in DIR/../stdout.txt."""
     run_dir = tmp_path_factory.mktemp("quickstart") / "run"
-    result = CliRunner().invoke(app, ["train", "--out", str(run_dir)])
+    with torch_state_kept():
+        result = invoke("train", "--out", run_dir, *PINNED)
     assert result.exit_code == 0, result.output + repr(result.exception)
+    (run_dir.parent / "stdout.txt").write_text(result.stdout)  # the rows and the summary panel it printed
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def quickstart_24(quickstart_run, tmp_path_factory) -> tuple[Path, dict]:
+    """`acdc prune best_dense.safetensors --structure 2:4 --json` of the quickstart: the file and its report."""
+    out = tmp_path_factory.mktemp("prune24") / "p24.safetensors"
+    report = invoke_json("prune", quickstart_run / "best_dense.safetensors", "--structure", "2:4", "-o", out)
+    return out, report
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hypothesis: the same examples on every CI run; elsewhere new ones each run, with the seed printed to repeat them
+
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True, deadline=None,
+                                     suppress_health_check=[HealthCheck.too_slow])
+hypothesis_settings.register_profile("dev", print_blob=True, deadline=None)
+_ON_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+hypothesis_settings.load_profile("ci" if _ON_CI else "dev")
+
+
+def pytest_configure(config):
+    if _ON_CI:
+        return
+    seed = config.getoption("hypothesis_seed", None)
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**32)
+        core.global_force_seed = seed
+    config._acdc_hypothesis_seed = seed
+
+
+def pytest_report_header(config):
+    if _ON_CI:
+        return "hypothesis: profile 'ci' (derandomized: the same examples every run)"
+    seed = config._acdc_hypothesis_seed
+    return f"hypothesis: profile 'dev', seed {seed} (repeat these examples with --hypothesis-seed={seed})"
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _ON_CI and exitstatus:
+        seed = config._acdc_hypothesis_seed
+        terminalreporter.write_line(f"hypothesis seed of this run: {seed} (pytest --hypothesis-seed={seed})")

@@ -7,27 +7,25 @@ import pickle
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from acdc_cli.checkpoint import Checkpoint, save_checkpoint
-from acdc_cli.cli import app
-from acdc_cli.errors import AcdcError
 from acdc_cli.models import create
-from cli_helpers import fails
+from cli_helpers import PINNED, QUIET, fails, invoke, sets, torch_state_kept
 
-ONE_EPOCH = ["--set", "schedule.method=dense", "--set", "schedule.epochs=1", "--set", "log.tensorboard=false",
-             "--set", "log.progress=false"]
+ONE_EPOCH = [*PINNED, *QUIET, *sets("schedule.method=dense", "schedule.epochs=1")]
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     """A complete one-epoch run of the quickstart model (copy it before changing anything)."""
     run_dir = tmp_path_factory.mktemp("finished") / "run"
-    result = CliRunner().invoke(app, ["train", "--out", str(run_dir), *ONE_EPOCH])
+    with torch_state_kept():
+        result = invoke("train", "--out", run_dir, *ONE_EPOCH)
     assert result.exit_code == 0, result.output
     return run_dir
 
@@ -179,9 +177,15 @@ def test_unwritable_output_folder(tmp_path):
     assert blocker.read_text() == "keep me"
 
 
-def test_debug_shows_the_traceback():
-    result = CliRunner().invoke(app, ["--debug", "train", "--preset", "quickstrat"])
-    assert isinstance(result.exception, AcdcError)
+def test_debug_shows_the_traceback(tmp_path):
+    """`acdc --debug` in a real process: Python prints the whole traceback, ending in the AcdcError and its
+    message, instead of the one line; nothing is written."""
+    proc = subprocess.run([sys.executable, "-m", "acdc_cli", "--debug", "train", "--preset", "quickstrat"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 1 and proc.stderr.startswith("Traceback (most recent call last):"), proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("acdc_cli.errors.AcdcError: ") and "did you mean quickstart" in last
+    assert 'File "' in proc.stderr and "config.py" in proc.stderr and not any(tmp_path.iterdir())
 
 
 def test_installed_entry_point_prints_one_line_and_exits_2(tmp_path):
@@ -226,7 +230,10 @@ def test_payloads_are_live(tmp_path):
 
 @pytest.mark.parametrize("form", ["pickle", "torch.save"])
 @pytest.mark.parametrize("command", ["train --from", "train --config", "eval", "inspect", "prune", "export"])
-def test_pickle_payload_is_refused_and_never_runs(tmp_path, form, command):
+def test_pickle_payload_where_a_safetensors_or_toml_file_belongs_is_refused_by_format(tmp_path, form, command):
+    """These commands read safetensors (or TOML) only, so a pickle never reaches an unpickler there: it is refused
+    as not being that format, with that reason, before anything is read as objects. The places where acdc does
+    unpickle (a resume state, a CIFAR batch) are tested below with payloads that pass every outer check."""
     marker = tmp_path / "ran"
     payload = payload_files(tmp_path, marker)[form]
     args = {
@@ -237,18 +244,44 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path, form, command):
         "prune": ["prune", str(payload), "--sparsity", "0.5", "--out", str(tmp_path / "p.safetensors")],
         "export": ["export", str(payload), "--format", "dense", "--out", str(tmp_path / "e.safetensors")],
     }[command]
-    fails(args)
-    assert not marker.exists()
+    expected = "cannot read config" if command == "train --config" else "is not a readable safetensors file"
+    assert expected in fails(args)
+    assert not marker.exists() and not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("form", ["pickle", "torch.save"])
-def test_pickle_payload_as_resume_state_is_refused_and_never_runs(run_copy, tmp_path, form):
+def resume_state_with_payload(run_dir: Path, marker: Path, legacy: bool) -> dict:
+    """The run's own resume state with one more entry, a payload, saved as torch.save writes it (a zip holding
+    data.pkl, or the legacy format): a well-formed file of the right kind whose unpickling is the only defence."""
+    state = torch.load(run_dir / "last.state.pt", weights_only=True)
+    state["progress"]["note"] = Payload(marker)
+    torch.save(state, run_dir / "last.state.pt", _use_new_zipfile_serialization=not legacy)
+    return state
+
+
+@pytest.mark.parametrize("form", ["torch zip", "torch legacy", "raw pickle"])
+def test_pickle_payload_in_the_resume_state_of_a_valid_run_is_refused_and_never_runs(run_copy, tmp_path, form):
+    """The one place acdc unpickles a run's files: `train --resume` reads last.state.pt with
+    torch.load(weights_only=True) after last.safetensors passed every check. The payload is refused by name."""
     marker = tmp_path / "ran"
-    payload = payload_files(tmp_path, marker)[form]
-    for name in ("last.state.pt", "last.state.prev.pt"):
-        shutil.copy(payload, run_copy / name)
+    if form == "raw pickle":
+        state = torch.load(run_copy / "last.state.pt", weights_only=True)
+        (run_copy / "last.state.pt").write_bytes(pickle.dumps({**state, "note": Payload(marker)}))
+    else:
+        resume_state_with_payload(run_copy, marker, legacy=form == "torch legacy")
+        assert zipfile.is_zipfile(run_copy / "last.state.pt") == (form == "torch zip")
+    # the payload is live: loading the file the unsafe way runs it
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    shutil.copy(run_copy / "last.state.pt", probe / "state.pt")
+    torch.load(probe / "state.pt", weights_only=False) if form != "raw pickle" else pickle.loads(
+        (probe / "state.pt").read_bytes())
+    assert marker.is_dir()
+    marker.rmdir()
+
     before = snapshot(run_copy)
-    assert "not a valid acdc resume state" in fails(["train", "--resume", str(run_copy)])
+    line = fails(["train", "--resume", str(run_copy)])
+    assert f"{run_copy / 'last.state.pt'} is not a valid acdc resume state: refused, it holds" in line
+    assert ("pickled posix.mkdir" in line) if form != "raw pickle" else ("pickled Python objects" in line)
     assert not marker.exists()
     assert snapshot(run_copy) == before
 

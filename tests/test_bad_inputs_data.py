@@ -66,11 +66,17 @@ class Payload:
 
 
 def test_cifar_batch_file_with_a_pickle_payload_never_runs(tmp_path):
+    """The CIFAR unpickler, reached through `acdc train`: a batch file with the real entries (uint8 data, labels)
+    and the payload where the original files keep image names is refused by name, and the payload never runs."""
     folder = cifar_folder(tmp_path / "data")
     marker = tmp_path / "ran"
-    (folder / "test_batch").write_bytes(pickle.dumps({b"data": Payload(marker), b"labels": [0]}))
+    batch = {b"data": np.full((2, 3072), 7, dtype=np.uint8), b"labels": [0, 1], b"filenames": [Payload(marker)]}
+    (folder / "test_batch").write_bytes(pickle.dumps(batch, protocol=2))
+    pickle.loads(pickle.dumps(Payload(marker)))  # the payload is live when unpickled without restrictions
+    assert marker.is_dir()
+    marker.rmdir()
     line = fails(["train", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "r"), *CIFAR])
-    assert "refused" in line and "test_batch" in line
+    assert f"{folder / 'test_batch'}: refused to load (it asks for posix.mkdir" in line
     assert not marker.exists()
 
 

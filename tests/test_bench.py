@@ -1,29 +1,44 @@
 """`acdc bench` on the CPU at tiny sizes: both step modes, their ratio, the mask update and the input pipelines."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from acdc_cli import bench
-from acdc_cli.cli import app
 from acdc_cli.config import load_settings
+from cli_helpers import fails, invoke, invoke_json, shows
+
+TICK_S = 0.25
+PIPELINE_IMAGES = 8  # the per-core ImageFolder pass: 2 batches of 4
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    """bench's clock advances exactly TICK_S per reading, so every timed section lasts TICK_S: each figure must then
+    be the work counted in that section over TICK_S, whatever the machine's speed."""
+    now = [0.0]
+
+    def perf_counter() -> float:
+        now[0] += TICK_S
+        return now[0]
+
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=perf_counter))
 
 
 def _bench_json(*args: str) -> dict:
-    result = CliRunner().invoke(app, ["bench", "--json", "--device", "cpu", *args])
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return json.loads(result.stdout)
+    return invoke_json("bench", "--device", "cpu", *args)
 
 
-def test_bench_json_reports_both_modes_and_ratio():
+def test_bench_json_reports_both_modes_and_ratio(fake_clock):
     out = _bench_json("--steps", "3", "--warmup", "1")
     assert out["device"].startswith("cpu") and out["preset"] == "quickstart" and out["model"] == "digits-cnn"
     assert out["batch_size"] == 64 and out["input_shape"] == [1, 8, 8]
-    for key in ("reference_img_per_s", "acdc_img_per_s", "acdc_epoch_img_per_s", "pipeline_img_per_s",
-                "mask_update_ms"):
-        assert out[key] > 0, key
+    images = 3 * 64  # timed steps x batch; the pipeline and the epoch pass over as many images
+    for key in ("reference_img_per_s", "acdc_img_per_s", "acdc_epoch_img_per_s", "pipeline_img_per_s"):
+        assert out[key] == pytest.approx(images / TICK_S), key
+    assert out["mask_update_ms"] == pytest.approx(1000 * TICK_S)
     assert out["ratio"] == pytest.approx(out["acdc_img_per_s"] / out["reference_img_per_s"])
     # the CPU step runs fp32 whatever the settings say; the mask update covers every conv/linear weight
     assert out["acdc_amp"] is False and out["acdc_channels_last"] is False
@@ -32,25 +47,26 @@ def test_bench_json_reports_both_modes_and_ratio():
 
 
 def test_bench_table_and_bad_input():
-    result = CliRunner().invoke(app, ["bench", "--device", "cpu", "--steps", "2", "--warmup", "0", "-b", "16"])
+    """On the real clock: the table names every measurement, and each figure is a positive number."""
+    result = invoke("bench", "--device", "cpu", "--steps", "2", "--warmup", "0", "-b", "16")
     assert result.exit_code == 0, result.output
     for text in ("reference-style step", "acdc step", "ratio acdc / reference", "global mask update",
                  "input pipeline"):
-        assert text in result.stdout
-    bad = CliRunner().invoke(app, ["bench", "--device", "cpu", "--steps", "0"])
-    assert bad.exit_code == 2 and "--steps" in bad.output and "Traceback" not in bad.output
+        assert shows(text, result.stdout), text
+    assert "--steps" in fails(["bench", "--device", "cpu", "--steps", "0"])
 
 
-def test_bench_times_the_imagefolder_pipeline_on_generated_jpegs():
+def test_bench_times_the_imagefolder_pipeline_on_generated_jpegs(fake_clock):
     # an ImageNet preset with a tiny model in its place: the JPEG pipeline is real, the step is cheap
     out = _bench_json("--preset", "resnet50-imagenet-90", "--set", "model.name=tiny-test",
                       "--set", "data.num_workers=0", "-b", "4", "--steps", "2", "--warmup", "1")
     assert out["dataset"] == "imagenet" and out["pipeline"].startswith("ImageFolder, data.decode=cpu")
-    assert out["pipeline_img_per_s"] > 0 and out["acdc_epoch_img_per_s"] is None
-    # the PIL decoder side by side, per core, and their ratio
-    assert out["pipeline_pil_img_per_s"] > 0
+    assert out["acdc_epoch_img_per_s"] is None
+    assert out["reference_img_per_s"] == out["acdc_img_per_s"] == pytest.approx(2 * 4 / TICK_S)
+    # the PIL decoder side by side, per core, over as many images as the new path, and their ratio
+    assert out["pipeline_img_per_s"] == pytest.approx(PIPELINE_IMAGES / TICK_S)
+    assert out["pipeline_pil_img_per_s"] == pytest.approx(PIPELINE_IMAGES / TICK_S)
     assert out["pipeline_ratio"] == pytest.approx(out["pipeline_img_per_s"] / out["pipeline_pil_img_per_s"])
-    assert out["reference_img_per_s"] > 0 and out["acdc_img_per_s"] > 0
 
 
 def test_reference_hooks_keep_pruned_weights_at_zero(monkeypatch):
@@ -70,10 +86,11 @@ def test_reference_hooks_keep_pruned_weights_at_zero(monkeypatch):
     assert sum(int(torch.count_nonzero(w.grad[w != 0])) for w in weights) > 0
 
 
+@pytest.mark.slow
 def test_gpu_check_script_rehearses_on_the_cpu(tmp_path):
-    """bench/gpu_check.sh end to end in its CPU rehearsal (toy sizes, about a minute): every step passes, the
-    outputs are the 7 small files a GPU run leaves, and the summary names every target. A broken script would
-    otherwise only show on a GPU machine, whose minutes are few."""
+    """bench/gpu_check.sh end to end in its CPU rehearsal (toy sizes, about a minute on 2 idle cores, hence slow):
+    every step passes, the outputs are the 7 small files a GPU run leaves, and the summary names every target. A
+    broken script would otherwise only show on a GPU machine, whose minutes are few."""
     import os
     import subprocess
     import sys
@@ -94,9 +111,10 @@ def test_gpu_check_script_rehearses_on_the_cpu(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [
         "bench-resnet50-imagenet-90.json", "bench-wrn-cifar100-95.json", "checks.jsonl", "gpu_check.log",
         "mask_update.json", "torchrun-run-metrics.jsonl", "wrn-run-metrics.jsonl"]
-    for name in ("bench-wrn-cifar100-95.json", "bench-resnet50-imagenet-90.json"):
-        result = json.loads((out / name).read_text())
-        assert result["device_type"] == "cpu" and result["ratio"] > 0
+    for name, batch, steps in (("bench-wrn-cifar100-95.json", 16, 3), ("bench-resnet50-imagenet-90.json", 4, 2)):
+        result = json.loads((out / name).read_text())  # the rehearsal's toy sizes: the figures mean nothing
+        assert result["device_type"] == "cpu" and (result["batch_size"], result["steps"]) == (batch, steps)
+        assert result["ratio"] == pytest.approx(result["acdc_img_per_s"] / result["reference_img_per_s"])
     metrics = [json.loads(line) for line in (out / "torchrun-run-metrics.jsonl").read_text().splitlines()]
     assert [m["phase"] for m in metrics] == ["dense", "sparse", "dense", "sparse"]
     assert all(len(set(m["mask_checksums"])) == 1 for m in metrics if m["mask_checksums"])

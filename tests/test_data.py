@@ -4,6 +4,7 @@ JPEGs, held-out and random-label splits, and rank sharding."""
 import io
 import os
 import pickle
+import shlex
 import tarfile
 from pathlib import Path
 
@@ -175,7 +176,7 @@ class _Payload:
         self.marker = marker
 
     def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
+        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))  # quoted: temp paths may hold spaces
 
 
 def test_a_pickle_that_calls_code_is_refused_and_never_runs(tmp_path):

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from typer.testing import CliRunner
 
-from acdc_cli import runtime
+from acdc_cli import distributed, runtime
 from acdc_cli.checkpoint import load_checkpoint
 from acdc_cli.cli import app
 from acdc_cli.config import load_settings
@@ -23,16 +23,17 @@ from acdc_cli.errors import TrainingFault
 from acdc_cli.evaluate import evaluate
 from acdc_cli.metrics import read_jsonl
 from acdc_cli.models import create
+from cli_helpers import PINNED, short_schedule
 
 CPU = torch.device("cpu")
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="--nproc 2 on the CPU needs two cores")
 def test_nproc_2_quickstart_agrees_with_single_process(quickstart_run, tmp_path):
-    # no --out: the launcher fixes the default run dir once, so both ranks agree on it
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ACDC_")}
-    done = subprocess.run([sys.executable, "-m", "acdc_cli", "train", "--nproc", "2", "--json"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    # no --out: the launcher fixes the default run dir once, so both ranks agree on it; pinned like the quickstart
+    # fixture (CPU, deterministic, one thread per rank)
+    done = subprocess.run([sys.executable, "-m", "acdc_cli", "train", "--nproc", "2", "--json", *PINNED],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     printed = [line for line in done.stdout.splitlines() if line.strip()]
     assert len(printed) == 1, done.stdout  # only rank 0 prints
@@ -59,6 +60,70 @@ def test_nproc_2_quickstart_agrees_with_single_process(quickstart_run, tmp_path)
     # the sharded evaluation counted each of the 270 held-out images exactly once
     for r in rows:
         assert r["val_top1"] * 270 == pytest.approx(round(r["val_top1"] * 270), abs=1e-6)
+
+
+# Loaded at startup by every process of a `--nproc 2` run whose PYTHONPATH starts with the folder it is written to:
+# on rank 1 only, it breaks one thing, so that the ranks disagree the way a real fault would make them
+RANK_1_FAULT = """
+import os
+
+if os.environ.get("RANK") == "1":
+    fault = os.environ["RANK1_FAULT"]
+    if fault == "masks":
+        from acdc_cli.sparsity import sparsifier
+
+        compress = sparsifier.Sparsifier.compress
+
+        def compress_then_flip(self, *args, **kwargs):
+            change = compress(self, *args, **kwargs)
+            first = next(iter(self.masks.values()))
+            first.view(-1)[0] = ~first.view(-1)[0]  # one weight kept on rank 1 that rank 0 pruned, or the reverse
+            return change
+
+        sparsifier.Sparsifier.compress = compress_then_flip
+    else:
+        import torch.nn.functional as F
+
+        cross_entropy, calls = F.cross_entropy, []
+
+        def nan_at_step_3(logits, *args, **kwargs):
+            loss = cross_entropy(logits, *args, **kwargs)
+            if logits.requires_grad:
+                calls.append(1)
+                if len(calls) == 4:
+                    return loss * float("nan")
+            return loss
+
+        F.cross_entropy = nan_at_step_3
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="--nproc 2 on the CPU needs two cores")
+@pytest.mark.parametrize("fault, message", [
+    ("masks", "masks differ between ranks: rank 0 has checksum"),
+    ("nan", "non-finite loss at epoch 0, step 3"),
+])
+def test_a_fault_on_one_rank_stops_the_ddp_run_with_exit_1(tmp_path, fault, message):
+    """README: all ranks must hold the same masks, a mismatch stops the run (exit 1); a NaN loss stops it too. Here
+    rank 1 alone flips one mask bit after the first compression, or gets a NaN loss at step 3 of epoch 0: rank 0
+    names the fault in one line, the launcher exits 1, and the checkpoint before the fault is intact."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(RANK_1_FAULT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
+           "RANK1_FAULT": fault}
+    run_dir = tmp_path / "run"
+    # masks: a dense epoch, then the first compression; nan: one dense epoch, with a checkpoint every 2 steps
+    schedule = (short_schedule(2, 1, 1, 1, 1) if fault == "masks"
+                else short_schedule(1, 0, 1, 1, 1, 0, "schedule.method=dense", "runtime.checkpoint_every_steps=2"))
+    done = subprocess.run([sys.executable, "-m", "acdc_cli", "train", "--nproc", "2", "--out", str(run_dir),
+                           *schedule], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert message in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.count(message) == 1  # rank 0 says it once
+    ckpt = load_checkpoint(run_dir / "last.safetensors")
+    assert (ckpt.epoch, ckpt.extra.get("step", 0)) == ((1, 0) if fault == "masks" else (0, 2))
+    assert all(torch.isfinite(t).all() for t in ckpt.weights.values() if t.is_floating_point())
 
 
 def test_nproc_refuses_what_cannot_run(tmp_path, monkeypatch):
@@ -187,10 +252,11 @@ def _group_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         results["train"] = runtime.reduce_train_stats(stats, info)
     finally:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-        # as train.run does: drop DDP (its reducer holds gloo work) and leave together, or gloo may abort at exit
+        # as train.run does: drop DDP (its reducer holds the group), leave together, and let teardown free what
+        # still holds the group before destroying it, or gloo may abort at exit
         net = None  # noqa: F841
-        dist.barrier()
-        dist.destroy_process_group()
+        distributed.barrier()
+        distributed.teardown()
 
 
 def test_collectives_in_a_two_process_group(tmp_path):

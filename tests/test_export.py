@@ -8,23 +8,18 @@ import pytest
 import torch
 import torchvision
 from safetensors import safe_open
-from typer.testing import CliRunner
 
 from acdc_cli import models
 from acdc_cli.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from acdc_cli.cli import app
 from acdc_cli.config import Settings
 from acdc_cli.export import export_checkpoint, fold_masks, load, load_model
 from acdc_cli.prune import prune_checkpoint
 from acdc_cli.sparsity import formats as F
 from acdc_cli.sparsity.masks import nm_mask
+from cli_helpers import fails, invoke, invoke_json, shows
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FORMATS = ["sparse-24-bitmask", "sparse-bitmask", "dense"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -34,12 +29,9 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def sources(quickstart_run, tmp_path_factory):
+def sources(quickstart_run, quickstart_24):
     """The quickstart's unstructured best_sparse and a 2:4 pruning of its best_dense."""
-    folder = tmp_path_factory.mktemp("export-sources")
-    pruned = folder / "pruned24.safetensors"
-    prune_checkpoint(quickstart_run / "best_dense.safetensors", pruned, structure="2:4")
-    return {"unstructured": quickstart_run / "best_sparse.safetensors", "2:4": pruned}
+    return {"unstructured": quickstart_run / "best_sparse.safetensors", "2:4": quickstart_24[0]}
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -170,29 +162,23 @@ def test_export_cli_prints_statistics_and_refuses_overwrite(sources, tmp_path):
     result = invoke("export", sources["unstructured"], "--format", "sparse-bitmask", "-o", out)
     assert result.exit_code == 0, result.output
     for text in ("sparsity", "kept", "stored", "total", "× a dense export"):
-        assert text in result.stdout
-    again = invoke("export", sources["unstructured"], "--format", "dense", "-o", out)
-    assert again.exit_code == 2 and "--force" in again.stderr and "Traceback" not in again.output
-    forced = invoke("export", sources["unstructured"], "--format", "dense", "-o", out, "--force", "--json")
-    assert forced.exit_code == 0
-    data = json.loads(forced.stdout)
+        assert shows(text, result.stdout), text
+    assert "--force" in fails(["export", sources["unstructured"], "--format", "dense", "-o", out])
+    data = invoke_json("export", sources["unstructured"], "--format", "dense", "-o", out, "--force")
     assert data["format"] == "dense" and data["size_bytes"] == out.stat().st_size
     assert abs(data["sparsity"] - 0.9) < 1e-3 and all(0 <= layer["sparsity"] <= 1 for layer in data["layers"])
 
 
 def test_sparse_24_refuses_weights_that_are_not_2_4(sources, tmp_path):
     out = tmp_path / "no.safetensors"
-    result = invoke("export", sources["unstructured"], "--format", "sparse-24-bitmask", "-o", out)
-    assert result.exit_code == 2
-    message = result.stderr.strip()
-    assert len(message.splitlines()) == 1 and "acdc prune" in message and "--structure 2:4" in message
+    line = fails(["export", sources["unstructured"], "--format", "sparse-24-bitmask", "-o", out])
+    assert "acdc prune" in line and "--structure 2:4" in line
     assert not out.exists()
 
 
 def test_unknown_format_and_dtype_are_one_line_errors(sources, tmp_path):
     for args in (("--format", "csr"), ("--format", "dense", "--dtype", "int8")):
-        result = invoke("export", sources["unstructured"], *args, "-o", tmp_path / "x.safetensors")
-        assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+        fails(["export", sources["unstructured"], *args, "-o", tmp_path / "x.safetensors"])
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from acdc_cli.cli import app
 from acdc_cli.config import load_settings, preset_names, preset_path
 from acdc_cli.sparsity.schedule import learning_rate
 from acdc_cli.sparsity.sparsifier import Sparsifier
+from cli_helpers import invoke_json
 
 # ----------------------------------------------------------------------------------------------------------------
 # prune / restore epochs: each YAML's pruner and recycler `epochs: [start, freq, end]`, expanded as the reference's
@@ -196,9 +197,7 @@ REFERENCE_CONFIGS = (
 
 @functools.cache
 def _dry_run(name: str) -> dict:
-    result = CliRunner().invoke(app, ["train", "--preset", name, "--dry-run", "--json"])
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
+    return invoke_json("train", "--preset", name, "--dry-run")
 
 
 def test_every_preset_has_a_reference_and_every_reference_config_a_preset():

@@ -1,175 +1,103 @@
-"""Exact resume: a CPU run killed with SIGKILL at random points (once while it writes a checkpoint) and resumed ends
-bit-identical to a run that never stopped; mid-epoch checkpoints; non-finite losses stop or skip cleanly."""
+"""Exact resume: a CPU run killed with SIGKILL at exact points of its checkpoint writes (the test fault hook
+``_ACDC_TEST_FAULT``, never a wall-clock window) and resumed ends bit-identical to a run that never stopped;
+mid-epoch checkpoints; non-finite losses stop or skip cleanly."""
 
+import math
 import os
-import random
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
-from typer.testing import CliRunner
 
 from acdc_cli.checkpoint import load_checkpoint, load_state
-from acdc_cli.cli import app
 from acdc_cli.metrics import read_jsonl
 from acdc_cli.models import registry
+from cli_helpers import assert_same_run, fails, invoke, short_schedule, torch_state_kept
 
 STEPS = 39  # 1,257 training digits in whole batches of 32
 EPOCHS = 5
 # 5 epochs: dense, sparse, dense, sparse, sparse (two compressed phases, so mask change and a restore are covered)
-SHORT = [
-    "--set", f"schedule.epochs={EPOCHS}", "--set", "schedule.warmup_epochs=1", "--set", "schedule.compressed_epochs=1",
-    "--set", "schedule.decompressed_epochs=1", "--set", "schedule.final_compressed_epochs=2",
-    "--set", "data.batch_size=32", "--set", "runtime.deterministic=true", "--set", "runtime.threads=1",
-    "--set", "log.tensorboard=false", "--set", "log.progress=false",
-    "--set", "model.dropout=0.3",  # dropout draws random numbers every step: a resume must draw the same ones
-]
-FILES = ("last.safetensors", "best_sparse.safetensors", "best_dense.safetensors")
-
-
+SHORT = short_schedule(EPOCHS, 1, 1, 1, 2, 0, "data.batch_size=32",
+                       "model.dropout=0.3")  # dropout draws random numbers every step: a resume must draw the same
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """The same run, never stopped (in this process: it gives the same bits as `python -m acdc_cli`)."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    result = CliRunner().invoke(app, ["train", "--out", str(run_dir), *SHORT])
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
+    with torch_state_kept():
+        result = invoke("train", "--out", run_dir, *SHORT)
     assert result.exit_code == 0, result.output
     return run_dir
 
 
-def assert_same_run(expected: Path, actual: Path) -> None:
-    """Checkpoint tensors equal bit for bit (so -0.0 != +0.0) and every metrics row equal except img/s."""
-    for name in FILES:
-        a, b = load_file(expected / name), load_file(actual / name)
-        assert a.keys() == b.keys(), name
-        for key in a:
-            assert a[key].dtype == b[key].dtype and a[key].numpy().tobytes() == b[key].numpy().tobytes(), f"{name}:{key}"
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "img_per_s"} for r in rows]  # noqa: E731
-    assert strip(read_jsonl(actual / "metrics.jsonl")) == strip(read_jsonl(expected / "metrics.jsonl"))
-
-
-def train_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "acdc_cli", "train", *args]
-
-
-def progress(run_dir: Path) -> int:
-    """Global step of the newest complete checkpoint (-1 before the first); renames make the read safe."""
-    try:
-        with safe_open(str(run_dir / "last.safetensors"), framework="pt") as fh:
-            meta = fh.metadata()
-    except Exception:  # not there yet
-        return -1
-    return int(meta["epoch"]) * STEPS + int(meta.get("step", "0"))
-
-
 def temp_files(run_dir: Path) -> list[str]:
-    return [e.name for e in os.scandir(run_dir) if e.name.endswith(".tmp")] if run_dir.is_dir() else []
+    return sorted(e.name for e in os.scandir(run_dir) if e.name.endswith(".tmp"))
 
 
-def run_and_kill(cmd: list[str], kill_when) -> int:
-    """Start ``cmd``; SIGKILL it the moment ``kill_when()`` holds. Returns the exit status (-9 when killed)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        while proc.poll() is None:
-            if kill_when():
-                proc.kill()
-                break
-            time.sleep(0.001)
-        proc.wait(timeout=120)
-        assert proc.returncode in (0, -9), proc.stderr.read().decode()[-2000:]
-        return proc.returncode
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
+def killed_at(fault: str, *args: str) -> None:
+    """Run ``acdc train ARGS`` in a subprocess that SIGKILLs itself at ``fault`` (``_ACDC_TEST_FAULT`` syntax)."""
+    done = subprocess.run([sys.executable, "-m", "acdc_cli", "train", *args], capture_output=True, text=True,
+                          env={**os.environ, "_ACDC_TEST_FAULT": fault}, timeout=900)
+    assert done.returncode == -9, (done.returncode, done.stderr[-3000:])
 
 
-def test_sigkill_at_random_points_resumes_bit_identically(tmp_path, reference):
+def test_sigkill_inside_checkpoint_writes_resumes_bit_identically(tmp_path, reference):
+    """Three SIGKILLs, each at a different point of the write of the checkpoint pair (state file, then weights),
+    each followed by a resume that goes on from the newest complete pair; the last resume ends bit-identical to
+    the run that never stopped."""
     run_dir = tmp_path / "run"
-    rng = random.Random(6)
     every = ["--set", "runtime.checkpoint_every_steps=4"]
 
-    # 1. mid-epoch, at a random step of the first two epochs, a random few milliseconds after a checkpoint
-    target, delay = rng.randrange(6, 2 * STEPS - 6), rng.uniform(0, 0.02)
-    reached: list[float] = []
+    # 1. mid-epoch, halfway through writing the 7th last.safetensors (epoch 0, step 28): its torn temporary file
+    #    is left behind, the 6th (step 24) is what a resume finds
+    killed_at("kill@write:7:last.safetensors", "--out", str(run_dir), *SHORT, *every)
+    assert [name.startswith(".last.safetensors.") for name in temp_files(run_dir)] == [True]
+    ckpt = load_checkpoint(run_dir / "last.safetensors")
+    assert (ckpt.epoch, ckpt.extra["step"]) == (0, 24)
 
-    def after_target() -> bool:
-        if not reached and progress(run_dir) >= target:
-            reached.append(time.monotonic())
-        return bool(reached) and time.monotonic() - reached[0] >= delay
+    # 2. right after the resume's 6th state file (steps 28, 32, 36, the end of epoch 0, then epoch 1 steps 4 and 8)
+    #    is renamed into place, before its weights are written: the state is ahead of the weights, and the next
+    #    resume must pair the weights with the previous state
+    killed_at("kill@renamed:6:last.state.pt", "--resume", str(run_dir), *every)
+    assert not temp_files(run_dir)  # the resume removed what the first kill left
+    ckpt = load_checkpoint(run_dir / "last.safetensors")
+    assert (ckpt.epoch, ckpt.extra["step"]) == (1, 4)
+    assert load_state(run_dir / "last.state.pt")["progress"] == {**load_state(run_dir / "last.state.prev.pt")[
+        "progress"], "step": 8}
 
-    assert run_and_kill(train_cmd("--out", str(run_dir), *SHORT, *every), after_target) == -9
-    first = progress(run_dir)
-    assert 0 < first < EPOCHS * STEPS
-
-    # 2. while a checkpoint is being written: its temporary file is left behind, which proves where the kill hit
-    resume = train_cmd("--resume", str(run_dir), *every)
-    old = set(temp_files(run_dir))  # step 1 may have left one too; the resume deletes those, new names are random
-    for _ in range(5):
-        assert run_and_kill(resume, lambda: bool(set(temp_files(run_dir)) - old)) == -9
-        if set(temp_files(run_dir)) - old:
-            break
-    assert set(temp_files(run_dir)) - old, "no kill landed inside a checkpoint write"
-    load_checkpoint(run_dir / "last.safetensors")  # the previous checkpoint is complete and readable
-
-    # 3. checkpoints at epoch ends only (runtime.* may change on resume): kill a random moment after the next one
-    start, delay = progress(run_dir), rng.uniform(0.05, 0.3)
-    seen: list[float] = []
-
-    def after_next_epoch() -> bool:
-        if not seen and progress(run_dir) > start:
-            seen.append(time.monotonic())
-        return bool(seen) and time.monotonic() - seen[0] >= delay
-
-    epoch_ends = train_cmd("--resume", str(run_dir), "--set", "runtime.checkpoint_every_steps=0")
-    assert run_and_kill(epoch_ends, after_next_epoch) == -9
-    assert progress(run_dir) % STEPS == 0 and progress(run_dir) < EPOCHS * STEPS
+    # 3. checkpoints at epoch ends only (runtime.* may change on resume): killed after the 2nd epoch-end weights
+    #    file is complete and fsynced but before it is renamed into place, so the 1st (end of epoch 2) stands
+    killed_at("kill@rename:2:last.safetensors", "--resume", str(run_dir), "--set", "runtime.checkpoint_every_steps=0")
+    ckpt = load_checkpoint(run_dir / "last.safetensors")
+    assert (ckpt.epoch, ckpt.extra.get("step", 0)) == (2, 0)
+    assert len(temp_files(run_dir)) == 1
 
     # 4. to the end
-    assert run_and_kill(resume, lambda: False) == 0
-    assert not temp_files(run_dir)  # the resume cleared what the killed writer left
+    resumed = invoke("train", "--resume", run_dir, *every)
+    assert resumed.exit_code == 0, resumed.output
+    assert not temp_files(run_dir)
     assert_same_run(reference, run_dir)
 
 
 def test_mid_epoch_checkpoint_holds_step_totals_and_rng(tmp_path, reference):
-    """A run stopped after a mid-epoch checkpoint (here: an exception right after it) resumes from that step."""
-    from acdc_cli.rundir import RunDir
-
+    """A run whose 10th last.safetensors write (epoch 1, step 18; every 6 steps) fails resumes from the one before
+    (epoch 1, step 12: a compressed phase after a restore) with that step's sums, and ends as the reference."""
     run_dir = tmp_path / "run"
-    real_save = RunDir.save_step
-
-    class Stop(Exception):
-        pass
-
-    def save_then_stop(store, phase, step, every_rank):
-        real_save(store, phase, step, every_rank)
-        if step == 12 and store.state.epoch == 1:  # a compressed phase, then a restore
-            raise Stop
-
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(RunDir, "save_step", save_then_stop)
-        first = CliRunner().invoke(app, ["train", "--out", str(run_dir), *SHORT,
-                                         "--set", "runtime.checkpoint_every_steps=6"])
-    assert isinstance(first.exception, Stop)
+    line = fails(["train", "--out", run_dir, *SHORT, "--set", "runtime.checkpoint_every_steps=6"],
+                 env={"_ACDC_TEST_FAULT": "fail@write:10:last.safetensors"})
+    assert "No space left on device" in line
     ckpt = load_checkpoint(run_dir / "last.safetensors")
-    state = load_state(run_dir / "last.state.pt")
+    state = load_state(run_dir / "last.state.prev.pt")
     assert (ckpt.epoch, ckpt.extra["step"]) == (1, 12) and state["progress"]["step"] == 12
     assert len(state["totals"]) == 1  # one process: one rank's sums
     assert state["totals"][0]["count"] == 12 * 32 and state["totals"][0]["loss_sum"].dtype == torch.float64
-    assert len(read_jsonl(run_dir / "metrics.jsonl")) == 1
+    assert [r["epoch"] for r in read_jsonl(run_dir / "metrics.jsonl")][:1] == [0]
 
-    resumed = CliRunner().invoke(app, ["train", "--resume", str(run_dir)])
+    resumed = invoke("train", "--resume", run_dir)
     assert resumed.exit_code == 0, resumed.output
     assert_same_run(reference, run_dir)
 
@@ -220,12 +148,8 @@ NAN_RUN = [*SHORT, "--set", "model.name=nan-at-1-4", "--set", "schedule.epochs=3
 
 def test_nan_loss_stops_with_one_line_and_keeps_last_good_checkpoint(tmp_path, nan_model):
     run_dir = tmp_path / "run"
-    result = CliRunner().invoke(app, ["train", "--out", str(run_dir), *NAN_RUN,
-                                      "--set", "runtime.checkpoint_every_steps=2"])
-    assert result.exit_code == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "non-finite loss at epoch 1, step 4" in lines[0], result.stderr
-    assert "Traceback" not in result.output
+    line = fails(["train", "--out", run_dir, *NAN_RUN, "--set", "runtime.checkpoint_every_steps=2"], code=1)
+    assert "non-finite loss at epoch 1, step 4" in line
     # the last checkpoint is the one written after step 4 of epoch 1, before the NaN step ran, with finite weights
     ckpt = load_checkpoint(run_dir / "last.safetensors")
     assert (ckpt.epoch, ckpt.extra["step"]) == (1, 4)
@@ -236,11 +160,11 @@ def test_nan_loss_stops_with_one_line_and_keeps_last_good_checkpoint(tmp_path, n
 
 def test_nan_policy_skip_skips_the_step_and_counts_it(tmp_path, nan_model):
     run_dir = tmp_path / "run"
-    result = CliRunner().invoke(app, ["train", "--out", str(run_dir), *NAN_RUN, "--set", "runtime.nan_policy=skip"])
+    result = invoke("train", "--out", run_dir, *NAN_RUN, "--set", "runtime.nan_policy=skip")
     assert result.exit_code == 0, result.output
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["skipped_steps"] for r in rows] == [0, 1, 0]
-    assert all(r["train_loss"] == r["train_loss"] for r in rows)  # not NaN: the bad step is not averaged in
+    assert all(math.isfinite(r["train_loss"]) for r in rows)  # the bad step is not averaged in
     # no update at all: weights, batch-norm statistics and step counters are as they were before the bad step
     before, after = nan_model[0].snapshots
     assert before.keys() == after.keys()
@@ -253,20 +177,28 @@ def test_nan_policy_skip_skips_the_step_and_counts_it(tmp_path, nan_model):
 
 
 def test_background_writer_keeps_order_and_hands_errors_back():
+    """A second write waits for the first (held here until released), runs off the training thread, and an error
+    reaches the caller once."""
     import threading
 
     from acdc_cli.checkpoint import BackgroundWriter
     from acdc_cli.errors import AcdcError
 
-    written, main = [], threading.get_ident()
+    written, main, release = [], threading.get_ident(), threading.Event()
 
-    def slow(name):
-        time.sleep(0.2)
+    def held(name):
+        assert release.wait(timeout=300)  # a safety net, not a timing assumption
         written.append((name, threading.get_ident() != main))
 
     writer = BackgroundWriter()
-    writer.submit(slow, "first")
-    writer.submit(written.append, ("second", True))  # waits for the first
+    writer.submit(held, "first")
+    submitted = threading.Event()
+    second = threading.Thread(target=lambda: (writer.submit(written.append, ("second", True)), submitted.set()))
+    second.start()
+    # while the first write is held, submitting the second cannot return (a writer that did not wait would)
+    assert not submitted.wait(timeout=0.5)
+    release.set()
+    second.join(timeout=300)
     writer.wait()
     assert written == [("first", True), ("second", True)]
 
@@ -315,21 +247,25 @@ def test_checkpoint_snapshot_is_independent_of_training(tmp_path):
     assert torch.equal(copied["a"][0], torch.ones(2)) and copied["b"][1] == 3
 
 
-def test_a_failed_background_write_stops_the_run_with_one_line(tmp_path, monkeypatch):
-    from acdc_cli import checkpoint as ckpt_mod
+def test_fault_hook_fails_exactly_the_write_it_names(tmp_path, monkeypatch):
+    """_ACDC_TEST_FAULT counts atomic writes per file name (or all of them) and fails the one it names at the point
+    it names; what a failed write leaves is what a full disk would leave."""
+    from acdc_cli.checkpoint import atomic_write_bytes
+    from acdc_cli.errors import AcdcError
+    from acdc_cli.testing_hooks import HookSyntaxError, parse_faults
 
-    real = ckpt_mod._atomic_write
-
-    def disk_full(path, data):
-        if path.name == "last.safetensors" and (path.parent / "last.safetensors").exists():
-            raise OSError(28, "No space left on device")
-        real(path, data)
-
-    monkeypatch.setattr(ckpt_mod, "_atomic_write", disk_full)
-    run_dir = tmp_path / "run"
-    result = CliRunner().invoke(app, ["train", "--out", str(run_dir), *SHORT])
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "cannot write" in lines[0] and "No space left" in lines[0]
-    assert "Traceback" not in result.output
-    assert load_checkpoint(run_dir / "last.safetensors").epoch == 1  # the first checkpoint is intact
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    monkeypatch.setenv("_ACDC_TEST_FAULT", "fail@write:2:a.bin; fail@renamed:4")
+    atomic_write_bytes(a, b"one")  # a.bin 1, all 1
+    atomic_write_bytes(b, b"one")  # all 2
+    with pytest.raises(AcdcError, match=r"cannot write .*a\.bin: No space left on device"):
+        atomic_write_bytes(a, b"two")  # a.bin 2: fails halfway through the temporary file
+    assert a.read_bytes() == b"one" and temp_files(tmp_path) == []
+    with pytest.raises(AcdcError, match="No space left"):
+        atomic_write_bytes(b, b"two")  # all 4: fails after the rename
+    assert b.read_bytes() == b"two"
+    atomic_write_bytes(a, b"three")  # nothing planned for a.bin 3 / all 5
+    assert a.read_bytes() == b"three"
+    for bad in ("fail@write", "crash@write:1", "kill@fsync:1", "kill@write:0", "kill@write:x"):
+        with pytest.raises(HookSyntaxError, match="_ACDC_TEST_FAULT"):
+            parse_faults(bad)

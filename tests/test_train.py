@@ -1,18 +1,41 @@
-"""The quickstart end to end (the issue's done-when), and an interrupted run resuming identically."""
+"""Training end to end: the quickstart (the README's done-when), its run dir, best checkpoints and summary; the other
+modes the README promises (GMP, a constant LR, 2:4 with layers left dense by rule); --force, the default run dir,
+and a run stopped by a failed write that resumes identically with changed locations and runtime knobs."""
 
-import json
+import re
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from typer.testing import CliRunner
 
-from acdc_cli.cli import app
+from acdc_cli.checkpoint import load_checkpoint
 from acdc_cli.metrics import read_jsonl
 from acdc_cli.models import create
-from acdc_cli.rundir import RunDir
+from acdc_cli.sparsity import masks as M
+from acdc_cli.sparsity.schedule import gmp_sparsity
 from acdc_cli.sparsity.sparsifier import prunable_modules
+from cli_helpers import (
+    PINNED,
+    QUIET,
+    assert_same_run,
+    fails,
+    invoke,
+    invoke_json,
+    sets,
+    short_schedule,
+    shows,
+    squash,
+    torch_state_kept,
+)
+
+# the quickstart CNN: every conv and linear weight (the README's 90 % are of these)
+QUICKSTART_PRUNABLE = 98_848
+
+
+def _prunable_names() -> list[str]:
+    return [f"{n}.weight" for n, _ in prunable_modules(create("digits-cnn", num_classes=10))]
 
 
 def test_quickstart_reaches_accuracy_and_sparsity(quickstart_run):
@@ -27,11 +50,10 @@ def test_quickstart_reaches_accuracy_and_sparsity(quickstart_run):
 
 def test_best_sparse_file_holds_90_percent_zeros(quickstart_run):
     tensors = load_file(quickstart_run / "best_sparse.safetensors")
-    model = create("digits-cnn", num_classes=10)
-    names = [f"{n}.weight" for n, _ in prunable_modules(model)]
+    names = _prunable_names()
     zeros = sum(int((tensors[n] == 0).sum()) for n in names)
     total = sum(tensors[n].numel() for n in names)
-    assert zeros / total == pytest.approx(0.90, abs=0.001)
+    assert total == QUICKSTART_PRUNABLE and zeros == M.pruned_count(total, 0.9)
     # every mask is stored, as uint8, and the weights obey it
     for n in names:
         mask = tensors[f"mask.{n}"]
@@ -39,16 +61,32 @@ def test_best_sparse_file_holds_90_percent_zeros(quickstart_run):
         assert torch.count_nonzero(tensors[n][mask == 0]) == 0
 
 
+def test_best_checkpoints_hold_the_best_epochs(quickstart_run):
+    """best_sparse is the compressed epoch at full target sparsity with the highest val top-1 (the first of equals),
+    best_dense the dense epoch with the highest; each file holds that epoch's row and epoch count."""
+    rows = read_jsonl(quickstart_run / "metrics.jsonl")
+    candidates = {
+        "best_sparse": [r for r in rows if r["phase"] == "sparse" and r["target_sparsity"] == 0.9],
+        "best_dense": [r for r in rows if r["phase"] == "dense"],
+    }
+    for name, pool in candidates.items():
+        best = max(pool, key=lambda r: r["val_top1"])  # max() keeps the first of equals, as training does
+        ckpt = load_checkpoint(quickstart_run / f"{name}.safetensors")
+        assert ckpt.metrics == best, name
+        assert ckpt.epoch == best["epoch"] + 1  # epochs completed
+    # the last checkpoint is the final epoch, which here is not the best sparse one unless it ties
+    assert load_checkpoint(quickstart_run / "last.safetensors").metrics == rows[-1]
+
+
 def test_phases_in_metrics_match_dry_run(quickstart_run):
-    result = CliRunner().invoke(app, ["train", "--dry-run", "--json"])
-    assert result.exit_code == 0
-    phases = json.loads(result.stdout)["phases"]
+    phases = invoke_json("train", "--dry-run")["phases"]
     expected = {e: p["kind"] for p in phases for e in range(p["start"], p["end"])}
     rows = read_jsonl(quickstart_run / "metrics.jsonl")
     assert {r["epoch"]: r["phase"] for r in rows} == expected
     for r in rows:
         if r["phase"] == "sparse":
-            assert r["sparsity"] == pytest.approx(0.9, abs=1e-4)  # round(0.9 n) / n
+            assert r["sparsity"] == pytest.approx(M.pruned_count(QUICKSTART_PRUNABLE, 0.9) / QUICKSTART_PRUNABLE,
+                                                  abs=1e-12)
 
 
 def test_tensorboard_events_hold_every_epoch(quickstart_run):
@@ -57,90 +95,159 @@ def test_tensorboard_events_hold_every_epoch(quickstart_run):
     tags = acc.Tags()["scalars"]
     for tag in ("acdc/val_top1", "acdc/train_loss", "acdc/sparsity", "acdc/lr", "acdc/img_per_s"):
         assert tag in tags
+    rows = read_jsonl(quickstart_run / "metrics.jsonl")
     assert [e.step for e in acc.Scalars("acdc/val_top1")] == list(range(30))
-    assert any(t.startswith("sparsity/") for t in tags)
+    assert [e.value for e in acc.Scalars("acdc/val_top1")] == pytest.approx([r["val_top1"] for r in rows])
+    assert {t for t in tags if t.startswith("sparsity/")} == {f"sparsity/{n}" for n in _prunable_names()}
 
 
 def test_run_dir_contents_and_metadata(quickstart_run):
     for name in ("config.toml", "last.safetensors", "best_sparse.safetensors", "best_dense.safetensors",
                  "metrics.jsonl", "last.state.pt"):
         assert (quickstart_run / name).is_file()
-    from acdc_cli.checkpoint import load_checkpoint
-
+    assert not list(quickstart_run.glob(".*.tmp"))
     ckpt = load_checkpoint(quickstart_run / "best_dense.safetensors")
     assert ckpt.arch == "digits-cnn" and ckpt.phase == "dense" and not ckpt.masks
     assert ckpt.config["sparsity"]["target"] == 0.9 and ckpt.metrics["val_top1"] >= 0.97
 
 
+def test_summary_panel_reports_the_run(quickstart_run):
+    """The panel the quickstart ends with: best sparse and dense accuracy with their epochs and test accuracy, the
+    final sparsity, the files written and the TensorBoard command (README, Quickstart)."""
+    printed = squash((quickstart_run.parent / "stdout.txt").read_text())
+    rows = read_jsonl(quickstart_run / "metrics.jsonl")
+    for label, name in (("best sparse", "best_sparse"), ("best dense", "best_dense")):
+        best = load_checkpoint(quickstart_run / f"{name}.safetensors").metrics
+        found = re.search(rf"{label} ?: val top-1 ([0-9.]+) \(epoch (\d+)\), test top-1 ([0-9.]+)", printed)
+        assert found, (label, printed[-1500:])
+        assert float(found.group(1)) == pytest.approx(best["val_top1"], abs=5e-5)
+        assert int(found.group(2)) == best["epoch"] and 0.9 <= float(found.group(3)) <= 1.0
+    final = M.pruned_count(QUICKSTART_PRUNABLE, 0.9) / QUICKSTART_PRUNABLE
+    assert f"final sparsity: {final:.4f} of prunable weights" in printed and f"{rows[-1]['sparsity']:.4f}" in printed
+    files = re.search(r"files: ([\w., ]+?) ?[│|]", printed).group(1).split(", ")  # up to the panel's border
+    assert set(files) == {"best_dense.safetensors", "best_sparse.safetensors", "config.toml", "last.safetensors",
+                          "last.state.pt", "last.state.prev.pt", "metrics.jsonl", "tb"}
+    assert shows(f"tensorboard --logdir {quickstart_run / 'tb'}", printed)
+    # one row per epoch before the panel
+    assert len(re.findall(r"^\s*\d+ +(dense|sparse) ", (quickstart_run.parent / "stdout.txt").read_text(),
+                          flags=re.M)) == 30
+
+
 def test_existing_run_dir_is_not_overwritten(quickstart_run):
     before = (quickstart_run / "metrics.jsonl").read_bytes()
-    result = CliRunner().invoke(app, ["train", "--out", str(quickstart_run)])
-    assert result.exit_code == 2
-    assert "not empty" in result.stderr and "Traceback" not in result.output
+    assert "not empty" in fails(["train", "--out", quickstart_run])
     assert (quickstart_run / "metrics.jsonl").read_bytes() == before
 
 
-SHORT = [
-    "--set", "schedule.epochs=10", "--set", "schedule.warmup_epochs=2", "--set", "schedule.compressed_epochs=2",
-    "--set", "schedule.decompressed_epochs=2", "--set", "schedule.final_compressed_epochs=2",
-    "--set", "log.tensorboard=false", "--set", "model.dropout=0.3",
-]
+def test_force_overwrites_a_run_and_leaves_nothing_of_it(quickstart_run, tmp_path):
+    """--force on a finished AC/DC run: the new (dense, one-epoch) run's files replace it; files the new run does
+    not write (best_sparse, the previous state, TensorBoard events) are gone, files acdc never writes are kept."""
+    run = shutil.copytree(quickstart_run, tmp_path / "run")
+    (run / "notes.txt").write_text("mine")
+    result = invoke("train", "--out", run, "--force", *PINNED, *QUIET,
+                    *sets("schedule.method=dense", "schedule.epochs=1"))
+    assert result.exit_code == 0, result.output
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [0]
+    assert not (run / "best_sparse.safetensors").exists() and not (run / "tb").exists()
+    assert not (run / "last.state.prev.pt").exists()
+    assert load_checkpoint(run / "last.safetensors").epoch == 1 and (run / "notes.txt").read_text() == "mine"
+    assert 'method = "dense"' in (run / "config.toml").read_text()
 
 
-class Interrupted(Exception):
-    pass
+def test_default_run_dir_is_preset_and_timestamp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    summary = invoke_json("train", *PINNED, *QUIET, *sets("schedule.method=dense", "schedule.epochs=1"))
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and re.fullmatch(r"quickstart-\d{8}-\d{6}", runs[0].name)
+    assert (tmp_path / summary["run_dir"]).resolve() == runs[0].resolve()
+    assert (runs[0] / "last.safetensors").is_file()
 
 
-def test_resumed_run_continues_identically(tmp_path, monkeypatch):
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    assert CliRunner().invoke(app, ["train", "--out", str(whole), *SHORT]).exit_code == 0
+def test_gmp_run_follows_the_cubic_ramp(tmp_path):
+    """schedule.method = "gmp": dense until gmp_start_epoch, then masks recomputed every prune_every epochs along
+    the cubic ramp from sparsity.initial to sparsity.target, held at the target from gmp_end_epoch on; every
+    epoch's measured sparsity is the exact count of its step of the ramp."""
+    run = tmp_path / "run"
+    summary = invoke_json("train", "--out", run, *PINNED, *QUIET, *sets(
+        "schedule.method=gmp", "schedule.epochs=5", "schedule.gmp_start_epoch=1", "schedule.gmp_end_epoch=4",
+        "schedule.prune_every=2", "sparsity.initial=0.3"))
+    rows = read_jsonl(run / "metrics.jsonl")
+    # masks recomputed at epochs 1, 3 (every 2) and 4 (the end of the ramp); held in between and after
+    ramp = {1: 0.3, 3: round(gmp_sparsity(3, 1, 4, 0.3, 0.9), 6), 4: 0.9}
+    assert ramp[3] == pytest.approx(0.9 - 0.6 / 27)
+    targets = [0.0, ramp[1], ramp[1], ramp[3], ramp[4]]
+    assert [r["phase"] for r in rows] == ["dense"] + ["sparse"] * 4
+    assert [r["target_sparsity"] for r in rows] == targets
+    assert [r["sparsity"] for r in rows] == pytest.approx(
+        [M.pruned_count(QUICKSTART_PRUNABLE, t) / QUICKSTART_PRUNABLE for t in targets], abs=1e-12)
+    best = load_checkpoint(run / "best_sparse.safetensors")
+    assert best.metrics == rows[4] and summary["best_sparse"]["epoch"] == 4  # the only epoch at the target
+    zeros = sum(int((best.weights[n] == 0).sum()) for n in _prunable_names())
+    assert zeros == M.pruned_count(QUICKSTART_PRUNABLE, 0.9)
 
-    real_save = RunDir.save_epoch
 
-    def save_then_crash(store, phase, row):
-        real_save(store, phase, row)  # the files are still being written in the background when the crash comes
-        if row["epoch"] == 4:  # inside a compressed phase, after a decompressed one
-            raise Interrupted
+def test_constant_lr_and_2_4_run_leave_the_stem_dense_by_rule(tmp_path):
+    """optim.lr_schedule = "constant" keeps the LR at optim.lr every epoch; a 2:4 run says which layers its rules
+    leave dense and why, and holds 2 of every 4 input channels in the others."""
+    run = tmp_path / "run"
+    result = invoke("train", "--out", run, *short_schedule(
+        3, 0, 1, 1, 1, 0, "optim.lr_schedule=constant", "optim.lr=0.03", 'sparsity.structure="2:4"'))
+    assert result.exit_code == 0, result.output
+    assert shows("left dense by rule: features.0 (input channels not a multiple of 4)", result.stdout)
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["lr"] for r in rows] == [0.03, 0.03, 0.03]
+    ckpt = load_checkpoint(run / "last.safetensors")
+    assert "features.0.weight" not in ckpt.masks and len(ckpt.masks) == len(_prunable_names()) - 1
+    for name, mask in ckpt.masks.items():
+        groups = mask.permute(0, 2, 3, 1) if mask.dim() == 4 else mask
+        assert torch.all(groups.reshape(*groups.shape[:-1], -1, 4).sum(-1) == 2), name
+        assert torch.count_nonzero(ckpt.weights[name][~mask]) == 0, name
 
-    with monkeypatch.context() as m:
-        m.setattr(RunDir, "save_epoch", save_then_crash)
-        first = CliRunner().invoke(app, ["train", "--out", str(broken), *SHORT])
-    assert isinstance(first.exception, Interrupted)
-    assert len(read_jsonl(broken / "metrics.jsonl")) == 5
 
-    resumed = CliRunner().invoke(app, ["train", "--resume", str(broken)])
+# 10 epochs: dense 0-1, compressed 2-3, decompressed 4-5, compressed 6-7, final compressed 8-9
+SHORT = short_schedule(10, 2, 2, 2, 2, 0, "model.dropout=0.3")
+
+
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("whole") / "run"
+    with torch_state_kept():
+        result = invoke("train", "--out", run, *SHORT)
+    assert result.exit_code == 0, result.output
+    return run
+
+
+def test_a_run_stopped_by_a_failed_write_resumes_identically_with_new_locations_and_knobs(whole_run, tmp_path):
+    """The 6th last.safetensors write (after row 5, the end of a decompressed phase) fails as on a full disk: one
+    line, exit 2, the checkpoint after row 4 intact. The resume changes what the README lets a resume change
+    (data.dir, data.num_workers, data.eval_batch_size, log.*, runtime.* but the seed), re-runs row 5 and recomputes
+    the masks of the compressed phase after it, and ends where the uninterrupted run did: the same weights, masks
+    and metrics (val_loss to float rounding: another eval batch size sums the losses in another order)."""
+    broken = tmp_path / "broken"
+    line = fails(["train", "--out", broken, *SHORT], env={"_ACDC_TEST_FAULT": "fail@write:6:last.safetensors"})
+    assert "cannot write" in line and "last.safetensors" in line and "No space left on device" in line
+    assert load_checkpoint(broken / "last.safetensors").epoch == 5
+
+    resumed = invoke("train", "--resume", broken, "--data-dir", tmp_path, *sets(
+        "data.num_workers=1", "data.eval_batch_size=50", "log.tensorboard=true", "log.per_layer=false",
+        "runtime.checkpoint_every_steps=7"))
     assert resumed.exit_code == 0, resumed.output
-
-    for name in ("last.safetensors", "best_sparse.safetensors", "best_dense.safetensors"):
-        a, b = load_file(whole / name), load_file(broken / name)
-        assert a.keys() == b.keys()
-        for key in a:
-            assert torch.equal(a[key], b[key]), f"{name}:{key}"
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "img_per_s"} for r in rows]  # noqa: E731
-    assert strip(read_jsonl(whole / "metrics.jsonl")) == strip(read_jsonl(broken / "metrics.jsonl"))
+    assert (broken / "tb").is_dir() and f'dir = "{tmp_path}"' in (broken / "config.toml").read_text()
+    assert_same_run(whole_run, broken, approx={"val_loss"})
 
 
-def test_resume_refuses_changed_schedule(tmp_path):
-    run = tmp_path / "r"
-    args = ["train", "--out", str(run), *SHORT, "--set", "schedule.epochs=6", "--set",
-            "schedule.final_compressed_epochs=2"]
-    assert CliRunner().invoke(app, args).exit_code == 0
-    result = CliRunner().invoke(app, ["train", "--resume", str(run), "--set", "optim.lr=0.5"])
-    assert result.exit_code == 2 and "optim.lr" in result.stderr
+@pytest.fixture(scope="module")
+def six_epochs(tmp_path_factory):
+    run = tmp_path_factory.mktemp("six") / "run"
+    with torch_state_kept():
+        result = invoke("train", "--out", run, *short_schedule(6, 2, 1, 1, 2))
+    assert result.exit_code == 0, result.output
+    return run
 
 
-def test_resume_refuses_env_and_seed_changes_but_accepts_a_moved_data_dir(tmp_path):
-    run = tmp_path / "r"
-    args = ["train", "--out", str(run), *SHORT, "--set", "schedule.epochs=6", "--set",
-            "schedule.final_compressed_epochs=2"]
-    assert CliRunner().invoke(app, args).exit_code == 0
-    saved = (run / "config.toml").read_text()
-    env_change = CliRunner(env={"ACDC_SCHEDULE__EPOCHS": "14"}).invoke(app, ["train", "--resume", str(run)])
-    assert env_change.exit_code == 2 and "schedule.epochs" in env_change.stderr
-    seed_change = CliRunner().invoke(app, ["train", "--resume", str(run), "--seed", "7"])
-    assert seed_change.exit_code == 2 and "runtime.seed" in seed_change.stderr
-    assert (run / "config.toml").read_text() == saved
-    # a location may move (the digits ignore data.dir, so this only exercises the settings check and the rewrite)
-    moved = CliRunner().invoke(app, ["train", "--resume", str(run), "--data-dir", str(tmp_path)])
-    assert moved.exit_code == 0, moved.output
-    assert f'dir = "{tmp_path}"' in (run / "config.toml").read_text()
+def test_resume_refuses_changed_schedule_env_and_seed(six_epochs):
+    saved = (six_epochs / "config.toml").read_text()
+    assert "optim.lr" in fails(["train", "--resume", six_epochs, "--set", "optim.lr=0.5"])
+    assert "schedule.epochs" in fails(["train", "--resume", six_epochs], env={"ACDC_SCHEDULE__EPOCHS": "14"})
+    assert "runtime.seed" in fails(["train", "--resume", six_epochs, "--seed", "7"])
+    assert (six_epochs / "config.toml").read_text() == saved

@@ -25,6 +25,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 import acdc_cli
+from acdc_cli import testing_hooks
 from acdc_cli.errors import AcdcError
 
 CHECKPOINT_FORMAT = "acdc-checkpoint"
@@ -42,6 +43,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
+    faults = testing_hooks.faults_for_write(path)  # None unless a test asks for a crash or a full disk
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         # mkstemp creates 0600; give the file the permissions a plain open() would
@@ -49,13 +51,22 @@ def _atomic_write(path: Path, data: bytes) -> None:
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            if faults:
+                half = len(data) // 2
+                fh.write(data[:half])
+                fh.flush()
+                testing_hooks.fault_point(faults, "write", path)
+                fh.write(data[half:])
+            else:
+                fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        testing_hooks.fault_point(faults, "rename", path)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    testing_hooks.fault_point(faults, "renamed", path)
     _fsync_dir(path.parent)
 
 

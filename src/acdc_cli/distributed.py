@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
 import sys
 import tempfile
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -96,10 +98,25 @@ def barrier() -> None:
 
 
 def teardown() -> None:
+    """Leave the process group, after dropping what still holds it.
+
+    destroy_process_group only unregisters a group that something still references, and DDP's reducer references
+    its group: while a DDP model is alive (in a reference cycle, or in the frames of an error in flight, which an
+    uncaught error under --debug keeps in sys.last_traceback until exit), gloo's backend and its worker threads
+    outlive this call. They then release their last tensors during interpreter shutdown, where taking the GIL
+    aborts the process ("terminate called without an active exception") instead of letting it exit with its code.
+    So the frames of an error in flight give up their locals (the traceback still names every line), a collection
+    frees cycles, and only then is the group destroyed, its threads joined here.
+    """
     global _CONTROL_GROUP
     _CONTROL_GROUP = None
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    error = sys.exception()
+    if error is not None:
+        traceback.clear_frames(error.__traceback__)
+    gc.collect()
+    dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from acdc_cli import testing_hooks
 from acdc_cli.distributed import control_group
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -56,6 +57,8 @@ class StopSignal:
         self.received: int | None = None  # the first signal's number
         self._received_at = 0.0
         self._previous: dict[int, Any] = {}
+        # signals a test asked for at exact steps (testing_hooks, _ACDC_TEST_SIGNAL); None in every real run
+        self._planned = testing_hooks.planned_signals()
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():
@@ -95,6 +98,8 @@ class StopSignal:
         ``step`` is the number of steps done in the epoch; with a process group, ranks only compare flags when it
         is a multiple of ``sync_every``. ``None`` (epoch end) always compares. Every rank must make the same calls.
         """
+        if self._planned is not None:
+            testing_hooks.deliver_planned(self._planned, step, lambda: self.received is not None)
         if not _group_active():
             return self.received is not None
         if step is not None and step % self.sync_every:
