@@ -57,11 +57,29 @@ def test_invalid_overrides_name_the_key(override, fragment):
 
 def test_unknown_env_keys_are_rejected(monkeypatch):
     monkeypatch.setenv("ACDC_OPTIM__NOPE", "1")
-    with pytest.raises(AcdcError, match="nope"):
+    with pytest.raises(AcdcError, match="ACDC_OPTIM__NOPE .*optim has no key 'nope'"):
         load_settings()
     monkeypatch.delenv("ACDC_OPTIM__NOPE")
-    monkeypatch.setenv("ACDC_BOGUS", "1")
-    with pytest.raises(AcdcError, match="ACDC_BOGUS"):
+    monkeypatch.setenv("acdc_runtime__seeds", "1")  # names are case-insensitive: a typo in lower case is caught too
+    with pytest.raises(AcdcError, match="runtime has no key 'seeds'"):
+        load_settings()
+
+
+@pytest.mark.parametrize("name", ["ACDC_VENV", "ACDC_BOGUS", "ACDC_HOME__DIR", "ACDC_OPTIM", "ACDC_OPTIM_LR",
+                                  "ACDC_GPU_CHECK_REHEARSAL", "_ACDC_COMPLETE"])
+def test_variables_of_another_shape_are_not_settings(monkeypatch, name):
+    """Only ACDC_<SECTION>__<KEY> of a known section is a setting: a wrapper script's ACDC_VENV, an unknown section
+    or a single underscore is someone else's variable, and changes nothing."""
+    monkeypatch.setenv(name, "0.5")
+    monkeypatch.setenv("ACDC_OPTIM__LR", "0.0123")
+    settings = load_settings()
+    assert settings.optim.lr == 0.0123
+    assert settings.model_dump() == load_settings(overrides=["optim.lr=0.0123"]).model_dump()
+
+
+def test_env_list_value_that_is_not_json_is_one_line(monkeypatch):
+    monkeypatch.setenv("ACDC_SPARSITY__EXCLUDE", "fc.*")
+    with pytest.raises(AcdcError, match="ACDC_SPARSITY__EXCLUDE is not a JSON list"):
         load_settings()
 
 

@@ -12,10 +12,10 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from acdc_cli.errors import AcdcError
 
@@ -271,7 +271,18 @@ class RuntimeSettings(_Section):
 class LogSettings(_Section):
     tensorboard: bool = Field(True, description="write TensorBoard events under <run>/tb")
     per_layer: bool = Field(True, description="log per-layer sparsity to TensorBoard")
-    progress: bool = Field(True, description="rich progress bar per epoch")
+    progress: bool = Field(
+        True, description="progress inside each epoch: a bar in a terminal, plain lines elsewhere (pipe, file, "
+        "batch log, TERM=dumb)"
+    )
+    progress_interval_s: float = Field(
+        30.0, ge=0, le=86_400, description="seconds between two plain progress lines when not in a terminal (0: a "
+        "line after every step)"
+    )
+    every_steps: int = Field(
+        50, ge=0, description="TensorBoard train/loss (mean since the last point) and train/lr every N training "
+        "steps and at each epoch's end (0: at epoch ends only)"
+    )
 
 
 class Settings(BaseSettings):
@@ -427,25 +438,41 @@ def _nest(path: list[str], value: Any) -> dict[str, Any]:
     return value  # type: ignore[return-value]
 
 
-def _env_layer() -> dict[str, Any]:
-    if not any(k.upper().startswith("ACDC_") for k in os.environ):
-        return {}
+# ACDC_<SECTION>__<KEY>: the only shape of variable that is a setting; a wrapper script's ACDC_VENV or ACDC_HOME is not
+_ENV_SETTING = re.compile(r"ACDC_([A-Za-z]+)__(\w+)", re.IGNORECASE)
+
+
+def _env_value(name: str, raw: str, annotation: Any) -> Any:
+    """A variable's text as the value of a field: JSON for a list (``'["fc.*"]'``), the text itself otherwise
+    (pydantic reads "0.1", "true" and "5" as the field's type)."""
+    if get_origin(annotation) is not list:
+        return raw
     try:
-        values = EnvSettingsSource(Settings)()
+        return json.loads(raw)
     except RecursionError:
         raise AcdcError("environment: an ACDC_* value is nested too deeply") from None
-    except Exception as exc:  # pydantic-settings raises SettingsError on undecodable JSON values
-        first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        raise AcdcError(f"environment: {first}") from None
-    # nested unknown keys (ACDC_OPTIM__NOPE) stay in the dict and fail validation by name; top-level ones are
-    # dropped by pydantic-settings, so look for them here
-    known = set(Settings.model_fields)
-    stray = sorted(
-        k for k in os.environ if k.upper().startswith("ACDC_") and k[5:].split("__")[0].lower() not in known
-    )
-    if stray:
-        raise AcdcError(f"unknown setting in environment: {stray[0]}")
-    return values
+    except ValueError:
+        raise AcdcError(f"environment: {name} is not a JSON list, e.g. {name}='[\"fc.*\"]'") from None
+
+
+def _env_layer() -> dict[str, Any]:
+    """The settings in ``ACDC_<SECTION>__<KEY>`` variables (names case-insensitive). A key that the section does not
+    have is an error (a typo would otherwise be ignored); a variable of any other shape is not ours and is left
+    alone."""
+    sections = {name: field.annotation for name, field in Settings.model_fields.items()
+                if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)}
+    layer: dict[str, Any] = {}
+    for name, raw in sorted(os.environ.items()):
+        match = _ENV_SETTING.fullmatch(name)
+        if match is None or match.group(1).lower() not in sections:
+            continue
+        section, key = match.group(1).lower(), match.group(2).lower()
+        field = sections[section].model_fields.get(key)
+        if field is None:
+            raise AcdcError(f"unknown setting in environment: {name} ({section} has no key '{key}'; see "
+                            "`acdc presets show`)")
+        layer.setdefault(section, {})[key] = _env_value(name, raw, field.annotation)
+    return layer
 
 
 def format_validation_error(exc: ValidationError) -> str:
