@@ -36,7 +36,7 @@ def test_debug_shows_the_traceback():
 
 def test_dry_run_json_shape():
     data = invoke_json("train", "--dry-run")
-    assert set(data) == {"config", "phases", "epochs"}
+    assert set(data) == {"schema", "config", "phases", "epochs"} and data["schema"] == "acdc.resolved/1"
     assert data["config"]["preset"] == "quickstart"
     assert data["phases"][0] == {"start": 0, "end": 4, "kind": "dense", "sparsity": 0.0}
     assert data["phases"][-1] == {"start": 22, "end": 30, "kind": "sparse", "sparsity": 0.9}
@@ -57,7 +57,9 @@ def test_unknown_preset_suggests_names():
 
 
 def test_presets_list_and_show():
-    rows = {r["name"]: r for r in invoke_json("presets")}
+    listed = invoke_json("presets")
+    assert listed["schema"] == "acdc.presets/1"
+    rows = {r["name"]: r for r in listed["presets"]}
     assert rows["quickstart"]["model"] == "digits-cnn" and rows["quickstart"]["sparsity"] == 0.9
     assert invoke_json("presets", "show", "quickstart") == invoke_json("train", "--dry-run")
     assert shows("phase timeline", invoke("presets", "show", "quickstart").stdout)

@@ -305,7 +305,7 @@ def test_preset_files_open_with_their_command_source_and_differences():
 def test_presets_command_lists_every_preset():
     result = CliRunner().invoke(app, ["presets", "--json"])
     assert result.exit_code == 0, result.output
-    rows = {r["name"]: r for r in json.loads(result.stdout)}
+    rows = {r["name"]: r for r in json.loads(result.stdout)["presets"]}
     assert set(EXPECTED) <= set(rows)
     assert rows["resnet50-imagenet-2of4"]["structure"] == "2:4" and rows["resnet50-imagenet-2of4"]["sparsity"] == 0.5
     assert rows["resnet50-imagenet-90-uniform"]["scope"] == "uniform"

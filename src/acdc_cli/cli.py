@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from acdc_cli.errors import AcdcError, one_line
 
 app = typer.Typer(
     help="Train sparse image classifiers with AC/DC (Alternating Compressed/DeCompressed training).",
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
@@ -30,13 +29,20 @@ app.add_typer(presets_app, name="presets")
 _state = {"debug": False}
 
 
+# a pipe, a file or a batch log has no width: tables there take the width their cells need (rich reads COLUMNS, or
+# assumes 80, and would cut cells to "mo…")
+_UNBOUNDED_WIDTH = 100_000
+
+
 def _console(stderr: bool = False, markup: bool = True) -> Console:
-    """A terminal gets rich's wrapping at its width; a pipe, a file or a batch log gets each message on one line
-    (hard-wrapping at an assumed 80 columns would split paths and words that scripts and tests look for).
-    ``markup=False``: nothing printed is read as rich markup, not even the text inside a panel."""
+    """A terminal gets rich's wrapping at its width; a pipe, a file or a batch log gets each message on one line and
+    each table at its natural width, never a cell cut short (hard-wrapping at an assumed 80 columns would split
+    paths and words that scripts and tests look for). ``markup=False``: nothing printed is read as rich markup, not
+    even the text inside a panel."""
     console = Console(stderr=stderr, markup=markup)
     if not console.is_terminal:
         console.soft_wrap = True
+        console.width = _UNBOUNDED_WIDTH
     return console
 
 
@@ -44,11 +50,21 @@ def out_console(markup: bool = True) -> Console:
     return _console(markup=markup)
 
 
-def print_json(value: Any) -> None:
-    """One JSON object on stdout; NaN and infinities become null (bare NaN is not JSON)."""
+# the top-level "schema" of each --json output this module writes (eval, export and bench write their own):
+# a script checks it before reading the rest; the number changes when a key changes meaning or goes away
+TRAIN_SCHEMA = "acdc.train/1"
+RESOLVED_SCHEMA = "acdc.resolved/1"  # train --dry-run, presets show
+PRESETS_SCHEMA = "acdc.presets/1"
+PRUNE_SCHEMA = "acdc.prune/1"
+INSPECT_SCHEMA = "acdc.inspect/1"
+
+
+def print_json(value: Any, schema: str | None = None) -> None:
+    """One JSON object on stdout, its ``schema`` first when given; NaN and infinities become null (bare NaN is not
+    JSON)."""
     from acdc_cli.metrics import json_line
 
-    print(json_line(value))
+    print(json_line({"schema": schema, **value} if schema is not None else value))
 
 
 def err_console(markup: bool = True) -> Console:
@@ -120,15 +136,6 @@ NumClassesOpt = Annotated[
 ]
 
 
-def _phases_table(phases) -> Table:
-    table = Table(title="phase timeline", show_lines=False)
-    for col in ("start", "end (excl.)", "kind", "sparsity"):
-        table.add_column(col, justify="right" if col != "kind" else "left")
-    for p in phases:
-        table.add_row(str(p.start), str(p.end), p.kind, f"{p.sparsity:.4g}", style="cyan" if p.kind == "sparse" else None)
-    return table
-
-
 def _resolved_json(settings) -> dict[str, Any]:
     from acdc_cli.sparsity.schedule import epoch_plan, plan
 
@@ -139,26 +146,32 @@ def _resolved_json(settings) -> dict[str, Any]:
     }
 
 
-def _print_resolved(settings, as_json: bool) -> None:
+def resolved_toml(settings) -> str:
+    """The settings as a TOML document that ``--config`` reads back, the phase timeline, momentum resets and LR
+    after them as TOML comments."""
     from acdc_cli.sparsity.schedule import epoch_plan, plan
 
-    if as_json:
-        from acdc_cli.metrics import finite_or_null
-
-        print(json.dumps(finite_or_null(_resolved_json(settings)), indent=2, allow_nan=False))
-        return
-    console = out_console()
-    console.print(settings.to_toml(), highlight=False, markup=False)
-    console.print(_phases_table(plan(settings)))
+    lines = [f"# acdc {__version__}: resolved settings; save them and run them with `acdc train --config FILE`",
+             settings.to_toml().rstrip("\n"), "", "# phase timeline (epochs; end exclusive)",
+             f"# {'start':>6} {'end':>6}  {'kind':<6}  sparsity"]
+    lines += [f"# {p.start:>6} {p.end:>6}  {p.kind:<6}  {p.sparsity:.4g}" for p in plan(settings)]
     epochs = epoch_plan(settings)
     resets = [str(e.epoch) for e in epochs if e.reset_momentum]
-    console.print(f"momentum zeroed at the start of epochs: {', '.join(resets) or 'none'} "
-                  f"(schedule.reset_momentum = {settings.schedule.reset_momentum})", highlight=False, markup=False)
+    lines.append(f"# momentum zeroed at the start of epochs: {', '.join(resets) or 'none'} "
+                 f"(schedule.reset_momentum = {settings.schedule.reset_momentum})")
     shown = epochs if len(epochs) <= 4 else [*epochs[:3], None, epochs[-1]]
     lrs = ", ".join("..." if e is None else f"{e.epoch}: {e.lr:.6g}" for e in shown)
     cadence = "at every step" if settings.optim.lr_per_step else "once per epoch"
-    console.print(f"LR set {cadence}; at the start of epochs {lrs} (every epoch: --json, key \"epochs\")",
-                  highlight=False, markup=False)
+    lines.append(f"# LR set {cadence}; at the start of epochs {lrs} (every epoch: --json, key \"epochs\")")
+    return "\n".join(lines) + "\n"
+
+
+def _print_resolved(settings, as_json: bool) -> None:
+    if as_json:
+        print_json(_resolved_json(settings), RESOLVED_SCHEMA)
+        return
+    # written as it is, never through rich: a terminal's wrapping or markup would make it stop being TOML
+    sys.stdout.write(resolved_toml(settings))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -190,7 +203,10 @@ def train(
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N (runtime.device).")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed (runtime.seed).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite a non-empty run dir.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved settings and phases, then exit.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the resolved settings as TOML (a file for --config) with the phase "
+                           "timeline as comments, then exit.")
+    ] = False,
     nproc: Annotated[
         Optional[int],
         typer.Option("--nproc", help="Data-parallel (DDP) over N processes on this machine, started through torchrun: "
@@ -273,7 +289,7 @@ def train(
             "files": [str(p) for p in result.files],
             "preempted": result.preempted,
             "resume_command": resume_command if result.preempted else None,
-        })
+        }, TRAIN_SCHEMA)
     elif result.preempted is not None:
         stopped = result.preempted
         console.print(f"stopped by {stopped['signal'] or 'a signal on another rank'}: checkpoint written at epoch "
@@ -446,7 +462,7 @@ def bench(
         result = run_bench(settings, steps=50 if steps is None else steps, warmup=10 if warmup is None else warmup,
                            batch_size=batch_size, status=lambda message: status.update(f"acdc bench: {message}"))
     if as_json:
-        print_json({"schema": "acdc.bench/1", **result})
+        print_json(result, "acdc.bench/1")
     else:
         render(result, out_console())
 
@@ -478,9 +494,7 @@ def presets_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
             "paper_top1": s.paper_top1,
         })
     if as_json:
-        from acdc_cli.metrics import finite_or_null
-
-        print(json.dumps(finite_or_null(rows), indent=2, allow_nan=False))
+        print_json({"presets": rows}, PRESETS_SCHEMA)
         return
     from rich import box
 
@@ -505,7 +519,8 @@ def presets_show(
     set_: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Print a preset fully resolved (TOML) and its phase timeline; --json as for `train --dry-run`."""
+    """Print a preset fully resolved, as TOML that `acdc train --config FILE` reads back, with its phase timeline as
+    comments; --json as for `train --dry-run`."""
     from acdc_cli.config import load_settings
 
     _print_resolved(load_settings(preset=name, overrides=set_), as_json)
@@ -651,7 +666,7 @@ def prune(
     result = prune_checkpoint(checkpoint, out, sparsity, structure, scope, include, exclude, force, model,
                               num_classes)
     if as_json:
-        print_json(result.as_dict())
+        print_json(result.as_dict(), PRUNE_SCHEMA)
         return
     # paths and layer names are text, never rich markup
     table = Table(title=escape(f"pruned {checkpoint} ({result.structure}, {result.scope})"))
@@ -791,7 +806,7 @@ def inspect_cmd(
 
     info = inspect_file(file)
     if as_json:
-        print_json(info)
+        print_json(info, INSPECT_SCHEMA)
         return
     meta = info["metadata"]
     # strings from the file's metadata and paths are shown as they are, never read as rich markup
@@ -841,6 +856,8 @@ def inspect_cmd(
 
 def main() -> None:
     try:
-        app()
+        # one name however it was started (`python -m acdc_cli` too): in --help, and in the variable shell completion
+        # asks through (_ACDC_COMPLETE)
+        app(prog_name="acdc")
     except KeyboardInterrupt:
         sys.exit(130)
