@@ -251,6 +251,6 @@ def test_resume_keeps_every_valid_row_and_sets_damaged_lines_aside(quick_run, tm
     assert result.exit_code == 0, result.output
     assert [row["epoch"] for row in read_jsonl(metrics)] == [0, 2]
     assert (run_dir / "metrics.jsonl.damaged").read_bytes() == damage + b"\n"
-    notes = [line for line in result.stdout.splitlines() if "damaged" in line]
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note:")]
     assert notes == [f"note: 1 damaged line(s) of {metrics} set aside in {metrics}.damaged"]
     assert all(math.isfinite(row["val_top1"]) for row in read_jsonl(metrics))

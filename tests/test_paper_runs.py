@@ -86,7 +86,7 @@ def test_resnet20_memorization_logs_memorized_accuracy_every_epoch(tmp_path):
     assert (rows[-1]["memorized_top1"], rows[-1]["memorized_true_top1"]) == (memorized, true)
     assert memorized != true  # so swapping the two label sets would fail the line above
     events = b"".join(p.read_bytes() for p in (run / "tb").rglob("events.out.tfevents.*"))
-    assert b"acdc/memorized_top1" in events and b"acdc/memorized_true_top1" in events
+    assert b"memorized/top1" in events and b"memorized/true_top1" in events
 
 
 def test_2of4_preset_end_to_end_then_ftdense_continues_the_cosine(tmp_path):

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.panel import Panel
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from acdc_cli import data as data_mod
@@ -30,7 +29,7 @@ from acdc_cli.distributed import DistInfo
 from acdc_cli.engine import ACDC
 from acdc_cli.errors import AcdcError, TrainingFault
 from acdc_cli.evaluate import evaluate_memorized
-from acdc_cli.metrics import MetricsLogger
+from acdc_cli.metrics import MetricsLogger, StepReporter
 from acdc_cli.preemption import StopSignal, reduce_int
 from acdc_cli.rundir import EpochTotals, RunDir, first_epoch, gather_totals
 from acdc_cli.sparsity.schedule import learning_rate
@@ -97,9 +96,10 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
             if settings.model.weights is not None:
                 store.start_from_weights(console)
     store.write_config()
-    logger = MetricsLogger(run_dir, console, settings.log.tensorboard, settings.log.per_layer,
-                           store.state.epoch) if is_main else None
-    progress = _progress(settings, console) if is_main else None
+    logger = MetricsLogger(run_dir, console, settings.log.tensorboard, settings.log.per_layer, store.state.epoch,
+                           steps_per_epoch=len(bundle.train), start_step=totals.step if totals else 0,
+                           settings=settings) if is_main else None
+    progress = StepReporter(console, settings, logger.writer) if is_main else None
     first = None if resume else store.state.epoch  # a fresh run may start inside a phase (schedule.start_epoch)
     preempted: dict[str, Any] | None = None
     try:
@@ -140,7 +140,7 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
         store.wait()  # every checkpoint on disk before the run reports, tests best_* or exits
     finally:
         if progress is not None:
-            progress.stop()
+            progress.close()
         if logger is not None:
             logger.close()
 
@@ -181,15 +181,6 @@ def _note_dense_layers(engine: ACDC, settings: Settings, console: Console, is_ma
         console.print("left dense by rule: " + ", ".join(left_dense), markup=False, highlight=False)
 
 
-def _progress(settings: Settings, console: Console) -> Progress | None:
-    if not (settings.log.progress and console.is_terminal):
-        return None
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        console=console, transient=True)
-    progress.start()
-    return progress
-
-
 _NO_BAD_STEP = 2**62
 
 
@@ -214,7 +205,7 @@ def train_epoch(
     settings: Settings,
     epoch: int,
     device: torch.device,
-    progress: Progress | None,
+    progress: StepReporter | None,
     totals: EpochTotals | None = None,
     after_step: Callable[[EpochTotals], bool] | None = None,
     rank: int = 0,
@@ -231,7 +222,8 @@ def train_epoch(
     totals = totals or EpochTotals.start(device)
     scaler = scaler or runtime.grad_scaler(device, "off")
     skip_bad = settings.runtime.nan_policy == "skip"
-    task = progress.add_task(f"epoch {epoch}", total=steps, completed=totals.step) if progress else None
+    if progress is not None:
+        progress.begin(epoch, steps, totals)
     seen = 0
     started = time.perf_counter()
     try:
@@ -266,13 +258,13 @@ def train_epoch(
                 totals.count += labels.numel()
             totals.step = step + 1
             seen += labels.numel()
-            if task is not None:
-                progress.advance(task)
+            if progress is not None:
+                progress.step(totals, lr)
             if after_step is not None and after_step(totals):
                 return None
     finally:
-        if task is not None:
-            progress.remove_task(task)
+        if progress is not None:
+            progress.end()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - started
