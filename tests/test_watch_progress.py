@@ -176,4 +176,5 @@ def test_a_run_without_validation_split_logs_test_tags_flops_and_hparams(tmp_pat
     assert not [t for t in acc.Tags()["scalars"] if t.startswith("val/")]
     header = out.getvalue().splitlines()[0].split()
     assert "te.top1" in header and "v.top1" not in header
-    assert out.getvalue().splitlines()[3].split()[header.index("te.top1")] == "0.6500"  # epoch 2's test top-1 under its header
+    # epoch 2's test top-1, under its header
+    assert out.getvalue().splitlines()[3].split()[header.index("te.top1")] == "0.6500"

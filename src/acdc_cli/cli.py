@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -377,11 +378,23 @@ def _recorded_run_settings(run_dir: Path):
         raise AcdcError(f"{path}: recorded settings: {format_validation_error(exc)}") from None
 
 
+# what extending a run may change besides: its length, the phase lengths and the LR schedule's shape, as long as every
+# epoch it already trained keeps its phase, sparsity, momentum reset and LR (_check_extension)
+_EXTEND_MAY_CHANGE = {
+    "schedule.epochs", "schedule.warmup_epochs", "schedule.compressed_epochs", "schedule.decompressed_epochs",
+    "schedule.final_decompressed_epochs", "schedule.final_compressed_epochs", "schedule.gmp_start_epoch",
+    "schedule.gmp_end_epoch", "schedule.prune_every", "optim.lr_schedule", "optim.milestones", "optim.gamma",
+    "optim.cosine_epochs", "optim.min_lr",
+}
+
+
 def _check_resume_settings(recorded, requested, run_dir: Path) -> None:
     """A resumed run continues the same computation: only locations and runtime/log knobs may change (from
     config.toml, flags, --set or ACDC_* variables alike); the seed, which fixes splits, data order and dropout, may
-    not. ``recorded``: the settings inside last.safetensors."""
+    not. It may also be extended (schedule.epochs and the phase lengths and LR shape that go with it) when the
+    epochs it trained stay as planned. ``recorded``: the settings inside last.safetensors."""
     a, b = recorded.model_dump(mode="json"), requested.model_dump(mode="json")
+    extended = []
     for section, values in a.items():
         keys = values.keys() if isinstance(values, dict) else [None]
         for key in keys:
@@ -392,9 +405,60 @@ def _check_resume_settings(recorded, requested, run_dir: Path) -> None:
                 continue
             if section in _RESUME_SECTIONS_MAY_CHANGE and dotted not in _RESUME_MUST_KEEP:
                 continue
+            if dotted in _EXTEND_MAY_CHANGE:
+                extended.append(f"{dotted} {old!r} -> {new!r}")
+                continue
             raise AcdcError(f"cannot change {dotted} when resuming ({old!r} in {run_dir / 'last.safetensors'} -> "
-                            f"{new!r} from config.toml, flags, --set or ACDC_*); only locations (data.dir, ...) and "
-                            "runtime.* / log.* settings other than runtime.seed may change")
+                            f"{new!r} from config.toml, flags, --set or ACDC_*); only locations (data.dir, ...), "
+                            "runtime.* / log.* settings other than runtime.seed, and the schedule's length may change")
+    if extended:
+        _check_extension(recorded, requested, run_dir, ", ".join(extended))
+
+
+def _epochs_trained(run_dir: Path) -> int:
+    """Epochs the run's last checkpoint has trained, whole or in part (a mid-epoch checkpoint's epoch counts)."""
+    from acdc_cli.checkpoint import lenient_json, read_metadata
+
+    meta = read_metadata(run_dir / "last.safetensors")
+    epoch, step = lenient_json(meta.get("epoch", "0")), lenient_json(meta.get("step", "0"))
+    if not isinstance(epoch, int) or not isinstance(step, int):
+        raise AcdcError(f"{run_dir / 'last.safetensors'}: malformed metadata (epoch / step)")
+    return epoch + (1 if step else 0)
+
+
+def _check_extension(recorded, requested, run_dir: Path, changes: str) -> None:
+    """A schedule changed on resume (``changes``) is allowed when every epoch already trained keeps its planned
+    phase, sparsity, momentum reset and LR; otherwise one line names the first epoch whose plan would change."""
+    from acdc_cli.sparsity.schedule import epoch_plan, learning_rate
+
+    trained = _epochs_trained(run_dir)
+    prefix = f"cannot resume {run_dir} with {changes}"
+    if requested.schedule.epochs < trained:
+        raise AcdcError(f"{prefix}: the run has already trained {trained} epochs")
+    before, after = epoch_plan(recorded), epoch_plan(requested)
+    for epoch in range(trained):
+        old, new = before[epoch], after[epoch]
+        if (old.phase, old.sparsity) != (new.phase, new.sparsity):
+            raise AcdcError(f"{prefix}: epoch {epoch}, already trained {_as_planned(old)}, would become "
+                            f"{_as_planned(new)}; keep the phase lengths up to epoch {trained - 1}")
+        if old.reset_momentum != new.reset_momentum:
+            raise AcdcError(f"{prefix}: epoch {epoch}, already trained, would {'' if new.reset_momentum else 'not '}"
+                            "start by zeroing the momentum")
+        # with optim.lr_per_step the LR moves inside an epoch: its middle must agree too
+        points = (epoch, epoch + 0.5) if requested.optim.lr_per_step else (epoch,)
+        for at in points:
+            lr_old, lr_new = learning_rate(recorded, at), learning_rate(requested, at)
+            if not math.isclose(lr_old, lr_new, rel_tol=1e-12, abs_tol=0.0):
+                hint = ""
+                if recorded.optim.lr_schedule == "cosine" and recorded.optim.cosine_epochs is None:
+                    hint = (f" (the cosine spans schedule.epochs: --set optim.cosine_epochs={recorded.schedule.epochs} "
+                            "keeps it, and runs the added epochs at optim.min_lr)")
+                raise AcdcError(f"{prefix}: epoch {epoch}, already trained at LR {lr_old:.6g}, would run at LR "
+                                f"{lr_new:.6g}{hint}")
+
+
+def _as_planned(epoch) -> str:
+    return f"sparse at {epoch.sparsity:g}" if epoch.phase == "sparse" else "dense"
 
 
 # ----------------------------------------------------------------------------------------------------------------

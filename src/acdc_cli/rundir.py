@@ -381,7 +381,7 @@ def _engine_state(state: dict[str, Any], plan: tuple[Phase, ...]) -> dict[str, A
     """The engine part of a resume state; states written before the engine existed kept its pieces elsewhere (the
     phase follows from the progress: the phase of the epoch being trained, or of the last one completed)."""
     if "engine" in state:
-        return dict(state["engine"])
+        return _phase_as_planned(dict(state["engine"]), plan)
     p = state["progress"]
     epoch = p["epoch"] if p.get("step") else p["epoch"] - 1
     return {
@@ -391,3 +391,15 @@ def _engine_state(state: dict[str, Any], plan: tuple[Phase, ...]) -> dict[str, A
         "previous_masks": state.get("previous_masks"),
         "mask_change": p.get("mask_change"),
     }
+
+
+def _phase_as_planned(engine_state: dict[str, Any], plan: tuple[Phase, ...]) -> dict[str, Any]:
+    """A run extended on resume (``--set schedule.epochs=N``) may now end the phase it stopped in later: the plan's
+    phase with the same start, kind and sparsity is that phase, continued with its masks held."""
+    saved = engine_state.get("phase")
+    if isinstance(saved, dict):
+        key = (saved.get("start"), saved.get("kind"), saved.get("sparsity"))
+        for phase in plan:
+            if (phase.start, phase.kind, phase.sparsity) == key:
+                engine_state["phase"] = phase.as_dict()
+    return engine_state
