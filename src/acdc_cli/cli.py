@@ -918,6 +918,47 @@ def inspect_cmd(
                       "them as zeros (eval, export, prune and train --from apply the mask)", highlight=False)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# report
+
+
+@app.command()
+@user_errors
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run dirs (`acdc train --out DIR`), finished or not.")],
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", "-o", help="Folder for report.html and the PNGs (default: RUN_DIR/report for one run, "
+                                         "./acdc-report for several); files of an earlier report there are replaced."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Pictures of runs, and a comparison of several: a self-contained report.html (images inline, nothing loaded
+    from elsewhere) and the PNGs beside it.
+
+    Per run: top-1 and train loss per epoch with the compressed phases shaded, sparsity and LR per epoch, the
+    per-layer sparsity of best_sparse, the mask change of each compressed phase. With several runs (a sparsity
+    sweep): their curves together and a sparsity-vs-top-1 table and plot with each run's best sparse and best dense
+    top-1, and the paper's number where the preset has one. --json prints the table.
+    """
+    from acdc_cli.report import REPORT_SCHEMA, SUMMARY_HEADER, summary_rows, write_report
+
+    result = write_report(run_dirs, out)
+    if as_json:
+        print_json(result.as_dict(), REPORT_SCHEMA)
+        return
+    table = Table(title="acdc report")
+    for col in SUMMARY_HEADER:
+        table.add_column(col, justify="right" if "top-1" in col or col in ("target sparsity", "epochs done")
+                         else "left")
+    for row in summary_rows(result.runs):
+        table.add_row(*row)
+    console = out_console(markup=False)  # run names and paths are text, never rich markup
+    console.print(table)
+    figures = len(result.figures)
+    console.print(f"wrote {result.path} and {figures} PNG{'s' if figures != 1 else ''} beside it", highlight=False)
+
+
 def main() -> None:
     try:
         # one name however it was started (`python -m acdc_cli` too): in --help, and in the variable shell completion

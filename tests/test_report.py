@@ -1,0 +1,137 @@
+"""`acdc report`: two quickstart runs at different sparsities give report.html and the PNGs; the files exist and
+decode as images, the HTML holds every image inline and references nothing outside itself, and the comparison
+table holds the runs' real numbers."""
+
+import base64
+import html.parser
+import io
+import json
+import shutil
+
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from acdc_cli.checkpoint import load_checkpoint
+from acdc_cli.metrics import read_jsonl
+from cli_helpers import fails, invoke, invoke_json, short_schedule, shows, torch_state_kept
+
+PER_RUN = ("top1-loss", "sparsity-lr", "layers", "mask-change")
+
+
+@pytest.fixture(scope="module")
+def half_sparse(tmp_path_factory):
+    """The quickstart at 50 % instead of 90 %, in 6 epochs: dense 0-1, compressed 2, decompressed 3, compressed 4-5
+    (two compressed phases, so a mask change)."""
+    run = tmp_path_factory.mktemp("half") / "half"
+    with torch_state_kept():
+        result = invoke("train", "--out", run, *short_schedule(6, 2, 1, 1, 2, 0, "sparsity.target=0.5"))
+    assert result.exit_code == 0, result.output
+    return run
+
+
+class Refs(html.parser.HTMLParser):
+    """Every tag and every attribute that can point somewhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags, self.refs = [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.refs += [value for name, value in attrs if name in ("src", "href", "srcset", "data", "action")]
+
+
+def test_report_of_two_runs_writes_inline_html_and_pngs(quickstart_run, half_sparse, tmp_path):
+    out = tmp_path / "report"
+    result = invoke_json("report", quickstart_run, half_sparse, "-o", out)
+    assert result["schema"] == "acdc.report/1" and result["report"] == str(out / "report.html")
+    pngs = ["compare-top1.png", "sparsity-vs-top1.png"] + [f"{run}-{kind}.png" for run in ("run", "half")
+                                                            for kind in PER_RUN]
+    assert sorted(result["files"]) == sorted([str(out / "report.html"), *(str(out / p) for p in pngs)])
+    assert sorted(p.name for p in out.iterdir()) == sorted(["report.html", *pngs])
+    images = {}
+    for name in pngs:
+        data = (out / name).read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()  # a whole, undamaged PNG
+        with Image.open(io.BytesIO(data)) as image:
+            assert image.format == "PNG" and image.width >= 300 and image.height >= 200, name
+        images[name] = data
+
+    page = (out / "report.html").read_text()
+    refs = Refs()
+    refs.feed(page)
+    assert not {"script", "link", "iframe", "object", "embed", "base"} & set(refs.tags)
+    # every reference is inline data, and the inline images are the PNG files, byte for byte
+    assert refs.refs and all(ref.startswith("data:image/png;base64,") for ref in refs.refs)
+    inline = [base64.b64decode(ref.removeprefix("data:image/png;base64,")) for ref in refs.refs]
+    assert sorted(inline) == sorted(images.values())
+    text = page
+    for ref in refs.refs:
+        text = text.replace(ref, "")
+    assert "http:" not in text and "https:" not in text and "//" not in text and "url(" not in text
+    assert "@import" not in text
+
+
+def test_report_table_holds_each_runs_best_sparse_and_dense(quickstart_run, half_sparse, tmp_path):
+    runs = {r["label"]: r for r in invoke_json("report", quickstart_run, half_sparse, "-o", tmp_path)["runs"]}
+    assert set(runs) == {"run", "half"}
+    for run_dir, label, target, epochs in ((quickstart_run, "run", 0.9, 30), (half_sparse, "half", 0.5, 6)):
+        row = runs[label]
+        assert (row["target_sparsity"], row["epochs"], row["epochs_done"]) == (target, epochs, epochs)
+        assert row["top1_metric"] == "val_top1" and row["paper_top1"] is None  # the quickstart has no paper number
+        # the same epochs and numbers as the checkpoints training kept
+        for key in ("best_sparse", "best_dense"):
+            recorded = load_checkpoint(run_dir / f"{key}.safetensors").metrics
+            assert row[key] == {"epoch": recorded["epoch"], "top1": recorded["val_top1"],
+                                "sparsity": recorded["sparsity"]}, (label, key)
+        # per-layer sparsity counted in best_sparse.safetensors: zeros of each masked weight
+        tensors = load_file(run_dir / "best_sparse.safetensors")
+        masked = [k.removeprefix("mask.") for k in tensors if k.startswith("mask.")]
+        assert list(row["best_sparse_layers"]) == [f"features.{i}.weight" for i in (0, 3, 7, 10)] + [
+            "classifier.1.weight", "classifier.4.weight"]  # the model's own order
+        assert set(row["best_sparse_layers"]) == set(masked)
+        for name, value in row["best_sparse_layers"].items():
+            assert value == int((tensors[name] == 0).sum()) / tensors[name].numel()
+        zeros = sum(int((tensors[n] == 0).sum()) for n in masked)
+        assert zeros / sum(tensors[n].numel() for n in masked) == pytest.approx(target, abs=1e-4)
+
+
+def test_one_run_reports_into_its_own_folder_and_prints_a_table(half_sparse, tmp_path):
+    run = shutil.copytree(half_sparse, tmp_path / "a run")
+    result = invoke("report", run, env={"COLUMNS": "60"})
+    assert result.exit_code == 0, result.output
+    assert (run / "report" / "report.html").is_file()
+    assert sorted(p.name for p in (run / "report").glob("*.png")) == sorted(f"a_run-{k}.png" for k in PER_RUN)
+    assert "…" not in result.stdout
+    rows = read_jsonl(run / "metrics.jsonl")
+    best = max((r for r in rows if r["phase"] == "sparse"), key=lambda r: r["val_top1"])
+    assert shows(f"{100 * best['val_top1']:.2f} % (epoch {best['epoch']})", result.stdout)
+    assert shows(f"wrote {run / 'report' / 'report.html'} and 4 PNGs beside it", result.stdout)
+
+
+def test_a_run_still_in_its_first_phase_reports_what_it_has(half_sparse, tmp_path):
+    """Two epochs done, both dense: no best sparse checkpoint and no mask change yet, said in the report."""
+    run = shutil.copytree(half_sparse, tmp_path / "early")
+    rows = read_jsonl(run / "metrics.jsonl")[:2]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "best_sparse.safetensors").unlink()
+    report = invoke_json("report", run, "-o", tmp_path / "out")
+    assert report["runs"][0]["best_sparse"] is None and report["runs"][0]["epochs_done"] == 2
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["early-sparsity-lr.png", "early-top1-loss.png"]
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "no best_sparse.safetensors yet" in page and "a mask change needs two compressed phases" in page
+
+
+def test_bad_report_inputs_are_one_line_and_write_nothing(half_sparse, tmp_path):
+    out = tmp_path / "out"
+    assert "is not an acdc run dir" in fails(["report", half_sparse, tmp_path / "nothing", "-o", out])
+    empty = shutil.copytree(half_sparse, tmp_path / "empty")
+    (empty / "metrics.jsonl").write_text("")
+    assert "no epoch has finished yet" in fails(["report", empty, "-o", out])
+    assert not out.exists()
+    a_file = tmp_path / "file"
+    a_file.write_text("keep")
+    assert "is not a folder" in fails(["report", half_sparse, "-o", a_file])
+    assert a_file.read_text() == "keep"
