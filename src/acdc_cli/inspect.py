@@ -91,6 +91,8 @@ def file_flops(arch: Any, model_kwargs: Any, config: Any, weights: dict[str, tor
             model_kwargs.get("num_classes"), int):
         return None, "the file names no acdc model"
     try:
+        with torch.device("meta"):
+            model = create(arch, **model_kwargs)
         if input_shape is None:
             data = config.get("data") if isinstance(config, dict) else None
             if isinstance(data, dict) and isinstance(data.get("name"), str):
@@ -98,8 +100,6 @@ def file_flops(arch: Any, model_kwargs: Any, config: Any, weights: dict[str, tor
             else:
                 channels, side = model_input(arch, model_kwargs, None)
                 input_shape = (channels, side, side)
-        with torch.device("meta"):
-            model = create(arch, **model_kwargs)
     except AcdcError as exc:
         return None, str(exc)
     except TypeError:  # keywords the model's factory does not take, from a file's metadata
