@@ -4,7 +4,6 @@ epoch: ``get_macs_sparse`` of the model as it is, x 3 for forward + backward, x 
 of metrics.jsonl, exact across a resume, in the summary panel, and ``flops`` in ``acdc eval`` / ``acdc inspect`` of
 any checkpoint or export."""
 
-import shutil
 
 import pytest
 import torch
@@ -50,7 +49,8 @@ def test_quickstart_rows_carry_the_four_flops_fields(quickstart_run):
     last = rows[-1]
     assert (f"inference FLOPs: {si(last['inference_flops'])} per image, {last['inference_flops_ratio']:.4f} × dense "
             f"(1.527 M)") in printed
-    assert f"training FLOPs: {si(last['train_flops'])}, {last['train_flops_ratio']:.4f} × the same run dense" in printed
+    assert (f"training FLOPs: {si(last['train_flops'])}, {last['train_flops_ratio']:.4f} × the same run "
+            "dense") in printed
 
 
 def test_eval_and_inspect_count_the_flops_of_checkpoints_and_exports(quickstart_run, tmp_path):
@@ -64,7 +64,8 @@ def test_eval_and_inspect_count_the_flops_of_checkpoints_and_exports(quickstart_
     for path in (sparse_ckpt, export):
         assert invoke_json("inspect", path)["flops"] == expected, path
         assert invoke_json("eval", path)["flops"] == expected, path
-        assert "FLOPs │ 178.1 k per 1×8×8 image, 0.1167 × dense (1.527 M)" in squash(invoke("inspect", path).stdout)
+        shown = squash(invoke("inspect", path).stdout)
+        assert "FLOPs │ 178.1 k per 1×8×8 image, 0.1167 × dense (1.527 M)" in shown
     assert expected["sparse"] == 178_137  # what the quickstart's pinned run ends with (the panel test shows it)
     dense = invoke_json("inspect", quickstart_run / "best_dense.safetensors")["flops"]
     assert dense["dense"] == QUICKSTART_DENSE and dense["ratio"] > 0.9

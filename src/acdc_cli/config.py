@@ -59,7 +59,8 @@ class DataSettings(_Section):
     )
     val_size: int = Field(
         270, ge=0, description="images held out of the training split for per-epoch validation and model selection "
-        "(0: every training image trains; per-epoch metrics and model selection use the test split, as the paper's runs)"
+        "(0: every training image trains; per-epoch metrics and model selection use the test split, as the paper's "
+        "runs)"
     )
     augment: bool = Field(True, description="dataset's standard training augmentation (crop + flip)")
     random_labels: int = Field(0, ge=0, description="memorization: this many training images get random labels")

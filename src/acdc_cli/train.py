@@ -309,8 +309,8 @@ def _after_step(totals: EpochTotals, *, stop: StopSignal, every: int, steps: int
 
 def _flops_summary(engine: ACDC) -> dict[str, Any]:
     run = engine.train_flops
-    return {"inference": engine.flops().as_dict(),
-            "train": {"flops": run.flops, "dense_flops": run.dense_flops, "ratio": run.ratio} if run is not None else None}
+    train = {"flops": run.flops, "dense_flops": run.dense_flops, "ratio": run.ratio} if run is not None else None
+    return {"inference": engine.flops().as_dict(), "train": train}
 
 
 def summary_panel(result: RunResult) -> Panel:
