@@ -4,7 +4,6 @@ epoch: ``get_macs_sparse`` of the model as it is, x 3 for forward + backward, x 
 of metrics.jsonl, exact across a resume, in the summary panel, and ``flops`` in ``acdc eval`` / ``acdc inspect`` of
 any checkpoint or export."""
 
-
 import pytest
 import torch
 from torch import nn
