@@ -11,8 +11,9 @@ Files of a run dir::
                                      optimizer, engine (its masks are those of last.safetensors), gradient scaler,
                                      and mid-epoch every rank's sums so far; the one whose progress matches
                                      last.safetensors is used
-    best_sparse.safetensors          best val top-1 in a compressed phase at the target sparsity
-    best_dense.safetensors           best val top-1 in a dense epoch
+    best_sparse.safetensors          best val top-1 in a compressed phase at the target sparsity (test top-1 when
+                                     data.val_size = 0: the paper's protocol)
+    best_dense.safetensors           best val (or test) top-1 in a dense epoch
 
 Rank 0 writes every file, in a background thread from host snapshots, so training goes on meanwhile; writes are
 atomic (checkpoint.py).
@@ -46,6 +47,7 @@ from acdc_cli.checkpoint import (
     save_state,
 )
 from acdc_cli.config import Settings, read_toml
+from acdc_cli.data import selection_split
 from acdc_cli.distributed import DistInfo
 from acdc_cli.engine import ACDC, STATE_FORMAT
 from acdc_cli.errors import AcdcError
@@ -104,7 +106,9 @@ class RunState:
     """The run's progress besides weights, masks, optimizer and engine state."""
 
     epoch: int = 0  # epochs completed
-    best_sparse: dict[str, Any] | None = None  # {"epoch", "val_top1"}
+    # {"epoch", "split", "<split>_top1"}: split "val", or "test" when data.val_size = 0 (states written before the
+    # split was recorded hold no "split": val)
+    best_sparse: dict[str, Any] | None = None
     best_dense: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -168,7 +172,8 @@ def snapshot(model: nn.Module, engine: ACDC, settings: Settings, model_kwargs: d
         epoch=epoch,
         phase=phase,
         metrics=host_copy(metrics),
-        extra={"preset": settings.preset, "paper_top1": settings.paper_top1, "kind": "train"},
+        extra={"preset": settings.preset, "paper_top1": settings.paper_top1, "kind": "train",
+               "selection_split": selection_split(settings)},
     )
 
 
@@ -309,16 +314,19 @@ class RunDir:
 
     def save_epoch(self, phase: Phase, row: dict[str, Any]) -> None:
         """Rank 0, at an epoch's end: last every epoch; best_sparse (compressed phase at the target sparsity) and
-        best_dense by val top-1. The files are written in the background from snapshots taken here."""
+        best_dense by top-1 on the run's selection split (val; test when data.val_size = 0). The files are written in
+        the background from snapshots taken here."""
         epoch = row["epoch"]
         ckpt = snapshot(self.model, self.engine, self.settings, self.model_kwargs, epoch + 1, phase.kind, row)
         at_target = phase.kind == "sparse" and abs(phase.sparsity - self.settings.sparsity.target) < 1e-9
         best_key = "best_sparse" if at_target else "best_dense" if phase.kind == "dense" else None
         best_path = None
         if best_key is not None:
+            split = selection_split(self.settings)
+            top1 = f"{split}_top1"
             best = getattr(self.state, best_key)
-            if best is None or row["val_top1"] > best["val_top1"]:
-                setattr(self.state, best_key, {"epoch": epoch, "val_top1": row["val_top1"]})
+            if best is None or row[top1] > best[top1]:
+                setattr(self.state, best_key, {"epoch": epoch, "split": split, top1: row[top1]})
                 best_path = self.path / f"{best_key}.safetensors"
         state = resume_state(self.state, self.engine, self.optimizer, self.scaler)
         self._writer.submit(_write_checkpoints, self.path, ckpt, state, best_path)
@@ -349,13 +357,13 @@ class RunDir:
 
     def test_best(self, loader: Any, device: torch.device, amp: str | bool) -> None:
         """Evaluate the best sparse and best dense checkpoints on the test split; adds ``test_top1`` to their
-        records in :attr:`state`."""
+        records in :attr:`state`. Records chosen on the test split hold it already."""
         from acdc_cli.evaluate import evaluate
 
         for key in ("best_sparse", "best_dense"):
             best = getattr(self.state, key)
             path = self.path / f"{key}.safetensors"
-            if best is None or not path.exists() or loader is None:
+            if best is None or "test_top1" in best or not path.exists() or loader is None:
                 continue
             model = build_model(load_checkpoint(path)).to(device)
             best["test_top1"] = evaluate(model, loader, device, amp)["top1"]
