@@ -11,6 +11,7 @@ import shutil
 import pytest
 from PIL import Image
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from acdc_cli.checkpoint import load_checkpoint
 from acdc_cli.metrics import read_jsonl
@@ -135,3 +136,23 @@ def test_bad_report_inputs_are_one_line_and_write_nothing(half_sparse, tmp_path)
     a_file.write_text("keep")
     assert "is not a folder" in fails(["report", half_sparse, "-o", a_file])
     assert a_file.read_text() == "keep"
+
+
+def test_a_run_without_validation_split_is_reported_on_its_test_top1(tmp_path):
+    """data.val_size = 0 (the paper's protocol): rows carry test_* keys, TensorBoard groups them under test/, and the
+    report compares the best checkpoints by the test top-1 that chose them."""
+    run = tmp_path / "run"
+    result = invoke("train", "--out", run, *short_schedule(4, 1, 1, 1, 1, 0, "data.val_size=0",
+                                                           "log.tensorboard=true"))
+    assert result.exit_code == 0, result.output
+    row = invoke_json("report", run, "-o", tmp_path / "out")["runs"][0]
+    assert row["top1_metric"] == "test_top1"
+    for key in ("best_sparse", "best_dense"):
+        recorded = load_checkpoint(run / f"{key}.safetensors").metrics
+        assert row[key]["epoch"] == recorded["epoch"] and row[key]["top1"] == recorded["test_top1"]
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [e.value for e in acc.Scalars("test/top1")] == pytest.approx([r["test_top1"] for r in rows])
+    assert not [t for t in acc.Tags()["scalars"] if t.startswith("val/")]
+    assert "test top-1" in (tmp_path / "out" / "report.html").read_text()

@@ -165,6 +165,7 @@ def test_default_run_dir_is_preset_and_timestamp(tmp_path, monkeypatch):
     assert len(runs) == 1 and re.fullmatch(r"quickstart-\d{8}-\d{6}", runs[0].name)
     assert (tmp_path / summary["run_dir"]).resolve() == runs[0].resolve()
     assert (runs[0] / "last.safetensors").is_file()
+    assert next(iter(summary)) == "schema" and summary["schema"] == "acdc.train/1"
 
 
 def test_gmp_run_follows_the_cubic_ramp(tmp_path):

@@ -85,6 +85,10 @@ def test_tensorboard_has_grouped_tags_per_step_loss_and_lr(piped_run):
     # epoch rows at the step that ends the epoch
     assert [(e.step, e.value) for e in acc.Scalars("val/top1")] == [
         (STEPS * (r["epoch"] + 1), pytest.approx(r["val_top1"])) for r in rows]
+    # the FLOPs of each row under flops/, by name
+    for key, tag in (("inference_flops", "flops/inference"), ("inference_flops_ratio", "flops/inference_ratio"),
+                     ("train_flops", "flops/train"), ("train_flops_ratio", "flops/train_ratio")):
+        assert [e.value for e in acc.Scalars(tag)] == pytest.approx([r[key] for r in rows], rel=1e-6), tag
     assert [e.value for e in acc.Scalars("sparsity/target")] == pytest.approx([0.0, 0.8, 0.0, 0.8])  # float32
     assert [(e.step, e.value) for e in acc.Scalars("sparsity/mask_change")] == [
         (STEPS * EPOCHS, pytest.approx(rows[3]["mask_change"]))]
