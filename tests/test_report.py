@@ -156,3 +156,12 @@ def test_a_run_without_validation_split_is_reported_on_its_test_top1(tmp_path):
     assert [e.value for e in acc.Scalars("test/top1")] == pytest.approx([r["test_top1"] for r in rows])
     assert not [t for t in acc.Tags()["scalars"] if t.startswith("val/")]
     assert "test top-1" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_runs_of_the_same_folder_name_keep_apart(half_sparse, tmp_path):
+    a = shutil.copytree(half_sparse, tmp_path / "a" / "run")
+    b = shutil.copytree(half_sparse, tmp_path / "b" / "run")
+    report = invoke_json("report", a, b, "-o", tmp_path / "out")
+    assert [r["label"] for r in report["runs"]] == ["a/run", "b/run"]
+    names = {p.name for p in (tmp_path / "out").glob("*.png")}
+    assert {f"{stem}-{kind}.png" for stem in ("a_run", "b_run") for kind in PER_RUN} <= names

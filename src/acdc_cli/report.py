@@ -160,8 +160,10 @@ def _labels(paths: list[Path]) -> list[str]:
     return [f"{n} ({i + 1})" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
-def _file_stem(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_") or "run"
+def _file_stems(labels: list[str]) -> list[str]:
+    """File-name-safe stems of the labels, distinct even where two labels differ only in characters replaced."""
+    stems = [re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_") or "run" for label in labels]
+    return [f"{stem}-{i + 1}" if stems.count(stem) > 1 else stem for i, stem in enumerate(stems)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -507,8 +509,7 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Report:
                    (plot_sparsity_vs_top1(runs, out / "sparsity-vs-top1.png"), "sparsity against top-1")]
         files += [p for p, _ in compare]
         sections.append("<h2>comparison</h2>" + "".join(_img(p, alt) for p, alt in compare))
-    for run in runs:
-        stem = _file_stem(run.label)
+    for run, stem in zip(runs, _file_stems([r.label for r in runs])):
         images = [(plot_top1_loss(run, out / f"{stem}-top1-loss.png"), f"{run.label}: top-1 and loss per epoch"),
                   (plot_sparsity_lr(run, out / f"{stem}-sparsity-lr.png"), f"{run.label}: sparsity and LR")]
         notes = []
