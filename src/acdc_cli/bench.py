@@ -131,7 +131,7 @@ def reference_step_rate(settings: Settings, images: torch.Tensor, labels: torch.
     for name, mask in float_masks.items():
         params[name].register_hook(lambda grad, mask=mask: grad * mask)
     net = nn.DataParallel(model, device_ids=[device.index or 0]) if device.type == "cuda" else model
-    optimizer = build_optimizer(model, settings)
+    optimizer = build_optimizer(model, settings, kernel="torch")  # as the reference built its SGD
     model.train()
 
     def run(count: int) -> None:

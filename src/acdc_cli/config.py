@@ -247,6 +247,10 @@ class RuntimeSettings(_Section):
     threads: int | None = Field(
         None, gt=0, le=MAX_THREADS, description="CPU threads for torch (None: torch's default)"
     )
+    eval_every: int = Field(
+        1, ge=1, le=MAX_EPOCHS, description="validation pass every N epochs (plus always the last epoch of every "
+        "phase); the other epochs write null for val_loss / val_top1 / val_top5"
+    )
     checkpoint_every_steps: int = Field(
         0, ge=0, description="also write last.* every N training steps, for mid-epoch resume (0: epoch ends only)"
     )

@@ -315,7 +315,7 @@ class RunDir:
         at_target = phase.kind == "sparse" and abs(phase.sparsity - self.settings.sparsity.target) < 1e-9
         best_key = "best_sparse" if at_target else "best_dense" if phase.kind == "dense" else None
         best_path = None
-        if best_key is not None:
+        if best_key is not None and row["val_top1"] is not None:  # None: an epoch runtime.eval_every skipped
             best = getattr(self.state, best_key)
             if best is None or row["val_top1"] > best["val_top1"]:
                 setattr(self.state, best_key, {"epoch": epoch, "val_top1": row["val_top1"]})

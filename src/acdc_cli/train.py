@@ -33,7 +33,7 @@ from acdc_cli.evaluate import evaluate_memorized
 from acdc_cli.metrics import MetricsLogger
 from acdc_cli.preemption import StopSignal, reduce_int
 from acdc_cli.rundir import EpochTotals, RunDir, first_epoch, gather_totals
-from acdc_cli.sparsity.schedule import learning_rate
+from acdc_cli.sparsity.schedule import Phase, learning_rate
 
 
 @dataclass
@@ -81,6 +81,7 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
     model_kwargs = _model_kwargs(settings, bundle)
     model = models.create(settings.model.name, **model_kwargs).to(device)
     net = runtime.prepare_model(model, settings, info)
+    eval_net = runtime.prepare_eval_model(model, settings)
     optimizer = build_optimizer(model, settings)
     engine = ACDC.from_settings(settings, model, optimizer)
     scaler = runtime.grad_scaler(device, settings.runtime.amp)
@@ -119,7 +120,9 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
                 break
             totals = None
             stats = runtime.reduce_train_stats(stats, info)
-            val = runtime.evaluate(model, val_loader, device, settings.runtime.amp, info)
+            evaluated = evaluates(settings, phase, epoch)
+            val = (runtime.evaluate(eval_net, val_loader, device, settings.runtime.amp, info) if evaluated
+                   else dict.fromkeys(("loss", "top1", "top5")))  # null in metrics.jsonl
             row = {"epoch": epoch, **engine.metrics(), "lr": stats["lr"], "train_loss": stats["train_loss"],
                    "train_top1": stats["train_top1"], "val_loss": val["loss"], "val_top1": val["top1"],
                    "val_top5": val["top5"], "mask_checksums": checksums, "img_per_s": stats["img_per_s"],
@@ -157,15 +160,29 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
 # the loop's pieces
 
 
-def build_optimizer(model: nn.Module, settings: Settings) -> torch.optim.SGD:
+def build_optimizer(model: nn.Module, settings: Settings, kernel: str = "auto") -> torch.optim.SGD:
+    """SGD as the settings say. ``kernel``: "auto" (acdc's step: one fused kernel where the parameters' device has
+    one, foreach otherwise; with the engine's gradient mask before it, the whole post-backward step, see engine.py's
+    ``step_keeps_zeros``), "foreach", or "torch" (PyTorch's default choice; acdc bench's reference-style step)."""
     o = settings.optim
+    params = list(model.parameters())
+    scaled = bool(params) and runtime.precision(params[0].device, settings.runtime.amp) == "fp16"
+    chosen = {"auto": runtime.sgd_kernel(params, scaled), "foreach": {"foreach": True}, "torch": {}}[kernel]
     return torch.optim.SGD(
-        model.parameters(),
+        params,
         lr=o.lr,
         momentum=o.momentum,
         nesterov=o.nesterov and o.momentum > 0,
         weight_decay=o.weight_decay,
+        **chosen,
     )
+
+
+def evaluates(settings: Settings, phase: Phase, epoch: int) -> bool:
+    """Whether ``epoch`` gets a validation pass: every ``runtime.eval_every``-th epoch (counted from 1), and always
+    the last epoch of every phase (so the last one of the run), whose weights end the phase and are what
+    best_sparse / best_dense choose among."""
+    return (epoch + 1) % settings.runtime.eval_every == 0 or epoch == phase.end - 1
 
 
 def _model_kwargs(settings: Settings, bundle: data_mod.DataBundle) -> dict[str, Any]:
