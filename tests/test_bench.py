@@ -1,6 +1,8 @@
 """`acdc bench` on the CPU at tiny sizes: both step modes, their ratio, the mask update and the input pipelines."""
 
 import json
+import os
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -8,9 +10,16 @@ import torch
 
 from acdc_cli import bench
 from acdc_cli.config import load_settings
+from acdc_cli.engine import ACDC
+from acdc_cli.train import build_optimizer
 from cli_helpers import fails, invoke, invoke_json, shows
 
 TICK_S = 0.25
+
+
+def _cpp_compiler() -> str | None:
+    return next(filter(None, (shutil.which(name) for name in (os.environ.get("CXX", "g++"), "c++", "clang++"))), None)
+
 PIPELINE_IMAGES = 8  # the per-core ImageFolder pass: 2 batches of 4
 
 
@@ -44,6 +53,14 @@ def test_bench_json_reports_both_modes_and_ratio(fake_clock):
     assert out["acdc_amp"] is False and out["acdc_channels_last"] is False
     assert out["mask_weights"] == 98_848 and out["pipeline"].startswith("TensorLoader")
     assert out["pipeline_pil_img_per_s"] is None and out["pipeline_ratio"] is None  # no PIL path to compare
+    # the validation pass: one full batch of 512 and the short one of 256
+    assert out["acdc_eval_img_per_s"] == pytest.approx((512 + 256) / TICK_S)
+    assert out["compile_graphs"] is None and out["epoch_recompiles"] is None  # runtime.compile is off
+    # both post-backward paths timed over POST_BACKWARD_STEPS steps per pass
+    assert out["post_backward_kernel"] == "fused"  # the CPU has fused SGD
+    assert out["post_backward_ms"] == out["post_backward_previous_ms"] == pytest.approx(
+        1000 * TICK_S / bench.POST_BACKWARD_STEPS)
+    assert out["post_backward_ratio"] == pytest.approx(1.0)
 
 
 def test_bench_table_and_bad_input():
@@ -51,9 +68,50 @@ def test_bench_table_and_bad_input():
     result = invoke("bench", "--device", "cpu", "--steps", "2", "--warmup", "0", "-b", "16")
     assert result.exit_code == 0, result.output
     for text in ("reference-style step", "acdc step", "ratio acdc / reference", "global mask update",
-                 "input pipeline"):
+                 "input pipeline", "post-backward step: gradient mask + fused SGD",
+                 "ratio previous / acdc post-backward step", "validation pass"):
         assert shows(text, result.stdout), text
     assert "--steps" in fails(["bench", "--device", "cpu", "--steps", "0"])
+
+
+def test_post_backward_paths_update_the_same_weights(one_thread):
+    """The two timed paths do the same work: from the same weights and gradients, acdc's (engine hooks + fused SGD)
+    and the previous one (gradient mask + foreach SGD + weight mask) leave the same weights, pruned ones at zero."""
+    settings = load_settings(overrides=["runtime.device='cpu'"])
+    results = []
+    for path in ("acdc", "previous"):
+        model = bench._build_model(settings, torch.device("cpu"))
+        torch.manual_seed(1)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        optimizer = build_optimizer(model, settings, kernel="auto" if path == "acdc" else "foreach")
+        engine = ACDC.from_settings(settings, model, optimizer)
+        engine.sparsifier.compress(0.9)
+        if path == "previous":
+            engine.remove_hooks()
+        for _ in range(3):
+            if path == "acdc":
+                optimizer.step()
+            else:
+                engine.sparsifier.apply_to_grads()
+                optimizer.step()
+                engine.sparsifier.apply_to_weights()
+        results.append((dict(model.named_parameters()), dict(engine.masks)))
+    (acdc, masks), (previous, _) = results
+    for name, weight in acdc.items():
+        torch.testing.assert_close(weight, previous[name], rtol=1e-5, atol=1e-7)
+    assert all(torch.count_nonzero(acdc[name].detach()[~mask]) == 0 for name, mask in masks.items())
+
+
+@pytest.mark.skipif(_cpp_compiler() is None, reason="torch.compile (inductor) on the CPU needs a C++ compiler")
+def test_compiled_bench_epoch_with_short_batches_recompiles_nothing():
+    """runtime.compile on (inductor on the CPU): the training graph from the warm-up and the two validation graphs
+    (full and short batch) are all that is built; the timed epoch over a split with a short last batch and the
+    timed validation pass build none."""
+    out = _bench_json("--set", "runtime.compile=true", "--set", "data.eval_batch_size=100", "-b", "64",
+                      "--steps", "2", "--warmup", "1")
+    assert out["acdc_compile"] is True
+    assert out["compile_graphs"] == 3 and out["epoch_recompiles"] == 0
 
 
 def test_bench_times_the_imagefolder_pipeline_on_generated_jpegs(fake_clock):
