@@ -15,7 +15,8 @@ Files of a run dir::
     best_dense.safetensors           best val top-1 in a dense epoch
 
 Rank 0 writes every file, in a background thread from host snapshots, so training goes on meanwhile; writes are
-atomic (checkpoint.py).
+atomic (checkpoint.py). The snapshots go into host buffers reused from one checkpoint to the next, pinned on CUDA,
+where the training thread only queues the copies (checkpoint.HostSnapshot).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from torch import nn
 from acdc_cli.checkpoint import (
     BackgroundWriter,
     Checkpoint,
+    HostSnapshot,
+    Taken,
     atomic_write_text,
     build_model,
     host_copy,
@@ -156,12 +159,14 @@ def gather_totals(totals: EpochTotals) -> list[dict[str, Any]]:
 
 
 def snapshot(model: nn.Module, engine: ACDC, settings: Settings, model_kwargs: dict[str, Any], epoch: int,
-             phase: str, metrics: dict[str, Any]) -> Checkpoint:
+             phase: str, metrics: dict[str, Any], host: HostSnapshot | None = None) -> Checkpoint:
     """The checkpoint of the model as it is now, in host memory: it is written in the background while training
-    changes the live tensors."""
+    changes the live tensors. ``host``: reused (pinned) buffers to copy into, inside ``host.taking()``; else new
+    memory."""
+    copy = host.copy if host is not None else (lambda value, *path: host_copy(value))
     return Checkpoint(
-        weights=host_copy(dict(model.state_dict())),
-        masks=host_copy(dict(engine.masks)),
+        weights=copy(dict(model.state_dict()), "weights"),
+        masks=copy(dict(engine.masks), "masks"),
         arch=settings.model.name,
         model_kwargs=model_kwargs,
         config=settings.model_dump(mode="json"),
@@ -174,7 +179,7 @@ def snapshot(model: nn.Module, engine: ACDC, settings: Settings, model_kwargs: d
 
 def resume_state(run_state: RunState, engine: ACDC, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, step: int = 0,
-                 every_rank: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                 every_rank: list[dict[str, Any]] | None = None, host: HostSnapshot | None = None) -> dict[str, Any]:
     """Everything besides weights and masks that continues the run, as a host snapshot; tensors and plain data only.
 
     No RNG state: data order and augmentation come from (seed, epoch) and dropout from (seed, epoch, step, rank)."""
@@ -188,7 +193,7 @@ def resume_state(run_state: RunState, engine: ACDC, optimizer: torch.optim.Optim
     }
     if every_rank is not None:
         state["totals"] = every_rank
-    return host_copy(state)
+    return host.copy(state, "state") if host is not None else host_copy(state)
 
 
 def save_last(run_dir: Path, ckpt: Checkpoint, state: dict[str, Any]) -> None:
@@ -224,6 +229,12 @@ def _write_checkpoints(run_dir: Path, ckpt: Checkpoint, state: dict[str, Any], b
     save_last(run_dir, ckpt, state)
 
 
+def _write_when_copied(taken: Taken, run_dir: Path, ckpt: Checkpoint, state: dict[str, Any],
+                       best_path: Path | None) -> None:
+    taken.wait()  # in the writer thread: the device-to-host copies the training thread queued have landed
+    _write_checkpoints(run_dir, ckpt, state, best_path)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # one run's persistence
 
@@ -240,6 +251,7 @@ class RunDir:
         self.info = info
         self.state = RunState()
         self._writer = BackgroundWriter()  # rank 0's checkpoint files, written while the next epoch trains
+        self._host = HostSnapshot()  # the host buffers each checkpoint is copied into before it is written
 
     # starting ---------------------------------------------------------------------------------------------------
 
@@ -311,7 +323,6 @@ class RunDir:
         """Rank 0, at an epoch's end: last every epoch; best_sparse (compressed phase at the target sparsity) and
         best_dense by val top-1. The files are written in the background from snapshots taken here."""
         epoch = row["epoch"]
-        ckpt = snapshot(self.model, self.engine, self.settings, self.model_kwargs, epoch + 1, phase.kind, row)
         at_target = phase.kind == "sparse" and abs(phase.sparsity - self.settings.sparsity.target) < 1e-9
         best_key = "best_sparse" if at_target else "best_dense" if phase.kind == "dense" else None
         best_path = None
@@ -320,8 +331,12 @@ class RunDir:
             if best is None or row["val_top1"] > best["val_top1"]:
                 setattr(self.state, best_key, {"epoch": epoch, "val_top1": row["val_top1"]})
                 best_path = self.path / f"{best_key}.safetensors"
-        state = resume_state(self.state, self.engine, self.optimizer, self.scaler)
-        self._writer.submit(_write_checkpoints, self.path, ckpt, state, best_path)
+        self._writer.wait()  # its write reads the buffers this snapshot reuses
+        with self._host.taking() as taken:
+            ckpt = snapshot(self.model, self.engine, self.settings, self.model_kwargs, epoch + 1, phase.kind, row,
+                            self._host)
+            state = resume_state(self.state, self.engine, self.optimizer, self.scaler, host=self._host)
+        self._writer.submit(_write_when_copied, taken, self.path, ckpt, state, best_path)
 
     def save_step(self, phase: Phase, step: int, every_rank: list[dict[str, Any]]) -> None:
         """Rank 0, inside an epoch: a last.* whose saved sums (one per rank) let the epoch go on as if never
@@ -330,11 +345,13 @@ class RunDir:
         partial = {"epoch": self.state.epoch, "step": step, "phase": phase.kind,
                    "train_loss": own["loss_sum"].item() / max(own["count"], 1),
                    "train_top1": own["correct"].item() / max(own["count"], 1)}
-        ckpt = snapshot(self.model, self.engine, self.settings, self.model_kwargs, self.state.epoch, phase.kind,
-                        partial)
+        self._writer.wait()
+        with self._host.taking() as taken:
+            ckpt = snapshot(self.model, self.engine, self.settings, self.model_kwargs, self.state.epoch, phase.kind,
+                            partial, self._host)
+            state = resume_state(self.state, self.engine, self.optimizer, self.scaler, step, every_rank, self._host)
         ckpt.extra["step"] = step
-        state = resume_state(self.state, self.engine, self.optimizer, self.scaler, step, every_rank)
-        self._writer.submit(_write_checkpoints, self.path, ckpt, state, None)
+        self._writer.submit(_write_when_copied, taken, self.path, ckpt, state, None)
 
     def wait(self) -> None:
         """Block until every checkpoint is on disk; a failed write raises here."""
