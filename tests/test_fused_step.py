@@ -220,3 +220,52 @@ def test_sgd_kernel_is_fused_where_the_device_has_one():
     assert runtime.sgd_kernel([torch.zeros(2)], scaled=True) == {"foreach": True}
     assert runtime.sgd_kernel([torch.zeros(2), torch.zeros(2, device="meta")]) == {"foreach": True}
     assert runtime.sgd_kernel([torch.zeros(2, dtype=torch.int64)]) == {"foreach": True}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_step_on_cuda_equals_the_previous_path(monkeypatch):
+    """On CUDA: acdc's optimizer is SGD(fused=True), foreach under fp16's GradScaler; through a compression on a
+    channels_last model, pruned weights, their gradients and momentum are exactly zero after every step with no
+    weight mask after it, and the weights follow the previous path's (gradient mask + foreach SGD + weight mask) to
+    rounding (fp32, TF32 off, so that a last-bit difference of the kernels is not amplified; bf16 autocast with
+    acdc's own step is bench/gpu_check.sh's "masks on CUDA" check)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # matmuls are fp32 by PyTorch's default
+    cuda = torch.device("cuda")
+    settings = load_settings(overrides=["model.name='wrn-10-2'", "optim.lr=0.05", "optim.momentum=0.9",
+                                        "optim.nesterov=true", "optim.weight_decay=5e-4"])
+    torch.manual_seed(0)
+    model = create("wrn-10-2", num_classes=10).to(cuda).to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, settings)
+    assert optimizer.defaults["fused"] is True
+    fp16 = settings.model_copy(update={"runtime": settings.runtime.model_copy(update={"amp": "fp16"})})
+    assert build_optimizer(copy.deepcopy(model), fp16).defaults["foreach"] is True
+    acdc = ACDC(model, optimizer, **SCHEDULE)
+    previous = PreviousPath(copy.deepcopy(model))
+    weight_masks = []
+    monkeypatch.setattr(acdc.sparsifier, "apply_to_weights",
+                        lambda real=acdc.sparsifier.apply_to_weights: weight_masks.append(1) or real())
+    params, old_params = dict(model.named_parameters()), dict(previous.model.named_parameters())
+    g = torch.Generator(device=cuda).manual_seed(0)
+    batches = [(torch.randn(32, 3, 32, 32, device=cuda, generator=g).contiguous(memory_format=torch.channels_last),
+                torch.randint(0, 10, (32,), device=cuda, generator=g)) for _ in range(3)]
+    for epoch in range(2):
+        phase = acdc.start_epoch(epoch)
+        if phase.kind == "sparse":
+            previous.sparsifier.compress(SPARSITY)
+            assert all(torch.equal(acdc.masks[n], m) for n, m in previous.sparsifier.masks.items())
+        masked = len(weight_masks)
+        for index, (x, y) in enumerate(batches):
+            torch.manual_seed(index)  # the same dropout draws in both
+            _backward(model, optimizer, x, y)
+            optimizer.step()
+            torch.manual_seed(index)
+            previous.step(x, y)
+            for name, param in params.items():
+                torch.testing.assert_close(param, old_params[name], rtol=1e-4, atol=1e-6)
+            for name, mask in acdc.masks.items():
+                assert int(torch.count_nonzero(params[name].detach()[~mask])) == 0
+                assert int(torch.count_nonzero(params[name].grad[~mask])) == 0
+                assert int(torch.count_nonzero(_momentum(optimizer, params[name])[~mask])) == 0
+        assert len(weight_masks) == masked
+    assert acdc.sparsity() == M.pruned_count(acdc.sparsifier.numel, SPARSITY) / acdc.sparsifier.numel
