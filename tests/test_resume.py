@@ -15,6 +15,7 @@ from torch import nn
 from acdc_cli.checkpoint import load_checkpoint, load_state
 from acdc_cli.metrics import read_jsonl
 from acdc_cli.models import registry
+from acdc_cli.rundir import state_path
 from cli_helpers import assert_same_run, fails, invoke, short_schedule, torch_state_kept
 
 STEPS = 39  # 1,257 training digits in whole batches of 32
@@ -60,14 +61,15 @@ def test_sigkill_inside_checkpoint_writes_resumes_bit_identically(tmp_path, refe
     assert (ckpt.epoch, ckpt.extra["step"]) == (0, 24)
 
     # 2. right after the resume's 6th state file (steps 28, 32, 36, the end of epoch 0, then epoch 1 steps 4 and 8)
-    #    is renamed into place, before its weights are written: the state is ahead of the weights, and the next
-    #    resume must pair the weights with the previous state
-    killed_at("kill@renamed:6:last.state.pt", "--resume", str(run_dir), *every)
+    #    is renamed into place, before its weights are written: the newest state is ahead of the weights, and the
+    #    next resume must pair the weights with the state they name
+    killed_at("kill@renamed:6:last.state.*.pt", "--resume", str(run_dir), *every)
     assert not temp_files(run_dir)  # the resume removed what the first kill left
     ckpt = load_checkpoint(run_dir / "last.safetensors")
     assert (ckpt.epoch, ckpt.extra["step"]) == (1, 4)
-    assert load_state(run_dir / "last.state.pt")["progress"] == {**load_state(run_dir / "last.state.prev.pt")[
-        "progress"], "step": 8}
+    paired = state_path(run_dir)
+    ahead = sorted(set(run_dir.glob("last.state.*.pt")) - {paired})
+    assert [load_state(p)["progress"] for p in ahead] == [{**load_state(paired)["progress"], "step": 8}]
 
     # 3. checkpoints at epoch ends only (runtime.* may change on resume): killed after the 2nd epoch-end weights
     #    file is complete and fsynced but before it is renamed into place, so the 1st (end of epoch 2) stands
@@ -91,7 +93,7 @@ def test_mid_epoch_checkpoint_holds_step_totals_and_rng(tmp_path, reference):
                  env={"_ACDC_TEST_FAULT": "fail@write:10:last.safetensors"})
     assert "No space left on device" in line
     ckpt = load_checkpoint(run_dir / "last.safetensors")
-    state = load_state(run_dir / "last.state.prev.pt")
+    state = load_state(state_path(run_dir))
     assert (ckpt.epoch, ckpt.extra["step"]) == (1, 12) and state["progress"]["step"] == 12
     assert len(state["totals"]) == 1  # one process: one rank's sums
     assert state["totals"][0]["count"] == 12 * 32 and state["totals"][0]["loss_sum"].dtype == torch.float64

@@ -6,23 +6,26 @@ Files of a run dir::
     config.toml                      the resolved settings; marks the folder as a run dir
     metrics.jsonl, tb/               per-epoch metrics (metrics.py)
     last.safetensors                 weights + masks + metadata of the newest checkpoint (its epoch, and step
-                                     when written mid-epoch)
-    last.state.pt, last.state.prev.pt  resume states, tensors and plain data only (torch.load weights_only): progress,
-                                     optimizer, engine (its masks are those of last.safetensors), gradient scaler,
-                                     and mid-epoch every rank's sums so far; the one whose progress matches
-                                     last.safetensors is used
+                                     when written mid-epoch, and the name of its resume state)
+    last.state.<N>.pt                the resume state of last.safetensors, tensors and plain data only (torch.load
+                                     weights_only): progress, optimizer, engine (its masks are those of
+                                     last.safetensors), gradient scaler, and mid-epoch every rank's sums so far
+    .acdc.lock                       held (flock) by the process writing the run; holds its PID
     best_sparse.safetensors          best val top-1 in a compressed phase at the target sparsity
     best_dense.safetensors           best val top-1 in a dense epoch
 
 Rank 0 writes every file, in a background thread from host snapshots, so training goes on meanwhile; writes are
-atomic (checkpoint.py).
+atomic (checkpoint.py), and the (weights, state) pair is replaced so that a complete pair is always on disk
+(:func:`save_last`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -192,29 +195,65 @@ def resume_state(run_state: RunState, engine: ACDC, optimizer: torch.optim.Optim
 
 
 def save_last(run_dir: Path, ckpt: Checkpoint, state: dict[str, Any]) -> None:
-    """Write the pair so that a crash at any point leaves one matching (weights, state) pair on disk.
+    """Write a new (weights, resume state) pair so that the previous pair stays complete on disk until the new one
+    is: a crash, a kill or a full disk at any point, again and again, leaves a pair that resumes.
 
-    Order: keep the old state as ``last.state.prev.pt``, write the new state, then the weights. The weights'
-    ``epoch`` and ``step`` pick whichever state file matches them on resume.
+    The state goes to a file of its own, ``last.state.<generation>.pt`` with a generation no file in the folder has
+    yet; ``last.safetensors`` then names it in its metadata (``resume_state``), and its atomic replacement is the
+    switch from the old pair to the new. Only after that are the older state files deleted. Nothing is ever renamed
+    away: a failure before the switch leaves the old ``last.safetensors`` naming the old state, untouched.
     """
-    current, previous = run_dir / "last.state.pt", run_dir / "last.state.prev.pt"
-    if current.exists():
-        current.replace(previous)
-    save_state(current, state)
-    save_checkpoint(run_dir / "last.safetensors", ckpt)
+    generation = 1 + max((_generation(p.name) or 0 for p in run_dir.glob("last.state*.pt")), default=0)
+    name = f"last.state.{generation}.pt"
+    save_state(run_dir / name, state)
+    save_checkpoint(run_dir / "last.safetensors", replace(ckpt, extra={**ckpt.extra, "resume_state": name}))
+    for old in run_dir.glob("last.state*.pt"):
+        if old.name != name:
+            with contextlib.suppress(OSError):  # left for the next save: it pairs with nothing
+                old.unlink()
+
+
+_STATE_NAME = re.compile(r"last\.state\.([0-9]{1,18})\.pt")
+# the pair as acdc wrote it before resume_state: whichever of these matches last.safetensors' epoch and step
+_LEGACY_STATES = ("last.state.pt", "last.state.prev.pt")
+
+
+def _generation(name: str) -> int | None:
+    found = _STATE_NAME.fullmatch(name)
+    return int(found.group(1)) if found else None
 
 
 def load_last(run_dir: Path) -> tuple[Checkpoint, dict[str, Any]]:
-    """``last.safetensors`` and the resume state that matches its epoch and step."""
+    """``last.safetensors`` and the resume state it names (in a run dir written before that: the one of
+    ``last.state.pt`` / ``last.state.prev.pt`` that matches its epoch and step)."""
     ckpt = load_checkpoint(run_dir / "last.safetensors")
+    return ckpt, _paired_state(run_dir, ckpt)[1]
+
+
+def state_path(run_dir: Path) -> Path:
+    """The resume state file that pairs with the run's ``last.safetensors``; an AcdcError when there is none."""
+    return _paired_state(Path(run_dir), load_checkpoint(Path(run_dir) / "last.safetensors"))[0]
+
+
+def _paired_state(run_dir: Path, ckpt: Checkpoint) -> tuple[Path, dict[str, Any]]:
     step = ckpt.extra.get("step", 0)
-    for name in ("last.state.pt", "last.state.prev.pt"):
+    named = ckpt.extra.get("resume_state")
+    if named is not None and not (isinstance(named, str) and _generation(named) is not None):
+        raise AcdcError(f"{run_dir / 'last.safetensors'}: malformed metadata (resume_state {str(named)[:60]!r} is "
+                        "not a last.state.N.pt name)")
+    for name in (named,) if named is not None else _LEGACY_STATES:
         path = run_dir / name
-        if path.exists():
-            state = load_state(path)
-            progress = state.get("progress")
-            if isinstance(progress, dict) and (progress.get("epoch"), progress.get("step", 0)) == (ckpt.epoch, step):
-                return ckpt, state
+        if not path.exists():
+            continue
+        state = load_state(path)
+        progress = state.get("progress")
+        if isinstance(progress, dict) and (progress.get("epoch"), progress.get("step", 0)) == (ckpt.epoch, step):
+            return path, state
+        if named is not None:
+            raise AcdcError(f"{path} does not hold the progress last.safetensors records (epoch {ckpt.epoch}, step "
+                            f"{step})")
+    if named is not None:
+        raise AcdcError(f"{run_dir}: {named}, the resume state last.safetensors names, is missing")
     raise AcdcError(f"{run_dir}: no resume state matches last.safetensors (epoch {ckpt.epoch}, step {step})")
 
 
@@ -250,29 +289,36 @@ class RunDir:
 
     def resume(self) -> EpochTotals | None:
         """Load the newest complete checkpoint and its state into the model, engine, optimizer and scaler; sets
-        :attr:`state`. Returns this rank's sums of the epoch when the checkpoint was written mid-epoch."""
+        :attr:`state`. Returns this rank's sums of the epoch when the checkpoint was written mid-epoch.
+
+        The state is checked whole before any of it is loaded, so a malformed one is a one-line error before the
+        first step, never a failure an epoch later."""
         if self.info.is_main:
             remove_stale_temps(self.path)
-        ckpt, state = load_last(self.path)
+        ckpt = load_checkpoint(self.path / "last.safetensors")
+        path, state = _paired_state(self.path, ckpt)
+        if self.info.is_main and _generation(path.name) is not None:
+            # states of saves that never completed: on a full disk their space is what the next save needs (only
+            # rank 0 deletes, and other ranks read the named state alone)
+            for orphan in self.path.glob("last.state*.pt"):
+                if orphan != path:
+                    with contextlib.suppress(OSError):
+                        orphan.unlink()
         load_weights(self.model, ckpt.weights, source=str(self.path / "last.safetensors"))
         try:
-            p = state["progress"]
-            self.state = RunState(p["epoch"], p["best_sparse"], p["best_dense"])
-            self.engine.load_state_dict({**_engine_state(state, self.engine.plan), "masks": ckpt.masks or None})
-            self.optimizer.load_state_dict(state["optimizer"])
-            if state.get("scaler") and self.scaler.is_enabled():  # none saved: the run was not fp16 until now
-                self.scaler.load_state_dict(state["scaler"])
-            if not p.get("step"):
-                return None
-            every_rank = state["totals"]
-            if len(every_rank) != self.info.world_size:
-                raise AcdcError(f"{self.path} stopped mid-epoch in a run of {len(every_rank)} process(es); resume "
-                                f"it with as many (this run has {self.info.world_size}), or from an epoch-end "
-                                "checkpoint")
-            return EpochTotals.start(self.info.device, every_rank[self.info.rank])
-        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
-            detail = str(exc).splitlines()[0][:120] if str(exc) else ""
-            raise AcdcError(f"{self.path}: malformed resume state ({exc.__class__.__name__} {detail})") from None
+            engine_state = check_resume_state(state, ckpt, self.model, self.optimizer, self.engine,
+                                              self.info.world_size)
+        except AcdcError as exc:
+            raise AcdcError(f"{path}: malformed resume state: {exc}") from None
+        p = state["progress"]
+        self.state = RunState(p["epoch"], p["best_sparse"], p["best_dense"])
+        self.engine.load_state_dict({**engine_state, "masks": ckpt.masks or None})
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler") and self.scaler.is_enabled():  # none saved: the run was not fp16 until now
+            self.scaler.load_state_dict(state["scaler"])
+        if not p.get("step"):
+            return None
+        return EpochTotals.start(self.info.device, state["totals"][self.info.rank])
 
     def start_from(self, checkpoint: Path, console: Console) -> None:
         """``--from``: the checkpoint's weights; its masks too when the first epoch is compressed and they fit the
@@ -391,3 +437,145 @@ def _engine_state(state: dict[str, Any], plan: tuple[Phase, ...]) -> dict[str, A
         "previous_masks": state.get("previous_masks"),
         "mask_change": p.get("mask_change"),
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a resume state, checked before any of it is used
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value) if not isinstance(value, torch.Tensor) else f"a tensor of shape {list(value.shape)}"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_resume_state(state: dict[str, Any], ckpt: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer,
+                       engine: ACDC, world_size: int) -> dict[str, Any]:
+    """Raise an AcdcError naming the first thing of a resume state that this run cannot continue from: a missing
+    entry, a wrong type, an optimizer state that does not fit the model. Returns the engine part of the state."""
+    progress = state.get("progress")
+    if not isinstance(progress, dict):
+        raise AcdcError(f"progress is {_shown(progress)}, expected a table")
+    for key in ("epoch", "best_sparse", "best_dense"):
+        if key not in progress:
+            raise AcdcError(f"progress.{key} is missing")
+    step = progress.get("step", 0)
+    for key, value in (("epoch", progress["epoch"]), ("step", step)):
+        if not _is_int(value) or value < 0:
+            raise AcdcError(f"progress.{key} is {_shown(value)}, expected a whole number >= 0")
+    for key in ("best_sparse", "best_dense"):
+        best = progress[key]
+        if best is None:
+            continue
+        if not isinstance(best, dict) or not _is_int(best.get("epoch")) or best["epoch"] < 0:
+            raise AcdcError(f"progress.{key} is {_shown(best)}, expected none or {{epoch, val_top1}}")
+        for metric in ("val_top1", "test_top1"):
+            if (metric in best or metric == "val_top1") and not (_is_real(best.get(metric)) and
+                                                                 0 <= best[metric] <= 1):
+                raise AcdcError(f"progress.{key}.{metric} is {_shown(best.get(metric))}, expected a fraction 0..1")
+    _check_optimizer(state.get("optimizer"), optimizer)
+    scaler = state.get("scaler")
+    if scaler is not None and not (isinstance(scaler, dict) and all(_is_real(v) for v in scaler.values())):
+        raise AcdcError(f"scaler is {_shown(scaler)}, expected a table of numbers")
+    if "engine" in state and not isinstance(state["engine"], dict):
+        raise AcdcError(f"engine is {_shown(state['engine'])}, expected a table")
+    engine_state = _engine_state(state, engine.plan)
+    _check_engine(engine_state, engine)
+    if step:
+        _check_totals(state.get("totals"), step, world_size)
+    return engine_state
+
+
+def _check_optimizer(saved: Any, optimizer: torch.optim.Optimizer) -> None:
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) or not isinstance(
+            saved.get("param_groups"), list):
+        raise AcdcError(f"optimizer is {_shown(saved)}, expected a table of state and param_groups")
+    groups = optimizer.param_groups
+    if len(saved["param_groups"]) != len(groups):
+        raise AcdcError(f"optimizer has {len(saved['param_groups'])} parameter group(s), this run {len(groups)}")
+    params: list[torch.Tensor] = []
+    for i, (group, live) in enumerate(zip(saved["param_groups"], groups)):
+        if not isinstance(group, dict) or not isinstance(group.get("params"), list):
+            raise AcdcError(f"optimizer.param_groups[{i}] is {_shown(group)}, expected a table with params")
+        if len(group["params"]) != len(live["params"]):
+            raise AcdcError(f"optimizer.param_groups[{i}] holds {len(group['params'])} parameters, this model "
+                            f"{len(live['params'])}")
+        for key, value in group.items():
+            if _is_real(live.get(key)) and not _is_real(value):
+                raise AcdcError(f"optimizer.param_groups[{i}].{key} is {_shown(value)}, expected a number")
+        params += live["params"]
+    index = {}
+    for group in saved["param_groups"]:
+        for key in group["params"]:
+            if not _is_int(key) or key in index:
+                raise AcdcError(f"optimizer.param_groups lists parameter {_shown(key)} twice or not as a number")
+            index[key] = params[len(index)]
+    for key, entry in saved["state"].items():
+        if key not in index:
+            raise AcdcError(f"optimizer.state has an entry for parameter {_shown(key)}, which no group lists")
+        if not isinstance(entry, dict):
+            raise AcdcError(f"optimizer.state[{key}] is {_shown(entry)}, expected a table")
+        param = index[key]
+        for name, value in entry.items():
+            if value is None or _is_real(value):
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise AcdcError(f"optimizer.state[{key}].{name} is {_shown(value)}, expected a tensor")
+            # per-parameter buffers (momentum, moments) are floats of the parameter's shape; counters single numbers
+            if (value.shape != param.shape and value.numel() != 1) or (value.shape == param.shape
+                                                                        and not value.is_floating_point()):
+                raise AcdcError(f"optimizer.state[{key}].{name} has shape {list(value.shape)} "
+                                f"({str(value.dtype).removeprefix('torch.')}); its parameter is "
+                                f"{list(param.shape)}")
+
+
+def _check_engine(saved: dict[str, Any], engine: ACDC) -> None:
+    epoch, change = saved.get("epoch"), saved.get("mask_change")
+    if epoch is not None and not _is_int(epoch):
+        raise AcdcError(f"engine.epoch is {_shown(epoch)}, expected a whole number")
+    if change is not None and not _is_real(change):
+        raise AcdcError(f"engine.mask_change is {_shown(change)}, expected a number")
+    phase = saved.get("phase")
+    if phase is not None and not (isinstance(phase, dict) and set(phase) == {"start", "end", "kind", "sparsity"}):
+        raise AcdcError(f"engine.phase is {_shown(phase)}, expected a phase of this plan")
+    previous = saved.get("previous_masks")
+    if previous is None:
+        return
+    params = engine.sparsifier.params
+    if not isinstance(previous, dict):
+        raise AcdcError(f"engine.previous_masks is {_shown(previous)}, expected a table of masks")
+    for name, mask in previous.items():
+        if name not in params:
+            raise AcdcError(f"engine.previous_masks has a mask for {_shown(name)}, which this run does not prune")
+        if not isinstance(mask, torch.Tensor) or mask.shape != params[name].shape:
+            raise AcdcError(f"engine.previous_masks[{name}] is {_shown(mask)}, its weight is "
+                            f"{list(params[name].shape)}")
+
+
+def _check_totals(every_rank: Any, step: int, world_size: int) -> None:
+    if not isinstance(every_rank, list) or not every_rank:
+        raise AcdcError(f"totals is {_shown(every_rank)}, expected one table per process of a mid-epoch checkpoint")
+    if len(every_rank) != world_size:
+        raise AcdcError(f"it stopped mid-epoch in a run of {len(every_rank)} process(es); resume it with as many "
+                        f"(this run has {world_size}), or from an epoch-end checkpoint")
+    for rank, totals in enumerate(every_rank):
+        where = f"totals[{rank}]"
+        if not isinstance(totals, dict):
+            raise AcdcError(f"{where} is {_shown(totals)}, expected a table")
+        for key, kind in (("loss_sum", "floating"), ("correct", "integer")):
+            value = totals.get(key)
+            if not (isinstance(value, torch.Tensor) and value.numel() == 1 and value.dim() == 0
+                    and value.is_floating_point() == (kind == "floating")):
+                raise AcdcError(f"{where}.{key} is {_shown(value)}, expected a single {kind} number")
+        for key in ("step", "count", "skipped"):
+            if not _is_int(totals.get(key)) or totals[key] < 0:
+                raise AcdcError(f"{where}.{key} is {_shown(totals.get(key))}, expected a whole number >= 0")
+        if totals["step"] != step:
+            raise AcdcError(f"{where}.step is {totals['step']}, the progress says {step}")
