@@ -297,6 +297,26 @@ class RunDir:
             remove_stale_temps(self.path)
         ckpt = load_checkpoint(self.path / "last.safetensors")
         path, state = _paired_state(self.path, ckpt)
+        load_weights(self.model, ckpt.weights, source=str(self.path / "last.safetensors"))
+        progress, every_rank = state.get("progress"), state.get("totals")
+        if isinstance(progress, dict) and progress.get("step") and isinstance(every_rank, list) and \
+                len(every_rank) != self.info.world_size:
+            raise AcdcError(f"{self.path} stopped mid-epoch in a run of {len(every_rank)} process(es); resume it "
+                            f"with as many (this run has {self.info.world_size}), or from an epoch-end checkpoint")
+        try:
+            engine_state = check_resume_state(state, self.optimizer, self.engine, self.info.world_size)
+        except AcdcError as exc:
+            raise AcdcError(f"{path}: malformed resume state: {exc}") from None
+        p = state["progress"]
+        self.state = RunState(p["epoch"], p["best_sparse"], p["best_dense"])
+        try:  # what the checks above do not foresee is still one line
+            self.engine.load_state_dict({**engine_state, "masks": ckpt.masks or None})
+            self.optimizer.load_state_dict(state["optimizer"])
+            if state.get("scaler") and self.scaler.is_enabled():  # none saved: the run was not fp16 until now
+                self.scaler.load_state_dict(state["scaler"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            detail = str(exc).splitlines()[0][:120] if str(exc) else ""
+            raise AcdcError(f"{path}: malformed resume state ({exc.__class__.__name__} {detail})") from None
         if self.info.is_main and _generation(path.name) is not None:
             # states of saves that never completed: on a full disk their space is what the next save needs (only
             # rank 0 deletes, and other ranks read the named state alone)
@@ -304,18 +324,6 @@ class RunDir:
                 if orphan != path:
                     with contextlib.suppress(OSError):
                         orphan.unlink()
-        load_weights(self.model, ckpt.weights, source=str(self.path / "last.safetensors"))
-        try:
-            engine_state = check_resume_state(state, ckpt, self.model, self.optimizer, self.engine,
-                                              self.info.world_size)
-        except AcdcError as exc:
-            raise AcdcError(f"{path}: malformed resume state: {exc}") from None
-        p = state["progress"]
-        self.state = RunState(p["epoch"], p["best_sparse"], p["best_dense"])
-        self.engine.load_state_dict({**engine_state, "masks": ckpt.masks or None})
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler") and self.scaler.is_enabled():  # none saved: the run was not fp16 until now
-            self.scaler.load_state_dict(state["scaler"])
         if not p.get("step"):
             return None
         return EpochTotals.start(self.info.device, state["totals"][self.info.rank])
@@ -456,8 +464,8 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def check_resume_state(state: dict[str, Any], ckpt: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer,
-                       engine: ACDC, world_size: int) -> dict[str, Any]:
+def check_resume_state(state: dict[str, Any], optimizer: torch.optim.Optimizer, engine: ACDC,
+                       world_size: int) -> dict[str, Any]:
     """Raise an AcdcError naming the first thing of a resume state that this run cannot continue from: a missing
     entry, a wrong type, an optimizer state that does not fit the model. Returns the engine part of the state."""
     progress = state.get("progress")
@@ -507,9 +515,9 @@ def _check_optimizer(saved: Any, optimizer: torch.optim.Optimizer) -> None:
         if len(group["params"]) != len(live["params"]):
             raise AcdcError(f"optimizer.param_groups[{i}] holds {len(group['params'])} parameters, this model "
                             f"{len(live['params'])}")
-        for key, value in group.items():
-            if _is_real(live.get(key)) and not _is_real(value):
-                raise AcdcError(f"optimizer.param_groups[{i}].{key} is {_shown(value)}, expected a number")
+        for key, value in live.items():
+            if _is_real(value) and not _is_real(group.get(key)):
+                raise AcdcError(f"optimizer.param_groups[{i}].{key} is {_shown(group.get(key))}, expected a number")
         params += live["params"]
     index = {}
     for group in saved["param_groups"]:
@@ -563,8 +571,7 @@ def _check_totals(every_rank: Any, step: int, world_size: int) -> None:
     if not isinstance(every_rank, list) or not every_rank:
         raise AcdcError(f"totals is {_shown(every_rank)}, expected one table per process of a mid-epoch checkpoint")
     if len(every_rank) != world_size:
-        raise AcdcError(f"it stopped mid-epoch in a run of {len(every_rank)} process(es); resume it with as many "
-                        f"(this run has {world_size}), or from an epoch-end checkpoint")
+        raise AcdcError(f"totals holds the sums of {len(every_rank)} process(es), this run has {world_size}")
     for rank, totals in enumerate(every_rank):
         where = f"totals[{rank}]"
         if not isinstance(totals, dict):
