@@ -227,6 +227,14 @@ def test_inspect_json_writes_null_for_nan_metrics(tmp_path):
     assert strict_json(result.stdout)["metadata"]["metrics"] == {"val_top1": None, "val_loss": None}
 
 
+def test_checkpoint_metadata_holds_null_for_nan(tmp_path):
+    """A diverged metric in a checkpoint's header is null: every JSON reader can read the header."""
+    path = tiny_checkpoint(tmp_path / "m.safetensors", metrics={"val_loss": float("nan"), "val_top1": 0.25})
+    with safe_open(str(path), framework="pt") as fh:
+        raw = fh.metadata()["metrics"]
+    assert strict_json(raw) == {"val_loss": None, "val_top1": 0.25}
+
+
 def test_metrics_jsonl_writes_null_for_nan(tmp_path):
     logger = MetricsLogger(tmp_path, Console(file=open("/dev/null", "w")), tensorboard=False, per_layer=False)
     logger.log_epoch({"epoch": 0, "phase": "dense", "train_loss": float("nan"), "val_top1": 0.5})

@@ -251,7 +251,12 @@ class RuntimeSettings(_Section):
         0, ge=0, description="also write last.* every N training steps, for mid-epoch resume (0: epoch ends only)"
     )
     nan_policy: Literal["stop", "skip"] = Field(
-        "stop", description="non-finite loss: stop the run (exit 1), or skip the step (one host sync per step)"
+        "stop", description="a non-finite loss or weights: stop the run (exit 1), or skip the step (undone: weights, "
+        "optimizer state, batch-norm statistics; one host sync and one copy of them per step)"
+    )
+    max_skipped_steps: int = Field(
+        10, ge=1, le=10**6, description="nan_policy 'skip': stop the run (exit 1) after this many steps in a row "
+        "are skipped (steps)"
     )
 
     @field_validator("amp", mode="before")

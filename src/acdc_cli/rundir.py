@@ -41,6 +41,7 @@ from torch import nn
 
 from acdc_cli.checkpoint import (
     BackgroundWriter,
+    all_finite,
     Checkpoint,
     atomic_write_text,
     build_model,
@@ -55,7 +56,7 @@ from acdc_cli.checkpoint import (
 from acdc_cli.config import Settings, read_toml
 from acdc_cli.distributed import DistInfo
 from acdc_cli.engine import ACDC, STATE_FORMAT
-from acdc_cli.errors import AcdcError
+from acdc_cli.errors import AcdcError, TrainingFault
 from acdc_cli.sparsity.schedule import Phase, phase_at
 
 RUN_MARKER = "config.toml"
@@ -170,9 +171,11 @@ class RunState:
     epoch: int = 0  # epochs completed
     best_sparse: dict[str, Any] | None = None  # {"epoch", "val_top1"}
     best_dense: dict[str, Any] | None = None
+    skip_streak: int = 0  # steps skipped in a row when the last epoch ended (runtime.nan_policy = "skip")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "best_sparse": self.best_sparse, "best_dense": self.best_dense}
+        return {"epoch": self.epoch, "best_sparse": self.best_sparse, "best_dense": self.best_dense,
+                "skip_streak": self.skip_streak}
 
 
 @dataclass
@@ -185,24 +188,29 @@ class EpochTotals:
     first_bad: torch.Tensor  # long: the first step with a non-finite loss, -1 while there is none
     step: int = 0  # steps done in this epoch
     count: int = 0  # images in loss_sum / correct
-    skipped: int = 0  # steps skipped for a non-finite loss (runtime.nan_policy = "skip")
+    skipped: int = 0  # steps skipped for a non-finite loss or weights (runtime.nan_policy = "skip")
+    streak: int = 0  # the last steps skipped in a row (runtime.max_skipped_steps ends the run)
 
     @classmethod
-    def start(cls, device: torch.device, saved: dict[str, Any] | None = None) -> EpochTotals:
+    def start(cls, device: torch.device, saved: dict[str, Any] | None = None, streak: int = 0) -> EpochTotals:
+        """An epoch's sums from zero (``streak``: the skips in a row the previous epoch ended with), or as a
+        mid-epoch checkpoint ``saved`` them."""
         totals = cls(
             torch.zeros((), device=device, dtype=torch.float64),
             torch.zeros((), device=device, dtype=torch.long),
             torch.full((), -1, device=device, dtype=torch.long),
+            streak=streak,
         )
         if saved is not None:
             totals.loss_sum.copy_(saved["loss_sum"])
             totals.correct.copy_(saved["correct"])
             totals.step, totals.count, totals.skipped = int(saved["step"]), int(saved["count"]), int(saved["skipped"])
+            totals.streak = int(saved.get("streak", 0))  # states written before it existed have none
         return totals
 
     def as_state(self) -> dict[str, Any]:
         return {"loss_sum": self.loss_sum.cpu(), "correct": self.correct.cpu(), "step": self.step,
-                "count": self.count, "skipped": self.skipped}
+                "count": self.count, "skipped": self.skipped, "streak": self.streak}
 
 
 def gather_totals(totals: EpochTotals) -> list[dict[str, Any]]:
@@ -215,8 +223,9 @@ def gather_totals(totals: EpochTotals) -> list[dict[str, Any]]:
                          torch.tensor(float(totals.skipped), dtype=torch.float64, device=totals.loss_sum.device)])
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, local)
+    # ranks agree on every skip, so the step and the streak are every rank's
     return [{"loss_sum": g[0].cpu(), "correct": g[1].long().cpu(), "step": totals.step, "count": int(g[2]),
-             "skipped": int(g[3])} for g in gathered]
+             "skipped": int(g[3]), "streak": totals.streak} for g in gathered]
 
 
 def snapshot(model: nn.Module, engine: ACDC, settings: Settings, model_kwargs: dict[str, Any], epoch: int,
@@ -234,6 +243,16 @@ def snapshot(model: nn.Module, engine: ACDC, settings: Settings, model_kwargs: d
         metrics=host_copy(metrics),
         extra={"preset": settings.preset, "paper_top1": settings.paper_top1, "kind": "train"},
     )
+
+
+def refuse_non_finite(ckpt: Checkpoint, where: str) -> None:
+    """Stop the run (exit 1) rather than write a checkpoint whose weights or statistics hold NaN or infinity: one
+    fused check over the snapshot, at save time only (no step waits for it)."""
+    if bool(all_finite(ckpt.weights.values())):
+        return
+    name = next(n for n, t in ckpt.weights.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    raise TrainingFault(f"non-finite weights in the checkpoint {where} ({name}); the run stops without writing it, "
+                        "the last good checkpoint is kept")
 
 
 def resume_state(run_state: RunState, engine: ACDC, optimizer: torch.optim.Optimizer,
@@ -369,7 +388,7 @@ class RunDir:
         except AcdcError as exc:
             raise AcdcError(f"{path}: malformed resume state: {exc}") from None
         p = state["progress"]
-        self.state = RunState(p["epoch"], p["best_sparse"], p["best_dense"])
+        self.state = RunState(p["epoch"], p["best_sparse"], p["best_dense"], p.get("skip_streak", 0))
         try:  # what the checks above do not foresee is still one line
             self.engine.load_state_dict({**engine_state, "masks": ckpt.masks or None})
             self.optimizer.load_state_dict(state["optimizer"])
@@ -427,6 +446,7 @@ class RunDir:
         best_dense by val top-1. The files are written in the background from snapshots taken here."""
         epoch = row["epoch"]
         ckpt = snapshot(self.model, self.engine, self.settings, self.model_kwargs, epoch + 1, phase.kind, row)
+        refuse_non_finite(ckpt, f"at the end of epoch {epoch}")
         at_target = phase.kind == "sparse" and abs(phase.sparsity - self.settings.sparsity.target) < 1e-9
         best_key = "best_sparse" if at_target else "best_dense" if phase.kind == "dense" else None
         best_path = None
@@ -442,11 +462,12 @@ class RunDir:
         """Rank 0, inside an epoch: a last.* whose saved sums (one per rank) let the epoch go on as if never
         stopped."""
         own = every_rank[0]
+        count = own["count"] or float("nan")  # every step so far skipped: no loss to report, not a loss of 0
         partial = {"epoch": self.state.epoch, "step": step, "phase": phase.kind,
-                   "train_loss": own["loss_sum"].item() / max(own["count"], 1),
-                   "train_top1": own["correct"].item() / max(own["count"], 1)}
+                   "train_loss": own["loss_sum"].item() / count, "train_top1": own["correct"].item() / count}
         ckpt = snapshot(self.model, self.engine, self.settings, self.model_kwargs, self.state.epoch, phase.kind,
                         partial)
+        refuse_non_finite(ckpt, f"at epoch {self.state.epoch}, step {step}")
         ckpt.extra["step"] = step
         state = resume_state(self.state, self.engine, self.optimizer, self.scaler, step, every_rank)
         self._writer.submit(_write_checkpoints, self.path, ckpt, state, None)
@@ -536,7 +557,7 @@ def check_resume_state(state: dict[str, Any], optimizer: torch.optim.Optimizer, 
         if key not in progress:
             raise AcdcError(f"progress.{key} is missing")
     step = progress.get("step", 0)
-    for key, value in (("epoch", progress["epoch"]), ("step", step)):
+    for key, value in (("epoch", progress["epoch"]), ("step", step), ("skip_streak", progress.get("skip_streak", 0))):
         if not _is_int(value) or value < 0:
             raise AcdcError(f"progress.{key} is {_shown(value)}, expected a whole number >= 0")
     for key in ("best_sparse", "best_dense"):
@@ -642,8 +663,8 @@ def _check_totals(every_rank: Any, step: int, world_size: int) -> None:
             if not (isinstance(value, torch.Tensor) and value.numel() == 1 and value.dim() == 0
                     and value.is_floating_point() == (kind == "floating")):
                 raise AcdcError(f"{where}.{key} is {_shown(value)}, expected a single {kind} number")
-        for key in ("step", "count", "skipped"):
-            if not _is_int(totals.get(key)) or totals[key] < 0:
+        for key in ("step", "count", "skipped", "streak"):
+            if (key != "streak" or key in totals) and not (_is_int(totals.get(key)) and totals[key] >= 0):
                 raise AcdcError(f"{where}.{key} is {_shown(totals.get(key))}, expected a whole number >= 0")
         if totals["step"] != step:
             raise AcdcError(f"{where}.step is {totals['step']}, the progress says {step}")

@@ -25,6 +25,7 @@ from torch import nn
 
 from acdc_cli import data as data_mod
 from acdc_cli import distributed, models, runtime
+from acdc_cli.checkpoint import all_finite
 from acdc_cli.config import Settings
 from acdc_cli.distributed import DistInfo
 from acdc_cli.engine import ACDC
@@ -108,7 +109,7 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
             # every rank must hold the same masks from the moment they change
             checksums = runtime.verify_masks(engine.sparsifier.masks, info) if epoch in (phase.start, first) else None
             bundle.train.set_epoch(epoch)
-            totals = totals or EpochTotals.start(device)
+            totals = totals or EpochTotals.start(device, streak=store.state.skip_streak)
             save = functools.partial(store.save_step, phase) if is_main else None
             after_step = functools.partial(_after_step, stop=stop, every=settings.runtime.checkpoint_every_steps,
                                            steps=len(bundle.train), epoch=epoch, save=save)
@@ -117,7 +118,7 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
             if stats is None:
                 preempted = {"signal": stop.name, "epoch": epoch, "step": totals.step}
                 break
-            totals = None
+            store.state.skip_streak, totals = totals.streak, None
             stats = runtime.reduce_train_stats(stats, info)
             val = runtime.evaluate(model, val_loader, device, settings.runtime.amp, info)
             row = {"epoch": epoch, **engine.metrics(), "lr": stats["lr"], "train_loss": stats["train_loss"],
@@ -201,6 +202,46 @@ def raise_if_bad(totals: EpochTotals, epoch: int) -> None:
         raise TrainingFault(f"non-finite loss at epoch {epoch}, step {bad}; the last good checkpoint is kept")
 
 
+class StepUndo:
+    """A copy of all that one training step changes: parameters, buffers (batch-norm statistics) and optimizer
+    state, for ``runtime.nan_policy = "skip"`` to put back."""
+
+    def __init__(self, net: nn.Module, optimizer: torch.optim.Optimizer):
+        self.net, self.optimizer = net, optimizer
+        self.keys = {p: set(s) for p, s in optimizer.state.items()}  # entries a first step creates are dropped
+        state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        self.live = [*net.parameters(), *net.buffers(), *state]
+        self.copies = [t.detach().clone() for t in self.live]
+        self.plain = {(p, k): v for p, s in optimizer.state.items() for k, v in s.items()
+                      if not isinstance(v, torch.Tensor)}
+
+    def finite(self) -> torch.Tensor:
+        """Whether the parameters and buffers are all finite now (a device tensor: nothing waits for it here)."""
+        return all_finite([*self.net.parameters(), *self.net.buffers()])
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        torch._foreach_copy_(self.live, self.copies)  # in place: whatever holds these tensors sees the old values
+        for param in list(self.optimizer.state):
+            if param not in self.keys:
+                del self.optimizer.state[param]
+                continue
+            for key in set(self.optimizer.state[param]) - self.keys[param]:
+                del self.optimizer.state[param][key]
+        for (param, key), value in self.plain.items():
+            self.optimizer.state[param][key] = value
+
+
+def count_skip(totals: EpochTotals, epoch: int, step: int, limit: int) -> None:
+    """One more step skipped; ``limit`` in a row ends the run (exit 1) with the last good checkpoint kept."""
+    totals.skipped += 1
+    totals.streak += 1
+    if totals.streak >= limit:
+        raise TrainingFault(f"{totals.streak} steps in a row skipped for a non-finite loss or weights, the last at "
+                            f"epoch {epoch}, step {step} (runtime.max_skipped_steps = {limit}); the last good "
+                            "checkpoint is kept")
+
+
 def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
     """A well-mixed 63-bit seed per (seed, epoch, step, rank); distinct tuples never share a stream in practice."""
     digest = hashlib.blake2b(f"{seed}/{epoch}/{step}/{rank}".encode(), digest_size=8).digest()
@@ -243,8 +284,8 @@ def train_epoch(
             # dropout's randomness is a function of (seed, epoch, step, rank): a run resumed at any step draws what
             # an uninterrupted one would, and ranks draw differently
             torch.manual_seed(step_seed(settings.runtime.seed, epoch, step, rank))
-            # "skip" must undo the batch-norm statistics a bad forward pass moved
-            buffers = [b.clone() for b in net.buffers()] if skip_bad else []
+            # "skip" must be able to undo all that a bad step moves, the forward pass's batch-norm statistics too
+            undo = StepUndo(net, optimizer) if skip_bad else None
             with runtime.autocast(device, settings.runtime.amp):
                 logits = net(images)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=settings.optim.label_smoothing)
@@ -252,13 +293,15 @@ def train_epoch(
             # also for a step that is skipped: DDP expects every forward to have its backward
             scaler.scale(loss).backward()
             detached = loss.detach()
-            if skip_bad and reduce_int(int(not torch.isfinite(detached))):
-                for buffer, saved in zip(net.buffers(), buffers):
-                    buffer.copy_(saved)
-                totals.skipped += 1
+            scaler.step(optimizer)  # the engine's hooks mask gradients before and weights after
+            scaler.update()
+            # "skip": a non-finite loss, or a finite one whose step broke the weights (a huge loss, an LR far too
+            # high), is undone; every rank agrees (one host sync)
+            if undo is not None and reduce_int(int(not (torch.isfinite(detached) & undo.finite()))):
+                undo.restore()
+                count_skip(totals, epoch, step, settings.runtime.max_skipped_steps)
             else:
-                scaler.step(optimizer)  # the engine's hooks mask gradients before and weights after
-                scaler.update()
+                totals.streak = 0
                 bad_now = (~torch.isfinite(detached)) & (totals.first_bad < 0)
                 totals.first_bad = torch.where(bad_now, torch.full_like(totals.first_bad, step), totals.first_bad)
                 totals.loss_sum += detached.double() * labels.numel()
@@ -277,9 +320,10 @@ def train_epoch(
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - started
     raise_if_bad(totals, epoch)
+    count = totals.count or float("nan")  # every step skipped: no loss to report, not a loss of 0
     return {
-        "train_loss": totals.loss_sum.item() / max(totals.count, 1),
-        "train_top1": totals.correct.item() / max(totals.count, 1),
+        "train_loss": totals.loss_sum.item() / count,
+        "train_top1": totals.correct.item() / count,
         "lr": learning_rate(settings, epoch + (steps - 1) / steps),
         "img_per_s": seen / max(elapsed, 1e-9),
         "skipped_steps": totals.skipped,
