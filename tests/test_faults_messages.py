@@ -4,6 +4,7 @@ are never read as rich markup; JSON output is strict JSON (null, never NaN); a d
 import json
 import math
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -318,3 +319,35 @@ def test_a_malformed_resume_state_is_one_line_before_any_step(stopped_mid_epoch,
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
     assert fails(["train", "--resume", run_dir]) == f"error: {path}: malformed resume state: {expected}"
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# what a run dir without last.safetensors offers; the summary panel
+
+
+def test_a_run_dir_with_best_checkpoints_but_no_last_offers_from_not_force(quick_run, tmp_path):
+    """--force would delete best_*: the message offers a new run from one of them, and that command works."""
+    run_dir = Path(shutil.copytree(quick_run, tmp_path / "run"))
+    for path in [run_dir / "last.safetensors", *run_dir.glob("last.state*.pt")]:
+        path.unlink()
+    line = fails(["train", "--resume", run_dir])
+    assert "--force" not in line
+    best = run_dir / "best_dense.safetensors"
+    assert line.endswith(f"its best checkpoints are kept: start a new run from one with acdc train --from "
+                         f"{shlex.quote(str(best))} --out NEW_DIR"), line
+    result = invoke("train", "--from", best, "--out", tmp_path / "new")
+    assert result.exit_code == 0, result.output
+    assert best.is_file()
+
+
+def test_the_summary_panel_wraps_instead_of_cutting_and_names_tensorboard_only_when_it_ran(quick_run, tmp_path):
+    """On a 60-column pipe every file name is printed whole; log.tensorboard = false (quick_run) prints no
+    TensorBoard command and lists no tb folder."""
+    result = invoke("train", "--resume", Path(shutil.copytree(quick_run, tmp_path / "run")), env={"COLUMNS": "60"})
+    assert result.exit_code == 0, result.output
+    panel = result.stdout[result.stdout.index("acdc run finished"):]
+    assert max(len(line) for line in panel.splitlines()) <= 60
+    names = re.findall(r"[\w.]+", panel[panel.index("files:"):panel.index("run dir:")].replace("│", " "))
+    assert names == ["files", "best_dense.safetensors", "config.toml", "last.safetensors", "last.state.3.pt",
+                     "metrics.jsonl"]
+    assert "tensorboard" not in result.stdout

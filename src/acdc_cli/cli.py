@@ -289,7 +289,8 @@ def train(
         console.print(f"resume with: {resume_command}", markup=False, highlight=False, soft_wrap=True)
     else:
         # the panel quotes the run dir: a path holding "[/]" is text, not markup
-        (err_console(markup=False) if as_json else out_console(markup=False)).print(summary_panel(result))
+        panel = summary_panel(result, settings.log.tensorboard)
+        (err_console(markup=False) if as_json else out_console(markup=False)).print(panel)
 
 
 def _check_model(settings, check_weights: bool) -> None:

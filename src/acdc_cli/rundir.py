@@ -26,6 +26,7 @@ import fcntl
 import math
 import os
 import re
+import shlex
 import shutil
 import sys
 from collections.abc import Iterator
@@ -156,6 +157,12 @@ def saved_settings(run_dir: Path) -> dict[str, Any]:
     if not Path(run_dir).is_dir() or not marker.is_file():
         raise AcdcError(f"{run_dir} is not an acdc run dir (expected {RUN_MARKER} and last.safetensors)")
     if not (Path(run_dir) / "last.safetensors").is_file():
+        best = [Path(run_dir) / name for name in CHECKPOINTS[1:] if (Path(run_dir) / name).is_file()]
+        if best:
+            # --force would delete them: a new run from one keeps them
+            starts = " or ".join(f"acdc train --from {shlex.quote(str(path))} --out NEW_DIR" for path in best)
+            raise AcdcError(f"{run_dir} has no last.safetensors to resume (it stopped before writing one), but its "
+                            f"best checkpoints are kept: start a new run from one with {starts}")
         raise AcdcError(f"{run_dir} has no checkpoint yet (stopped before its first one); start it again with --force")
     return read_toml(marker)
 
@@ -497,7 +504,10 @@ class RunDir:
             best["test_top1"] = evaluate(model, loader, device, amp)["top1"]
 
     def files(self) -> list[Path]:
-        return sorted(p for p in self.path.iterdir() if p.is_file() and not p.name.startswith(".")) + [self.path / "tb"]
+        """The run's files and its TensorBoard folder, if it has one (the lock and temporary files left out)."""
+        tb = self.path / "tb"
+        return (sorted(p for p in self.path.iterdir() if p.is_file() and not p.name.startswith("."))
+                + ([tb] if tb.is_dir() else []))
 
 
 def first_epoch(settings: Settings, from_checkpoint: Path | None, checkpoint_epoch: int) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import gc
 import hashlib
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
 from torch import nn
 
 from acdc_cli import data as data_mod
@@ -342,7 +344,9 @@ def _after_step(totals: EpochTotals, *, stop: StopSignal, every: int, steps: int
     return stopping
 
 
-def summary_panel(result: RunResult) -> Panel:
+def summary_panel(result: RunResult, tensorboard: bool) -> Panel:
+    """What the run left: best checkpoints, final sparsity, files, and the TensorBoard command when it wrote events.
+    Plain text (paths may hold "[/]"), wrapped at the panel's width, never cut."""
     def line(label: str, best: dict[str, Any] | None) -> str:
         if best is None:
             return f"{label}: none"
@@ -355,6 +359,8 @@ def summary_panel(result: RunResult) -> Panel:
         f"final sparsity: {result.final_sparsity:.4f} of prunable weights",
         "files: " + ", ".join(p.name for p in result.files),
         f"run dir: {result.run_dir}",
-        f"tensorboard --logdir {result.run_dir / 'tb'}",
     ]
-    return Panel("\n".join(lines), title="acdc run finished", expand=False)
+    if tensorboard:
+        lines.append(f"tensorboard --logdir {shlex.quote(str(result.run_dir / 'tb'))}")
+    # no_wrap=False: a console that soft-wraps (a pipe) would otherwise crop each line at the panel's border
+    return Panel(Text("\n".join(lines), no_wrap=False, overflow="fold"), title="acdc run finished", expand=False)
