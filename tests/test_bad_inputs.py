@@ -122,7 +122,7 @@ def test_resume_of_a_folder_that_is_not_a_run(tmp_path, kind):
 
 
 def test_resume_of_a_run_without_checkpoint(run_copy):
-    for path in [run_copy / "last.safetensors", *run_copy.glob("last.state*.pt")]:
+    for path in [*run_copy.glob("*.safetensors"), *run_copy.glob("last.state*.pt")]:
         path.unlink()
     before = snapshot(run_copy)
     assert "no checkpoint yet" in fails(["train", "--resume", str(run_copy)])
