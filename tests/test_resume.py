@@ -215,6 +215,9 @@ def test_skip_undoes_steps_that_break_the_weights_and_stops_after_max_skipped_st
     assert load_state(state_path(run_dir))["totals"][0]["streak"] == 9
     assert math.isfinite(ckpt.metrics["train_loss"])
     assert not list(run_dir.glob("best_*")) and read_jsonl(run_dir / "metrics.jsonl") == []
+    # the streak is part of the run: resumed, the next skip is the 10th
+    line = fails(["train", "--resume", run_dir], code=1)
+    assert f"10 steps in a row skipped for a non-finite loss or weights, the last at epoch 0, step {last}" in line
 
 
 def test_an_all_skipped_epoch_has_no_loss_and_the_streak_goes_on_across_epochs(tmp_path, monkeypatch):
