@@ -202,7 +202,7 @@ def test_resume_on_a_read_only_file_system_with_a_stale_temp_is_one_line(quick_r
               f'exec "{sys.executable}" -m acdc_cli train --resume "{run_dir}"')
     proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr
-    # the first file the resume writes (config.toml or metrics.jsonl) names the problem
+    # the first file the resume writes (its lock file, config.toml or metrics.jsonl) names the problem
     assert re.fullmatch(rf"error: cannot write {re.escape(str(run_dir))}/[\w.]+: Read-only file system",
                         proc.stderr.strip()), proc.stderr
 
@@ -260,7 +260,7 @@ def test_resume_keeps_every_valid_row_and_sets_damaged_lines_aside(quick_run, tm
     assert result.exit_code == 0, result.output
     assert [row["epoch"] for row in read_jsonl(metrics)] == [0, 2]
     assert (run_dir / "metrics.jsonl.damaged").read_bytes() == damage + b"\n"
-    notes = [line for line in result.stdout.splitlines() if "damaged" in line]
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note:") and "damaged" in line]
     assert notes == [f"note: 1 damaged line(s) of {metrics} set aside in {metrics}.damaged"]
     assert all(math.isfinite(row["val_top1"]) for row in read_jsonl(metrics))
 
@@ -286,7 +286,9 @@ def _wrong_shape(state):
 
 @pytest.mark.parametrize("damage,expected", [
     (lambda s: s["progress"].update(best_dense="oops"),
-     "progress.best_dense is 'oops', expected none or {epoch, val_top1}"),
+     "progress.best_dense is 'oops', expected none or {epoch, split, val_top1}"),
+    (lambda s: s["progress"].update(best_dense={"epoch": 0, "split": "test", "test_top1": 0.5}),
+     "progress.best_dense.split is 'test', this run selects on val"),
     (lambda s: s["progress"].update(best_dense={"epoch": 0, "val_top1": "high"}),
      "progress.best_dense.val_top1 is 'high', expected a fraction 0..1"),
     (lambda s: s["progress"].update(epoch=1.0), "progress.epoch is 1.0, expected a whole number >= 0"),

@@ -57,7 +57,11 @@ class DataSettings(_Section):
     eval_batch_size: int = Field(
         512, gt=0, le=MAX_BATCH_SIZE, description="batch size for validation and test passes"
     )
-    val_size: int = Field(270, ge=1, description="images held out of the training split for validation (model selection)")
+    val_size: int = Field(
+        270, ge=0, description="images held out of the training split for per-epoch validation and model selection "
+        "(0: every training image trains; per-epoch metrics and model selection use the test split, as the paper's "
+        "runs)"
+    )
     augment: bool = Field(True, description="dataset's standard training augmentation (crop + flip)")
     random_labels: int = Field(0, ge=0, description="memorization: this many training images get random labels")
     num_workers: int | None = Field(

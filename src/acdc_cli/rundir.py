@@ -11,8 +11,9 @@ Files of a run dir::
                                      weights_only): progress, optimizer, engine (its masks are those of
                                      last.safetensors), gradient scaler, and mid-epoch every rank's sums so far
     .acdc.lock                       held (flock) by the process writing the run; holds its PID
-    best_sparse.safetensors          best val top-1 in a compressed phase at the target sparsity
-    best_dense.safetensors           best val top-1 in a dense epoch
+    best_sparse.safetensors          best val top-1 in a compressed phase at the target sparsity (test top-1 when
+                                     data.val_size = 0: the paper's protocol)
+    best_dense.safetensors           best val (or test) top-1 in a dense epoch
 
 Rank 0 writes every file, in a background thread from host snapshots, so training goes on meanwhile; writes are
 atomic (checkpoint.py), and the (weights, state) pair is replaced so that a complete pair is always on disk
@@ -55,6 +56,7 @@ from acdc_cli.checkpoint import (
     save_state,
 )
 from acdc_cli.config import Settings, read_toml
+from acdc_cli.data import selection_split
 from acdc_cli.distributed import DistInfo
 from acdc_cli.engine import ACDC, STATE_FORMAT
 from acdc_cli.errors import AcdcError, TrainingFault
@@ -115,9 +117,12 @@ def run_lock(run_dir: Path, *, for_ranks: bool = False) -> Iterator[None]:
     run_dir = Path(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     except OSError as exc:
         raise AcdcError(f"cannot write to run dir {run_dir}: {exc.strerror or exc}") from None
+    try:
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        raise AcdcError(f"cannot write {run_dir / LOCK_FILE}: {exc.strerror or exc}") from None
     launcher = os.environ.get(LAUNCHER_LOCK_ENV)
     try:
         try:
@@ -176,7 +181,9 @@ class RunState:
     """The run's progress besides weights, masks, optimizer and engine state."""
 
     epoch: int = 0  # epochs completed
-    best_sparse: dict[str, Any] | None = None  # {"epoch", "val_top1"}
+    # {"epoch", "split", "<split>_top1"}: split "val", or "test" when data.val_size = 0 (states written before the
+    # split was recorded hold no "split": val)
+    best_sparse: dict[str, Any] | None = None
     best_dense: dict[str, Any] | None = None
     skip_streak: int = 0  # steps skipped in a row when the last epoch ended (runtime.nan_policy = "skip")
 
@@ -248,7 +255,8 @@ def snapshot(model: nn.Module, engine: ACDC, settings: Settings, model_kwargs: d
         epoch=epoch,
         phase=phase,
         metrics=host_copy(metrics),
-        extra={"preset": settings.preset, "paper_top1": settings.paper_top1, "kind": "train"},
+        extra={"preset": settings.preset, "paper_top1": settings.paper_top1, "kind": "train",
+               "selection_split": selection_split(settings)},
     )
 
 
@@ -391,7 +399,8 @@ class RunDir:
             raise AcdcError(f"{self.path} stopped mid-epoch in a run of {len(every_rank)} process(es); resume it "
                             f"with as many (this run has {self.info.world_size}), or from an epoch-end checkpoint")
         try:
-            engine_state = check_resume_state(state, self.optimizer, self.engine, self.info.world_size)
+            engine_state = check_resume_state(state, self.optimizer, self.engine, self.info.world_size,
+                                              selection_split(self.settings))
         except AcdcError as exc:
             raise AcdcError(f"{path}: malformed resume state: {exc}") from None
         p = state["progress"]
@@ -450,7 +459,8 @@ class RunDir:
 
     def save_epoch(self, phase: Phase, row: dict[str, Any]) -> None:
         """Rank 0, at an epoch's end: last every epoch; best_sparse (compressed phase at the target sparsity) and
-        best_dense by val top-1. The files are written in the background from snapshots taken here."""
+        best_dense by top-1 on the run's selection split (val; test when data.val_size = 0). The files are written in
+        the background from snapshots taken here."""
         epoch = row["epoch"]
         ckpt = snapshot(self.model, self.engine, self.settings, self.model_kwargs, epoch + 1, phase.kind, row)
         refuse_non_finite(ckpt, f"at the end of epoch {epoch}")
@@ -458,9 +468,11 @@ class RunDir:
         best_key = "best_sparse" if at_target else "best_dense" if phase.kind == "dense" else None
         best_path = None
         if best_key is not None:
+            split = selection_split(self.settings)
+            top1 = f"{split}_top1"
             best = getattr(self.state, best_key)
-            if best is None or row["val_top1"] > best["val_top1"]:
-                setattr(self.state, best_key, {"epoch": epoch, "val_top1": row["val_top1"]})
+            if best is None or row[top1] > best[top1]:
+                setattr(self.state, best_key, {"epoch": epoch, "split": split, top1: row[top1]})
                 best_path = self.path / f"{best_key}.safetensors"
         state = resume_state(self.state, self.engine, self.optimizer, self.scaler)
         self._writer.submit(_write_checkpoints, self.path, ckpt, state, best_path)
@@ -492,13 +504,13 @@ class RunDir:
 
     def test_best(self, loader: Any, device: torch.device, amp: str | bool) -> None:
         """Evaluate the best sparse and best dense checkpoints on the test split; adds ``test_top1`` to their
-        records in :attr:`state`."""
+        records in :attr:`state`. Records chosen on the test split hold it already."""
         from acdc_cli.evaluate import evaluate
 
         for key in ("best_sparse", "best_dense"):
             best = getattr(self.state, key)
             path = self.path / f"{key}.safetensors"
-            if best is None or not path.exists() or loader is None:
+            if best is None or "test_top1" in best or not path.exists() or loader is None:
                 continue
             model = build_model(load_checkpoint(path)).to(device)
             best["test_top1"] = evaluate(model, loader, device, amp)["top1"]
@@ -556,10 +568,11 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def check_resume_state(state: dict[str, Any], optimizer: torch.optim.Optimizer, engine: ACDC,
-                       world_size: int) -> dict[str, Any]:
+def check_resume_state(state: dict[str, Any], optimizer: torch.optim.Optimizer, engine: ACDC, world_size: int,
+                       split: str) -> dict[str, Any]:
     """Raise an AcdcError naming the first thing of a resume state that this run cannot continue from: a missing
-    entry, a wrong type, an optimizer state that does not fit the model. Returns the engine part of the state."""
+    entry, a wrong type, an optimizer state that does not fit the model. ``split``: the one the run selects its best
+    checkpoints on (val, or test when data.val_size = 0). Returns the engine part of the state."""
     progress = state.get("progress")
     if not isinstance(progress, dict):
         raise AcdcError(f"progress is {_shown(progress)}, expected a table")
@@ -575,10 +588,12 @@ def check_resume_state(state: dict[str, Any], optimizer: torch.optim.Optimizer, 
         if best is None:
             continue
         if not isinstance(best, dict) or not _is_int(best.get("epoch")) or best["epoch"] < 0:
-            raise AcdcError(f"progress.{key} is {_shown(best)}, expected none or {{epoch, val_top1}}")
-        for metric in ("val_top1", "test_top1"):
-            if (metric in best or metric == "val_top1") and not (_is_real(best.get(metric)) and
-                                                                 0 <= best[metric] <= 1):
+            raise AcdcError(f"progress.{key} is {_shown(best)}, expected none or {{epoch, split, {split}_top1}}")
+        if best.get("split", "val") != split:  # records of states written before the split was recorded: val
+            raise AcdcError(f"progress.{key}.split is {_shown(best.get('split'))}, this run selects on {split}")
+        for metric in (f"{split}_top1", "test_top1"):
+            if (metric in best or metric == f"{split}_top1") and not (_is_real(best.get(metric))
+                                                                       and 0 <= best[metric] <= 1):
                 raise AcdcError(f"progress.{key}.{metric} is {_shown(best.get(metric))}, expected a fraction 0..1")
     _check_optimizer(state.get("optimizer"), optimizer)
     scaler = state.get("scaler")

@@ -33,6 +33,7 @@ from acdc_cli.distributed import DistInfo
 from acdc_cli.engine import ACDC
 from acdc_cli.errors import AcdcError, TrainingFault
 from acdc_cli.evaluate import evaluate_memorized
+from acdc_cli.flops import si
 from acdc_cli.metrics import MetricsLogger
 from acdc_cli.preemption import StopSignal, reduce_int
 from acdc_cli.rundir import EpochTotals, RunDir, first_epoch, gather_totals
@@ -47,6 +48,9 @@ class RunResult:
     final_sparsity: float
     files: list[Path] = field(default_factory=list)
     preempted: dict[str, Any] | None = None  # {"signal", "epoch", "step"} of the checkpoint a signal stopped at
+    # {"inference": {"dense", "sparse", "ratio"} per image of the final model, "train": {"flops", "dense_flops",
+    # "ratio"} of the run, None when it resumed from a state written before FLOPs were counted}
+    flops: dict[str, Any] | None = None
 
 
 def run(settings: Settings, run_dir: Path, *, resume: bool = False, from_checkpoint: Path | None = None,
@@ -86,8 +90,11 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
     net = runtime.prepare_model(model, settings, info)
     optimizer = build_optimizer(model, settings)
     engine = ACDC.from_settings(settings, model, optimizer)
+    engine.count_flops((bundle.in_channels, bundle.image_size, bundle.image_size))
     scaler = runtime.grad_scaler(device, settings.runtime.amp)
-    val_loader = runtime.shard_for_eval(bundle.val, info)
+    # data.val_size = 0 is the paper's protocol: the test split is measured every epoch and picks the best checkpoints
+    split = data_mod.selection_split(settings)
+    eval_loader = runtime.shard_for_eval(bundle.val if split == "val" else bundle.test, info)
     _note_dense_layers(engine, settings, console, is_main)
 
     store = RunDir(run_dir, settings, model_kwargs, model, engine, optimizer, scaler, info)
@@ -122,10 +129,11 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
                 break
             store.state.skip_streak, totals = totals.streak, None
             stats = runtime.reduce_train_stats(stats, info)
-            val = runtime.evaluate(model, val_loader, device, settings.runtime.amp, info)
+            engine.end_epoch(bundle.train.num_samples * info.world_size)  # the images every rank really trained
+            scores = runtime.evaluate(model, eval_loader, device, settings.runtime.amp, info)
             row = {"epoch": epoch, **engine.metrics(), "lr": stats["lr"], "train_loss": stats["train_loss"],
-                   "train_top1": stats["train_top1"], "val_loss": val["loss"], "val_top1": val["top1"],
-                   "val_top5": val["top5"], "mask_checksums": checksums, "img_per_s": stats["img_per_s"],
+                   "train_top1": stats["train_top1"], f"{split}_loss": scores["loss"], f"{split}_top1": scores["top1"],
+                   f"{split}_top5": scores["top5"], "mask_checksums": checksums, "img_per_s": stats["img_per_s"],
                    "skipped_steps": stats["skipped_steps"]}
             if bundle.memorized is not None:
                 row.update(evaluate_memorized(model, bundle.memorized, device, settings.runtime.amp))
@@ -148,7 +156,8 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
             logger.close()
 
     state = store.state
-    result = RunResult(run_dir, state.best_sparse, state.best_dense, engine.sparsity(), preempted=preempted)
+    result = RunResult(run_dir, state.best_sparse, state.best_dense, engine.sparsity(), preempted=preempted,
+                       flops=_flops_summary(engine))
     if is_main and preempted is None:
         store.test_best(bundle.test, device, settings.runtime.amp)
     if is_main:
@@ -344,12 +353,20 @@ def _after_step(totals: EpochTotals, *, stop: StopSignal, every: int, steps: int
     return stopping
 
 
+def _flops_summary(engine: ACDC) -> dict[str, Any]:
+    run = engine.train_flops
+    train = {"flops": run.flops, "dense_flops": run.dense_flops, "ratio": run.ratio} if run is not None else None
+    return {"inference": engine.flops().as_dict(), "train": train}
+
+
 def summary_panel(result: RunResult, tensorboard: bool) -> Panel:
-    """What the run left: best checkpoints, final sparsity, files, and the TensorBoard command when it wrote events.
-    Plain text (paths may hold "[/]"), wrapped at the panel's width, never cut."""
+    """What the run left: best checkpoints, final sparsity, FLOPs, files, and the TensorBoard command when it wrote
+    events. Plain text (paths may hold "[/]"), wrapped at the panel's width, never cut."""
     def line(label: str, best: dict[str, Any] | None) -> str:
         if best is None:
             return f"{label}: none"
+        if best.get("split") == "test":  # data.val_size = 0: the paper's protocol
+            return f"{label}: test top-1 {best['test_top1']:.4f} (epoch {best['epoch']}; chosen on the test split)"
         test = f", test top-1 {best['test_top1']:.4f}" if "test_top1" in best else ""
         return f"{label}: val top-1 {best['val_top1']:.4f} (epoch {best['epoch']}){test}"
 
@@ -357,6 +374,7 @@ def summary_panel(result: RunResult, tensorboard: bool) -> Panel:
         line("best sparse", result.best_sparse),
         line("best dense ", result.best_dense),
         f"final sparsity: {result.final_sparsity:.4f} of prunable weights",
+        *_flops_lines(result.flops),
         "files: " + ", ".join(p.name for p in result.files),
         f"run dir: {result.run_dir}",
     ]
@@ -364,3 +382,16 @@ def summary_panel(result: RunResult, tensorboard: bool) -> Panel:
         lines.append(f"tensorboard --logdir {shlex.quote(str(result.run_dir / 'tb'))}")
     # no_wrap=False: a console that soft-wraps (a pipe) would otherwise crop each line at the panel's border
     return Panel(Text("\n".join(lines), no_wrap=False, overflow="fold"), title="acdc run finished", expand=False)
+
+
+def _flops_lines(flops: dict[str, Any] | None) -> list[str]:
+    """The paper's cost claim: multiply-accumulates of the final model per image, and of the whole run, to dense."""
+    if flops is None:
+        return []
+    now, run = flops["inference"], flops["train"]
+    lines = [f"inference FLOPs: {si(now['sparse'])} per image, {now['ratio']:.4f} × dense ({si(now['dense'])})"]
+    if run is None:
+        lines.append("training FLOPs: not known (resumed from a checkpoint of an acdc that did not count them)")
+    else:
+        lines.append(f"training FLOPs: {si(run['flops'])}, {run['ratio']:.4f} × the same run dense")
+    return lines
