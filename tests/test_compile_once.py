@@ -19,6 +19,7 @@ from rich.console import Console
 from acdc_cli import train
 from acdc_cli.config import load_settings
 from acdc_cli.metrics import read_jsonl
+from acdc_cli.rundir import state_path
 
 DIGITS_TRAIN, BATCH, VAL, EVAL_BATCH = 1257, 64, 270, 100  # the quickstart's split; 1257 = 19 x 64 + 41
 
@@ -92,5 +93,5 @@ def test_eval_every_evaluates_every_nth_epoch_and_each_phase_end(tmp_path, monke
         # no evaluation changes training: the same weights, the same training metrics
         for key in ("train_loss", "train_top1", "sparsity", "lr", "phase"):
             assert b[key] == a[key], (b["epoch"], key)
-    state = torch.load(tmp_path / "fourth" / "last.state.pt", weights_only=True)["progress"]
+    state = torch.load(state_path(tmp_path / "fourth"), weights_only=True)["progress"]
     assert state["best_sparse"]["epoch"] in (3, 4, 7) and state["best_dense"]["epoch"] in (2, 5)

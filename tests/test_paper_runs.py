@@ -59,10 +59,12 @@ def test_resnet20_memorization_logs_memorized_accuracy_every_epoch(tmp_path):
     data = write_cifar10(tmp_path / "cifar")
     run = tmp_path / "run"
     _train("--preset", "resnet20-cifar10-memorization-90", "--data-dir", str(data), "--out", str(run),
-           overrides=["data.random_labels=40", "data.val_size=50", "data.batch_size=64", "log.per_layer=false",
-                      *SHORT_ACDC])
+           overrides=["data.random_labels=40", "data.batch_size=50", "log.per_layer=false", *SHORT_ACDC])
     rows = read_jsonl(run / "metrics.jsonl")
     assert len(rows) == 5 and rows[-1]["sparsity"] == pytest.approx(0.9, abs=1e-4)
+    # the preset's protocol is the reference's: all 250 training images train, the test split is measured
+    assert all("test_top1" in row and "val_top1" not in row for row in rows)
+    assert rows[0]["train_flops"] == 3 * rows[0]["inference_flops"] * 250
     for row in rows:
         # 40 samples: every value is a whole number of them
         assert (row["memorized_top1"] * 40) == pytest.approx(round(row["memorized_top1"] * 40))
@@ -74,7 +76,8 @@ def test_resnet20_memorization_logs_memorized_accuracy_every_epoch(tmp_path):
 
     settings = load_settings(config=run / "config.toml")
     _, labels = cifar.load("cifar10", data)["train"]
-    train_i, _ = split_val(len(labels), 50, settings.runtime.seed)
+    train_i, _ = split_val(len(labels), settings.data.val_size, settings.runtime.seed)
+    assert settings.data.val_size == 0 and torch.equal(train_i, torch.arange(250))  # picked among all 250
     positions, random_labels = select_random_labels(train_i, 40, 10, settings.runtime.seed)
     true_labels = labels[train_i[positions]]
     assert (random_labels != true_labels).sum() >= 30  # the two label sets really differ

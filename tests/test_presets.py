@@ -302,6 +302,18 @@ def test_preset_files_open_with_their_command_source_and_differences():
             assert f"{100 * paper:.2f}".rstrip("0") in header, name
 
 
+def test_paper_presets_train_on_every_image_and_pin_no_worker_count():
+    """The reference trains on the whole training set and measures the test split every epoch
+    (policies/manager.py), so data.val_size = 0 is no difference to keep and no header lists one; the loader workers
+    are the machine's business (the reference's run_imagenet_*.sh pass --workers=20 for their machine), so no preset
+    pins data.num_workers."""
+    for name in EXPECTED:
+        settings = load_settings(preset=name)
+        assert settings.data.val_size == 0 and settings.data.num_workers is None, name
+        header = [line for line in preset_path(name).read_text().splitlines() if line.startswith("#")]
+        assert not [line for line in header if line.startswith("# - data:")], name
+
+
 def test_presets_command_lists_every_preset():
     result = CliRunner().invoke(app, ["presets", "--json"])
     assert result.exit_code == 0, result.output

@@ -1,5 +1,6 @@
 """Promises of the README that cut across commands: `acdc eval --data-dir` on CIFAR and ImageFolder checkpoints
-whose data moved, the default held-out validation split, and `--download` never used unless asked for."""
+whose data moved, the paper presets' protocol and the held-out split one --set away, and `--download` never used
+unless asked for."""
 
 import shutil
 from pathlib import Path
@@ -52,19 +53,22 @@ def test_eval_data_dir_finds_data_that_moved(tmp_path, kind):
         assert invoke_json("eval", ckpt, "--split", split, "--data-dir", new) == before[split]
 
 
-def test_presets_hold_out_the_validation_split_the_readme_names():
-    """data.val_size: 5,000 CIFAR images and 10,000 ImageNet images in every paper preset."""
-    expected = {"cifar10": 5000, "cifar100": 5000, "imagenet": 10000}
+def test_paper_presets_use_the_references_protocol_and_the_quickstart_holds_out_val():
+    """data.val_size = 0 in every paper preset (train on every training image, measure and select on the test
+    split); the quickstart keeps its held-out validation split."""
     for name in preset_names():
         settings = load_settings(preset=name)
-        if settings.data.name in expected:
-            assert settings.data.val_size == expected[settings.data.name], name
+        assert settings.data.val_size == (270 if name == "quickstart" else 0), name
 
 
-def test_the_default_cifar_split_holds_out_5000_training_images(tmp_path):
+def test_set_val_size_5000_holds_out_5000_training_images(tmp_path):
+    """README, Reproducing the paper: `--set data.val_size=5000` for an honest held-out protocol."""
     write_cifar100(tmp_path, train=5250, test=10)
-    bundle = build(load_settings(preset="wrn-cifar100-95", overrides=[f"data.dir='{tmp_path}'"]), CPU)
+    bundle = build(load_settings(preset="wrn-cifar100-95", overrides=[f"data.dir='{tmp_path}'",
+                                                                      "data.val_size=5000"]), CPU)
     assert (len(bundle.val.labels), len(bundle.train.labels), len(bundle.test.labels)) == (5000, 250, 10)
+    everything = build(load_settings(preset="wrn-cifar100-95", overrides=[f"data.dir='{tmp_path}'"]), CPU)
+    assert everything.val is None and len(everything.train.labels) == 5250
 
 
 def test_download_is_never_used_unless_asked_for(tmp_path, monkeypatch):

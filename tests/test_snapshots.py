@@ -21,6 +21,7 @@ from acdc_cli.checkpoint import (
     _split_at,
     load_checkpoint,
     load_state,
+    read_metadata,
     safetensors_pieces,
     save_safetensors,
     save_state,
@@ -134,7 +135,7 @@ def test_each_save_waits_for_the_previous_write_before_reusing_its_buffers(tmp_p
     def spy(run_dir, ckpt, state, best_path):
         real_write(run_dir, ckpt, state, best_path)
         written.append((load_checkpoint(run_dir / "last.safetensors").weights,
-                        load_state(run_dir / "last.state.pt")["optimizer"]))
+                        load_state(run_dir / read_metadata(run_dir / "last.safetensors")["resume_state"])["optimizer"]))
 
     monkeypatch.setattr(rundir, "_write_checkpoints", spy)
     dense = Phase(0, 5, "dense", 0.0)

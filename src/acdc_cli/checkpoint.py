@@ -16,7 +16,7 @@ import struct
 import tempfile
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from torch import nn
 import acdc_cli
 from acdc_cli import testing_hooks
 from acdc_cli.errors import AcdcError
+from acdc_cli.metrics import finite_or_null
 
 CHECKPOINT_FORMAT = "acdc-checkpoint"
 # bytes, a memoryview or a NumPy uint8 array: anything memoryview() reads (collections.abc.Buffer is Python 3.12+)
@@ -130,6 +131,20 @@ def host_copy(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(host_copy(v) for v in value)
     return value
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Whether every value of the floating-point ``tensors`` (all on one device) is finite, as a 0-dim bool tensor
+    on that device: nothing waits for it until it is read. One fused pass per dtype: a tensor's largest magnitude is
+    NaN or infinite exactly when one of its values is (and, unlike a sum, never overflows)."""
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        if tensor.is_floating_point() and tensor.numel():
+            groups.setdefault(tensor.dtype, []).append(tensor.detach())
+    verdicts = [torch.stack(torch._foreach_norm(group, float("inf"))).isfinite().all() for group in groups.values()]
+    if not verdicts:
+        return torch.ones((), dtype=torch.bool)
+    return torch.stack(verdicts).all() if len(verdicts) > 1 else verdicts[0]
 
 
 class HostSnapshot:
@@ -237,7 +252,9 @@ class BackgroundWriter:
 
 def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
     """Write tensors (made contiguous, on CPU) with metadata values encoded as JSON strings."""
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    # strict JSON: a non-finite number (a diverged metric) is written as null, never as bare NaN
+    meta = {k: v if isinstance(v, str) else json.dumps(finite_or_null(v), allow_nan=False)
+            for k, v in metadata.items()}
     atomic_write_bytes(path, safetensors_pieces({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta))
 
 

@@ -204,7 +204,7 @@ def train(
     in about ten seconds. Settings resolve as: defaults < preset < --config < ACDC_SECTION__KEY env < flags/--set.
     """
     from acdc_cli.config import load_settings, merge_layer
-    from acdc_cli.rundir import default_run_dir, prepare_run_dir, saved_settings
+    from acdc_cli.rundir import check_new_run_dir, default_run_dir, prepare_run_dir, run_lock, saved_settings
     from acdc_cli.train import run, summary_panel
 
     flags = {"data.dir": str(data_dir) if data_dir else None, "runtime.device": device, "runtime.seed": seed,
@@ -240,6 +240,9 @@ def train(
         if settings.data.name in ("cifar10", "cifar100", "imagenet") and settings.data.dir is None:
             raise AcdcError(f"data.dir is not set: {settings.data.name} needs --data-dir PATH")
         if resume is None:
+            check_new_run_dir(run_dir, force)  # before the lock file is made in it
+        ctx.with_resource(run_lock(run_dir, for_ranks=True))  # held until this command returns
+        if resume is None:
             prepare_run_dir(run_dir, force)
         # every rank gets this command's options, the run dir fixed here, and no --nproc
         argv = (["--debug"] if _state["debug"] else []) + ["train", *_forward_options(ctx, {"nproc", "out"})]
@@ -253,6 +256,10 @@ def train(
 
     # under torchrun only rank 0 touches the run dir and prints
     is_main = env_rank() == 0
+    if resume is None and is_main:
+        check_new_run_dir(run_dir, force)  # before the lock file is made in it
+    if is_main:
+        ctx.with_resource(run_lock(run_dir))  # held until this command returns
     if resume is None and is_main:
         prepare_run_dir(run_dir, force)
     console = err_console() if as_json else out_console()
@@ -270,6 +277,7 @@ def train(
             "best_sparse": result.best_sparse,
             "best_dense": result.best_dense,
             "final_sparsity": result.final_sparsity,
+            "flops": result.flops,
             "files": [str(p) for p in result.files],
             "preempted": result.preempted,
             "resume_command": resume_command if result.preempted else None,
@@ -282,7 +290,8 @@ def train(
         console.print(f"resume with: {resume_command}", markup=False, highlight=False, soft_wrap=True)
     else:
         # the panel quotes the run dir: a path holding "[/]" is text, not markup
-        (err_console(markup=False) if as_json else out_console(markup=False)).print(summary_panel(result))
+        panel = summary_panel(result, settings.log.tensorboard)
+        (err_console(markup=False) if as_json else out_console(markup=False)).print(panel)
 
 
 def _check_model(settings, check_weights: bool) -> None:
@@ -533,6 +542,16 @@ def _nm_text(valid: bool | None) -> str:
     return "[green]yes[/]" if valid else "[red]no[/]"
 
 
+def _flops_text(flops: dict[str, Any] | None, note: str | None) -> str:
+    """Inference multiply-accumulates per image as the paper counts them, or why there are none."""
+    from acdc_cli.flops import si
+
+    if flops is None:
+        return f"- ({note})"
+    shape = "×".join(map(str, flops["input_shape"]))
+    return f"{si(flops['sparse'])} per {shape} image, {flops['ratio']:.4f} × dense ({si(flops['dense'])})"
+
+
 @app.command("eval")
 @user_errors
 def eval_cmd(
@@ -545,8 +564,10 @@ def eval_cmd(
         typer.Option("--data-dir", "-d", help="Dataset folder (default: the one saved in the checkpoint; digits need none)."),
     ] = None,
     split: Annotated[
-        str, typer.Option("--split", help="val (held out of the training split, as during training) or test.")
-    ] = "val",
+        Optional[str], typer.Option("--split", help="val (held out of the training split) or test (default: the "
+                                                    "split the run measured every epoch: val, or test for a run "
+                                                    "with data.val_size = 0).")
+    ] = None,
     batch_size: Annotated[
         Optional[int], typer.Option("--batch-size", "-b", min=1, help="Images per batch (default: data.eval_batch_size).")
     ] = None,
@@ -595,8 +616,10 @@ def eval_cmd(
     table.add_row("top-5", _pct(result["top5"]))
     table.add_row("loss", f"{result['loss']:.4f}")
     table.add_row("sparsity", f"{_pct(result['sparsity'])} of prunable weights")
-    if result["split"] == "val" and result["recorded_val_top1"] is not None:
-        table.add_row("val top-1 recorded in training", _pct(result["recorded_val_top1"]))
+    table.add_row("FLOPs", escape(_flops_text(result["flops"], result["flops_note"])))
+    recorded = result[f"recorded_{result['split']}_top1"]
+    if recorded is not None:
+        table.add_row(f"{result['split']} top-1 recorded in training", _pct(recorded))
     if result["paper_top1"] is not None:
         table.add_row("paper top-1", f"{_pct(result['paper_top1'])} ({100 * result['paper_diff']:+.2f} points)")
     else:
@@ -804,7 +827,7 @@ def inspect_cmd(
                                       f"{_epochs_done(meta.get('epoch'))}, {meta.get('phase')}"))
         table.add_row("acdc version", escape(str(meta.get("acdc_version"))))
         metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
-        keys = ("val_top1", "val_top5", "val_loss", "train_top1", "sparsity")
+        keys = ("val_top1", "val_top5", "val_loss", "test_top1", "test_top5", "test_loss", "train_top1", "sparsity")
         shown = [f"{k} {metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), (int, float))]
         if shown:
             table.add_row("recorded metrics", ", ".join(shown))
@@ -815,6 +838,7 @@ def inspect_cmd(
                               f"in {len(info['layers'])} layers")
     table.add_row("size", f"{_size(info['size_bytes'])}, {info['ratio_to_dense']:.3f} × the same stored dense "
                           f"({_size(info['dense_bytes'])})")
+    table.add_row("FLOPs", escape(_flops_text(info["flops"], info["flops_note"])))
     console = out_console()
     console.print(table)
     if layers:

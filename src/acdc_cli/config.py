@@ -57,7 +57,11 @@ class DataSettings(_Section):
     eval_batch_size: int = Field(
         512, gt=0, le=MAX_BATCH_SIZE, description="batch size for validation and test passes"
     )
-    val_size: int = Field(270, ge=1, description="images held out of the training split for validation (model selection)")
+    val_size: int = Field(
+        270, ge=0, description="images held out of the training split for per-epoch validation and model selection "
+        "(0: every training image trains; per-epoch metrics and model selection use the test split, as the paper's "
+        "runs)"
+    )
     augment: bool = Field(True, description="dataset's standard training augmentation (crop + flip)")
     random_labels: int = Field(0, ge=0, description="memorization: this many training images get random labels")
     num_workers: int | None = Field(
@@ -255,7 +259,12 @@ class RuntimeSettings(_Section):
         0, ge=0, description="also write last.* every N training steps, for mid-epoch resume (0: epoch ends only)"
     )
     nan_policy: Literal["stop", "skip"] = Field(
-        "stop", description="non-finite loss: stop the run (exit 1), or skip the step (one host sync per step)"
+        "stop", description="a non-finite loss or weights: stop the run (exit 1), or skip the step (undone: weights, "
+        "optimizer state, batch-norm statistics; one host sync and one copy of them per step)"
+    )
+    max_skipped_steps: int = Field(
+        10, ge=1, le=10**6, description="nan_policy 'skip': stop the run (exit 1) after this many steps in a row "
+        "are skipped (steps)"
     )
 
     @field_validator("amp", mode="before")

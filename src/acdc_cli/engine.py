@@ -9,6 +9,9 @@ same object::
         for x, y in loader:
             ...; optimizer.step()         # step hooks zero pruned gradients before and pruned weights after
 
+FLOPs as the paper counts them are optional: ``acdc.count_flops((3, 32, 32))`` once, ``acdc.end_epoch(images)`` after
+each epoch, and ``acdc.metrics()`` carries the inference and cumulative training cost beside the sparsity.
+
 The masking runs in ``optimizer.register_step_pre_hook`` / ``register_step_post_hook``, so it holds for any
 ``torch.optim`` optimizer, under a ``GradScaler`` (a skipped step changes nothing: an unfused optimizer's step is not
 called, a fused one is called with ``found_inf`` and updates nothing), and for DistributedDataParallel or
@@ -43,6 +46,7 @@ from acdc_cli.config import (
     read_toml,
 )
 from acdc_cli.errors import AcdcError
+from acdc_cli.flops import InferenceFlops, TrainingFlops, inference_flops, output_positions
 from acdc_cli.sparsity.schedule import Phase, momentum_resets, phase_at, plan
 from acdc_cli.sparsity.sparsifier import Sparsifier
 
@@ -162,6 +166,9 @@ class ACDC:
         # the sparsifier's mask version whose masks the optimizer's momentum buffers hold; None: not known to hold
         # any (masks changed, or the optimizer's state was replaced since)
         self._masked_version: int | None = None
+        self._positions: dict[str, int] | None = None  # output positions per counted layer, once count_flops ran
+        # the training cost of the epochs passed to end_epoch; None when a loaded state predates FLOPs counting
+        self._train_flops: TrainingFlops | None = TrainingFlops()
         self._hooks = [optimizer.register_step_pre_hook(self._before_step),
                        optimizer.register_step_post_hook(self._after_step),
                        optimizer.register_load_state_dict_post_hook(self._after_optimizer_load)]
@@ -229,6 +236,36 @@ class ACDC:
         self._held = dict(masks)
         return True
 
+    def count_flops(self, input_shape: tuple[int, ...]) -> None:
+        """Count FLOPs from now on, for images of ``input_shape`` (channels, height, width): one forward pass of a
+        zero image, in eval mode without gradients, finds each conv and linear layer's output positions.
+        :meth:`metrics` then reports ``inference_flops`` and, with :meth:`end_epoch`, ``train_flops``."""
+        self._positions = output_positions(self.model, tuple(input_shape))
+
+    def end_epoch(self, images: int) -> None:
+        """Add an epoch that trained ``images`` images (all ranks together) to the training FLOPs, at the cost of
+        the model as it is now: dense in a dense phase, with its zeros skipped in a compressed one (as the
+        reference counts after every epoch). Needs :meth:`count_flops`."""
+        if self._positions is None:
+            raise RuntimeError("call count_flops(input_shape) before end_epoch")
+        if self._phase is None:
+            raise RuntimeError("end_epoch before any start_epoch")
+        if self._train_flops is not None:
+            self._train_flops = self._train_flops.add_epoch(self._phase.kind, self.flops(), images)
+
+    def flops(self) -> InferenceFlops:
+        """Multiply-accumulates per image of the model as it is now, dense and with its zeros skipped. Needs
+        :meth:`count_flops`."""
+        if self._positions is None:
+            raise RuntimeError("call count_flops(input_shape) before flops")
+        return inference_flops(self.model, self._positions)
+
+    @property
+    def train_flops(self) -> TrainingFlops | None:
+        """The training cost of the epochs passed to :meth:`end_epoch` (``flops``, ``dense_flops``, ``ratio``);
+        None after loading a state written before FLOPs were counted, whose earlier epochs are unknown."""
+        return self._train_flops
+
     def remove_hooks(self) -> None:
         """Detach the engine from the optimizer: its steps no longer mask anything."""
         for handle in self._hooks:
@@ -263,23 +300,33 @@ class ACDC:
         return dict(self.sparsifier.stats()["per_layer"])  # type: ignore[call-overload]
 
     def metrics(self) -> dict[str, Any]:
-        """The engine's share of an epoch's metrics row: phase, target and measured sparsity, mask change."""
+        """The engine's share of an epoch's metrics row: phase, target and measured sparsity, mask change; once
+        :meth:`count_flops` ran also ``inference_flops`` (per image, the model as it is now), ``inference_flops_ratio``
+        (to the dense model), ``train_flops`` (the epochs so far) and ``train_flops_ratio`` (to the same epochs
+        dense); the two train figures are None when the epochs before a loaded state are unknown."""
         phase = self._phase
         sparse = phase is not None and phase.kind == "sparse"
-        return {
+        row = {
             "phase": phase.kind if phase is not None else None,
             "target_sparsity": phase.sparsity if phase is not None else None,
             "sparsity": self.sparsity(),
             "mask_change": self.mask_change if sparse else None,
         }
+        if self._positions is not None:
+            now, run = self.flops(), self._train_flops
+            row.update(inference_flops=now.sparse, inference_flops_ratio=now.ratio,
+                       train_flops=run.flops if run is not None else None,
+                       train_flops_ratio=run.ratio if run is not None else None)
+        return row
 
     # ------------------------------------------------------------------------------------------------------------
     # state for the user's own checkpoints, and acdc checkpoints
 
     def state_dict(self) -> dict[str, Any]:
         """Everything ``load_state_dict`` needs to continue the plan where it stopped: the current phase and
-        epoch, the masks and the previous compressed phase's masks. Tensors and plain data only (``torch.save`` /
-        ``torch.load(weights_only=True)``); the tensors are the live ones, as in ``nn.Module.state_dict``."""
+        epoch, the masks and the previous compressed phase's masks, the training FLOPs so far. Tensors and plain data
+        only (``torch.save`` / ``torch.load(weights_only=True)``); the tensors are the live ones, as in
+        ``nn.Module.state_dict``."""
         return {
             "format": STATE_FORMAT,
             "epoch": self._epoch,
@@ -287,6 +334,8 @@ class ACDC:
             "masks": dict(self.sparsifier.masks) if self.sparsifier.masks is not None else None,
             "previous_masks": dict(self.sparsifier.previous) if self.sparsifier.previous is not None else None,
             "mask_change": self.mask_change,
+            "train_flops": ({"flops": self._train_flops.flops, "dense_flops": self._train_flops.dense_flops}
+                            if self._train_flops is not None else None),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -309,6 +358,7 @@ class ACDC:
                                     if previous is not None else None)
         self._phase, self._epoch, self._held = current, state.get("epoch"), None
         self.mask_change = state.get("mask_change")
+        self._train_flops = _training_flops(state.get("train_flops"))
 
     def save(self, path: str | Path, *, arch: str, data: str | Mapping[str, Any] | None = None,
              model_kwargs: Mapping[str, Any] | None = None, metrics: Mapping[str, Any] | None = None) -> Path:
@@ -375,6 +425,17 @@ class ACDC:
         else:
             raise AcdcError(f"cannot tell the number of classes of this {arch}: pass model_kwargs={{'num_classes': N}}")
         return {"num_classes": num_classes, "in_channels": convs[0].in_channels if convs else entry.in_channels}
+
+
+def _training_flops(saved: Any) -> TrainingFlops | None:
+    """The training FLOPs of a state; None (unknown) for a state without them, written before they were counted."""
+    if saved is None:
+        return None
+    if not isinstance(saved, Mapping) or not all(type(saved.get(k)) is int and saved[k] >= 0
+                                                  for k in ("flops", "dense_flops")):
+        raise AcdcError("the engine state's train_flops is malformed (expected non-negative integers flops and "
+                        "dense_flops)")
+    return TrainingFlops(saved["flops"], saved["dense_flops"])
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -4,7 +4,7 @@ checkpoint or export (safetensors or ONNX) on its own dataset (``acdc eval``).""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from acdc_cli.checkpoint import (
 from acdc_cli.config import Settings, load_settings
 from acdc_cli.distributed import resolve_device
 from acdc_cli.errors import AcdcError
+from acdc_cli.inspect import file_flops
 from acdc_cli.runtime import autocast, precision
 from acdc_cli.sparsity.sparsifier import select_layers
 
@@ -96,6 +97,7 @@ class EvalSource:
     phase: Any
     metrics: dict[str, Any]
     preset: Any
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # the constructor arguments the file records
 
 
 def open_for_eval(path: Path) -> EvalSource:
@@ -111,7 +113,7 @@ def open_for_eval(path: Path) -> EvalSource:
         model = build_model(ckpt)
         return EvalSource("checkpoint", CHECKPOINT_FORMAT, model, ckpt.arch, ckpt.config,
                           list(ckpt.masks) if ckpt.masks else None, dict(model.named_parameters()), "float32",
-                          ckpt.epoch, ckpt.phase, ckpt.metrics, ckpt.extra.get("preset"))
+                          ckpt.epoch, ckpt.phase, ckpt.metrics, ckpt.extra.get("preset"), ckpt.model_kwargs)
     state = decode_export(tensors, meta, path)[0]
     arch, kwargs = meta.get("arch"), _json_meta(meta, "model_kwargs", path, {})
     if not isinstance(arch, str):
@@ -120,7 +122,7 @@ def open_for_eval(path: Path) -> EvalSource:
     return EvalSource("export", meta["export_format"], model, arch, _json_meta(meta, "config", path, {}),
                       _names(meta, path, state), state, str(meta.get("dtype", "float32")),
                       lenient_json(meta.get("epoch", "null")), meta.get("phase"), _json_meta(meta, "metrics", path, {}),
-                      meta.get("preset"))
+                      meta.get("preset"), kwargs)
 
 
 def _open_onnx(path: Path) -> EvalSource:
@@ -131,7 +133,7 @@ def _open_onnx(path: Path) -> EvalSource:
     return EvalSource("onnx", "onnx", OnnxRuntimeModule(session(path)), str(meta.get("arch")),
                       _json_meta(meta, "config", path, {}), _names(meta, path, stored), stored, "float32",
                       lenient_json(meta.get("epoch", "null")), meta.get("phase"), _json_meta(meta, "metrics", path, {}),
-                      meta.get("preset"))
+                      meta.get("preset"), _json_meta(meta, "model_kwargs", path, {}))
 
 
 def _json_meta(meta: dict[str, str], key: str, path: Path, default: Any) -> Any:
@@ -188,7 +190,7 @@ def paper_reference(settings: Settings, split: str) -> tuple[float | None, str |
 
 def eval_checkpoint(
     path: Path | str,
-    split: str = "val",
+    split: str | None = None,
     data_dir: Path | str | None = None,
     batch_size: int | None = None,
     device: str | None = None,
@@ -198,9 +200,11 @@ def eval_checkpoint(
     """Top-1 / top-5 / loss of a checkpoint's or export's weights as saved, on its own dataset rebuilt from its saved
     settings, in fp32 unless ``amp`` (autocast in the run's runtime.amp precision, bf16 by default; CUDA only). An ONNX export runs on ONNX Runtime's CPU provider.
 
-    ``progress`` (optional) gets one task that advances per batch. Accuracies and sparsity are fractions in [0, 1].
+    ``split`` None: the split the run measured every epoch and chose its best checkpoints on ("val", or "test" for a
+    run with ``data.val_size = 0``). ``progress`` (optional) gets one task that advances per batch. Accuracies and
+    sparsity are fractions in [0, 1].
     """
-    if split not in SPLITS:
+    if split is not None and split not in SPLITS:
         raise AcdcError(f"unknown split '{split}' (choose {', '.join(SPLITS)})")
     path = Path(path)
     source = open_for_eval(path)
@@ -214,6 +218,11 @@ def eval_checkpoint(
         "runtime.device": "cpu" if source.kind == "onnx" else device,
     }
     settings = load_settings(base=source.config, flags=flags)
+    selected_on = data_mod.selection_split(settings)
+    split = split or selected_on
+    if split == "val" and selected_on == "test":
+        raise AcdcError(f"{path} comes from a run that held no validation split out (data.val_size = 0: every "
+                        "training image trained, and the test split chose the best checkpoints); use --split test")
     dev = resolve_device(settings.runtime.device)
     bundle = data_mod.build(settings, dev)
     loader = bundle.val if split == "val" else bundle.test
@@ -233,6 +242,8 @@ def eval_checkpoint(
     zeros = sum(int((source.weights[n] == 0).sum()) for n in names)
     numel = sum(source.weights[n].numel() for n in names)
     paper, paper_note = paper_reference(settings, split)
+    shape = (bundle.in_channels, bundle.image_size, bundle.image_size)
+    flops, flops_note = file_flops(source.arch, source.model_kwargs, source.config, source.weights, shape)
     return {
         "schema": EVAL_SCHEMA,
         "checkpoint": str(path),
@@ -248,12 +259,16 @@ def eval_checkpoint(
         "top5": metrics["top5"],
         "loss": metrics["loss"],
         "sparsity": zeros / max(numel, 1),
+        "flops": flops,
+        "flops_note": flops_note,
         "precision": precision(dev, mode),
         "weights_dtype": source.weights_dtype,
         "paper_top1": paper,
         "paper_diff": metrics["top1"] - paper if paper is not None else None,
         "paper_note": paper_note,
+        "selection_split": selected_on,
         "recorded_val_top1": _number(source.metrics.get("val_top1")),
+        "recorded_test_top1": _number(source.metrics.get("test_top1")),
         "device": "cpu (onnxruntime)" if source.kind == "onnx" else str(dev),
     }
 

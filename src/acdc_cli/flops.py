@@ -18,6 +18,7 @@ Typical use::
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -131,3 +132,26 @@ class TrainingFlops:
         """This cost plus one epoch of ``phase`` ("dense" | "sparse") over ``images`` training images."""
         per_image = 3 * epoch_forward_flops(phase, flops)  # forward + backward (2 x forward)
         return TrainingFlops(self.flops + per_image * images, self.dense_flops + 3 * flops.dense * images)
+
+
+def weights_flops(positions: Mapping[str, int], weights: Mapping[str, torch.Tensor]) -> InferenceFlops:
+    """Per-image cost of weights held by name (a state dict, a decoded export, an ONNX model's initializers): layer
+    ``m`` of ``positions`` costs its positions x the elements (dense) or the non-zeros (sparse) of ``m.weight``."""
+    missing = [name for name in positions if f"{name}.weight" not in weights]
+    if missing:
+        raise KeyError(f"no weight for layer {missing[0]}")
+    dense = sparse = 0
+    for name, count in positions.items():
+        weight = weights[f"{name}.weight"]
+        dense += count * weight.numel()
+        sparse += count * int(torch.count_nonzero(weight))
+    return InferenceFlops(dense, sparse)
+
+
+def si(count: float) -> str:
+    """A FLOPs count for people, in SI units: 4.09 G, 568.7 M, 1.6 E."""
+    for unit in ("", "k", "M", "G", "T", "P", "E"):
+        if abs(count) < 1000 or unit == "E":
+            break
+        count /= 1000
+    return f"{count:.4g} {unit}".rstrip()

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from acdc_cli.checkpoint import CHECKPOINT_FORMAT, MASK_PREFIX, lenient_json, load_checkpoint, read_safetensors
+from acdc_cli.flops import output_positions, weights_flops
 from acdc_cli.errors import AcdcError
 from acdc_cli.export import (
     EXPORT_FORMAT,
@@ -73,6 +74,48 @@ def _dense_by_rule(weights: dict[str, torch.Tensor], pruned: list[str], config: 
     return sorted(out, key=lambda layer: natural_key(layer["name"]))
 
 
+def file_flops(arch: Any, model_kwargs: Any, config: Any, weights: dict[str, torch.Tensor],
+               input_shape: tuple[int, int, int] | None = None) -> tuple[dict[str, Any] | None, str | None]:
+    """(``{"dense", "sparse", "ratio", "input_shape"}``, None): multiply-accumulates per image of a file's weights as
+    the paper counts them (``acdc_cli.flops``), at ``input_shape`` or else the size the file's dataset feeds the
+    model (the model's own input size when it records none); (None, why not) when the file does not say which model
+    it holds, or its weights are not that model's.
+
+    The model is built on the meta device, so finding its layers' output positions allocates and computes nothing;
+    the non-zeros are counted in ``weights`` (a state dict, a decoded export or an ONNX model's initializers)."""
+    from acdc_cli.data import input_shape as data_input_shape
+    from acdc_cli.models import create
+    from acdc_cli.onnx_export import model_input
+
+    if not isinstance(arch, str) or not isinstance(model_kwargs, dict) or not isinstance(
+            model_kwargs.get("num_classes"), int):
+        return None, "the file names no acdc model"
+    try:
+        with torch.device("meta"):
+            model = create(arch, **model_kwargs)
+        if input_shape is None:
+            data = config.get("data") if isinstance(config, dict) else None
+            if isinstance(data, dict) and isinstance(data.get("name"), str):
+                input_shape = data_input_shape(data["name"], arch)
+            else:
+                channels, side = model_input(arch, model_kwargs, None)
+                input_shape = (channels, side, side)
+    except AcdcError as exc:
+        return None, str(exc)
+    except TypeError:  # keywords the model's factory does not take, from a file's metadata
+        return None, f"the file's model_kwargs {model_kwargs} do not build {arch}"
+    try:
+        positions = output_positions(model, input_shape)
+    except RuntimeError:
+        return None, f"{arch} {model_kwargs} does not take images of shape {list(input_shape)}"
+    modules = dict(model.named_modules())
+    for name in positions:
+        weight = weights.get(f"{name}.weight")
+        if weight is None or weight.shape != modules[name].weight.shape:
+            return None, f"the file's {name}.weight is not the weight of {arch}'s layer {name}"
+    return {**weights_flops(positions, weights).as_dict(), "input_shape": list(input_shape)}, None
+
+
 def inspect_file(path: Path) -> dict[str, Any]:
     """A JSON-ready description: kind, format, metadata, per-layer sparsity and N:M validity, sizes."""
     path = Path(path)
@@ -104,7 +147,9 @@ def inspect_file(path: Path) -> dict[str, Any]:
             "metrics": ckpt.metrics,
             "acdc_version": meta.get("acdc_version"),
             "masks": len(ckpt.masks),
+            "selection_split": ckpt.extra.get("selection_split"),
         }
+        info["flops"], info["flops_note"] = file_flops(ckpt.arch, ckpt.model_kwargs, ckpt.config, dense)
     elif tag == EXPORT_FORMAT:
         dense, parts_of = decode_export(tensors, meta, path)
         structure = meta.get("structure")
@@ -122,6 +167,8 @@ def inspect_file(path: Path) -> dict[str, Any]:
         info["dense_layers"] = _dense_by_rule(dense, names, lenient_json(meta.get("config", "null")), structure)
         info["metadata"] = {k: lenient_json(meta.get(k, "null"))
                             for k in ("arch", "preset", "epoch", "phase", "metrics", "acdc_version", "source")}
+        info["flops"], info["flops_note"] = file_flops(meta.get("arch"), lenient_json(meta.get("model_kwargs", "null")),
+                                                       lenient_json(meta.get("config", "null")), dense)
     elif tag is None or tag in FRAMEWORK_TAGS:
         compressed = sorted(k for k in tensors if k.endswith(".compressed"))
         if compressed:
@@ -131,7 +178,8 @@ def inspect_file(path: Path) -> dict[str, Any]:
         nm = (2, 4)
         layers = [_layer(n, dense[n], dense[n].numel() * dense[n].element_size(), "dense", nm)
                   for n in prunable_names(dense, {}, {})]
-        info.update(kind="state_dict", format="dense", structure=None, dense_layers=[], outside_mask=[])
+        info.update(kind="state_dict", format="dense", structure=None, dense_layers=[], outside_mask=[], flops=None,
+                    flops_note="a plain state dict does not say which model it holds")
         info["metadata"] = {k: v for k, v in meta.items()}
     else:
         raise AcdcError(f"{path} carries foreign metadata (format '{tag}'): not an acdc checkpoint, export or plain "

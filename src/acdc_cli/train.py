@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import gc
 import hashlib
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,15 +22,18 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
 from torch import nn
 
 from acdc_cli import data as data_mod
 from acdc_cli import distributed, models, runtime
+from acdc_cli.checkpoint import all_finite
 from acdc_cli.config import Settings
 from acdc_cli.distributed import DistInfo
 from acdc_cli.engine import ACDC
 from acdc_cli.errors import AcdcError, TrainingFault
 from acdc_cli.evaluate import evaluate_memorized
+from acdc_cli.flops import si
 from acdc_cli.metrics import MetricsLogger
 from acdc_cli.preemption import StopSignal, reduce_int
 from acdc_cli.rundir import EpochTotals, RunDir, first_epoch, gather_totals
@@ -44,6 +48,9 @@ class RunResult:
     final_sparsity: float
     files: list[Path] = field(default_factory=list)
     preempted: dict[str, Any] | None = None  # {"signal", "epoch", "step"} of the checkpoint a signal stopped at
+    # {"inference": {"dense", "sparse", "ratio"} per image of the final model, "train": {"flops", "dense_flops",
+    # "ratio"} of the run, None when it resumed from a state written before FLOPs were counted}
+    flops: dict[str, Any] | None = None
 
 
 def run(settings: Settings, run_dir: Path, *, resume: bool = False, from_checkpoint: Path | None = None,
@@ -84,8 +91,11 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
     eval_net = runtime.prepare_eval_model(model, settings)
     optimizer = build_optimizer(model, settings)
     engine = ACDC.from_settings(settings, model, optimizer)
+    engine.count_flops((bundle.in_channels, bundle.image_size, bundle.image_size))
     scaler = runtime.grad_scaler(device, settings.runtime.amp)
-    val_loader = runtime.shard_for_eval(bundle.val, info)
+    # data.val_size = 0 is the paper's protocol: the test split is measured every epoch and picks the best checkpoints
+    split = data_mod.selection_split(settings)
+    eval_loader = runtime.shard_for_eval(bundle.val if split == "val" else bundle.test, info)
     _note_dense_layers(engine, settings, console, is_main)
 
     store = RunDir(run_dir, settings, model_kwargs, model, engine, optimizer, scaler, info)
@@ -109,7 +119,7 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
             # every rank must hold the same masks from the moment they change
             checksums = runtime.verify_masks(engine.sparsifier.masks, info) if epoch in (phase.start, first) else None
             bundle.train.set_epoch(epoch)
-            totals = totals or EpochTotals.start(device)
+            totals = totals or EpochTotals.start(device, streak=store.state.skip_streak)
             save = functools.partial(store.save_step, phase) if is_main else None
             after_step = functools.partial(_after_step, stop=stop, every=settings.runtime.checkpoint_every_steps,
                                            steps=len(bundle.train), epoch=epoch, save=save)
@@ -118,14 +128,15 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
             if stats is None:
                 preempted = {"signal": stop.name, "epoch": epoch, "step": totals.step}
                 break
-            totals = None
+            store.state.skip_streak, totals = totals.streak, None
             stats = runtime.reduce_train_stats(stats, info)
+            engine.end_epoch(bundle.train.num_samples * info.world_size)  # the images every rank really trained
             evaluated = evaluates(settings, phase, epoch)
-            val = (runtime.evaluate(eval_net, val_loader, device, settings.runtime.amp, info) if evaluated
-                   else dict.fromkeys(("loss", "top1", "top5")))  # null in metrics.jsonl
+            scores = (runtime.evaluate(eval_net, eval_loader, device, settings.runtime.amp, info) if evaluated
+                      else dict.fromkeys(("loss", "top1", "top5")))  # null in metrics.jsonl
             row = {"epoch": epoch, **engine.metrics(), "lr": stats["lr"], "train_loss": stats["train_loss"],
-                   "train_top1": stats["train_top1"], "val_loss": val["loss"], "val_top1": val["top1"],
-                   "val_top5": val["top5"], "mask_checksums": checksums, "img_per_s": stats["img_per_s"],
+                   "train_top1": stats["train_top1"], f"{split}_loss": scores["loss"], f"{split}_top1": scores["top1"],
+                   f"{split}_top5": scores["top5"], "mask_checksums": checksums, "img_per_s": stats["img_per_s"],
                    "skipped_steps": stats["skipped_steps"]}
             if bundle.memorized is not None:
                 row.update(evaluate_memorized(model, bundle.memorized, device, settings.runtime.amp))
@@ -148,7 +159,8 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
             logger.close()
 
     state = store.state
-    result = RunResult(run_dir, state.best_sparse, state.best_dense, engine.sparsity(), preempted=preempted)
+    result = RunResult(run_dir, state.best_sparse, state.best_dense, engine.sparsity(), preempted=preempted,
+                       flops=_flops_summary(engine))
     if is_main and preempted is None:
         store.test_best(bundle.test, device, settings.runtime.amp)
     if is_main:
@@ -218,6 +230,46 @@ def raise_if_bad(totals: EpochTotals, epoch: int) -> None:
         raise TrainingFault(f"non-finite loss at epoch {epoch}, step {bad}; the last good checkpoint is kept")
 
 
+class StepUndo:
+    """A copy of all that one training step changes: parameters, buffers (batch-norm statistics) and optimizer
+    state, for ``runtime.nan_policy = "skip"`` to put back."""
+
+    def __init__(self, net: nn.Module, optimizer: torch.optim.Optimizer):
+        self.net, self.optimizer = net, optimizer
+        self.keys = {p: set(s) for p, s in optimizer.state.items()}  # entries a first step creates are dropped
+        state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        self.live = [*net.parameters(), *net.buffers(), *state]
+        self.copies = [t.detach().clone() for t in self.live]
+        self.plain = {(p, k): v for p, s in optimizer.state.items() for k, v in s.items()
+                      if not isinstance(v, torch.Tensor)}
+
+    def finite(self) -> torch.Tensor:
+        """Whether the parameters and buffers are all finite now (a device tensor: nothing waits for it here)."""
+        return all_finite([*self.net.parameters(), *self.net.buffers()])
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        torch._foreach_copy_(self.live, self.copies)  # in place: whatever holds these tensors sees the old values
+        for param in list(self.optimizer.state):
+            if param not in self.keys:
+                del self.optimizer.state[param]
+                continue
+            for key in set(self.optimizer.state[param]) - self.keys[param]:
+                del self.optimizer.state[param][key]
+        for (param, key), value in self.plain.items():
+            self.optimizer.state[param][key] = value
+
+
+def count_skip(totals: EpochTotals, epoch: int, step: int, limit: int) -> None:
+    """One more step skipped; ``limit`` in a row ends the run (exit 1) with the last good checkpoint kept."""
+    totals.skipped += 1
+    totals.streak += 1
+    if totals.streak >= limit:
+        raise TrainingFault(f"{totals.streak} steps in a row skipped for a non-finite loss or weights, the last at "
+                            f"epoch {epoch}, step {step} (runtime.max_skipped_steps = {limit}); the last good "
+                            "checkpoint is kept")
+
+
 def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
     """A well-mixed 63-bit seed per (seed, epoch, step, rank); distinct tuples never share a stream in practice."""
     digest = hashlib.blake2b(f"{seed}/{epoch}/{step}/{rank}".encode(), digest_size=8).digest()
@@ -260,8 +312,8 @@ def train_epoch(
             # dropout's randomness is a function of (seed, epoch, step, rank): a run resumed at any step draws what
             # an uninterrupted one would, and ranks draw differently
             torch.manual_seed(step_seed(settings.runtime.seed, epoch, step, rank))
-            # "skip" must undo the batch-norm statistics a bad forward pass moved
-            buffers = [b.clone() for b in net.buffers()] if skip_bad else []
+            # "skip" must be able to undo all that a bad step moves, the forward pass's batch-norm statistics too
+            undo = StepUndo(net, optimizer) if skip_bad else None
             with runtime.autocast(device, settings.runtime.amp):
                 logits = net(images)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=settings.optim.label_smoothing)
@@ -269,13 +321,15 @@ def train_epoch(
             # also for a step that is skipped: DDP expects every forward to have its backward
             scaler.scale(loss).backward()
             detached = loss.detach()
-            if skip_bad and reduce_int(int(not torch.isfinite(detached))):
-                for buffer, saved in zip(net.buffers(), buffers):
-                    buffer.copy_(saved)
-                totals.skipped += 1
+            scaler.step(optimizer)  # the engine's hooks mask gradients before and weights after
+            scaler.update()
+            # "skip": a non-finite loss, or a finite one whose step broke the weights (a huge loss, an LR far too
+            # high), is undone; every rank agrees (one host sync)
+            if undo is not None and reduce_int(int(not (torch.isfinite(detached) & undo.finite()))):
+                undo.restore()
+                count_skip(totals, epoch, step, settings.runtime.max_skipped_steps)
             else:
-                scaler.step(optimizer)  # the engine's hooks mask gradients before and weights after
-                scaler.update()
+                totals.streak = 0
                 bad_now = (~torch.isfinite(detached)) & (totals.first_bad < 0)
                 totals.first_bad = torch.where(bad_now, torch.full_like(totals.first_bad, step), totals.first_bad)
                 totals.loss_sum += detached.double() * labels.numel()
@@ -294,9 +348,10 @@ def train_epoch(
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - started
     raise_if_bad(totals, epoch)
+    count = totals.count or float("nan")  # every step skipped: no loss to report, not a loss of 0
     return {
-        "train_loss": totals.loss_sum.item() / max(totals.count, 1),
-        "train_top1": totals.correct.item() / max(totals.count, 1),
+        "train_loss": totals.loss_sum.item() / count,
+        "train_top1": totals.correct.item() / count,
         "lr": learning_rate(settings, epoch + (steps - 1) / steps),
         "img_per_s": seen / max(elapsed, 1e-9),
         "skipped_steps": totals.skipped,
@@ -315,10 +370,20 @@ def _after_step(totals: EpochTotals, *, stop: StopSignal, every: int, steps: int
     return stopping
 
 
-def summary_panel(result: RunResult) -> Panel:
+def _flops_summary(engine: ACDC) -> dict[str, Any]:
+    run = engine.train_flops
+    train = {"flops": run.flops, "dense_flops": run.dense_flops, "ratio": run.ratio} if run is not None else None
+    return {"inference": engine.flops().as_dict(), "train": train}
+
+
+def summary_panel(result: RunResult, tensorboard: bool) -> Panel:
+    """What the run left: best checkpoints, final sparsity, FLOPs, files, and the TensorBoard command when it wrote
+    events. Plain text (paths may hold "[/]"), wrapped at the panel's width, never cut."""
     def line(label: str, best: dict[str, Any] | None) -> str:
         if best is None:
             return f"{label}: none"
+        if best.get("split") == "test":  # data.val_size = 0: the paper's protocol
+            return f"{label}: test top-1 {best['test_top1']:.4f} (epoch {best['epoch']}; chosen on the test split)"
         test = f", test top-1 {best['test_top1']:.4f}" if "test_top1" in best else ""
         return f"{label}: val top-1 {best['val_top1']:.4f} (epoch {best['epoch']}){test}"
 
@@ -326,8 +391,24 @@ def summary_panel(result: RunResult) -> Panel:
         line("best sparse", result.best_sparse),
         line("best dense ", result.best_dense),
         f"final sparsity: {result.final_sparsity:.4f} of prunable weights",
+        *_flops_lines(result.flops),
         "files: " + ", ".join(p.name for p in result.files),
         f"run dir: {result.run_dir}",
-        f"tensorboard --logdir {result.run_dir / 'tb'}",
     ]
-    return Panel("\n".join(lines), title="acdc run finished", expand=False)
+    if tensorboard:
+        lines.append(f"tensorboard --logdir {shlex.quote(str(result.run_dir / 'tb'))}")
+    # no_wrap=False: a console that soft-wraps (a pipe) would otherwise crop each line at the panel's border
+    return Panel(Text("\n".join(lines), no_wrap=False, overflow="fold"), title="acdc run finished", expand=False)
+
+
+def _flops_lines(flops: dict[str, Any] | None) -> list[str]:
+    """The paper's cost claim: multiply-accumulates of the final model per image, and of the whole run, to dense."""
+    if flops is None:
+        return []
+    now, run = flops["inference"], flops["train"]
+    lines = [f"inference FLOPs: {si(now['sparse'])} per image, {now['ratio']:.4f} × dense ({si(now['dense'])})"]
+    if run is None:
+        lines.append("training FLOPs: not known (resumed from a checkpoint of an acdc that did not count them)")
+    else:
+        lines.append(f"training FLOPs: {si(run['flops'])}, {run['ratio']:.4f} × the same run dense")
+    return lines

@@ -20,7 +20,7 @@ MAX_SYNTHETIC_BYTES = 4 * 2**30
 @dataclass
 class DataBundle:
     train: Any  # TensorLoader or ImageLoader: whole batches only (drop_last), set_epoch(), iterate(start_batch)
-    val: Any
+    val: Any  # None when data.val_size = 0: every training image trains
     test: Any
     num_classes: int
     in_channels: int
@@ -29,12 +29,40 @@ class DataBundle:
     memorized: Any = None
 
 
+
+
+def selection_split(settings: Settings) -> str:
+    """"val" when the run holds a validation split out of its training images; "test" for ``data.val_size = 0``,
+    the paper's protocol: every training image trains, and the per-epoch metrics (``test_*``) and the choice of
+    best_sparse / best_dense come from the test split."""
+    return "val" if settings.data.val_size else "test"
+
+
 def split_val(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded (train, val) indices of a pool of ``n`` samples."""
+    """Seeded (train, val) indices of a pool of ``n`` samples; ``val_size = 0``: every sample, in order, trains."""
+    if val_size == 0:
+        return torch.arange(n), torch.arange(0)
     if val_size >= n:
         raise AcdcError(f"data.val_size ({val_size}) must be smaller than the training split ({n} images)")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
     return order[val_size:], order[:val_size]
+
+
+def input_shape(data_name: str, model_name: str) -> tuple[int, int, int]:
+    """(channels, height, width) of the images a dataset feeds the model, known without reading any data: what FLOPs
+    are counted at."""
+    if data_name == "digits":
+        return 1, 8, 8
+    if data_name in ("cifar10", "cifar100"):
+        return 3, 32, 32
+    if data_name == "imagenet":
+        from acdc_cli.data.imagefolder import CROP
+
+        return 3, CROP, CROP
+    from acdc_cli.models import lookup
+
+    entry, _ = lookup(model_name)  # synthetic images come at the model's own input size
+    return entry.in_channels, entry.input_size, entry.input_size
 
 
 def _digits(settings: Settings, device: torch.device, rank: int, world_size: int) -> DataBundle:
@@ -52,7 +80,7 @@ def _digits(settings: Settings, device: torch.device, rank: int, world_size: int
             images[train_i], labels[train_i], d.batch_size // world_size, shuffle=True, drop_last=True,
             augment=False, rank=rank, world_size=world_size, **common,
         ),
-        val=TensorLoader(images[val_i], labels[val_i], d.eval_batch_size, **common),
+        val=TensorLoader(images[val_i], labels[val_i], d.eval_batch_size, **common) if len(val_i) else None,
         test=TensorLoader(images[test], labels[test], d.eval_batch_size, **common),
         num_classes=10,
         in_channels=1,
@@ -80,11 +108,12 @@ def _synthetic(settings: Settings, device: torch.device, rank: int, world_size: 
     mean, std = (0.5,) * c, (0.29,) * c
     common = dict(mean=mean, std=std, seed=settings.runtime.seed, device=device)
     d = settings.data
+    train, val, test = split(n), split(max(n // 4, 1)), split(max(n // 4, 1))  # one draw order whatever val_size
     return DataBundle(
-        train=TensorLoader(*split(n), d.batch_size // world_size, shuffle=True, drop_last=True, augment=d.augment,
+        train=TensorLoader(*train, d.batch_size // world_size, shuffle=True, drop_last=True, augment=d.augment,
                            rank=rank, world_size=world_size, **common),
-        val=TensorLoader(*split(max(n // 4, 1)), d.eval_batch_size, **common),
-        test=TensorLoader(*split(max(n // 4, 1)), d.eval_batch_size, **common),
+        val=TensorLoader(*val, d.eval_batch_size, **common) if d.val_size else None,
+        test=TensorLoader(*test, d.eval_batch_size, **common),
         num_classes=num_classes,
         in_channels=c,
         image_size=s,

@@ -201,7 +201,8 @@ def load(name: str, root: Path | None, download: bool = False) -> dict[str, tupl
 
 
 def build(settings: Settings, device: torch.device, rank: int, world_size: int) -> DataBundle:
-    """Train (minus a seeded held-out val split), val and test loaders; the splits live on ``device``.
+    """Train (minus a seeded held-out val split; every training image when ``data.val_size = 0``, then no val
+    loader), val and test loaders; the splits live on ``device``.
 
     With ``data.random_labels = N``, N training images get uniformly random labels and augmentation is off for the
     whole training set (as the reference runs memorization); ``memorized`` yields (x, random label, true label).
@@ -225,7 +226,7 @@ def build(settings: Settings, device: torch.device, rank: int, world_size: int) 
     return DataBundle(
         train=TensorLoader(images[train_i], train_labels, d.batch_size // world_size, shuffle=True, drop_last=True,
                            augment=augment, rank=rank, world_size=world_size, **common),
-        val=TensorLoader(images[val_i], labels[val_i], d.eval_batch_size, **common),
+        val=TensorLoader(images[val_i], labels[val_i], d.eval_batch_size, **common) if len(val_i) else None,
         test=TensorLoader(*splits["test"], d.eval_batch_size, **common),
         num_classes=fmt.num_classes,
         in_channels=3,

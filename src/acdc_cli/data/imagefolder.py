@@ -602,7 +602,8 @@ def _check_device_decoding(device: torch.device) -> None:
 
 
 def build(settings: Settings, device: torch.device, rank: int, world_size: int) -> DataBundle:
-    """Train (minus a seeded held-out val split) and val loaders from ``train/``; the test loader from ``val/``."""
+    """Train (minus a seeded held-out val split; all of it when ``data.val_size = 0``, then no val loader) and val
+    loaders from ``train/``; the test loader from ``val/``."""
     d, seed = settings.data, settings.runtime.seed
     if d.dir is None:
         raise AcdcError("ImageFolder: data.dir is not set; pass --data-dir PATH (a folder holding train/ and val/)")
@@ -639,7 +640,7 @@ def build(settings: Settings, device: torch.device, rank: int, world_size: int) 
         train=ImageLoader(train_set, d.batch_size // world_size, shuffle=True, drop_last=True, rank=rank,
                           world_size=world_size, persistent=True, **common),
         val=ImageLoader(ImageDataset([paths[i] for i in val_i], labels[val_i], augment=False, **images),
-                        d.eval_batch_size, **common),
+                        d.eval_batch_size, **common) if len(val_i) else None,
         test=ImageLoader(ImageDataset(test_paths, test_labels, augment=False, **images), d.eval_batch_size, **common),
         num_classes=len(classes),
         in_channels=3,

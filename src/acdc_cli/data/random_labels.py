@@ -17,12 +17,14 @@ def select_random_labels(
     """Pick ``count`` of ``train_indices`` and draw a random label for each.
 
     Returns (positions into ``train_indices``, random labels). Picking from the training indices only keeps the
-    memorized samples disjoint from the validation split.
+    memorized samples disjoint from the validation split; with ``data.val_size = 0`` they are every training image,
+    and the pick is among all of them, as the reference's (``policies/manager.py``: a permutation of the whole
+    training set).
     """
     if count > len(train_indices):
         raise AcdcError(
-            f"data.random_labels ({count}) exceeds the {len(train_indices)} images left for training after the "
-            "validation split"
+            f"data.random_labels ({count}) exceeds the {len(train_indices)} images that train (those left after "
+            "the validation split, if any)"
         )
     g = torch.Generator().manual_seed((seed * 1_000_003 + _STREAM) % 2**63)  # seeds up to 2**62 fit
     positions = torch.randperm(len(train_indices), generator=g)[:count].sort().values
