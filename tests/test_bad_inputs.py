@@ -15,6 +15,7 @@ import torch
 
 from acdc_cli.checkpoint import Checkpoint, save_checkpoint
 from acdc_cli.models import create
+from acdc_cli.rundir import state_path
 from cli_helpers import PINNED, QUIET, fails, invoke, sets, torch_state_kept
 
 ONE_EPOCH = [*PINNED, *QUIET, *sets("schedule.method=dense", "schedule.epochs=1")]
@@ -121,8 +122,8 @@ def test_resume_of_a_folder_that_is_not_a_run(tmp_path, kind):
 
 
 def test_resume_of_a_run_without_checkpoint(run_copy):
-    for name in ("last.safetensors", "last.state.pt", "last.state.prev.pt"):
-        (run_copy / name).unlink(missing_ok=True)
+    for path in [*run_copy.glob("*.safetensors"), *run_copy.glob("last.state*.pt")]:
+        path.unlink()
     before = snapshot(run_copy)
     assert "no checkpoint yet" in fails(["train", "--resume", str(run_copy)])
     assert snapshot(run_copy) == before
@@ -257,27 +258,27 @@ def test_pickle_payload_where_a_safetensors_or_toml_file_belongs_is_refused_by_f
 def resume_state_with_payload(run_dir: Path, marker: Path, legacy: bool) -> dict:
     """The run's own resume state with one more entry, a payload, saved as torch.save writes it (a zip holding
     data.pkl, or the legacy format): a well-formed file of the right kind whose unpickling is the only defence."""
-    state = torch.load(run_dir / "last.state.pt", weights_only=True)
+    state = torch.load(state_path(run_dir), weights_only=True)
     state["progress"]["note"] = Payload(marker)
-    torch.save(state, run_dir / "last.state.pt", _use_new_zipfile_serialization=not legacy)
+    torch.save(state, state_path(run_dir), _use_new_zipfile_serialization=not legacy)
     return state
 
 
 @pytest.mark.parametrize("form", ["torch zip", "torch legacy", "raw pickle"])
 def test_pickle_payload_in_the_resume_state_of_a_valid_run_is_refused_and_never_runs(run_copy, tmp_path, form):
-    """The one place acdc unpickles a run's files: `train --resume` reads last.state.pt with
+    """The one place acdc unpickles a run's files: `train --resume` reads the resume state (last.state.N.pt) with
     torch.load(weights_only=True) after last.safetensors passed every check. The payload is refused by name."""
-    marker = tmp_path / "ran"
+    marker, state_file = tmp_path / "ran", state_path(run_copy)
     if form == "raw pickle":
-        state = torch.load(run_copy / "last.state.pt", weights_only=True)
-        (run_copy / "last.state.pt").write_bytes(pickle.dumps({**state, "note": Payload(marker)}))
+        state = torch.load(state_file, weights_only=True)
+        state_file.write_bytes(pickle.dumps({**state, "note": Payload(marker)}))
     else:
         resume_state_with_payload(run_copy, marker, legacy=form == "torch legacy")
-        assert zipfile.is_zipfile(run_copy / "last.state.pt") == (form == "torch zip")
+        assert zipfile.is_zipfile(state_file) == (form == "torch zip")
     # the payload is live: loading the file the unsafe way runs it
     probe = tmp_path / "probe"
     probe.mkdir()
-    shutil.copy(run_copy / "last.state.pt", probe / "state.pt")
+    shutil.copy(state_file, probe / "state.pt")
     torch.load(probe / "state.pt", weights_only=False) if form != "raw pickle" else pickle.loads(
         (probe / "state.pt").read_bytes())
     assert marker.is_dir()
@@ -285,7 +286,7 @@ def test_pickle_payload_in_the_resume_state_of_a_valid_run_is_refused_and_never_
 
     before = snapshot(run_copy)
     line = fails(["train", "--resume", str(run_copy)])
-    assert f"{run_copy / 'last.state.pt'} is not a valid acdc resume state: refused, it holds" in line
+    assert f"{state_file} is not a valid acdc resume state: refused, it holds" in line
     assert ("pickled posix.mkdir" in line) if form != "raw pickle" else ("pickled Python objects" in line)
     assert not marker.exists()
     assert snapshot(run_copy) == before

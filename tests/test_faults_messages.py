@@ -4,6 +4,7 @@ are never read as rich markup; JSON output is strict JSON (null, never NaN); a d
 import json
 import math
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from acdc_cli.evaluate import eval_checkpoint
 from acdc_cli.export import load as load_export
 from acdc_cli.inspect import inspect_file
 from acdc_cli.metrics import MetricsLogger, read_jsonl
-from cli_helpers import fails
+from cli_helpers import fails, short_schedule
 from faults_helpers import tiny_checkpoint, tiny_weights
 
 QUICK = ["--set", "schedule.method=dense", "--set", "schedule.epochs=3", "--set", "log.tensorboard=false",
@@ -201,7 +202,7 @@ def test_resume_on_a_read_only_file_system_with_a_stale_temp_is_one_line(quick_r
               f'exec "{sys.executable}" -m acdc_cli train --resume "{run_dir}"')
     proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr
-    # the first file the resume writes (config.toml or metrics.jsonl) names the problem
+    # the first file the resume writes (its lock file, config.toml or metrics.jsonl) names the problem
     assert re.fullmatch(rf"error: cannot write {re.escape(str(run_dir))}/[\w.]+: Read-only file system",
                         proc.stderr.strip()), proc.stderr
 
@@ -225,6 +226,14 @@ def test_inspect_json_writes_null_for_nan_metrics(tmp_path):
     result = invoke("inspect", "--json", path)
     assert result.exit_code == 0, result.output
     assert strict_json(result.stdout)["metadata"]["metrics"] == {"val_top1": None, "val_loss": None}
+
+
+def test_checkpoint_metadata_holds_null_for_nan(tmp_path):
+    """A diverged metric in a checkpoint's header is null: every JSON reader can read the header."""
+    path = tiny_checkpoint(tmp_path / "m.safetensors", metrics={"val_loss": float("nan"), "val_top1": 0.25})
+    with safe_open(str(path), framework="pt") as fh:
+        raw = fh.metadata()["metrics"]
+    assert strict_json(raw) == {"val_loss": None, "val_top1": 0.25}
 
 
 def test_metrics_jsonl_writes_null_for_nan(tmp_path):
@@ -251,6 +260,98 @@ def test_resume_keeps_every_valid_row_and_sets_damaged_lines_aside(quick_run, tm
     assert result.exit_code == 0, result.output
     assert [row["epoch"] for row in read_jsonl(metrics)] == [0, 2]
     assert (run_dir / "metrics.jsonl.damaged").read_bytes() == damage + b"\n"
-    notes = [line for line in result.stdout.splitlines() if line.startswith("note:")]
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note:") and "damaged" in line]
     assert notes == [f"note: 1 damaged line(s) of {metrics} set aside in {metrics}.damaged"]
     assert all(math.isfinite(row["val_top1"]) for row in read_jsonl(metrics))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# resume states that load but are malformed: one line before any step runs (some used to fail an epoch later)
+
+
+@pytest.fixture(scope="module")
+def stopped_mid_epoch(tmp_path_factory) -> Path:
+    """An AC/DC run whose last pair is at epoch 1 (compressed), step 8: its 5th save failed (copy before use)."""
+    run_dir = tmp_path_factory.mktemp("stopped") / "run"
+    args = ["train", "--out", run_dir, *short_schedule(3, 1, 1, 1, 1, 0, "data.batch_size=64",
+                                                       "runtime.checkpoint_every_steps=8")]
+    assert "No space left" in fails(args, env={"_ACDC_TEST_FAULT": "fail@write:5:last.safetensors"})
+    return run_dir
+
+
+def _wrong_shape(state):
+    first = state["optimizer"]["state"][0]
+    first["momentum_buffer"] = first["momentum_buffer"].flatten()[:5].clone()
+
+
+@pytest.mark.parametrize("damage,expected", [
+    (lambda s: s["progress"].update(best_dense="oops"),
+     "progress.best_dense is 'oops', expected none or {epoch, split, val_top1}"),
+    (lambda s: s["progress"].update(best_dense={"epoch": 0, "split": "test", "test_top1": 0.5}),
+     "progress.best_dense.split is 'test', this run selects on val"),
+    (lambda s: s["progress"].update(best_dense={"epoch": 0, "val_top1": "high"}),
+     "progress.best_dense.val_top1 is 'high', expected a fraction 0..1"),
+    (lambda s: s["progress"].update(epoch=1.0), "progress.epoch is 1.0, expected a whole number >= 0"),
+    (lambda s: s["progress"].pop("best_sparse"), "progress.best_sparse is missing"),
+    (lambda s: s.pop("optimizer"), "optimizer is None, expected a table of state and param_groups"),
+    (_wrong_shape, "optimizer.state[0].momentum_buffer has shape [5] (float32); its parameter is [32, 1, 3, 3]"),
+    (lambda s: s["optimizer"]["param_groups"][0].update(lr="fast"),
+     "optimizer.param_groups[0].lr is 'fast', expected a number"),
+    (lambda s: s["optimizer"]["param_groups"][0].pop("momentum"),
+     "optimizer.param_groups[0].momentum is None, expected a number"),
+    (lambda s: s["optimizer"]["param_groups"][0]["params"].pop(), "optimizer.param_groups[0] holds 15 parameters, "
+                                                                  "this model 16"),
+    (lambda s: s["engine"].update(mask_change="none"), "engine.mask_change is 'none', expected a number"),
+    (lambda s: s["engine"].update(previous_masks={"features.0.weight": torch.ones(3, dtype=torch.bool)}),
+     "engine.previous_masks[features.0.weight] is a tensor of shape [3], its weight is [32, 1, 3, 3]"),
+    (lambda s: s["totals"][0].update(count="384"), "totals[0].count is '384', expected a whole number >= 0"),
+    (lambda s: s["totals"][0].update(loss_sum=torch.tensor([1.0, 2.0])),
+     "totals[0].loss_sum is a tensor of shape [2], expected a single floating number"),
+    (lambda s: s.update(scaler={"scale": "big"}), "scaler is {'scale': 'big'}, expected a table of numbers"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_a_malformed_resume_state_is_one_line_before_any_step(stopped_mid_epoch, tmp_path, damage, expected):
+    from acdc_cli.checkpoint import load_state, save_state
+    from acdc_cli.rundir import state_path
+
+    run_dir = Path(shutil.copytree(stopped_mid_epoch, tmp_path / "run"))
+    path = state_path(run_dir)
+    state = load_state(path)
+    damage(state)
+    save_state(path, state)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    assert fails(["train", "--resume", run_dir]) == f"error: {path}: malformed resume state: {expected}"
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# what a run dir without last.safetensors offers; the summary panel
+
+
+def test_a_run_dir_with_best_checkpoints_but_no_last_offers_from_not_force(quick_run, tmp_path):
+    """--force would delete best_*: the message offers a new run from one of them, and that command works."""
+    run_dir = Path(shutil.copytree(quick_run, tmp_path / "run"))
+    for path in [run_dir / "last.safetensors", *run_dir.glob("last.state*.pt")]:
+        path.unlink()
+    line = fails(["train", "--resume", run_dir])
+    assert "--force" not in line
+    best = run_dir / "best_dense.safetensors"
+    assert line.endswith(f"its best checkpoints are kept: start a new run from one with acdc train --from "
+                         f"{shlex.quote(str(best))} --out NEW_DIR"), line
+    result = invoke("train", "--from", best, "--out", tmp_path / "new")
+    assert result.exit_code == 0, result.output
+    assert best.is_file()
+
+
+def test_the_summary_panel_prints_every_file_whole_and_names_tensorboard_only_when_it_ran(quick_run, tmp_path):
+    """In a pipe (COLUMNS=60 is not a terminal's width) the panel takes the width its lines need: every file name
+    and the run dir are printed whole; log.tensorboard = false (quick_run) prints no TensorBoard command and lists
+    no tb folder."""
+    run_dir = Path(shutil.copytree(quick_run, tmp_path / "run"))
+    result = invoke("train", "--resume", run_dir, env={"COLUMNS": "60"})
+    assert result.exit_code == 0, result.output
+    panel = result.stdout[result.stdout.index("acdc run finished"):]
+    assert f"run dir: {run_dir} " in panel.replace("│", " ")
+    names = re.findall(r"[\w.]+", panel[panel.index("files:"):panel.index("run dir:")].replace("│", " "))
+    assert names == ["files", "best_dense.safetensors", "config.toml", "last.safetensors", "last.state.3.pt",
+                     "metrics.jsonl"]
+    assert "tensorboard" not in result.stdout

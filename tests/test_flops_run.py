@@ -15,6 +15,7 @@ from acdc_cli.data import build
 from acdc_cli.errors import AcdcError
 from acdc_cli.flops import si
 from acdc_cli.metrics import read_jsonl
+from acdc_cli.rundir import state_path
 from cli_helpers import assert_same_run, fails, invoke, invoke_json, short_schedule, squash, torch_state_kept
 
 # the quickstart CNN at 8x8, by hand (output positions x weights): conv 1->32 at 8x8 64 x 288, conv 32->32 64 x 9,216,
@@ -115,7 +116,7 @@ FLOPS = ("inference_flops", "inference_flops_ratio", "train_flops", "train_flops
 def test_a_resumed_run_counts_the_flops_of_an_uninterrupted_one(tmp_path, uninterrupted):
     run_dir = tmp_path / "run"
     _stopped(run_dir)
-    assert load_state(run_dir / "last.state.prev.pt")["engine"]["train_flops"]["flops"] == \
+    assert load_state(state_path(run_dir))["engine"]["train_flops"]["flops"] == \
         read_jsonl(uninterrupted / "metrics.jsonl")[0]["train_flops"]  # epoch 0's total, carried mid-epoch 1
     resumed = invoke("train", "--resume", run_dir)
     assert resumed.exit_code == 0, resumed.output
@@ -130,10 +131,10 @@ def test_a_resume_state_without_flops_totals_says_they_are_unknown(tmp_path, uni
     from there on (never a total that leaves epochs out) and the summary says so; inference FLOPs go on."""
     run_dir = tmp_path / "run"
     _stopped(run_dir)
-    for name in ("last.state.pt", "last.state.prev.pt"):
-        state = load_state(run_dir / name)
+    for path in run_dir.glob("last.state*.pt"):  # the state the run resumes from and any written after it
+        state = load_state(path)
         del state["engine"]["train_flops"]
-        save_state(run_dir / name, state)
+        save_state(path, state)
     resumed = invoke("train", "--resume", run_dir)
     assert resumed.exit_code == 0, resumed.output
     expected, got = read_jsonl(uninterrupted / "metrics.jsonl"), read_jsonl(run_dir / "metrics.jsonl")

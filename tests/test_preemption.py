@@ -18,6 +18,7 @@ from acdc_cli import preemption
 from acdc_cli.checkpoint import load_checkpoint
 from acdc_cli.metrics import read_jsonl
 from acdc_cli.preemption import DUPLICATE_WINDOW_S, StopSignal, reduce_int
+from acdc_cli.rundir import state_path
 from cli_helpers import assert_same_run, invoke, short_schedule, shows, torch_state_kept
 
 # 3 epochs (dense, sparse, dense... see short_schedule) of 78 steps (whole batches of 16)
@@ -180,7 +181,7 @@ def test_sigterm_to_the_launcher_under_nproc_2_agrees_and_resume_is_exact(tmp_pa
     assert shows(f"resume with: acdc train --resume {run_dir}", stopped.stdout), stopped.stderr[-3000:]
     ckpt = load_checkpoint(run_dir / "last.safetensors")
     assert (ckpt.epoch, ckpt.extra["step"]) == (1, 10)
-    assert len(torch.load(run_dir / "last.state.pt", weights_only=True)["totals"]) == 2
+    assert len(torch.load(state_path(run_dir), weights_only=True)["totals"]) == 2
 
     resumed = subprocess.run([*train, "--nproc", "2", "--resume", str(run_dir)], capture_output=True, text=True,
                              timeout=900)

@@ -4,6 +4,7 @@ mid-epoch checkpoints; non-finite losses stop or skip cleanly."""
 
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,8 @@ from torch import nn
 from acdc_cli.checkpoint import load_checkpoint, load_state
 from acdc_cli.metrics import read_jsonl
 from acdc_cli.models import registry
-from cli_helpers import assert_same_run, fails, invoke, short_schedule, torch_state_kept
+from acdc_cli.rundir import state_path
+from cli_helpers import PINNED, QUIET, assert_same_run, fails, invoke, short_schedule, torch_state_kept
 
 STEPS = 39  # 1,257 training digits in whole batches of 32
 EPOCHS = 5
@@ -60,14 +62,15 @@ def test_sigkill_inside_checkpoint_writes_resumes_bit_identically(tmp_path, refe
     assert (ckpt.epoch, ckpt.extra["step"]) == (0, 24)
 
     # 2. right after the resume's 6th state file (steps 28, 32, 36, the end of epoch 0, then epoch 1 steps 4 and 8)
-    #    is renamed into place, before its weights are written: the state is ahead of the weights, and the next
-    #    resume must pair the weights with the previous state
-    killed_at("kill@renamed:6:last.state.pt", "--resume", str(run_dir), *every)
+    #    is renamed into place, before its weights are written: the newest state is ahead of the weights, and the
+    #    next resume must pair the weights with the state they name
+    killed_at("kill@renamed:6:last.state.*.pt", "--resume", str(run_dir), *every)
     assert not temp_files(run_dir)  # the resume removed what the first kill left
     ckpt = load_checkpoint(run_dir / "last.safetensors")
     assert (ckpt.epoch, ckpt.extra["step"]) == (1, 4)
-    assert load_state(run_dir / "last.state.pt")["progress"] == {**load_state(run_dir / "last.state.prev.pt")[
-        "progress"], "step": 8}
+    paired = state_path(run_dir)
+    ahead = sorted(set(run_dir.glob("last.state.*.pt")) - {paired})
+    assert [load_state(p)["progress"] for p in ahead] == [{**load_state(paired)["progress"], "step": 8}]
 
     # 3. checkpoints at epoch ends only (runtime.* may change on resume): killed after the 2nd epoch-end weights
     #    file is complete and fsynced but before it is renamed into place, so the 1st (end of epoch 2) stands
@@ -91,7 +94,7 @@ def test_mid_epoch_checkpoint_holds_step_totals_and_rng(tmp_path, reference):
                  env={"_ACDC_TEST_FAULT": "fail@write:10:last.safetensors"})
     assert "No space left on device" in line
     ckpt = load_checkpoint(run_dir / "last.safetensors")
-    state = load_state(run_dir / "last.state.prev.pt")
+    state = load_state(state_path(run_dir))
     assert (ckpt.epoch, ckpt.extra["step"]) == (1, 12) and state["progress"]["step"] == 12
     assert len(state["totals"]) == 1  # one process: one rank's sums
     assert state["totals"][0]["count"] == 12 * 32 and state["totals"][0]["loss_sum"].dtype == torch.float64
@@ -107,12 +110,12 @@ def test_mid_epoch_checkpoint_holds_step_totals_and_rng(tmp_path, reference):
 
 
 class NanAt(nn.Module):
-    """The quickstart CNN whose training forward passes number ``bad`` return NaN logits (1-based call count).
+    """The quickstart CNN whose training forward passes numbered in ``bad`` return NaN logits (1-based call count).
 
-    It records its parameters and buffers at the start of the bad call and of the call after it.
+    It records its parameters and buffers at the start of the first bad call and of the call after it.
     """
 
-    def __init__(self, bad: int, num_classes: int = 10, in_channels: int = 1, dropout: float = 0.0):
+    def __init__(self, bad: set[int], num_classes: int = 10, in_channels: int = 1, dropout: float = 0.0):
         super().__init__()
         self.inner = registry.create("digits-cnn", num_classes=num_classes, in_channels=in_channels, dropout=dropout)
         self.bad, self.calls, self.snapshots = bad, 0, []
@@ -120,26 +123,31 @@ class NanAt(nn.Module):
     def forward(self, x):
         if self.training:
             self.calls += 1
-            if self.calls in (self.bad, self.bad + 1):
+            if self.calls in (min(self.bad), min(self.bad) + 1):
                 self.snapshots.append({k: v.clone() for k, v in self.inner.state_dict().items()})
         out = self.inner(x)
-        return out * float("nan") if self.training and self.calls == self.bad else out
+        return out * float("nan") if self.training and self.calls in self.bad else out
 
 
-@pytest.fixture
-def nan_model(monkeypatch):
-    """Register ``nan-at-1-4`` for this test only: step 4 of epoch 1 (forward STEPS + 5) gives a NaN loss."""
+def register_nan_model(monkeypatch, name: str, bad: set[int]) -> list[NanAt]:
+    """Register ``name`` for this test only: a NanAt with these bad calls; returns the models it builds."""
     made: list[NanAt] = []
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
 
-    @registry.register("nan-at-1-4", input_size=8, in_channels=1)
+    @registry.register(name, input_size=8, in_channels=1)
     def factory(num_classes: int = 10, in_channels: int = 1, dropout: float = 0.0) -> nn.Module:
-        model = NanAt(STEPS + 5, num_classes, in_channels, dropout)
+        model = NanAt(bad, num_classes, in_channels, dropout)
         if next(model.parameters()).device.type != "meta":  # models.create sizes every model on meta first
             made.append(model)
         return model
 
     return made
+
+
+@pytest.fixture
+def nan_model(monkeypatch):
+    """``nan-at-1-4``: step 4 of epoch 1 (forward STEPS + 5) gives a NaN loss."""
+    return register_nan_model(monkeypatch, "nan-at-1-4", {STEPS + 5})
 
 
 NAN_RUN = [*SHORT, "--set", "model.name=nan-at-1-4", "--set", "schedule.epochs=3",
@@ -170,6 +178,93 @@ def test_nan_policy_skip_skips_the_step_and_counts_it(tmp_path, nan_model):
     assert before.keys() == after.keys()
     for key in before:
         assert torch.equal(before[key], after[key]), key
+
+
+def finite(ckpt) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in ckpt.weights.values() if t.is_floating_point())
+
+
+LR_1000 = [*PINNED, *QUIET, "--set", "optim.lr=1000", "--set", "runtime.checkpoint_every_steps=1"]
+
+
+def test_weights_broken_by_a_finite_loss_stop_the_run_before_they_are_saved(tmp_path):
+    """The issue's case under the default policy: at LR 1000 the loss stays finite for a few steps while the weights
+    overflow. The checkpoint due after that step is refused (exit 1), the one before it is kept, finite."""
+    run_dir = tmp_path / "run"
+    line = fails(["train", "--out", run_dir, *LR_1000], code=1)
+    found = re.fullmatch(r"error: non-finite weights in the checkpoint at epoch 0, step (\d+) \(([\w.]+)\); the run "
+                         r"stops without writing it, the last good checkpoint is kept", line)
+    assert found, line
+    ckpt = load_checkpoint(run_dir / "last.safetensors")
+    assert (ckpt.epoch, ckpt.extra["step"]) == (0, int(found.group(1)) - 1) and finite(ckpt)
+    assert not list(run_dir.glob("best_*")) and read_jsonl(run_dir / "metrics.jsonl") == []
+
+
+def test_skip_undoes_steps_that_break_the_weights_and_stops_after_max_skipped_steps(tmp_path):
+    """The issue's case under "skip" (it used to end with exit 0, train loss 0.0000, sparsity 0.83 and NaN in last
+    and best_sparse): every step that breaks the weights is undone, and the 10th in a row ends the run (exit 1)
+    before any epoch ends; the checkpoint taken mid-streak holds the weights from before it, finite."""
+    run_dir = tmp_path / "run"
+    line = fails(["train", "--out", run_dir, *LR_1000, "--set", "runtime.nan_policy=skip"], code=1)
+    found = re.fullmatch(r"error: 10 steps in a row skipped for a non-finite loss or weights, the last at epoch 0, "
+                         r"step (\d+) \(runtime.max_skipped_steps = 10\); the last good checkpoint is kept", line)
+    assert found, line
+    last = int(found.group(1))
+    ckpt = load_checkpoint(run_dir / "last.safetensors")
+    assert (ckpt.epoch, ckpt.extra["step"]) == (0, last) and finite(ckpt)  # written after skip 9 of the streak
+    assert load_state(state_path(run_dir))["totals"][0]["streak"] == 9
+    assert math.isfinite(ckpt.metrics["train_loss"])
+    assert not list(run_dir.glob("best_*")) and read_jsonl(run_dir / "metrics.jsonl") == []
+    # the streak is part of the run: resumed, the next skip is the 10th
+    line = fails(["train", "--resume", run_dir], code=1)
+    assert f"10 steps in a row skipped for a non-finite loss or weights, the last at epoch 0, step {last}" in line
+
+
+def test_an_all_skipped_epoch_has_no_loss_and_the_streak_goes_on_across_epochs(tmp_path, monkeypatch):
+    """4 steps per epoch; every step of epoch 1 and the first two of epoch 2 give NaN. With the limit at 10 the run
+    ends, epoch 1's train loss is null (no step counted, not a loss of 0); at 6 the streak that began in epoch 1
+    ends the run at epoch 2, step 1."""
+    register_nan_model(monkeypatch, "nan-5-to-10", set(range(5, 11)))
+    args = [*short_schedule(3), "--set", "data.batch_size=256",
+            "--set", "model.name=nan-5-to-10", "--set", "runtime.nan_policy=skip"]
+    result = invoke("train", "--out", tmp_path / "ten", *args)
+    assert result.exit_code == 0, result.output
+    rows = read_jsonl(tmp_path / "ten" / "metrics.jsonl")
+    assert [r["skipped_steps"] for r in rows] == [0, 4, 2]
+    assert rows[1]["train_loss"] is None and rows[1]["train_top1"] is None
+    assert math.isfinite(rows[0]["train_loss"]) and math.isfinite(rows[2]["train_loss"])
+    line = fails(["train", "--out", tmp_path / "six", *args, "--set", "runtime.max_skipped_steps=6"], code=1)
+    assert "6 steps in a row skipped for a non-finite loss or weights, the last at epoch 2, step 1" in line
+    assert load_checkpoint(tmp_path / "six" / "last.safetensors").epoch == 2  # epoch 1's end: finite, kept
+
+
+def test_step_undo_puts_back_weights_statistics_and_optimizer_state():
+    from acdc_cli.train import StepUndo
+
+    torch.manual_seed(0)
+    model = registry.create("digits-cnn", num_classes=10, in_channels=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+
+    def step(scale: float) -> None:
+        optimizer.zero_grad()
+        (torch.nn.functional.cross_entropy(model(x), y) * scale).backward()
+        optimizer.step()
+
+    undo = StepUndo(model, optimizer)  # before the first step: no optimizer state yet
+    step(float("nan"))
+    assert not bool(undo.finite()) and optimizer.state
+    undo.restore()
+    assert not optimizer.state and bool(undo.finite())
+
+    step(1.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    momentum = {p: s["momentum_buffer"].clone() for p, s in optimizer.state.items()}
+    undo = StepUndo(model, optimizer)
+    step(float("nan"))
+    undo.restore()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(s["momentum_buffer"], momentum[p]) for p, s in optimizer.state.items())
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from acdc_cli.engine import ACDC
 from acdc_cli.metrics import read_jsonl
 from acdc_cli.models import create
 from acdc_cli.rundir import RunDir
+from faults_helpers import as_written_before_resume_state
 
 CPU = torch.device("cpu")
 TINY = ["model.name=tiny-test", "data.name=synthetic", "data.synthetic_size=32", "data.batch_size=16",
@@ -102,13 +103,13 @@ def test_old_settings_and_an_old_run_dir_resume_identically(tmp_path, monkeypatc
     assert 'reset_momentum = "never"' in config and 'amp = "bf16"' in config
     config = config.replace('reset_momentum = "never"', "reset_momentum = false").replace('amp = "bf16"', "amp = true")
     (broken / "config.toml").write_text(config)
-    for name in ("last.state.pt", "last.state.prev.pt"):
-        state = load_state(broken / name)
-        engine = state.pop("engine")
-        del state["scaler"]
-        state["previous_masks"] = engine["previous_masks"]
-        state["progress"]["mask_change"] = engine["mask_change"]
-        save_state(broken / name, state)
+    as_written_before_resume_state(broken)
+    state = load_state(broken / "last.state.pt")
+    engine = state.pop("engine")
+    del state["scaler"]
+    state["previous_masks"] = engine["previous_masks"]
+    state["progress"]["mask_change"] = engine["mask_change"]
+    save_state(broken / "last.state.pt", state)
 
     resumed = CliRunner().invoke(app, ["train", "--resume", str(broken)])
     assert resumed.exit_code == 0, resumed.output

@@ -13,6 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from acdc_cli.checkpoint import load_checkpoint
 from acdc_cli.metrics import read_jsonl
 from acdc_cli.models import create
+from acdc_cli.rundir import state_path
 from acdc_cli.sparsity import masks as M
 from acdc_cli.sparsity.schedule import gmp_sparsity
 from acdc_cli.sparsity.sparsifier import prunable_modules
@@ -107,7 +108,7 @@ def test_tensorboard_events_hold_every_epoch(quickstart_run):
 
 def test_run_dir_contents_and_metadata(quickstart_run):
     for name in ("config.toml", "last.safetensors", "best_sparse.safetensors", "best_dense.safetensors",
-                 "metrics.jsonl", "last.state.pt"):
+                 "metrics.jsonl", state_path(quickstart_run).name):
         assert (quickstart_run / name).is_file()
     assert not list(quickstart_run.glob(".*.tmp"))
     ckpt = load_checkpoint(quickstart_run / "best_dense.safetensors")
@@ -130,7 +131,7 @@ def test_summary_panel_reports_the_run(quickstart_run):
     assert f"final sparsity: {final:.4f} of prunable weights" in printed and f"{rows[-1]['sparsity']:.4f}" in printed
     files = re.search(r"files: ([\w., ]+?) ?[│|]", printed).group(1).split(", ")  # up to the panel's border
     assert set(files) == {"best_dense.safetensors", "best_sparse.safetensors", "config.toml", "last.safetensors",
-                          "last.state.pt", "last.state.prev.pt", "metrics.jsonl", "tb"}
+                          state_path(quickstart_run).name, "metrics.jsonl", "tb"}
     assert shows(f"tensorboard --logdir {quickstart_run / 'tb'}", printed)
     # one row per epoch before the panel
     assert len(re.findall(r"^\s*\d+ +(dense|sparse) ", (quickstart_run.parent / "stdout.txt").read_text(),
@@ -153,7 +154,7 @@ def test_force_overwrites_a_run_and_leaves_nothing_of_it(quickstart_run, tmp_pat
     assert result.exit_code == 0, result.output
     assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [0]
     assert not (run / "best_sparse.safetensors").exists() and not (run / "tb").exists()
-    assert not (run / "last.state.prev.pt").exists()
+    assert list(run.glob("last.state*.pt")) == [state_path(run)]
     assert load_checkpoint(run / "last.safetensors").epoch == 1 and (run / "notes.txt").read_text() == "mine"
     assert 'method = "dense"' in (run / "config.toml").read_text()
 

@@ -7,7 +7,13 @@ Timed on synthetic data at the preset's batch and input size, in a compressed ph
   over one GPU, as it runs);
 - acdc's own step: ``train.train_epoch`` itself over a batch already on the device, with the network
   ``runtime.prepare_model`` makes (bf16 autocast, channels_last, torch.compile as the settings say; foreach masks);
-- acdc's training epoch: the same step fed by the preset's GPU-resident loader (data + step + masks + metrics);
+- acdc's training epoch: the same step fed by the preset's GPU-resident loader (data + step + masks + metrics) over a
+  split that ends in a short batch, which the loader drops as in training; then the validation pass (compiled when
+  runtime.compile is on) over a split that ends in a short batch; and how many graphs torch.compile built during
+  both (after warm-up: any is a recompilation that a run would also pay);
+- the post-backward step alone (gradient mask + ``SGD(fused=True)``, the engine's hooks) against the previous path
+  (gradient mask + foreach SGD + weight mask), on the preset's model with synthetic gradients at the target
+  sparsity, interleaved, medians in ms;
 - the global mask update (recompute masks from magnitudes, apply them, measure the mask change), in ms;
 - the input pipeline alone: the preset's loader type on synthetic images (TensorLoader with the preset's
   augmentation; for ImageFolder presets, the real ImageFolder pipeline over ImageNet-sized JPEGs generated in a
@@ -49,6 +55,9 @@ TENSOR_DATASETS = {"digits", "cifar10", "cifar100", "synthetic"}
 # the digits builder never augments (8x8 digits do not survive a 4-pixel crop)
 UNAUGMENTED = {"digits"}
 MASK_UPDATE_REPEATS = 5
+# post-backward steps per timed pass, and interleaved passes per path (medians reported)
+POST_BACKWARD_STEPS = 10
+POST_BACKWARD_REPEATS = 5
 # batches of JPEGs generated for the ImageFolder pipeline: writing each costs a few ms, so not one per timed step
 IMAGEFOLDER_BATCHES = 4
 IMAGEFOLDER_VAL_IMAGES = 4
@@ -131,7 +140,7 @@ def reference_step_rate(settings: Settings, images: torch.Tensor, labels: torch.
     for name, mask in float_masks.items():
         params[name].register_hook(lambda grad, mask=mask: grad * mask)
     net = nn.DataParallel(model, device_ids=[device.index or 0]) if device.type == "cuda" else model
-    optimizer = build_optimizer(model, settings)
+    optimizer = build_optimizer(model, settings, kernel="torch")  # as the reference built its SGD
     model.train()
 
     def run(count: int) -> None:
@@ -149,20 +158,69 @@ def reference_step_rate(settings: Settings, images: torch.Tensor, labels: torch.
     return steps * images.shape[0] / seconds
 
 
-def _tensor_loader(settings: Settings, batch_size: int, images: int, device: torch.device) -> tuple[Any, str]:
-    """The preset's GPU-resident training loader over synthetic images, and a name for its kind."""
+def _tensor_loader(settings: Settings, batch_size: int, images: int, device: torch.device,
+                   train: bool = True) -> tuple[Any, str]:
+    """The preset's GPU-resident training loader (or, ``train=False``, its validation loader) over synthetic images,
+    and a name for its kind."""
     from acdc_cli.data.tensor_loader import TensorLoader
 
     name = settings.data.name
     entry, _ = models.lookup(settings.model.name)
     c, s = entry.in_channels, entry.input_size
-    g = torch.Generator().manual_seed(settings.runtime.seed)
+    g = torch.Generator().manual_seed(settings.runtime.seed + (0 if train else 1))
     pixels = torch.randint(0, 256, (images, c, s, s), generator=g, dtype=torch.uint8)
     targets = torch.randint(0, NUM_CLASSES[name], (images,), generator=g)
-    augment = settings.data.augment and name not in UNAUGMENTED
-    loader = TensorLoader(pixels, targets, batch_size, (0.5,) * c, (0.25,) * c, shuffle=True, drop_last=True,
+    augment = train and settings.data.augment and name not in UNAUGMENTED
+    loader = TensorLoader(pixels, targets, batch_size, (0.5,) * c, (0.25,) * c, shuffle=train, drop_last=train,
                           augment=augment, seed=settings.runtime.seed, device=device)
     return loader, "TensorLoader (on device" + (", crop + flip)" if augment else ")")
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def post_backward_ms(settings: Settings, device: torch.device, steps: int = POST_BACKWARD_STEPS,
+                     repeats: int = POST_BACKWARD_REPEATS) -> tuple[float, float, str]:
+    """(ms per post-backward step of acdc's path, of the previous path, acdc's SGD kernel) on the preset's model.
+
+    acdc's path is ``optimizer.step()`` of ``train.build_optimizer`` with the engine's hooks: one gradient-mask pass,
+    then fused SGD (foreach where there is no fused kernel), no weight mask. The previous path is what the hooks did
+    before: gradient mask, foreach SGD, weight mask. Both update the same weights (with the layout training gives
+    them) from the same synthetic gradients, with momentum buffers already built; passes interleaved."""
+    from acdc_cli.train import build_optimizer
+
+    model = _build_model(settings, device)
+    if settings.runtime.channels_last and device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3  # like p: the same memory format
+    optimizer = build_optimizer(model, settings)
+    sparsifier = ACDC.from_settings(settings, model, optimizer).sparsifier
+    sparsifier.compress(settings.sparsity.target)
+    previous = build_optimizer(model, settings, kernel="foreach")  # no engine hooks: the steps below mask
+
+    def acdc_steps(count: int) -> None:
+        for _ in range(count):
+            optimizer.step()
+
+    def previous_steps(count: int) -> None:
+        for _ in range(count):
+            sparsifier.apply_to_grads()
+            previous.step()
+            sparsifier.apply_to_weights()
+
+    acdc_steps(1)  # momentum buffers, and the masking of the pruned ones
+    previous_steps(1)
+    timed: list[list[float]] = [[], []]
+    for _ in range(repeats):
+        for run, measured in zip((acdc_steps, previous_steps), timed):
+            measured.append(1000 * elapsed_seconds(lambda run=run: run(steps), device) / steps)
+    kernel = "fused" if optimizer.defaults.get("fused") else "foreach"
+    return statistics.median(timed[0]), statistics.median(timed[1]), kernel
 
 
 def _imagefolder_loader(settings: Settings, batch_size: int, device: torch.device, workdir: Path,
@@ -273,6 +331,7 @@ def run_bench(settings: Settings, *, steps: int = 50, warmup: int = 10, batch_si
     rt = settings.runtime
     on_cuda = device.type == "cuda"
 
+    graphs_at_start = compiled_graphs()
     say("reference-style step (fp32, NCHW, eager, gradient hooks)")
     reference = reference_step_rate(settings, images, labels, steps, warmup, device)
     if on_cuda:
@@ -293,6 +352,11 @@ def run_bench(settings: Settings, *, steps: int = 50, warmup: int = 10, batch_si
         lambda: train_epoch(net, timed, optimizer, settings, 0, device, None, scaler=scaler), device)
     acdc = steps * batch / step_seconds
 
+    say("post-backward step: gradient mask + fused SGD against gradient mask + foreach SGD + weight mask")
+    post_backward, post_backward_previous, post_backward_kernel = post_backward_ms(settings, device)
+    if on_cuda:
+        torch.cuda.empty_cache()
+
     say("global mask update")
     mask_ms = []
     for _ in range(MASK_UPDATE_REPEATS + 1):
@@ -303,14 +367,25 @@ def run_bench(settings: Settings, *, steps: int = 50, warmup: int = 10, batch_si
     say("input pipeline")
     with tempfile.TemporaryDirectory(prefix="acdc-bench-") as workdir:
         tensor_data = settings.data.name in TENSOR_DATASETS
-        count = batch * (steps if tensor_data else min(steps, IMAGEFOLDER_BATCHES))
+        # a split that ends in a short batch, as real ones do: the training loader drops it
+        count = batch * steps + batch // 2 if tensor_data else batch * min(steps, IMAGEFOLDER_BATCHES)
         loader, pipeline_kind, pipeline, pipeline_pil = measure_pipeline(settings, batch, count, device, Path(workdir))
-        epoch = None
+        epoch = evaluation = epoch_graphs = None
         if tensor_data:
-            say("training epoch (input pipeline + step + masks + metrics)")
+            say("training epoch (input pipeline + step + masks + metrics) and validation pass")
+            eval_batch = settings.data.eval_batch_size
+            val_loader, _ = _tensor_loader(settings, eval_batch, eval_batch + max(eval_batch // 2, 1), device,
+                                           train=False)
+            eval_net = runtime.prepare_eval_model(model, settings)
+            info = DistInfo(0, 1, 0, device)
+            runtime.evaluate(eval_net, val_loader, device, rt.amp, info)  # warm-up: compiles both batch sizes
+            graphs = compiled_graphs()
             epoch_seconds = elapsed_seconds(
                 lambda: train_epoch(net, loader, optimizer, settings, 0, device, None, scaler=scaler), device)
             epoch = loader.num_samples / epoch_seconds
+            evaluation = val_loader.num_samples / elapsed_seconds(
+                lambda: runtime.evaluate(eval_net, val_loader, device, rt.amp, info), device)
+            epoch_graphs = compiled_graphs() - graphs
 
     return {
         "device": device_name(device),
@@ -333,6 +408,13 @@ def run_bench(settings: Settings, *, steps: int = 50, warmup: int = 10, batch_si
         "acdc_img_per_s": acdc,
         "ratio": acdc / reference,
         "acdc_epoch_img_per_s": epoch,
+        "acdc_eval_img_per_s": evaluation,
+        "compile_graphs": compiled_graphs() - graphs_at_start if rt.compile else None,
+        "epoch_recompiles": epoch_graphs if rt.compile else None,
+        "post_backward_kernel": post_backward_kernel,
+        "post_backward_ms": post_backward,
+        "post_backward_previous_ms": post_backward_previous,
+        "post_backward_ratio": post_backward_previous / post_backward,
         "mask_update_ms": mask_update_ms,
         "mask_weights": sparsifier.numel,
         "pipeline": pipeline_kind,
@@ -354,11 +436,22 @@ def render(result: dict[str, Any], console: Console) -> None:
     table.add_column("rate", justify="right")
     table.add_row("reference-style step (fp32, NCHW, eager, gradient hooks)",
                   f"{result['reference_img_per_s']:,.0f} img/s")
-    table.add_row(f"acdc step ({acdc_mode}, foreach masks)", f"{result['acdc_img_per_s']:,.0f} img/s")
+    table.add_row(f"acdc step ({acdc_mode}, gradient mask + {result['post_backward_kernel']} SGD)",
+                  f"{result['acdc_img_per_s']:,.0f} img/s")
     table.add_row("ratio acdc / reference", f"{result['ratio']:.2f}x", style="bold")
     if result["acdc_epoch_img_per_s"] is not None:
-        table.add_row("acdc training epoch (loader + step + masks + metrics)",
+        table.add_row("acdc training epoch (loader + step + masks + metrics; short last batch dropped)",
                       f"{result['acdc_epoch_img_per_s']:,.0f} img/s")
+        table.add_row("acdc validation pass (short last batch)", f"{result['acdc_eval_img_per_s']:,.0f} img/s")
+    if result["compile_graphs"] is not None:
+        recompiles = result["epoch_recompiles"]
+        table.add_row("torch.compile graphs built (of them during the timed epoch and validation)",
+                      f"{result['compile_graphs']} ({'-' if recompiles is None else recompiles})")
+    table.add_row(f"post-backward step: gradient mask + {result['post_backward_kernel']} SGD",
+                  f"{result['post_backward_ms']:.3f} ms")
+    table.add_row("post-backward step before: gradient mask + foreach SGD + weight mask",
+                  f"{result['post_backward_previous_ms']:.3f} ms")
+    table.add_row("ratio previous / acdc post-backward step", f"{result['post_backward_ratio']:.2f}x", style="bold")
     table.add_row(f"global mask update ({result['mask_weights']:,} weights, {result['structure']})",
                   f"{result['mask_update_ms']:.2f} ms")
     table.add_row(f"input pipeline: {result['pipeline']}", f"{result['pipeline_img_per_s']:,.0f} img/s")

@@ -221,7 +221,7 @@ def train(
     in about ten seconds. Settings resolve as: defaults < preset < --config < ACDC_SECTION__KEY env < flags/--set.
     """
     from acdc_cli.config import load_settings, merge_layer
-    from acdc_cli.rundir import default_run_dir, prepare_run_dir, saved_settings
+    from acdc_cli.rundir import check_new_run_dir, default_run_dir, prepare_run_dir, run_lock, saved_settings
     from acdc_cli.train import run, summary_panel
 
     flags = {"data.dir": str(data_dir) if data_dir else None, "runtime.device": device, "runtime.seed": seed,
@@ -257,6 +257,9 @@ def train(
         if settings.data.name in ("cifar10", "cifar100", "imagenet") and settings.data.dir is None:
             raise AcdcError(f"data.dir is not set: {settings.data.name} needs --data-dir PATH")
         if resume is None:
+            check_new_run_dir(run_dir, force)  # before the lock file is made in it
+        ctx.with_resource(run_lock(run_dir, for_ranks=True))  # held until this command returns
+        if resume is None:
             prepare_run_dir(run_dir, force)
         # every rank gets this command's options, the run dir fixed here, and no --nproc
         argv = (["--debug"] if _state["debug"] else []) + ["train", *_forward_options(ctx, {"nproc", "out"})]
@@ -270,6 +273,10 @@ def train(
 
     # under torchrun only rank 0 touches the run dir and prints
     is_main = env_rank() == 0
+    if resume is None and is_main:
+        check_new_run_dir(run_dir, force)  # before the lock file is made in it
+    if is_main:
+        ctx.with_resource(run_lock(run_dir))  # held until this command returns
     if resume is None and is_main:
         prepare_run_dir(run_dir, force)
     console = err_console() if as_json else out_console()
@@ -300,7 +307,8 @@ def train(
         console.print(f"resume with: {resume_command}", markup=False, highlight=False, soft_wrap=True)
     else:
         # the panel quotes the run dir: a path holding "[/]" is text, not markup
-        (err_console(markup=False) if as_json else out_console(markup=False)).print(summary_panel(result))
+        panel = summary_panel(result, settings.log.tensorboard)
+        (err_console(markup=False) if as_json else out_console(markup=False)).print(panel)
 
 
 def _check_model(settings, check_weights: bool) -> None:

@@ -251,11 +251,20 @@ class RuntimeSettings(_Section):
     threads: int | None = Field(
         None, gt=0, le=MAX_THREADS, description="CPU threads for torch (None: torch's default)"
     )
+    eval_every: int = Field(
+        1, ge=1, le=MAX_EPOCHS, description="validation pass every N epochs (plus always the last epoch of every "
+        "phase); the other epochs write null for val_loss / val_top1 / val_top5"
+    )
     checkpoint_every_steps: int = Field(
         0, ge=0, description="also write last.* every N training steps, for mid-epoch resume (0: epoch ends only)"
     )
     nan_policy: Literal["stop", "skip"] = Field(
-        "stop", description="non-finite loss: stop the run (exit 1), or skip the step (one host sync per step)"
+        "stop", description="a non-finite loss or weights: stop the run (exit 1), or skip the step (undone: weights, "
+        "optimizer state, batch-norm statistics; one host sync and one copy of them per step)"
+    )
+    max_skipped_steps: int = Field(
+        10, ge=1, le=10**6, description="nan_policy 'skip': stop the run (exit 1) after this many steps in a row "
+        "are skipped (steps)"
     )
 
     @field_validator("amp", mode="before")

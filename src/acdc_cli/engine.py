@@ -13,13 +13,20 @@ FLOPs as the paper counts them are optional: ``acdc.count_flops((3, 32, 32))`` o
 each epoch, and ``acdc.metrics()`` carries the inference and cumulative training cost beside the sparsity.
 
 The masking runs in ``optimizer.register_step_pre_hook`` / ``register_step_post_hook``, so it holds for any
-``torch.optim`` optimizer, under a ``GradScaler`` (a skipped step runs neither hook and changes nothing), and for
-DistributedDataParallel or ``torch.compile`` wrappers (the engine works on the module inside them, whose names
-checkpoints keep).
+``torch.optim`` optimizer, under a ``GradScaler`` (a skipped step changes nothing: an unfused optimizer's step is not
+called, a fused one is called with ``found_inf`` and updates nothing), and for DistributedDataParallel or
+``torch.compile`` wrappers (the engine works on the module inside them, whose names checkpoints keep).
+
+After backward the pre-hook masks the gradients in one multi-tensor pass (and, the first step after the masks
+changed or the optimizer's state was loaded, the pruned weights' momentum buffers and the weights). For
+``torch.optim.SGD`` that is all: the step then leaves every pruned weight exactly at zero (see
+:func:`step_keeps_zeros`), so acdc's own ``SGD(fused=True)`` step is two passes over the weights instead of three.
+Any other optimizer also gets the post-hook, which re-masks the weights after its step.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -156,11 +163,15 @@ class ACDC:
         # fraction of the selected weights whose kept/pruned state flipped when the current compressed phase began,
         # against the previous compressed phase's masks; None in dense phases and at the first compressed one
         self.mask_change: float | None = None
+        # the sparsifier's mask version whose masks the optimizer's momentum buffers hold; None: not known to hold
+        # any (masks changed, or the optimizer's state was replaced since)
+        self._masked_version: int | None = None
         self._positions: dict[str, int] | None = None  # output positions per counted layer, once count_flops ran
         # the training cost of the epochs passed to end_epoch; None when a loaded state predates FLOPs counting
         self._train_flops: TrainingFlops | None = TrainingFlops()
         self._hooks = [optimizer.register_step_pre_hook(self._before_step),
-                       optimizer.register_step_post_hook(self._after_step)]
+                       optimizer.register_step_post_hook(self._after_step),
+                       optimizer.register_load_state_dict_post_hook(self._after_optimizer_load)]
 
     # ------------------------------------------------------------------------------------------------------------
     # the loop's calls
@@ -193,13 +204,27 @@ class ACDC:
             self.sparsifier.decompress()
         if reset:
             reset_momentum(self.optimizer)
+        self._mask_state()
         self._phase = phase
 
+    def _mask_state(self) -> None:
+        """Pruned weights and their momentum to zero, once per mask change (or optimizer state load)."""
+        self.sparsifier.apply_to_momentum(self.optimizer)
+        self.sparsifier.apply_to_weights()
+        self._masked_version = self.sparsifier.version
+
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # masks set on the sparsifier directly, or an optimizer state loaded, since the last step
+        if self._masked_version != self.sparsifier.version:
+            self._mask_state()
         self.sparsifier.apply_to_grads()  # neither momentum nor Adam's moments see a pruned weight's gradient
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self.sparsifier.apply_to_weights()  # weight decay and momentum cannot move a pruned weight off zero
+        if not step_keeps_zeros(optimizer):
+            self.sparsifier.apply_to_weights()  # weight decay and momentum cannot move a pruned weight off zero
+
+    def _after_optimizer_load(self, optimizer: torch.optim.Optimizer) -> None:
+        self._masked_version = None  # its momentum buffers come from elsewhere: mask them before the next step
 
     def use_masks(self, masks: Mapping[str, torch.Tensor], epoch: int) -> bool:
         """Let ``start_epoch(epoch)`` enter its compressed phase with ``masks`` (say, from ``acdc prune``) instead of
@@ -422,6 +447,30 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+_SGD_HYPERPARAMETERS = ("lr", "momentum", "dampening", "weight_decay")
+
+
+def step_keeps_zeros(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` provably leaves a weight that is exactly zero, with a zero gradient and a zero
+    momentum buffer (or none yet), exactly zero; the engine then skips re-masking the weights after the step.
+
+    True for ``torch.optim.SGD`` itself (foreach, fused or per-tensor, any momentum, dampening, Nesterov, maximize)
+    while its hyperparameters are finite Python numbers: its update is ``w -= lr * d`` with ``d = g + wd * w`` and,
+    with momentum, ``b = momentum * b + (1 - dampening) * d`` (``d + momentum * b`` for Nesterov). With ``g``, ``w``
+    and ``b`` all zero every term is a finite number times zero, so ``w`` stays zero (perhaps as -0.0, which every
+    kernel multiplies and adds like +0.0 and checkpoints store as +0.0). A subclass may change the update, a tensor
+    hyperparameter could not be checked without a device sync, and the Adam family divides by a second-moment
+    estimate and decays weights by its own rule: all of those keep the post-step mask."""
+    if type(optimizer) is not torch.optim.SGD:
+        return False
+    for group in optimizer.param_groups:
+        for key in _SGD_HYPERPARAMETERS:
+            value = group.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                return False
+    return True
 
 
 def reset_momentum(optimizer: torch.optim.Optimizer) -> int:

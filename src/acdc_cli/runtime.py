@@ -60,6 +60,25 @@ def configure_backends(settings: Settings, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = not settings.runtime.deterministic
 
 
+def sgd_kernel(params: list[torch.Tensor], scaled: bool = False) -> dict[str, bool]:
+    """``torch.optim.SGD``'s implementation keyword for these parameters: ``fused=True`` (one kernel reads each
+    weight, gradient and momentum once) when they are all floating point on a device type with fused kernels, else
+    ``foreach=True``; also foreach when a GradScaler is enabled (``scaled``, fp16): a fused SGD whose first step the
+    scaler skips creates its momentum buffers with ``torch.empty_like`` and never writes them (torch 2.14's
+    ``_fused_sgd`` with ``found_inf``), so the next step would read uninitialised memory."""
+    if scaled:
+        return {"foreach": True}
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        fused_devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # a private helper: without it, the two device types every recent torch fuses for
+        fused_devices = {"cuda", "cpu"}
+    if params and all(p.is_floating_point() and p.device.type in fused_devices for p in params):
+        return {"fused": True}
+    return {"foreach": True}
+
+
 def prepare_model(model: nn.Module, settings: Settings, info: DistInfo) -> nn.Module:
     """Make the training network for ``model`` (which must already be on ``info.device``) and return it.
 
@@ -89,8 +108,21 @@ def prepare_model(model: nn.Module, settings: Settings, info: DistInfo) -> nn.Mo
             gradient_as_bucket_view=True,
         )
     if rt.compile:
-        net = torch.compile(net)
+        # static shapes: every training batch has the same size (the loaders drop a short last batch), so one graph
+        # serves the whole run; dynamic=None would make the batch dimension symbolic at the first other size this
+        # code sees (the evaluation's: compiled frames of one model share their shape history) and run every later
+        # step on the slower dynamic-shape graph
+        net = torch.compile(net, dynamic=False)
     return net
+
+
+def prepare_eval_model(model: nn.Module, settings: Settings) -> nn.Module:
+    """The network that validation runs: ``model`` compiled (static shapes: one graph for the full evaluation batch,
+    one for the split's short last batch) when runtime.compile is on, else ``model`` itself. Evaluation works on the
+    plain model even under DDP: each rank scores its shard and the sums are all-reduced."""
+    if settings.runtime.compile:
+        return torch.compile(model, dynamic=False)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------

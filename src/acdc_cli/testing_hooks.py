@@ -14,9 +14,10 @@ nothing per training step.
 - POINT ``write``: half of the file's bytes are in its temporary file (a torn temporary file);
   ``rename``: the temporary file is complete and fsynced, the rename over the target has not happened;
   ``renamed``: the rename has happened, the folder is not fsynced yet.
-- N counts, from 1, the writes (all three points of one write count as that write) of files named NAME (the file
-  name, e.g. ``last.safetensors``), or of every file when NAME is left out. Counting restarts when the variable's
-  value changes or :func:`reset` is called.
+- N counts, from 1, the writes (all three points of one write count as that write) of files whose name matches
+  NAME (a file name such as ``last.safetensors``, or a glob such as ``last.state.*.pt``: every resume state has a
+  name of its own), or of every file when NAME is left out. Counting restarts when the variable's value changes or
+  :func:`reset` is called.
 
   Examples: ``kill@rename:3`` kills before the third write of the process is renamed into place;
   ``fail@write:2:last.safetensors`` makes the second write of a ``last.safetensors`` fail with a full disk.
@@ -48,6 +49,7 @@ silently never fires.
 from __future__ import annotations
 
 import errno
+import fnmatch
 import os
 import signal
 import sys
@@ -124,9 +126,10 @@ def faults_for_write(path: Path) -> list[Fault] | None:
     with _writes.lock:
         if spec != _writes.spec:
             _writes.spec, _writes.faults, _writes.counts = spec, parse_faults(spec), {}
-        for key in {None, name}:
+        matching = {None} | {f.name for f in _writes.faults if f.name is not None and fnmatch.fnmatchcase(name, f.name)}
+        for key in matching:
             _writes.counts[key] = _writes.counts.get(key, 0) + 1
-        mine = [f for f in _writes.faults if f.name in (None, name) and _writes.counts[f.name] == f.nth]
+        mine = [f for f in _writes.faults if f.name in matching and _writes.counts[f.name] == f.nth]
     return mine or None
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import gc
 import hashlib
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,10 +21,12 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.panel import Panel
+from rich.text import Text
 from torch import nn
 
 from acdc_cli import data as data_mod
 from acdc_cli import distributed, models, runtime
+from acdc_cli.checkpoint import all_finite
 from acdc_cli.config import Settings
 from acdc_cli.distributed import DistInfo
 from acdc_cli.engine import ACDC
@@ -33,7 +36,7 @@ from acdc_cli.flops import si
 from acdc_cli.metrics import MetricsLogger, StepReporter
 from acdc_cli.preemption import StopSignal, reduce_int
 from acdc_cli.rundir import EpochTotals, RunDir, first_epoch, gather_totals
-from acdc_cli.sparsity.schedule import learning_rate
+from acdc_cli.sparsity.schedule import Phase, learning_rate
 
 
 @dataclass
@@ -84,6 +87,7 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
     model_kwargs = _model_kwargs(settings, bundle)
     model = models.create(settings.model.name, **model_kwargs).to(device)
     net = runtime.prepare_model(model, settings, info)
+    eval_net = runtime.prepare_eval_model(model, settings)
     optimizer = build_optimizer(model, settings)
     engine = ACDC.from_settings(settings, model, optimizer)
     engine.count_flops((bundle.in_channels, bundle.image_size, bundle.image_size))
@@ -115,7 +119,7 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
             # every rank must hold the same masks from the moment they change
             checksums = runtime.verify_masks(engine.sparsifier.masks, info) if epoch in (phase.start, first) else None
             bundle.train.set_epoch(epoch)
-            totals = totals or EpochTotals.start(device)
+            totals = totals or EpochTotals.start(device, streak=store.state.skip_streak)
             save = functools.partial(store.save_step, phase) if is_main else None
             after_step = functools.partial(_after_step, stop=stop, every=settings.runtime.checkpoint_every_steps,
                                            steps=len(bundle.train), epoch=epoch, save=save)
@@ -124,10 +128,12 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
             if stats is None:
                 preempted = {"signal": stop.name, "epoch": epoch, "step": totals.step}
                 break
-            totals = None
+            store.state.skip_streak, totals = totals.streak, None
             stats = runtime.reduce_train_stats(stats, info)
             engine.end_epoch(bundle.train.num_samples * info.world_size)  # the images every rank really trained
-            scores = runtime.evaluate(model, eval_loader, device, settings.runtime.amp, info)
+            evaluated = evaluates(settings, phase, epoch)
+            scores = (runtime.evaluate(eval_net, eval_loader, device, settings.runtime.amp, info) if evaluated
+                      else dict.fromkeys(("loss", "top1", "top5")))  # null in metrics.jsonl
             row = {"epoch": epoch, **engine.metrics(), "lr": stats["lr"], "train_loss": stats["train_loss"],
                    "train_top1": stats["train_top1"], f"{split}_loss": scores["loss"], f"{split}_top1": scores["top1"],
                    f"{split}_top5": scores["top5"], "mask_checksums": checksums, "img_per_s": stats["img_per_s"],
@@ -166,15 +172,29 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
 # the loop's pieces
 
 
-def build_optimizer(model: nn.Module, settings: Settings) -> torch.optim.SGD:
+def build_optimizer(model: nn.Module, settings: Settings, kernel: str = "auto") -> torch.optim.SGD:
+    """SGD as the settings say. ``kernel``: "auto" (acdc's step: one fused kernel where the parameters' device has
+    one, foreach otherwise; with the engine's gradient mask before it, the whole post-backward step, see engine.py's
+    ``step_keeps_zeros``), "foreach", or "torch" (PyTorch's default choice; acdc bench's reference-style step)."""
     o = settings.optim
+    params = list(model.parameters())
+    scaled = bool(params) and runtime.precision(params[0].device, settings.runtime.amp) == "fp16"
+    chosen = {"auto": runtime.sgd_kernel(params, scaled), "foreach": {"foreach": True}, "torch": {}}[kernel]
     return torch.optim.SGD(
-        model.parameters(),
+        params,
         lr=o.lr,
         momentum=o.momentum,
         nesterov=o.nesterov and o.momentum > 0,
         weight_decay=o.weight_decay,
+        **chosen,
     )
+
+
+def evaluates(settings: Settings, phase: Phase, epoch: int) -> bool:
+    """Whether ``epoch`` gets a validation pass: every ``runtime.eval_every``-th epoch (counted from 1), and always
+    the last epoch of every phase (so the last one of the run), whose weights end the phase and are what
+    best_sparse / best_dense choose among."""
+    return (epoch + 1) % settings.runtime.eval_every == 0 or epoch == phase.end - 1
 
 
 def _model_kwargs(settings: Settings, bundle: data_mod.DataBundle) -> dict[str, Any]:
@@ -199,6 +219,46 @@ def raise_if_bad(totals: EpochTotals, epoch: int) -> None:
     bad = reduce_int(local if local >= 0 else _NO_BAD_STEP, "min")
     if bad != _NO_BAD_STEP:
         raise TrainingFault(f"non-finite loss at epoch {epoch}, step {bad}; the last good checkpoint is kept")
+
+
+class StepUndo:
+    """A copy of all that one training step changes: parameters, buffers (batch-norm statistics) and optimizer
+    state, for ``runtime.nan_policy = "skip"`` to put back."""
+
+    def __init__(self, net: nn.Module, optimizer: torch.optim.Optimizer):
+        self.net, self.optimizer = net, optimizer
+        self.keys = {p: set(s) for p, s in optimizer.state.items()}  # entries a first step creates are dropped
+        state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        self.live = [*net.parameters(), *net.buffers(), *state]
+        self.copies = [t.detach().clone() for t in self.live]
+        self.plain = {(p, k): v for p, s in optimizer.state.items() for k, v in s.items()
+                      if not isinstance(v, torch.Tensor)}
+
+    def finite(self) -> torch.Tensor:
+        """Whether the parameters and buffers are all finite now (a device tensor: nothing waits for it here)."""
+        return all_finite([*self.net.parameters(), *self.net.buffers()])
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        torch._foreach_copy_(self.live, self.copies)  # in place: whatever holds these tensors sees the old values
+        for param in list(self.optimizer.state):
+            if param not in self.keys:
+                del self.optimizer.state[param]
+                continue
+            for key in set(self.optimizer.state[param]) - self.keys[param]:
+                del self.optimizer.state[param][key]
+        for (param, key), value in self.plain.items():
+            self.optimizer.state[param][key] = value
+
+
+def count_skip(totals: EpochTotals, epoch: int, step: int, limit: int) -> None:
+    """One more step skipped; ``limit`` in a row ends the run (exit 1) with the last good checkpoint kept."""
+    totals.skipped += 1
+    totals.streak += 1
+    if totals.streak >= limit:
+        raise TrainingFault(f"{totals.streak} steps in a row skipped for a non-finite loss or weights, the last at "
+                            f"epoch {epoch}, step {step} (runtime.max_skipped_steps = {limit}); the last good "
+                            "checkpoint is kept")
 
 
 def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
@@ -244,8 +304,8 @@ def train_epoch(
             # dropout's randomness is a function of (seed, epoch, step, rank): a run resumed at any step draws what
             # an uninterrupted one would, and ranks draw differently
             torch.manual_seed(step_seed(settings.runtime.seed, epoch, step, rank))
-            # "skip" must undo the batch-norm statistics a bad forward pass moved
-            buffers = [b.clone() for b in net.buffers()] if skip_bad else []
+            # "skip" must be able to undo all that a bad step moves, the forward pass's batch-norm statistics too
+            undo = StepUndo(net, optimizer) if skip_bad else None
             with runtime.autocast(device, settings.runtime.amp):
                 logits = net(images)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=settings.optim.label_smoothing)
@@ -253,13 +313,15 @@ def train_epoch(
             # also for a step that is skipped: DDP expects every forward to have its backward
             scaler.scale(loss).backward()
             detached = loss.detach()
-            if skip_bad and reduce_int(int(not torch.isfinite(detached))):
-                for buffer, saved in zip(net.buffers(), buffers):
-                    buffer.copy_(saved)
-                totals.skipped += 1
+            scaler.step(optimizer)  # the engine's hooks mask gradients before and weights after
+            scaler.update()
+            # "skip": a non-finite loss, or a finite one whose step broke the weights (a huge loss, an LR far too
+            # high), is undone; every rank agrees (one host sync)
+            if undo is not None and reduce_int(int(not (torch.isfinite(detached) & undo.finite()))):
+                undo.restore()
+                count_skip(totals, epoch, step, settings.runtime.max_skipped_steps)
             else:
-                scaler.step(optimizer)  # the engine's hooks mask gradients before and weights after
-                scaler.update()
+                totals.streak = 0
                 bad_now = (~torch.isfinite(detached)) & (totals.first_bad < 0)
                 totals.first_bad = torch.where(bad_now, torch.full_like(totals.first_bad, step), totals.first_bad)
                 totals.loss_sum += detached.double() * labels.numel()
@@ -278,9 +340,10 @@ def train_epoch(
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - started
     raise_if_bad(totals, epoch)
+    count = totals.count or float("nan")  # every step skipped: no loss to report, not a loss of 0
     return {
-        "train_loss": totals.loss_sum.item() / max(totals.count, 1),
-        "train_top1": totals.correct.item() / max(totals.count, 1),
+        "train_loss": totals.loss_sum.item() / count,
+        "train_top1": totals.correct.item() / count,
         "lr": learning_rate(settings, epoch + (steps - 1) / steps),
         "img_per_s": seen / max(elapsed, 1e-9),
         "skipped_steps": totals.skipped,
@@ -305,7 +368,9 @@ def _flops_summary(engine: ACDC) -> dict[str, Any]:
     return {"inference": engine.flops().as_dict(), "train": train}
 
 
-def summary_panel(result: RunResult) -> Panel:
+def summary_panel(result: RunResult, tensorboard: bool) -> Panel:
+    """What the run left: best checkpoints, final sparsity, FLOPs, files, and the TensorBoard command when it wrote
+    events. Plain text (paths may hold "[/]"), wrapped at the panel's width, never cut."""
     def line(label: str, best: dict[str, Any] | None) -> str:
         if best is None:
             return f"{label}: none"
@@ -321,9 +386,11 @@ def summary_panel(result: RunResult) -> Panel:
         *_flops_lines(result.flops),
         "files: " + ", ".join(p.name for p in result.files),
         f"run dir: {result.run_dir}",
-        f"tensorboard --logdir {result.run_dir / 'tb'}",
     ]
-    return Panel("\n".join(lines), title="acdc run finished", expand=False)
+    if tensorboard:
+        lines.append(f"tensorboard --logdir {shlex.quote(str(result.run_dir / 'tb'))}")
+    # no_wrap=False: a console that soft-wraps (a pipe) would otherwise crop each line at the panel's border
+    return Panel(Text("\n".join(lines), no_wrap=False, overflow="fold"), title="acdc run finished", expand=False)
 
 
 def _flops_lines(flops: dict[str, Any] | None) -> list[str]:

@@ -66,9 +66,10 @@ def select_layers(
 class Sparsifier:
     """Owns one boolean mask per selected weight.
 
-    ``masks`` is ``None`` in a dense (decompressed) phase. In a compressed phase pruned weights are zero, their
-    gradients are zeroed after backward and the weights are re-masked after every optimizer step, so neither
-    momentum nor weight decay can move them.
+    ``masks`` is ``None`` in a dense (decompressed) phase. In a compressed phase pruned weights are zero, and the
+    engine's optimizer hooks keep them there (engine.py): gradients masked before every step, momentum buffers
+    masked when the masks change, weights re-masked after the step unless the optimizer provably leaves a zero
+    weight with zero gradient and zero momentum at zero.
     """
 
     def __init__(self, model: nn.Module, include: list[str], exclude: list[str], scope: str, structure: str):
@@ -84,6 +85,8 @@ class Sparsifier:
         self._factors: list[torch.Tensor] | None = None
         # the mask of the previous compressed phase, kept through dense phases to measure mask change
         self.previous: dict[str, torch.Tensor] | None = None
+        # counts mask changes, so that the engine can tell whether the optimizer state was masked since the last one
+        self.version = 0
 
     @property
     def numel(self) -> int:
@@ -104,6 +107,7 @@ class Sparsifier:
     def _hold(self, masks: dict[str, torch.Tensor] | None) -> None:
         self.masks = masks
         self._factors = None
+        self.version += 1
         if masks is not None:
             self._factors = [torch.empty_like(p).copy_(masks[n]) for n, p in self.params.items()]
 
@@ -153,6 +157,18 @@ class Sparsifier:
         pairs = [(p.grad, f) for p, f in zip(self.params.values(), self._factors) if p.grad is not None]
         if pairs:
             torch._foreach_mul_([g for g, _ in pairs], [f for _, f in pairs])
+
+    @torch.no_grad()
+    def apply_to_momentum(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zero the momentum buffers (SGD's and RMSprop's ``momentum_buffer``) of the pruned weights. The Adam
+        family's moment estimates are left alone: zeroing a second moment under an old bias-correction step count
+        would make the weight's first updates after a restore several times too large."""
+        if self._factors is None:
+            return
+        pairs = [(state["momentum_buffer"], f) for p, f in zip(self.params.values(), self._factors)
+                 if isinstance((state := optimizer.state.get(p, {})).get("momentum_buffer"), torch.Tensor)]
+        if pairs:
+            torch._foreach_mul_([b for b, _ in pairs], [f for _, f in pairs])
 
     @staticmethod
     def mask_change(old: dict[str, torch.Tensor] | None, new: dict[str, torch.Tensor]) -> float | None:
