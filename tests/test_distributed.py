@@ -28,6 +28,7 @@ from cli_helpers import PINNED, short_schedule
 CPU = torch.device("cpu")
 
 
+@pytest.mark.slow  # two quickstart runs under torchrun (~20 s); collectives and rank faults stay in the default run
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="--nproc 2 on the CPU needs two cores")
 def test_nproc_2_quickstart_agrees_with_single_process(quickstart_run, tmp_path):
     # no --out: the launcher fixes the default run dir once, so both ranks agree on it; pinned like the quickstart

@@ -209,6 +209,7 @@ def resnet50_exports(tmp_path_factory):
     return files
 
 
+@pytest.mark.slow  # builds and writes ResNet-50 three times (~20 s); CI runs it in its slow pass
 def test_resnet50_sizes_on_disk(resnet50_exports):
     dense = resnet50_exports["dense"].path.stat().st_size
     two_four = resnet50_exports["2:4"].path.stat().st_size
@@ -221,6 +222,7 @@ def test_resnet50_sizes_on_disk(resnet50_exports):
     assert abs(resnet50_exports["95"].dense_bytes - dense) / dense < 1e-3
 
 
+@pytest.mark.slow  # builds and writes ResNet-50 three times (~20 s); CI runs it in its slow pass
 def test_resnet50_dense_export_loads_into_torchvision(resnet50_exports):
     state = load(resnet50_exports["dense"].path)
     net = torchvision.models.resnet50()
@@ -228,6 +230,7 @@ def test_resnet50_dense_export_loads_into_torchvision(resnet50_exports):
     assert float((net.layer1[0].conv1.weight == 0).float().mean()) > 0.9
 
 
+@pytest.mark.slow  # builds and writes ResNet-50 three times (~20 s); CI runs it in its slow pass
 def test_resnet50_24_export_round_trip(resnet50_exports):
     expected = fold_masks(load_checkpoint(resnet50_exports["2:4-checkpoint"]))
     loaded = load(resnet50_exports["2:4"].path)
