@@ -27,7 +27,7 @@ def warning_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("warning: ignoring")]
 
 
-@pytest.mark.parametrize("value", ["1", "abc"])
+@pytest.mark.parametrize("value", ["1", pytest.param("abc", marks=pytest.mark.slow)])
 def test_a_stray_rank_is_ignored_with_one_warning_and_the_run_is_written(tmp_path, value):
     proc = acdc(["train", "--out", str(tmp_path / "r"), *ONE_EPOCH], {"RANK": value}, tmp_path)
     assert proc.returncode == 0, proc.stderr
