@@ -46,10 +46,12 @@ def test_dense_checkpoint_and_table_output(quickstart_run):
     row = next(r for r in read_jsonl(quickstart_run / "metrics.jsonl") if r["epoch"] == epoch)
     data = eval_json(path)
     assert data["top1"] == row["val_top1"] and data["phase"] == "dense" and data["sparsity"] < 0.5
+    # the header counts completed epochs; last_epoch is metrics.jsonl's number of the last one
+    assert data["last_epoch"] == epoch and data["epoch"] == epoch + 1
     result = invoke("eval", path)
     assert result.exit_code == 0
     for text in ("top-1", "270 images", "recorded in training", "precision", "fp32",
-                 "no paper number: preset quickstart has no paper number"):
+                 "paper top-1 not shown: preset quickstart has no paper number"):
         assert shows(text, result.stdout), text
 
 
@@ -92,7 +94,7 @@ def test_paper_number_only_when_comparable(quickstart_run, tmp_path, paper_prese
     assert longer["paper_top1"] is None and longer["paper_note"] == (
         "not preset digits-paper's experiment: epochs 31 (preset: 30)")
     table = invoke("eval", _as_preset(quickstart_run, tmp_path, paper_preset, schedule__epochs=31), "--split", "test")
-    assert shows("no paper number: not preset digits-paper's experiment: epochs 31 (preset: 30)", table.stdout)
+    assert shows("paper top-1 not shown: not preset digits-paper's experiment: epochs 31 (preset: 30)", table.stdout)
 
 
 @pytest.mark.parametrize("change, note", [

@@ -88,7 +88,7 @@ def test_download_is_never_used_unless_asked_for(tmp_path, monkeypatch):
     empty = tmp_path / "data"
     empty.mkdir()
     args = ["train", "--preset", "wrn-cifar100-95", "--data-dir", empty, "--out", tmp_path / "run"]
-    assert "set data.download=true to fetch it" in fails(args)
+    assert "point --data-dir / data.dir at the folder that holds it, or set data.download=true" in fails(args)
     assert calls == [] and not any(empty.iterdir()) and not (tmp_path / "run" / "config.toml").exists()
     assert "failed (no network)" in fails([*args, "--download"])
     assert calls == [empty]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import shlex
 import sys
@@ -229,6 +230,9 @@ def train(
     if resume is not None:
         if preset or config or from_:
             raise AcdcError("--resume continues a run with its saved settings; drop --preset/--config/--from")
+        if out is not None or force:
+            raise AcdcError(f"--resume continues the run in {resume} in place; drop --out/--force (--out NEW_DIR "
+                            f"--from {resume / 'last.safetensors'} starts a new run from its weights)")
         config_toml = saved_settings(resume)  # also: is it a run dir with a checkpoint
         recorded = _recorded_run_settings(resume)
         # config.toml (where a moved data.dir may be recorded) over the settings the checkpoint records, so that an
@@ -280,6 +284,10 @@ def train(
     if resume is None and is_main:
         prepare_run_dir(run_dir, force)
     console = err_console() if as_json else out_console()
+    if resume is not None and is_main and _epochs_trained(resume) >= settings.schedule.epochs:
+        console.print(f"note: {resume} has trained all {settings.schedule.epochs} epochs of its plan; nothing to "
+                      "train (a longer run: --set schedule.epochs=N, see README 'Extending a run')",
+                      markup=False, highlight=False, soft_wrap=True)
     result = run(settings, run_dir, resume=resume is not None, from_checkpoint=from_, console=console)
     if not is_main:
         return
@@ -317,6 +325,14 @@ def _check_model(settings, check_weights: bool) -> None:
     from acdc_cli.models import lookup
 
     lookup(settings.model.name)
+    if settings.model.name.startswith("torchvision:"):
+        from acdc_cli.data import input_shape
+
+        channels = input_shape(settings.data.name, settings.model.name)[0]
+        if channels != 3:
+            raise AcdcError(f"{settings.model.name} takes 3-channel images and data.name = "
+                            f"{settings.data.name!r} has {channels}; use cifar10, cifar100, imagenet or synthetic "
+                            "(--set data.name=...)")
     weights = settings.model.weights
     if check_weights and weights is not None and not weights.is_file():
         raise AcdcError(f"model.weights: no such file {weights}")
@@ -578,8 +594,8 @@ def presets_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
                          no_wrap=col == "name")
     for r in rows:
         paper = f"{100 * r['paper_top1']:.2f} %" if r["paper_top1"] is not None else "-"
-        # unstructured is the common case, so it shows as its scope alone; N:M shows the pattern
-        structure = r["scope"] if r["structure"] == "unstructured" else r["structure"]
+        # N:M shows the pattern; unstructured shows its scope (one global threshold, or per layer)
+        structure = f"unstructured, {r['scope']}" if r["structure"] == "unstructured" else r["structure"]
         table.add_row(r["name"], r["model"], r["dataset"], r["method"], f"{100 * r['sparsity']:.0f} %",
                       structure, str(r["epochs"]), paper)
     out_console().print(table)
@@ -701,13 +717,11 @@ def eval_cmd(
         table.add_row(f"{result['split']} top-1 recorded in training", _pct(recorded))
     if result["paper_top1"] is not None:
         table.add_row("paper top-1", f"{_pct(result['paper_top1'])} ({100 * result['paper_diff']:+.2f} points)")
-    else:
-        table.add_row("paper top-1", "none shown (below)")
     console = out_console()
     console.print(table)
     if result["paper_note"] is not None:
         # on its own line: a table cell would fold the reason at the terminal's width
-        console.print(escape(f"no paper number: {result['paper_note']}"), highlight=False)
+        console.print(escape(f"paper top-1 not shown: {result['paper_note']}"), highlight=False)
 
 
 @app.command()
@@ -983,10 +997,98 @@ def report(
     console.print(f"wrote {result.path} and {figures} PNG{'s' if figures != 1 else ''} beside it", highlight=False)
 
 
+def _reflow(doc: str | None) -> str | None:
+    """A command's docstring as --help shows it: each paragraph one line that rich wraps at the terminal's width
+    (rich mode keeps a docstring's own line breaks, which wrap raggedly); indented lines and list items stay."""
+    if not doc:
+        return doc
+    paragraphs = []
+    for paragraph in inspect.cleandoc(doc).split("\n\n"):
+        lines = paragraph.splitlines()
+        if any(line.startswith((" ", "-", "*")) for line in lines):
+            paragraphs.append(paragraph)
+        else:
+            paragraphs.append(" ".join(line.strip() for line in lines))
+    return "\n\n".join(paragraphs)
+
+
+for _typer_app in (app, presets_app):
+    for _info in _typer_app.registered_commands:
+        if _info.callback is not None:
+            _info.callback.__doc__ = _reflow(_info.callback.__doc__)
+
+
+class _PipeSafeStdout:
+    """Standard output that outlives its reader: once the reader has gone (``acdc train | head``), writes are
+    dropped instead of raising BrokenPipeError, so a training run is never lost to a closed display pipe. The
+    descriptor is pointed at /dev/null, so the interpreter's final flush has nowhere to fail either."""
+
+    def __init__(self, stream: Any, note: str | None):
+        self._stream, self._note, self._gone = stream, note, False
+
+    def write(self, text: str) -> int:
+        if not self._gone:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._reader_gone()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._gone:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._reader_gone()
+
+    def _reader_gone(self) -> None:
+        import os
+
+        self._gone = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        except (OSError, ValueError):
+            pass
+        finally:
+            os.close(devnull)
+        if self._note:
+            print(self._note, file=sys.stderr, flush=True)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _command_word(argv: list[str]) -> str | None:
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
 def main() -> None:
+    """The ``acdc`` entry point. Click's own usage errors (an unknown option, a missing argument) are one line on
+    stderr and exit 2, like every error acdc raises."""
+    from typer._click import exceptions as click_errors
+
+    argv = sys.argv[1:]
+    if _command_word(argv) == "train":
+        sys.stdout = _PipeSafeStdout(sys.stdout, "warning: standard output was closed; the run goes on without "
+                                                 "printing (its rows are in RUN_DIR/metrics.jsonl)")
+    else:
+        sys.stdout = _PipeSafeStdout(sys.stdout, None)
     try:
         # one name however it was started (`python -m acdc_cli` too): in --help, and in the variable shell completion
         # asks through (_ACDC_COMPLETE)
-        app(prog_name="acdc")
+        code = app(prog_name="acdc", standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as exc:
+        exc.ctx.get_help()  # prints the help, as `acdc --help` does
+        code = exc.exit_code
+    except click_errors.ClickException as exc:
+        ctx = getattr(exc, "ctx", None)
+        where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        print(f"error: {one_line(exc.format_message())}{where}", file=sys.stderr)
+        code = exc.exit_code
+    except typer.Abort:  # end of input at a prompt
+        code = 130
     except KeyboardInterrupt:
-        sys.exit(130)
+        code = 130
+    sys.stdout.flush()
+    sys.exit(code if isinstance(code, int) else 0)

@@ -357,7 +357,8 @@ class Settings(BaseSettings):
         return self
 
     def to_toml(self) -> str:
-        return dump_toml(self.model_dump(mode="json", exclude_none=True))
+        """Every setting; one that is not set (None: TOML has no null) is a comment naming it."""
+        return dump_toml(self.model_dump(mode="json"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -532,7 +533,8 @@ def load_settings(
 
 
 def dump_toml(data: dict[str, Any]) -> str:
-    """Minimal TOML writer for our settings (scalars, lists of scalars, one level of tables)."""
+    """Minimal TOML writer for our settings (scalars, lists of scalars, one level of tables); a key whose value is
+    None (not set) is written as a comment, ``# key = (not set)``, so that every key shows."""
 
     def value(v: Any) -> str:
         if isinstance(v, bool):
@@ -546,8 +548,11 @@ def dump_toml(data: dict[str, Any]) -> str:
             return "[" + ", ".join(value(x) for x in v) + "]"
         raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
-    lines = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    def line(k: str, v: Any) -> str:
+        return f"# {k} = (not set)" if v is None else f"{k} = {value(v)}"
+
+    lines = [line(k, v) for k, v in data.items() if not isinstance(v, dict)]
     for key, table in data.items():
         if isinstance(table, dict):
-            lines += ["", f"[{key}]"] + [f"{k} = {value(v)}" for k, v in table.items() if v is not None]
+            lines += ["", f"[{key}]"] + [line(k, v) for k, v in table.items()]
     return "\n".join(lines) + "\n"

@@ -105,6 +105,8 @@ def open_for_eval(path: Path) -> EvalSource:
     from acdc_cli.export import EXPORT_FORMAT, decode_export
     from acdc_cli.onnx_export import is_onnx_file
 
+    if not path.is_file():
+        raise AcdcError(f"no such file: {path}")
     if is_onnx_file(path):
         return _open_onnx(path)
     tensors, meta = read_safetensors(path)
@@ -251,7 +253,9 @@ def eval_checkpoint(
         "format": source.format,
         "arch": source.arch,
         "preset": source.preset if isinstance(source.preset, str) else settings.preset,
-        "epoch": source.epoch,
+        "epoch": source.epoch,  # epochs completed, as the file's header counts them
+        # the number metrics.jsonl gives the last completed epoch (it counts from 0); null when none is
+        "last_epoch": source.epoch - 1 if isinstance(source.epoch, int) and source.epoch > 0 else None,
         "phase": source.phase,
         "split": split,
         "images": metrics["images"],

@@ -196,7 +196,8 @@ def load(name: str, root: Path | None, download: bool = False) -> dict[str, tupl
         return _read_archive(root / fmt.archive, fmt)
     raise AcdcError(
         f"{fmt.title} not found: expected {root / fmt.folder}/ or {root / fmt.archive} "
-        "(set data.download=true to fetch it)"
+        "(point --data-dir / data.dir at the folder that holds it, or set data.download=true to fetch it: "
+        "acdc train --download)"
     )
 
 
