@@ -112,7 +112,8 @@ def test_unknown_names_list_the_closest_and_timm_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # as if timm were not installed
     line = fails(["train", "--dry-run", "--set", "model.name=timm:resnet18"])
     assert "pip install 'acdc-cli[timm]'" in line
-    result = CliRunner().invoke(app, ["train", "--dry-run", "--set", "model.name=torchvision:resnet18"])
+    result = CliRunner().invoke(app, ["train", "--dry-run", "--set", "model.name=torchvision:resnet18",
+                                      "--set", "data.name=cifar10"])
     assert result.exit_code == 0, result.output
 
 

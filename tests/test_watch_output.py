@@ -25,7 +25,8 @@ def test_presets_piped_at_80_columns_cut_no_cell():
             if line.strip() and line.split()[0] in preset_names()}
     assert set(rows) == set(preset_names())
     # each row whole: model, dataset, method, sparsity as "NN %", structure, epochs, paper top-1
-    assert rows["wrn-cifar100-95"][1:8] == ["wrn-28-10", "cifar100", "acdc", "95", "%", "global", "200"]
+    assert rows["wrn-cifar100-95"][1:9] == ["wrn-28-10", "cifar100", "acdc", "95", "%", "unstructured,", "global",
+                                            "200"]
     assert rows["resnet50-imagenet-2of4"][1:7] == ["resnet50", "imagenet", "acdc", "50", "%", "2:4"]
 
 
