@@ -295,8 +295,8 @@ def plot_layers(run: Run, path: Path) -> Path:
         ax.set_xlim(0, 106)
         ax.set_xlabel("sparsity (%)")
         epoch = run.best_sparse["epoch"] if run.best_sparse else "?"
-        ax.set_title(f"{run.label}: per-layer sparsity of best_sparse (epoch {epoch}); dashed: the target, "
-                     f"{100 * run.target:g} % overall", fontsize=10)
+        ax.set_title(f"{run.label}: per-layer sparsity of best_sparse (epoch {epoch})\n(dashed: the target, "
+                     f"{100 * run.target:g} % overall)", fontsize=10)
         ax.grid(axis="x", alpha=0.3)
         return _save(fig, path)
     finally:
@@ -329,6 +329,7 @@ def plot_mask_change(run: Run, changes: list[tuple[str, float]], path: Path) -> 
     try:
         bars = ax.bar(range(len(changes)), [100 * v for _, v in changes], color=_SPARSE_SHADE)
         ax.bar_label(bars, labels=[f"{100 * v:.3g} %" for _, v in changes], fontsize=8)
+        ax.set_ylim(0, 1.18 * max(100 * v for _, v in changes) or 1.0)  # room for the labels under the frame
         ax.set_xticks(range(len(changes)), [f"epoch{'s' * ('-' in p)} {p}" for p, _ in changes], rotation=30,
                       ha="right", fontsize=8)
         ax.set_ylabel("mask change (% of selected weights)")
