@@ -338,3 +338,21 @@ def test_set_fuzz(key, raw):
         event("AcdcError")
     else:
         event("settings")
+
+
+@pytest.mark.parametrize("rules", [{"include": None}, {"exclude": None}, {"exclude": 3}, None, []])
+def test_sparsity_rules_that_are_not_lists_are_one_line_or_the_defaults(seeds, tmp_path, rules):
+    """Found by the long fuzz under CI=true: a dense export whose saved config had sparsity.exclude = null made
+    `acdc inspect` raise TypeError. A checkpoint's config is checked on load (one line); an export's rules that are
+    not lists (null, a number), or a sparsity section that is not a table, read as the defaults."""
+    for kind in ("checkpoint", "dense"):
+        blob = seeds[kind]
+        config = json.loads(json.loads(blob[8:header_end(blob)])["__metadata__"]["config"])
+        config["sparsity"] = rules if not isinstance(rules, dict) else {**config["sparsity"], **rules}
+        path = write(tmp_path, with_metadata(blob, "config", json.dumps(config)), kind)
+        if kind == "checkpoint":
+            with pytest.raises(AcdcError, match="malformed metadata"):
+                inspect_file(path)
+        else:
+            info = inspect_file(path)
+            assert 0.0 <= info["sparsity"] <= 1.0 and json.dumps(info)

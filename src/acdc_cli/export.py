@@ -134,14 +134,25 @@ def rule_reason(name: str, include: list[str], exclude: list[str]) -> str | None
     return None
 
 
+def rule_patterns(config: Any) -> tuple[list[str], list[str]]:
+    """The sparsity.include / exclude globs a file's saved settings hold. Metadata is not trusted: a section or a
+    list that is not one (null, a number) reads as the default (every layer included, none excluded)."""
+    rules = config.get("sparsity") if isinstance(config, dict) else None
+    rules = rules if isinstance(rules, dict) else {}
+
+    def patterns(value: Any, default: list[str]) -> list[str]:
+        return [p for p in value if isinstance(p, str)] if isinstance(value, list) else default
+
+    return patterns(rules.get("include"), ["*"]), patterns(rules.get("exclude"), [])
+
+
 def prunable_names(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
                    config: dict[str, Any]) -> list[str]:
     """The weights sparsity is about: those with a mask; in a checkpoint without masks, the Conv/Linear weights
     (:func:`layer_weight`) that the saved sparsity.include/exclude globs select."""
     if masks:
         return sorted((n for n in weights if n in masks), key=natural_key)
-    rules = config.get("sparsity") or {}
-    include, exclude = rules.get("include", ["*"]), rules.get("exclude", [])
+    include, exclude = rule_patterns(config)
     names = [n for n, t in weights.items() if layer_weight(n, t) and rule_reason(n, include, exclude) is None]
     return sorted(names, key=natural_key)
 

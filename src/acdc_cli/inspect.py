@@ -18,6 +18,7 @@ from acdc_cli.export import (
     layer_weight,
     natural_key,
     prunable_names,
+    rule_patterns,
     rule_reason,
 )
 from acdc_cli.sparsity import formats as F
@@ -59,9 +60,7 @@ def _layer(name: str, weight: torch.Tensor, stored: int, encoding: str, nm: tupl
 def _dense_by_rule(weights: dict[str, torch.Tensor], pruned: list[str], config: Any,
                    structure: str | None) -> list[dict[str, Any]]:
     """Conv/Linear-like weights the file keeps dense, each with the reason the saved sparsity rules give."""
-    rules = (config.get("sparsity") if isinstance(config, dict) else None) or {}
-    include = [p for p in rules.get("include", ["*"]) if isinstance(p, str)]
-    exclude = [p for p in rules.get("exclude", []) if isinstance(p, str)]
+    include, exclude = rule_patterns(config)
     nm = _nm_of(structure) if _claims_nm(structure) else None
     out = []
     for name, tensor in weights.items():
