@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from acdc_cli.config import DataSettings, Settings
 from acdc_cli.data import DataBundle, split_val
 from acdc_cli.data.random_labels import select_random_labels
+from acdc_cli.data.tensor_loader import EpochBatches
 from acdc_cli.errors import AcdcError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -423,7 +424,7 @@ class _Keys(Sampler):
         return len(self.keys)
 
 
-class ImageLoader:
+class ImageLoader(EpochBatches):
     def __init__(
         self,
         dataset: ImageDataset,
@@ -462,26 +463,8 @@ class ImageLoader:
             persistent_workers=persistent and num_workers > 0,
         )
 
-    @property
-    def shard_size(self) -> int:
-        """Images in this rank's share of the split (ranks get equal shares; a remainder < world_size is dropped)."""
-        n = len(self.dataset)
-        return n // self.world_size if self.world_size > 1 else n
-
-    @property
-    def num_samples(self) -> int:
-        """Images this rank yields per epoch: with ``drop_last``, whole batches only, unless the share is smaller
-        than one batch (then it is the epoch's one batch)."""
-        share = self.shard_size
-        if self.drop_last and share >= self.batch_size:
-            return share - share % self.batch_size
-        return share
-
-    def __len__(self) -> int:
-        return -(-self.num_samples // self.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def _pool_size(self) -> int:
+        return len(self.dataset)
 
     def indices(self) -> torch.Tensor:
         """This rank's sample order for the current epoch."""

@@ -13,7 +13,42 @@ import torch
 import torch.nn.functional as F
 
 
-class TensorLoader:
+class EpochBatches:
+    """What acdc's loaders share: each rank's equal share of a split, whole batches only under ``drop_last``, and
+    the epoch that seeds the order. Subclasses set ``batch_size``, ``drop_last``, ``world_size`` and ``epoch`` and
+    say how many samples the split holds."""
+
+    batch_size: int
+    drop_last: bool
+    world_size: int
+    epoch: int
+
+    def _pool_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def shard_size(self) -> int:
+        """Samples in this rank's share (ranks get equal shares; a remainder < world_size is dropped)."""
+        n = self._pool_size()
+        return n // self.world_size if self.world_size > 1 else n
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank yields per epoch: with ``drop_last``, whole batches only, unless the share is smaller
+        than one batch (then it is the epoch's one batch)."""
+        share = self.shard_size
+        if self.drop_last and share >= self.batch_size:
+            return share - share % self.batch_size
+        return share
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+class TensorLoader(EpochBatches):
     def __init__(
         self,
         images: torch.Tensor,  # uint8 (N, C, H, W)
@@ -46,26 +81,8 @@ class TensorLoader:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
 
-    @property
-    def shard_size(self) -> int:
-        """Samples in this rank's share (ranks get equal shares; a remainder < world_size is dropped)."""
-        n = len(self.labels)
-        return n // self.world_size if self.world_size > 1 else n
-
-    @property
-    def num_samples(self) -> int:
-        """Samples this rank yields per epoch: with ``drop_last``, whole batches only, unless the share is smaller
-        than one batch (then it is the epoch's one batch)."""
-        share = self.shard_size
-        if self.drop_last and share >= self.batch_size:
-            return share - share % self.batch_size
-        return share
-
-    def __len__(self) -> int:
-        return -(-self.num_samples // self.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def _pool_size(self) -> int:
+        return len(self.labels)
 
     def _generator(self, stream: int) -> torch.Generator:
         g = torch.Generator(device="cpu")
