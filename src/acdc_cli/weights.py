@@ -9,9 +9,6 @@ A state dict is read from ``.safetensors`` (an acdc checkpoint or export too) or
 from __future__ import annotations
 
 import fnmatch
-import pickle
-import re
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +17,15 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from acdc_cli.checkpoint import CHECKPOINT_FORMAT, MASK_PREFIX, Checkpoint, check_fit, load_checkpoint, read_safetensors
+from acdc_cli.checkpoint import (
+    CHECKPOINT_FORMAT,
+    MASK_PREFIX,
+    Checkpoint,
+    check_fit,
+    load_checkpoint,
+    read_safetensors,
+    torch_load_plain,
+)
 from acdc_cli.errors import AcdcError
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -70,17 +75,7 @@ def _read_safetensors_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_torch_state(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch warns about a foreign pickle's protocol before refusing it
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:  # weights_only met something other than tensors and plain data
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        what = f"a pickled {found.group(1)}" if found else "pickled Python objects"
-        raise AcdcError(f"{path}: refused, it holds {what} (only tensors and plain data are read)") from None
-    except Exception as exc:  # corrupt zips and foreign files raise various errors
-        first = str(exc).splitlines()[0].split(". ")[0][:160] if str(exc) else ""
-        raise AcdcError(f"{path} is not a readable torch state dict ({exc.__class__.__name__} {first})") from None
+    loaded = torch_load_plain(path, "a readable torch state dict")
     for key in _NESTED_KEYS:
         if isinstance(loaded, Mapping) and isinstance(loaded.get(key), Mapping):
             loaded = loaded[key]
