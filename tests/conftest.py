@@ -17,9 +17,10 @@ from cli_helpers import PINNED, invoke, invoke_json, torch_state_kept
 _CLEARED_PREFIXES = ("ACDC_", "_ACDC_", "TORCHELASTIC_")
 _CLEARED = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
             "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
-# the caller's terminal size: the CLI run in this process gets a wide one from cli_helpers.invoke, a subprocess
-# rich's fixed default for a pipe; neither depends on the shell that started pytest
-_TERMINAL_SIZE = ("COLUMNS", "LINES")
+# the caller's terminal: its size (the CLI run in this process gets a wide one from cli_helpers.invoke, a subprocess
+# rich's fixed default for a pipe) and rich's overrides that make a pipe count as a colour terminal; nothing depends
+# on the shell that started pytest
+_TERMINAL_SIZE = ("COLUMNS", "LINES", "FORCE_COLOR", "NO_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")
 
 
 @pytest.fixture(scope="session", autouse=True)

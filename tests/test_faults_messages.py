@@ -25,7 +25,7 @@ from acdc_cli.evaluate import eval_checkpoint
 from acdc_cli.export import load as load_export
 from acdc_cli.inspect import inspect_file
 from acdc_cli.metrics import MetricsLogger, read_jsonl
-from cli_helpers import fails, short_schedule
+from cli_helpers import fails, short_schedule, shows
 from faults_helpers import tiny_checkpoint, tiny_weights
 
 QUICK = ["--set", "schedule.method=dense", "--set", "schedule.epochs=3", "--set", "log.tensorboard=false",
@@ -56,9 +56,11 @@ def quick_run(tmp_path_factory) -> Path:
 # rich markup: "[/]" closes a tag, so a path or a name holding it used to raise MarkupError after the work was done
 
 
-def test_a_run_dir_holding_markup_finishes_with_its_summary(quick_run):
-    assert "[/]" in str(quick_run)
-    assert (quick_run / "best_dense.safetensors").is_file()  # the fixture asserted exit 0 and no exception
+def test_a_run_dir_holding_markup_finishes_with_its_summary(quick_run, tmp_path):
+    run_dir = Path(shutil.copytree(quick_run, tmp_path / "c[" / "]d" / "run"))
+    result = invoke("train", "--resume", run_dir)  # a finished run: the note and the summary panel, nothing trained
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert shows("acdc run finished", result.stdout) and shows(f"run dir: {run_dir}", result.stdout.replace("│", " "))
 
 
 def test_prune_export_inspect_eval_with_markup_in_paths(quick_run, tmp_path):
