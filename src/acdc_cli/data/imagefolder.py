@@ -468,15 +468,7 @@ class ImageLoader(EpochBatches):
 
     def indices(self) -> torch.Tensor:
         """This rank's sample order for the current epoch."""
-        n = len(self.dataset)
-        if self.shuffle:
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch * 7_919) % (2**63))
-            order = torch.randperm(n, generator=g)
-        else:
-            order = torch.arange(n)
-        if self.world_size > 1:
-            order = order[: self.shard_size * self.world_size][self.rank :: self.world_size]
-        return order
+        return self.epoch_order()
 
     def _aug_seed(self, index: int) -> int:
         return ((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + index) % (2**63)

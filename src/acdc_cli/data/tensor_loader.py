@@ -15,11 +15,13 @@ import torch.nn.functional as F
 
 class EpochBatches:
     """What acdc's loaders share: each rank's equal share of a split, whole batches only under ``drop_last``, and
-    the epoch that seeds the order. Subclasses set ``batch_size``, ``drop_last``, ``world_size`` and ``epoch`` and
-    say how many samples the split holds."""
+    the epoch's seeded order. Subclasses set the attributes below and say how many samples the split holds."""
 
     batch_size: int
     drop_last: bool
+    shuffle: bool
+    seed: int
+    rank: int
     world_size: int
     epoch: int
 
@@ -46,6 +48,21 @@ class EpochBatches:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def _generator(self, stream: int) -> torch.Generator:
+        """A CPU generator of (seed, epoch, stream): stream 0 draws the epoch's order."""
+        g = torch.Generator(device="cpu")
+        g.manual_seed((self.seed * 1_000_003 + self.epoch * 7_919 + stream) % (2**63))
+        return g
+
+    def epoch_order(self) -> torch.Tensor:
+        """This rank's sample order for the current epoch, on the CPU: a seeded shuffle (or the split's order), then
+        every world_size-th sample from the rank's offset. Every rank and every resume draws the same one."""
+        n = self._pool_size()
+        order = torch.randperm(n, generator=self._generator(0)) if self.shuffle else torch.arange(n)
+        if self.world_size > 1:
+            order = order[: self.shard_size * self.world_size][self.rank :: self.world_size]
+        return order
 
 
 class TensorLoader(EpochBatches):
@@ -84,17 +101,8 @@ class TensorLoader(EpochBatches):
     def _pool_size(self) -> int:
         return len(self.labels)
 
-    def _generator(self, stream: int) -> torch.Generator:
-        g = torch.Generator(device="cpu")
-        g.manual_seed((self.seed * 1_000_003 + self.epoch * 7_919 + stream) % (2**63))
-        return g
-
     def _indices(self) -> torch.Tensor:
-        n = len(self.labels)
-        order = torch.randperm(n, generator=self._generator(0)) if self.shuffle else torch.arange(n)
-        if self.world_size > 1:
-            order = order[: self.shard_size * self.world_size][self.rank :: self.world_size]
-        return order.to(self.device, non_blocking=True)
+        return self.epoch_order().to(self.device, non_blocking=True)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images.float() - self.mean) / self.std
