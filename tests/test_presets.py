@@ -149,6 +149,9 @@ EXPECTED = {
     # the 3-channel stem is left dense by rule (its input channels are not a multiple of 4)
     "resnet50-imagenet-2of4": ("resnet50", "imagenet", IMAGENET_100, IMAGENET_OPTIM, COSINE_LR[100], 0.5,
                                RESNET50_ALL - {"conv1"}, None, "iht_imagenet_resnet50_cosinelr_sp_2_4_ep100.yaml"),
+    # the optimizer and LR are NOT the GMP YAML's (lr 0.005, momentum 0.9, wd 1e-4, ExponentialLR gamma 0.6): the
+    # presets keep the AC/DC runs' cosine schedule on purpose, as their header states; only the mask steps are the
+    # YAML's
     **{f"resnet50-imagenet-gmp-{s}": ("resnet50", "imagenet", (100, GMP_100[1] + [40], []), IMAGENET_OPTIM,
                                       COSINE_LR[100], s / 100, RESNET50_ALL, None,
                                       f"imagenet_resnet50_gmp_sp{s}.yaml") for s in (80, 90)},
@@ -300,6 +303,20 @@ def test_preset_files_open_with_their_command_source_and_differences():
         paper = EXPECTED[name][7]
         if paper is not None:
             assert f"{100 * paper:.2f}".rstrip("0") in header, name
+
+
+def test_wrn_dropout_and_memorization_data_are_the_references():
+    """models/__init__.py builds Wide_ResNet(28, 10, 0.3, 100): dropout 0.3 in every WRN preset.
+    run_cifar10_randomlabels_iht_no_da.sh passes --num_random_labels=1000, and policies/manager.py turns data
+    augmentation off whenever num_random_labels > 0: the memorization presets give 1000 images random labels and do
+    not augment; no other preset does either."""
+    for name in EXPECTED:
+        settings = load_settings(preset=name)
+        if settings.model.name == "wrn-28-10":
+            assert settings.model.dropout == 0.3, name
+        memorization = "memorization" in name
+        assert settings.data.random_labels == (1000 if memorization else 0), name
+        assert settings.data.augment is not memorization, name
 
 
 def test_paper_presets_train_on_every_image_and_pin_no_worker_count():
