@@ -30,6 +30,27 @@ def test_presets_piped_at_80_columns_cut_no_cell():
     assert rows["resnet50-imagenet-2of4"][1:7] == ["resnet50", "imagenet", "acdc", "50", "%", "2:4"]
 
 
+def test_presets_on_an_80_column_terminal_cut_no_cell(monkeypatch):
+    """A real terminal has a width: the table drops the model/data column (the name says it) and wraps the pruning
+    words at spaces instead of cutting every cell to "m…"."""
+    import io
+
+    from rich.console import Console
+
+    from acdc_cli import cli
+
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "out_console", lambda markup=True: Console(
+        file=screen, width=80, force_terminal=True, color_system=None, markup=markup))
+    assert invoke("presets").exit_code == 0
+    text = screen.getvalue()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    assert "model, data" not in text and all(name in text for name in preset_names())
+    row = text[text.index("wrn-cifar100-95 "):].splitlines()[:3]
+    assert [line.split() for line in row] == [["wrn-cifar100-95", "acdc", "95", "%", "200", "78.20", "%"],
+                                              ["unstructured,"], ["global"]]
+
+
 def test_presets_show_is_toml_that_train_reads_back(tmp_path):
     """`acdc presets show wrn-cifar100-95 > p.toml && acdc train --config p.toml --dry-run`, at 20 columns (where
     rich used to wrap the description): the file is TOML, the phase timeline is in its comments, and the settings

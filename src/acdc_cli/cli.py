@@ -587,18 +587,31 @@ def presets_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
         return
     from rich import box
 
-    table = Table(title="acdc presets", box=box.SIMPLE_HEAD)
-    for col in ("name", "model", "dataset", "method", "sparsity", "structure", "epochs", "paper top-1"):
-        # names stay whole (they are what users type); the other columns may fold on a narrow terminal
-        table.add_column(col, justify="right" if col in ("sparsity", "epochs", "paper top-1") else "left",
-                         no_wrap=col == "name")
-    for r in rows:
-        paper = f"{100 * r['paper_top1']:.2f} %" if r["paper_top1"] is not None else "-"
-        # N:M shows the pattern; unstructured shows its scope (one global threshold, or per layer)
-        structure = f"unstructured, {r['scope']}" if r["structure"] == "unstructured" else r["structure"]
-        table.add_row(r["name"], r["model"], r["dataset"], r["method"], f"{100 * r['sparsity']:.0f} %",
-                      structure, str(r["epochs"]), paper)
-    out_console().print(table)
+    def table_of(columns: tuple[str, ...]) -> Table:
+        table = Table(title="acdc presets", box=box.SIMPLE_HEAD)
+        # names stay whole (they are what users type); the other cells are words that wrap at spaces
+        for col in columns:
+            table.add_column(col, no_wrap=col == "name", justify="right" if col in ("epochs", "paper") else "left",
+                             min_width=len("unstructured,") if col == "pruning" else None)
+        for r in rows:
+            if r["method"] == "dense":
+                pruning = "dense"
+            else:
+                # N:M shows the pattern; unstructured shows its scope (one global threshold, or per layer)
+                structure = f"unstructured, {r['scope']}" if r["structure"] == "unstructured" else r["structure"]
+                pruning = f"{r['method']} {100 * r['sparsity']:.0f} % {structure}"
+            cells = {"name": r["name"], "model, data": f"{r['model']} {r['dataset']}", "pruning": pruning,
+                     "epochs": str(r["epochs"]),
+                     "paper": f"{100 * r['paper_top1']:.2f} %" if r["paper_top1"] is not None else "-"}
+            table.add_row(*(cells[col] for col in columns))
+        return table
+
+    console = out_console()
+    table = table_of(("name", "model, data", "pruning", "epochs", "paper"))
+    if console.measure(table, options=console.options.update_width(_UNBOUNDED_WIDTH)).maximum > console.width:
+        # a narrow terminal: the name already says the model family and the dataset (a pipe is never narrow)
+        table = table_of(("name", "pruning", "epochs", "paper"))
+    console.print(table)
 
 
 @presets_app.command("show")
