@@ -76,6 +76,7 @@ def test_2_4_export_and_batch_size(files, one_thread):
     masked = {n.removesuffix(".weight") for n in load_checkpoint(files["2:4"]).masks}
     for layer in data["layers"]:
         assert layer["nm_valid"] is (True if layer["name"] in masked else None), layer["name"]
+    _check_numbers(bench_json(files["2:4-export"], "--batch-size", "1", "--steps", "2"), [1])  # batch 1 timed once
 
 
 def test_onnx_file_on_onnx_runtime(files, tmp_path, one_thread):

@@ -533,7 +533,7 @@ def bench(
             raise AcdcError("--inference times the file's own model: drop --preset/--config/--set")
         from acdc_cli.bench_inference import BATCH_SIZES, render as render_inference, run_inference_bench
 
-        sizes = BATCH_SIZES if batch_size is None else (1, batch_size)
+        sizes = BATCH_SIZES if batch_size is None else tuple(dict.fromkeys((1, batch_size)))  # batch 1 once
         with status_console.status("acdc bench --inference") as status:
             result = run_inference_bench(inference, device, 20 if steps is None else steps,
                                          3 if warmup is None else warmup, sizes,
@@ -998,10 +998,13 @@ def report(
     if as_json:
         print_json(result.as_dict(), REPORT_SCHEMA)
         return
-    table = Table(title="acdc report")
+    from rich import box
+
+    table = Table(title="acdc report", box=box.SIMPLE_HEAD)
     for col in SUMMARY_HEADER:
+        # on a narrow terminal cells wrap, and a long word folds, rather than being cut to "quic…"
         table.add_column(col, justify="right" if "top-1" in col or col in ("target sparsity", "epochs done")
-                         else "left")
+                         else "left", overflow="fold")
     for row in summary_rows(result.runs):
         table.add_row(*row)
     console = out_console(markup=False)  # run names and paths are text, never rich markup
