@@ -251,20 +251,25 @@ def test_step_undo_puts_back_weights_statistics_and_optimizer_state():
         (torch.nn.functional.cross_entropy(model(x), y) * scale).backward()
         optimizer.step()
 
-    undo = StepUndo(model, optimizer)  # before the first step: no optimizer state yet
+    undo = StepUndo(model, optimizer)
+    undo.capture()  # before the first step: no optimizer state yet
     step(float("nan"))
     assert not bool(undo.finite()) and optimizer.state
     undo.restore()
     assert not optimizer.state and bool(undo.finite())
 
-    step(1.0)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    momentum = {p: s["momentum_buffer"].clone() for p, s in optimizer.state.items()}
-    undo = StepUndo(model, optimizer)
-    step(float("nan"))
-    undo.restore()
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert all(torch.equal(s["momentum_buffer"], momentum[p]) for p, s in optimizer.state.items())
+    copies = None
+    for _ in range(2):  # the first capture after the optimizer made its state copies anew, the next reuses them
+        step(1.0)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        momentum = {p: s["momentum_buffer"].clone() for p, s in optimizer.state.items()}
+        undo.capture()
+        assert copies is None or [id(c) for c in undo.copies] == copies
+        copies = [id(c) for c in undo.copies]
+        step(float("nan"))
+        undo.restore()
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        assert all(torch.equal(s["momentum_buffer"], momentum[p]) for p, s in optimizer.state.items())
 
 
 # ----------------------------------------------------------------------------------------------------------------

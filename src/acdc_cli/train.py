@@ -223,14 +223,25 @@ def raise_if_bad(totals: EpochTotals, epoch: int) -> None:
 
 class StepUndo:
     """A copy of all that one training step changes: parameters, buffers (batch-norm statistics) and optimizer
-    state, for ``runtime.nan_policy = "skip"`` to put back."""
+    state, for ``runtime.nan_policy = "skip"`` to put back. :meth:`capture` before each step copies into buffers
+    kept from step to step (one multi-tensor copy), allocated anew only when the tensors to copy are others (the
+    optimizer's first step creates its state, a load replaces it)."""
 
     def __init__(self, net: nn.Module, optimizer: torch.optim.Optimizer):
         self.net, self.optimizer = net, optimizer
+        self.live: list[torch.Tensor] = []
+        self.copies: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def capture(self) -> None:
+        optimizer = self.optimizer
         self.keys = {p: set(s) for p, s in optimizer.state.items()}  # entries a first step creates are dropped
         state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-        self.live = [*net.parameters(), *net.buffers(), *state]
-        self.copies = [t.detach().clone() for t in self.live]
+        live = [*self.net.parameters(), *self.net.buffers(), *state]
+        if len(live) == len(self.live) and all(a is b for a, b in zip(live, self.live)):
+            torch._foreach_copy_(self.copies, live)
+        else:
+            self.live, self.copies = live, [t.detach().clone() for t in live]
         self.plain = {(p, k): v for p, s in optimizer.state.items() for k, v in s.items()
                       if not isinstance(v, torch.Tensor)}
 
@@ -290,7 +301,8 @@ def train_epoch(
     steps = len(loader)
     totals = totals or EpochTotals.start(device)
     scaler = scaler or runtime.grad_scaler(device, "off")
-    skip_bad = settings.runtime.nan_policy == "skip"
+    # "skip" must be able to undo all that a bad step moves, the forward pass's batch-norm statistics too
+    undo = StepUndo(net, optimizer) if settings.runtime.nan_policy == "skip" else None
     if progress is not None:
         progress.begin(epoch, steps, totals)
     seen = 0
@@ -304,8 +316,8 @@ def train_epoch(
             # dropout's randomness is a function of (seed, epoch, step, rank): a run resumed at any step draws what
             # an uninterrupted one would, and ranks draw differently
             torch.manual_seed(step_seed(settings.runtime.seed, epoch, step, rank))
-            # "skip" must be able to undo all that a bad step moves, the forward pass's batch-norm statistics too
-            undo = StepUndo(net, optimizer) if skip_bad else None
+            if undo is not None:
+                undo.capture()
             with runtime.autocast(device, settings.runtime.amp):
                 logits = net(images)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=settings.optim.label_smoothing)
