@@ -109,3 +109,13 @@ def torch_state_kept():
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
+
+
+def trained(tmp_path_factory, name: str, *args, folder: str = "run") -> Path:
+    """A finished ``acdc train ARGS`` run in a new folder (``<tmp>/<name>N/<folder>``), for module-scoped fixtures:
+    made in this process (the same bits as ``python -m acdc_cli``), torch's process state kept; asserts exit 0."""
+    run_dir = tmp_path_factory.mktemp(name) / folder
+    with torch_state_kept():
+        result = invoke("train", "--out", run_dir, *args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return run_dir

@@ -1,11 +1,16 @@
-"""Small files for the fault tests (issue #15): a tiny checkpoint on synthetic data, and raw safetensors blobs."""
+"""Small files for the fault tests (issue #15): a tiny checkpoint on synthetic data, and raw safetensors blobs; a
+training process killed at a fault point."""
 
 import json
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
+from acdc_cli import testing_hooks
 from acdc_cli.checkpoint import Checkpoint, save_checkpoint
 from acdc_cli.config import load_settings
 from acdc_cli.models import create
@@ -51,3 +56,10 @@ def as_written_before_resume_state(run_dir: Path) -> None:
     with safe_open(str(weights), framework="pt") as fh:
         metadata = {k: v for k, v in fh.metadata().items() if k != "resume_state"}
     save_file(load_file(weights), weights, metadata=metadata)
+
+
+def killed_at(fault: str, *args) -> None:
+    """Run ``acdc train ARGS`` in a subprocess that SIGKILLs itself at ``fault`` (``_ACDC_TEST_FAULT`` syntax)."""
+    done = subprocess.run([sys.executable, "-m", "acdc_cli", "train", *map(str, args)], capture_output=True,
+                          text=True, env={**os.environ, testing_hooks.FAULT_ENV: fault}, timeout=900)
+    assert done.returncode == -9, (done.returncode, done.stderr[-3000:])

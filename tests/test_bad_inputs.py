@@ -16,7 +16,7 @@ import torch
 from acdc_cli.checkpoint import Checkpoint, save_checkpoint
 from acdc_cli.models import create
 from acdc_cli.rundir import state_path
-from cli_helpers import PINNED, QUIET, fails, invoke, sets, torch_state_kept
+from cli_helpers import PINNED, QUIET, fails, sets, trained
 
 ONE_EPOCH = [*PINNED, *QUIET, *sets("schedule.method=dense", "schedule.epochs=1")]
 
@@ -24,11 +24,7 @@ ONE_EPOCH = [*PINNED, *QUIET, *sets("schedule.method=dense", "schedule.epochs=1"
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     """A complete one-epoch run of the quickstart model (copy it before changing anything)."""
-    run_dir = tmp_path_factory.mktemp("finished") / "run"
-    with torch_state_kept():
-        result = invoke("train", "--out", run_dir, *ONE_EPOCH)
-    assert result.exit_code == 0, result.output
-    return run_dir
+    return trained(tmp_path_factory, "finished", *ONE_EPOCH)
 
 
 @pytest.fixture

@@ -20,8 +20,8 @@ from acdc_cli import testing_hooks
 from acdc_cli.checkpoint import Checkpoint, load_checkpoint, load_state, save_checkpoint, save_state
 from acdc_cli.errors import AcdcError
 from acdc_cli.rundir import load_last, save_last, state_path
-from cli_helpers import assert_same_run, fails, invoke, short_schedule, torch_state_kept
-from faults_helpers import as_written_before_resume_state
+from cli_helpers import assert_same_run, fails, invoke, short_schedule, trained
+from faults_helpers import as_written_before_resume_state, killed_at
 
 WRITES = ("write", "rename", "renamed")  # the three points of an atomic write (testing_hooks)
 STATE, WEIGHTS = "last.state.*.pt", "last.safetensors"
@@ -123,11 +123,7 @@ FILE_POINTS = [(name, point) for name in (BEST, STATE, WEIGHTS) for point in WRI
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    with torch_state_kept():
-        result = invoke("train", "--out", run_dir, *RUN)
-    assert result.exit_code == 0, result.output
-    return run_dir
+    return trained(tmp_path_factory, "reference", *RUN)
 
 
 def _fault(action: str, where: tuple[str, str], nth: int) -> str:
@@ -147,12 +143,6 @@ def _after(where: tuple[str, str], before: tuple[int, int], attempted: tuple[int
     return attempted if where == (WEIGHTS, "renamed") else before
 
 
-def _killed(fault: str, *args) -> None:
-    done = subprocess.run([sys.executable, "-m", "acdc_cli", "train", *map(str, args)], capture_output=True,
-                          text=True, env={**os.environ, testing_hooks.FAULT_ENV: fault}, timeout=900)
-    assert done.returncode == -9, (done.returncode, done.stderr[-3000:])
-
-
 def _run_with_two_faults(tmp_path: Path, reference: Path, action: str, first: tuple[str, str],
                          second: tuple[str, str]) -> None:
     """A run whose 3rd save (the end of epoch 0, with best_dense) fails or is killed at ``first``; a resume whose
@@ -164,7 +154,7 @@ def _run_with_two_faults(tmp_path: Path, reference: Path, action: str, first: tu
         assert "No space left on device" in fails(["train", "--out", run_dir, *RUN],
                                                   env={testing_hooks.FAULT_ENV: _fault("fail", first, 3)})
     else:
-        _killed(_fault("kill", first, 3), "--out", run_dir, *RUN)
+        killed_at(_fault("kill", first, 3), "--out", run_dir, *RUN)
     left = _after(first, step_16, epoch_end)
     assert _last(run_dir) == left
     # the resume's first save: the end of epoch 0 again, or epoch 1's step 8 (no best file: a fault aimed at one
@@ -177,7 +167,7 @@ def _run_with_two_faults(tmp_path: Path, reference: Path, action: str, first: tu
         assert "No space left on device" in fails(["train", "--resume", run_dir],
                                                   env={testing_hooks.FAULT_ENV: _fault("fail", second, 1)})
     else:
-        _killed(_fault("kill", second, 1), "--resume", run_dir)
+        killed_at(_fault("kill", second, 1), "--resume", run_dir)
     assert _last(run_dir) == _after(second, left, attempted)
     finished = invoke("train", "--resume", run_dir)
     assert finished.exit_code == 0, finished.output

@@ -13,7 +13,6 @@ from acdc_cli import models
 from acdc_cli.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from acdc_cli.config import Settings
 from acdc_cli.export import export_checkpoint, fold_masks, load, load_model
-from acdc_cli.prune import prune_checkpoint
 from acdc_cli.sparsity import formats as F
 from acdc_cli.sparsity.masks import nm_mask
 from cli_helpers import fails, invoke, invoke_json, shows

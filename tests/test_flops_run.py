@@ -16,7 +16,7 @@ from acdc_cli.errors import AcdcError
 from acdc_cli.flops import si
 from acdc_cli.metrics import read_jsonl
 from acdc_cli.rundir import state_path
-from cli_helpers import assert_same_run, fails, invoke, invoke_json, short_schedule, squash, torch_state_kept
+from cli_helpers import assert_same_run, fails, invoke, invoke_json, short_schedule, squash, trained
 
 # the quickstart CNN at 8x8, by hand (output positions x weights): conv 1->32 at 8x8 64 x 288, conv 32->32 64 x 9,216,
 # after the 2x2 pool conv 32->64 16 x 18,432 and conv 64->64 16 x 36,864, then linear 256->128 and 128->10
@@ -96,11 +96,7 @@ RUN = short_schedule(4, 1, 1, 1, 1, 0, "data.batch_size=64", "runtime.checkpoint
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("flops") / "run"
-    with torch_state_kept():
-        result = invoke("train", "--out", run_dir, *RUN)
-    assert result.exit_code == 0, result.output
-    return run_dir
+    return trained(tmp_path_factory, "flops", *RUN)
 
 
 def _stopped(run_dir):

@@ -19,7 +19,7 @@ from acdc_cli.checkpoint import load_checkpoint
 from acdc_cli.metrics import read_jsonl
 from acdc_cli.preemption import DUPLICATE_WINDOW_S, StopSignal, reduce_int
 from acdc_cli.rundir import state_path
-from cli_helpers import assert_same_run, invoke, short_schedule, shows, torch_state_kept
+from cli_helpers import assert_same_run, invoke, short_schedule, shows, trained
 
 # 3 epochs (dense, sparse, dense... see short_schedule) of 78 steps (whole batches of 16)
 RUN = short_schedule(3, 1, 1, 1, 1, 0, "data.batch_size=16", "model.dropout=0.3")
@@ -27,11 +27,7 @@ RUN = short_schedule(3, 1, 1, 1, 1, 0, "data.batch_size=16", "model.dropout=0.3"
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    with torch_state_kept():
-        result = invoke("train", "--out", run_dir, *RUN)
-    assert result.exit_code == 0, result.output
-    return run_dir
+    return trained(tmp_path_factory, "reference", *RUN)
 
 
 def test_signals_stop_with_a_checkpoint_exit_0_and_resume_exactly(tmp_path, reference):

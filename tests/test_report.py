@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from acdc_cli.checkpoint import load_checkpoint
 from acdc_cli.metrics import read_jsonl
-from cli_helpers import fails, invoke, invoke_json, short_schedule, shows, torch_state_kept
+from cli_helpers import fails, invoke, invoke_json, short_schedule, shows, trained
 
 PER_RUN = ("top1-loss", "sparsity-lr", "layers", "mask-change")
 
@@ -24,11 +24,7 @@ PER_RUN = ("top1-loss", "sparsity-lr", "layers", "mask-change")
 def half_sparse(tmp_path_factory):
     """The quickstart at 50 % instead of 90 %, in 6 epochs: dense 0-1, compressed 2, decompressed 3, compressed 4-5
     (two compressed phases, so a mask change)."""
-    run = tmp_path_factory.mktemp("half") / "half"
-    with torch_state_kept():
-        result = invoke("train", "--out", run, *short_schedule(6, 2, 1, 1, 2, 0, "sparsity.target=0.5"))
-    assert result.exit_code == 0, result.output
-    return run
+    return trained(tmp_path_factory, "half", *short_schedule(6, 2, 1, 1, 2, 0, "sparsity.target=0.5"), folder="half")
 
 
 class Refs(html.parser.HTMLParser):

@@ -5,8 +5,6 @@ mid-epoch checkpoints; non-finite losses stop or skip cleanly."""
 import math
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,8 @@ from acdc_cli.checkpoint import load_checkpoint, load_state
 from acdc_cli.metrics import read_jsonl
 from acdc_cli.models import registry
 from acdc_cli.rundir import state_path
-from cli_helpers import PINNED, QUIET, assert_same_run, fails, invoke, short_schedule, torch_state_kept
+from cli_helpers import PINNED, QUIET, assert_same_run, fails, invoke, short_schedule, trained
+from faults_helpers import killed_at
 
 STEPS = 39  # 1,257 training digits in whole batches of 32
 EPOCHS = 5
@@ -29,22 +28,11 @@ SHORT = short_schedule(EPOCHS, 1, 1, 1, 2, 0, "data.batch_size=32",
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """The same run, never stopped (in this process: it gives the same bits as `python -m acdc_cli`)."""
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    with torch_state_kept():
-        result = invoke("train", "--out", run_dir, *SHORT)
-    assert result.exit_code == 0, result.output
-    return run_dir
+    return trained(tmp_path_factory, "reference", *SHORT)
 
 
 def temp_files(run_dir: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(run_dir) if e.name.endswith(".tmp"))
-
-
-def killed_at(fault: str, *args: str) -> None:
-    """Run ``acdc train ARGS`` in a subprocess that SIGKILLs itself at ``fault`` (``_ACDC_TEST_FAULT`` syntax)."""
-    done = subprocess.run([sys.executable, "-m", "acdc_cli", "train", *args], capture_output=True, text=True,
-                          env={**os.environ, "_ACDC_TEST_FAULT": fault}, timeout=900)
-    assert done.returncode == -9, (done.returncode, done.stderr[-3000:])
 
 
 def test_sigkill_inside_checkpoint_writes_resumes_bit_identically(tmp_path, reference):

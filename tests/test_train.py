@@ -28,7 +28,7 @@ from cli_helpers import (
     short_schedule,
     shows,
     squash,
-    torch_state_kept,
+    trained,
 )
 
 # the quickstart CNN: every conv and linear weight (the README's 90 % are of these)
@@ -216,11 +216,7 @@ SHORT = short_schedule(10, 2, 2, 2, 2, 0, "model.dropout=0.3")
 
 @pytest.fixture(scope="module")
 def whole_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("whole") / "run"
-    with torch_state_kept():
-        result = invoke("train", "--out", run, *SHORT)
-    assert result.exit_code == 0, result.output
-    return run
+    return trained(tmp_path_factory, "whole", *SHORT)
 
 
 def test_a_run_stopped_by_a_failed_write_resumes_identically_with_new_locations_and_knobs(whole_run, tmp_path):
@@ -244,11 +240,7 @@ def test_a_run_stopped_by_a_failed_write_resumes_identically_with_new_locations_
 
 @pytest.fixture(scope="module")
 def six_epochs(tmp_path_factory):
-    run = tmp_path_factory.mktemp("six") / "run"
-    with torch_state_kept():
-        result = invoke("train", "--out", run, *short_schedule(6, 2, 1, 1, 2))
-    assert result.exit_code == 0, result.output
-    return run
+    return trained(tmp_path_factory, "six", *short_schedule(6, 2, 1, 1, 2))
 
 
 def test_resume_refuses_changed_schedule_env_and_seed(six_epochs):

@@ -8,7 +8,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from acdc_cli.metrics import read_jsonl
-from cli_helpers import assert_same_run, fails, invoke, sets, short_schedule, torch_state_kept
+from cli_helpers import assert_same_run, fails, invoke, sets, short_schedule, trained
 
 # a constant LR, so that a longer schedule keeps the LR of the epochs already trained; TensorBoard on
 CONSTANT = ["optim.lr_schedule=constant", "log.tensorboard=true"]
@@ -18,11 +18,7 @@ STEPS = 19  # 1,257 training digits in batches of 64
 @pytest.fixture(scope="module")
 def six_epochs(tmp_path_factory):
     """6 epochs: dense 0-1, compressed 2, decompressed 3, final compressed 4-5."""
-    run = tmp_path_factory.mktemp("six") / "run"
-    with torch_state_kept():
-        result = invoke("train", "--out", run, *short_schedule(6, 2, 1, 1, 2, 0, *CONSTANT))
-    assert result.exit_code == 0, result.output
-    return run
+    return trained(tmp_path_factory, "six", *short_schedule(6, 2, 1, 1, 2, 0, *CONSTANT))
 
 
 def test_an_extended_run_equals_one_planned_that_long(six_epochs, tmp_path):
