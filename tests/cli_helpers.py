@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -119,3 +121,12 @@ def trained(tmp_path_factory, name: str, *args, folder: str = "run") -> Path:
         result = invoke("train", "--out", run_dir, *args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     return run_dir
+
+
+def _cpp_compiler() -> str | None:
+    return next(filter(None, (shutil.which(name) for name in (os.environ.get("CXX", "g++"), "c++", "clang++"))), None)
+
+
+# torch.compile's inductor backend on the CPU builds C++: tests of compiled runs need a compiler
+needs_cpp_compiler = pytest.mark.skipif(_cpp_compiler() is None,
+                                        reason="torch.compile (inductor) on the CPU needs a C++ compiler")

@@ -1,8 +1,6 @@
 """`acdc bench` on the CPU at tiny sizes: both step modes, their ratio, the mask update and the input pipelines."""
 
 import json
-import os
-import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -12,13 +10,10 @@ from acdc_cli import bench
 from acdc_cli.config import load_settings
 from acdc_cli.engine import ACDC
 from acdc_cli.train import build_optimizer
-from cli_helpers import fails, invoke, invoke_json, shows
+from cli_helpers import fails, invoke, invoke_json, needs_cpp_compiler, shows
 
 TICK_S = 0.25
 
-
-def _cpp_compiler() -> str | None:
-    return next(filter(None, (shutil.which(name) for name in (os.environ.get("CXX", "g++"), "c++", "clang++"))), None)
 
 PIPELINE_IMAGES = 8  # the per-core ImageFolder pass: 2 batches of 4
 
@@ -103,7 +98,7 @@ def test_post_backward_paths_update_the_same_weights(one_thread):
     assert all(torch.count_nonzero(acdc[name].detach()[~mask]) == 0 for name, mask in masks.items())
 
 
-@pytest.mark.skipif(_cpp_compiler() is None, reason="torch.compile (inductor) on the CPU needs a C++ compiler")
+@needs_cpp_compiler
 def test_compiled_bench_epoch_with_short_batches_recompiles_nothing():
     """runtime.compile on (inductor on the CPU): the training graph from the warm-up and the two validation graphs
     (full and short batch) are all that is built; the timed epoch over a split with a short last batch and the

@@ -5,17 +5,12 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from acdc_cli.bench_inference import _densified, verdict
 from acdc_cli.checkpoint import load_checkpoint
-from acdc_cli.cli import app
 from acdc_cli.export import export_checkpoint, fold_masks
 from acdc_cli.prune import prune_checkpoint
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
+from cli_helpers import invoke
 
 
 def bench_json(path, *args) -> dict:

@@ -9,10 +9,6 @@ every phase; the other epochs write null for the val keys and change nothing els
 
 from __future__ import annotations
 
-import os
-import shutil
-
-import pytest
 import torch
 from rich.console import Console
 
@@ -20,6 +16,7 @@ from acdc_cli import train
 from acdc_cli.config import load_settings
 from acdc_cli.metrics import read_jsonl
 from acdc_cli.rundir import state_path
+from cli_helpers import needs_cpp_compiler
 
 DIGITS_TRAIN, BATCH, VAL, EVAL_BATCH = 1257, 64, 270, 100  # the quickstart's split; 1257 = 19 x 64 + 41
 
@@ -29,16 +26,12 @@ def _schedule(epochs: int, warmup: int = 1, compressed: int = 1, decompressed: i
             f"schedule.decompressed_epochs={decompressed}", f"schedule.final_compressed_epochs={final}"]
 
 
-def _cpp_compiler() -> str | None:
-    return next(filter(None, (shutil.which(name) for name in (os.environ.get("CXX", "g++"), "c++", "clang++"))), None)
-
-
 def _settings(*overrides: str):
     return load_settings(overrides=["runtime.device='cpu'", "runtime.threads=1", "log.tensorboard=false",
                                     "log.progress=false", *overrides])
 
 
-@pytest.mark.skipif(_cpp_compiler() is None, reason="torch.compile (inductor) on the CPU needs a C++ compiler")
+@needs_cpp_compiler
 def test_a_compiled_run_with_a_short_last_batch_compiles_its_training_step_once(tmp_path, monkeypatch):
     from torch._dynamo.utils import counters
     from torch._inductor.compile_fx import compile_fx

@@ -5,8 +5,6 @@ augmentation really is a padded random crop plus a horizontal flip."""
 from __future__ import annotations
 
 import math
-import os
-import shutil
 
 import pytest
 import torch
@@ -21,6 +19,7 @@ from acdc_cli.engine import ACDC
 from acdc_cli.models import create
 from acdc_cli.sparsity import masks as M
 from acdc_cli.train import build_optimizer, train_epoch
+from cli_helpers import needs_cpp_compiler
 
 CPU = torch.device("cpu")
 
@@ -136,11 +135,7 @@ def test_masks_exact_under_bf16_autocast_and_channels_last(one_thread, structure
     assert any(int(torch.count_nonzero(params[n].grad[m])) > 0 for n, m in masks.items())
 
 
-def _cpp_compiler() -> str | None:
-    return next(filter(None, (shutil.which(name) for name in (os.environ.get("CXX", "g++"), "c++", "clang++"))), None)
-
-
-@pytest.mark.skipif(_cpp_compiler() is None, reason="torch.compile (inductor) on the CPU needs a C++ compiler")
+@needs_cpp_compiler
 def test_compiled_step_keeps_masks_exact_and_matches_eager(one_thread):
     """torch.compile through prepare_model (inductor on the CPU; ~20 s to compile): the same losses as the eager
     step from the same weights, pruned weights and gradients exactly zero, no recompilation when the masks change,

@@ -15,25 +15,19 @@ import torch
 from rich.console import Console
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 from acdc_cli import export
 from acdc_cli.checkpoint import load_checkpoint, remove_stale_temps
-from acdc_cli.cli import app
 from acdc_cli.errors import AcdcError
 from acdc_cli.evaluate import eval_checkpoint
 from acdc_cli.export import load as load_export
 from acdc_cli.inspect import inspect_file
 from acdc_cli.metrics import MetricsLogger, read_jsonl
-from cli_helpers import fails, short_schedule, shows
+from cli_helpers import fails, invoke, short_schedule, shows
 from faults_helpers import tiny_checkpoint, tiny_weights
 
 QUICK = ["--set", "schedule.method=dense", "--set", "schedule.epochs=3", "--set", "log.tensorboard=false",
          "--set", "log.progress=false"]
-
-
-def invoke(*args, env=None):
-    return CliRunner(env=env).invoke(app, [str(a) for a in args])
 
 
 def strict_json(text: str):

@@ -12,22 +12,16 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 from acdc_cli import export
 from acdc_cli.checkpoint import load_checkpoint
-from acdc_cli.cli import app
 from acdc_cli.config import Settings, load_settings
 from acdc_cli.data import cifar
 from acdc_cli.errors import AcdcError
 from acdc_cli.evaluate import eval_checkpoint
 from acdc_cli.inspect import inspect_file
-from cli_helpers import fails
+from cli_helpers import fails, invoke
 from faults_helpers import tiny_checkpoint, tiny_weights
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def float_settings() -> list[str]:

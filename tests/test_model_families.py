@@ -5,12 +5,11 @@ constructor with strict=True) and inspect; local pretrained weights; plain state
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 
 import pytest
 import torch
-from cli_helpers import fails
+from cli_helpers import fails, invoke_json
 from safetensors.torch import load_file, save_file
 from test_data import write_cifar10
 from typer.testing import CliRunner
@@ -44,12 +43,6 @@ def _constructor(name: str, num_classes: int) -> torch.nn.Module:
     return torchvision.models.get_model(model, weights=None, num_classes=num_classes)
 
 
-def _cli(*args: str) -> dict:
-    result = CliRunner().invoke(app, [*args, "--json"])
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return json.loads(result.stdout)
-
-
 class Interrupted(Exception):
     pass
 
@@ -76,7 +69,7 @@ def test_family_trains_resumes_and_every_command_reads_its_files(tmp_path, monke
         m.setattr(RunDir, "save_epoch", save_then_crash)
         first = CliRunner().invoke(app, args)
     assert isinstance(first.exception, Interrupted), first.output
-    summary = _cli("train", "--resume", str(run))
+    summary = invoke_json("train", "--resume", str(run))
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["phase"] for r in rows] == ["dense", "sparse", "dense", "sparse"]
     for row in rows[1::2]:
@@ -84,12 +77,12 @@ def test_family_trains_resumes_and_every_command_reads_its_files(tmp_path, monke
     assert summary["final_sparsity"] == pytest.approx(0.9, abs=1e-5)
 
     best = run / "best_sparse.safetensors"
-    evaluated = _cli("eval", str(best), "--split", "test")
+    evaluated = invoke_json("eval", str(best), "--split", "test")
     assert evaluated["arch"] == name and evaluated["images"] == 50
     assert evaluated["sparsity"] == pytest.approx(0.9, abs=1e-5)
 
     dense = tmp_path / "dense.safetensors"
-    _cli("export", str(best), "--format", "dense", "--out", str(dense))
+    invoke_json("export", str(best), "--format", "dense", "--out", str(dense))
     model = _constructor(name, 10)
     model.load_state_dict(load_file(str(dense)), strict=True)
     masks = {k.removeprefix("mask."): v for k, v in load_file(str(best)).items() if k.startswith("mask.")}
@@ -97,7 +90,7 @@ def test_family_trains_resumes_and_every_command_reads_its_files(tmp_path, monke
     zeros = sum(int((params[n] == 0).sum()) for n in masks)
     assert zeros / sum(m.numel() for m in masks.values()) == pytest.approx(0.9, abs=1e-5)
 
-    info = _cli("inspect", str(best))
+    info = invoke_json("inspect", str(best))
     assert info["kind"] == "checkpoint" and info["metadata"]["arch"] == name
     assert info["sparsity"] == pytest.approx(0.9, abs=1e-5)
 
@@ -171,17 +164,17 @@ def test_prune_and_export_take_a_plain_state_dict_with_model_and_classes(tmp_pat
     source = create("torchvision:mobilenet_v3_small", num_classes=10)
     torch.save(source.state_dict(), tmp_path / "plain.pt")
     base = ["--model", "torchvision:mobilenet_v3_small", "--num-classes", "10"]
-    pruned = _cli("prune", str(tmp_path / "plain.pt"), *base, "--sparsity", "0.5",
+    pruned = invoke_json("prune", str(tmp_path / "plain.pt"), *base, "--sparsity", "0.5",
                   "--out", str(tmp_path / "pruned.safetensors"))
     assert pruned["sparsity"] == pytest.approx(0.5, abs=1e-6)
     dense = tmp_path / "dense.safetensors"
-    _cli("export", str(tmp_path / "plain.pt"), *base, "--format", "dense", "--out", str(dense))
+    invoke_json("export", str(tmp_path / "plain.pt"), *base, "--format", "dense", "--out", str(dense))
     model = _constructor("torchvision:mobilenet_v3_small", 10)
     model.load_state_dict(load_file(str(dense)), strict=True)
     for key, value in source.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
     # the pruned checkpoint is an acdc checkpoint now: export reads it without --model
-    sparse = _cli("export", str(tmp_path / "pruned.safetensors"), "--format", "sparse-bitmask",
+    sparse = invoke_json("export", str(tmp_path / "pruned.safetensors"), "--format", "sparse-bitmask",
                   "--out", str(tmp_path / "sparse.safetensors"))
     assert sparse["sparsity"] == pytest.approx(0.5, abs=1e-6)
 
