@@ -121,11 +121,11 @@ class _TorchBench:
     runtime = "pytorch"
 
     def __init__(self, path: Path, device: torch.device) -> None:
-        from acdc_cli.checkpoint import lenient_json, read_safetensors
+        from acdc_cli.checkpoint import lenient_json, read_metadata
         from acdc_cli.export import EXPORT_FORMAT, load_model
         from acdc_cli.onnx_export import model_input
 
-        _, meta = read_safetensors(path)
+        meta = read_metadata(path)  # the header alone: load_model reads (and checks) the tensors once
         self.kind = "export" if meta.get("format") == EXPORT_FORMAT else "checkpoint"
         sparse = load_model(path).eval()  # refuses a file whose arch / model_kwargs do not build a model
         self.arch = str(meta["arch"])
