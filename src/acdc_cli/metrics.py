@@ -119,7 +119,8 @@ def top1_key(rows: list[dict[str, Any]]) -> str:
     return "val_top1" if any("val_top1" in r for r in rows) or not any("test_top1" in r for r in rows) else "test_top1"
 
 
-def _number(value: Any) -> bool:
+def finite_number(value: Any) -> bool:
+    """A real number (not a bool), neither NaN nor infinite."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -127,9 +128,9 @@ def best_rows(rows: list[dict[str, Any]], target: float) -> tuple[dict[str, Any]
     """(best sparse row, best dense row) by top-1, as training picks best_sparse / best_dense: a compressed epoch at
     the ``target`` sparsity, a dense epoch; the first of equals."""
     key = top1_key(rows)
-    sparse = [r for r in rows if r.get("phase") == "sparse" and _number(r.get("target_sparsity"))
-              and abs(r["target_sparsity"] - target) < 1e-9 and _number(r.get(key))]
-    dense = [r for r in rows if r.get("phase") == "dense" and _number(r.get(key))]
+    sparse = [r for r in rows if r.get("phase") == "sparse" and finite_number(r.get("target_sparsity"))
+              and abs(r["target_sparsity"] - target) < 1e-9 and finite_number(r.get(key))]
+    dense = [r for r in rows if r.get("phase") == "dense" and finite_number(r.get(key))]
     return (max(sparse, key=lambda r: r[key]) if sparse else None,
             max(dense, key=lambda r: r[key]) if dense else None)
 
@@ -221,7 +222,7 @@ class MetricsLogger:
         step = (row["epoch"] + 1) * self.steps_per_epoch
         for key, value in row.items():
             # with per-step logging, train/loss and train/lr get their points from the steps (StepReporter)
-            if key == "epoch" or not _number(value) or (self.per_step and key in ("train_loss", "lr")):
+            if key == "epoch" or not finite_number(value) or (self.per_step and key in ("train_loss", "lr")):
                 continue
             self.writer.add_scalar(tensorboard_tag(key), value, step)
         self.writer.add_scalar("sparsity/compressed_phase", 1.0 if row.get("phase") == "sparse" else 0.0, step)

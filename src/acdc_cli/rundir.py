@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import math
 import os
 import re
 import shlex
@@ -63,6 +62,7 @@ from acdc_cli.data import selection_split
 from acdc_cli.distributed import DistInfo
 from acdc_cli.engine import ACDC, STATE_FORMAT
 from acdc_cli.errors import AcdcError, TrainingFault
+from acdc_cli.metrics import finite_number
 from acdc_cli.sparsity.schedule import Phase, phase_at
 
 RUN_MARKER = "config.toml"
@@ -588,10 +588,6 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_real(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
-
-
 def _shown(value: Any) -> str:
     text = repr(value) if not isinstance(value, torch.Tensor) else f"a tensor of shape {list(value.shape)}"
     return text if len(text) <= 60 else text[:57] + "..."
@@ -621,12 +617,12 @@ def check_resume_state(state: dict[str, Any], optimizer: torch.optim.Optimizer, 
         if best.get("split", "val") != split:  # records of states written before the split was recorded: val
             raise AcdcError(f"progress.{key}.split is {_shown(best.get('split'))}, this run selects on {split}")
         for metric in (f"{split}_top1", "test_top1"):
-            if (metric in best or metric == f"{split}_top1") and not (_is_real(best.get(metric))
-                                                                       and 0 <= best[metric] <= 1):
+            if (metric in best or metric == f"{split}_top1") and not (finite_number(best.get(metric))
+                                                                      and 0 <= best[metric] <= 1):
                 raise AcdcError(f"progress.{key}.{metric} is {_shown(best.get(metric))}, expected a fraction 0..1")
     _check_optimizer(state.get("optimizer"), optimizer)
     scaler = state.get("scaler")
-    if scaler is not None and not (isinstance(scaler, dict) and all(_is_real(v) for v in scaler.values())):
+    if scaler is not None and not (isinstance(scaler, dict) and all(finite_number(v) for v in scaler.values())):
         raise AcdcError(f"scaler is {_shown(scaler)}, expected a table of numbers")
     if "engine" in state and not isinstance(state["engine"], dict):
         raise AcdcError(f"engine is {_shown(state['engine'])}, expected a table")
@@ -652,7 +648,7 @@ def _check_optimizer(saved: Any, optimizer: torch.optim.Optimizer) -> None:
             raise AcdcError(f"optimizer.param_groups[{i}] holds {len(group['params'])} parameters, this model "
                             f"{len(live['params'])}")
         for key, value in live.items():
-            if _is_real(value) and not _is_real(group.get(key)):
+            if finite_number(value) and not finite_number(group.get(key)):
                 raise AcdcError(f"optimizer.param_groups[{i}].{key} is {_shown(group.get(key))}, expected a number")
         params += live["params"]
     index = {}
@@ -668,7 +664,7 @@ def _check_optimizer(saved: Any, optimizer: torch.optim.Optimizer) -> None:
             raise AcdcError(f"optimizer.state[{key}] is {_shown(entry)}, expected a table")
         param = index[key]
         for name, value in entry.items():
-            if value is None or _is_real(value):
+            if value is None or finite_number(value):
                 continue
             if not isinstance(value, torch.Tensor):
                 raise AcdcError(f"optimizer.state[{key}].{name} is {_shown(value)}, expected a tensor")
@@ -684,7 +680,7 @@ def _check_engine(saved: dict[str, Any], engine: ACDC) -> None:
     epoch, change = saved.get("epoch"), saved.get("mask_change")
     if epoch is not None and not _is_int(epoch):
         raise AcdcError(f"engine.epoch is {_shown(epoch)}, expected a whole number")
-    if change is not None and not _is_real(change):
+    if change is not None and not finite_number(change):
         raise AcdcError(f"engine.mask_change is {_shown(change)}, expected a number")
     phase = saved.get("phase")
     if phase is not None and not (isinstance(phase, dict) and set(phase) == {"start", "end", "kind", "sparsity"}):
