@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from acdc_cli import train
 from acdc_cli.config import load_settings
-from acdc_cli.distributed import DistInfo
 from acdc_cli.engine import ACDC
 from acdc_cli.models import create
-from acdc_cli.rundir import RunDir
+from acdc_cli.training import loop as train
+from acdc_cli.training.checkpoints import RunDir
+from acdc_cli.training.distributed import DistInfo
 
 
 def main() -> None:

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from acdc_cli.cli import app
-from acdc_cli.metrics import read_jsonl
+from acdc_cli.cli.app import app
+from acdc_cli.files.jsonio import read_jsonl
 
 # every in-process training run of the suite: on the CPU (also on a CUDA machine), deterministic, one thread, so
 # exact comparisons mean the same everywhere and accuracy thresholds ride on a fixed computation

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import PINNED, invoke, invoke_json, torch_state_kept
 from hypothesis import HealthCheck, core
 from hypothesis import settings as hypothesis_settings
 
 from acdc_cli import testing_hooks
-from cli_helpers import PINNED, invoke, invoke_json, torch_state_kept
 
 # variables that change what acdc does: its settings, torchrun's process-group setup, the test fault hooks
 _CLEARED_PREFIXES = ("ACDC_", "_ACDC_", "TORCHELASTIC_")

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from acdc_cli import testing_hooks
-from acdc_cli.checkpoint import Checkpoint, save_checkpoint
 from acdc_cli.config import load_settings
+from acdc_cli.files.checkpoint import Checkpoint, save_checkpoint
 from acdc_cli.models import create
 
 # synthetic data, so `eval` of these checkpoints needs no dataset on disk
@@ -48,7 +48,7 @@ def as_written_before_resume_state(run_dir: Path) -> None:
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from acdc_cli.rundir import state_path
+    from acdc_cli.training.checkpoints import state_path
 
     paired = state_path(run_dir)
     paired.replace(run_dir / "last.state.pt")

@@ -18,7 +18,7 @@ from test_data import write_cifar10
 from typer.testing import CliRunner
 
 from acdc_cli import ACDC, Phase
-from acdc_cli.cli import app
+from acdc_cli.cli.app import app
 from acdc_cli.config import load_settings
 from acdc_cli.engine import reset_momentum
 from acdc_cli.errors import AcdcError
@@ -307,7 +307,7 @@ def test_save_infers_the_constructor_arguments_or_says_what_to_pass(tmp_path):
     acdc = ACDC(model, optimizer, **SHORT)
     acdc.start_epoch(1)
     path = acdc.save(tmp_path / "r20.safetensors", arch="resnet20")
-    from acdc_cli.checkpoint import build_model, load_checkpoint
+    from acdc_cli.files.checkpoint import build_model, load_checkpoint
 
     ckpt = load_checkpoint(path)
     assert ckpt.model_kwargs == {"num_classes": 7, "in_channels": 3} and ckpt.epoch == 2 and ckpt.phase == "sparse"

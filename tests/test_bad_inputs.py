@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from acdc_cli.checkpoint import Checkpoint, save_checkpoint
-from acdc_cli.models import create
-from acdc_cli.rundir import state_path
 from cli_helpers import PINNED, QUIET, fails, sets, trained
+
+from acdc_cli.files.checkpoint import Checkpoint, save_checkpoint
+from acdc_cli.models import create
+from acdc_cli.training.checkpoints import state_path
 
 ONE_EPOCH = [*PINNED, *QUIET, *sets("schedule.method=dense", "schedule.epochs=1")]
 

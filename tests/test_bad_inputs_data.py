@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from acdc_cli.checkpoint import Checkpoint, save_checkpoint
-from acdc_cli.models import create
 from cli_helpers import fails
+
+from acdc_cli.files.checkpoint import Checkpoint, save_checkpoint
+from acdc_cli.models import create
 
 NO_LOGS = ["--set", "log.tensorboard=false", "--set", "log.progress=false"]
 

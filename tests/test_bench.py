@@ -5,12 +5,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from cli_helpers import fails, invoke, invoke_json, needs_cpp_compiler, shows
 
-from acdc_cli import bench
+from acdc_cli.commands import bench
 from acdc_cli.config import load_settings
 from acdc_cli.engine import ACDC
-from acdc_cli.train import build_optimizer
-from cli_helpers import fails, invoke, invoke_json, needs_cpp_compiler, shows
+from acdc_cli.training import runtime
+from acdc_cli.training.loop import build_optimizer
 
 TICK_S = 0.25
 
@@ -28,7 +29,7 @@ def fake_clock(monkeypatch):
         now[0] += TICK_S
         return now[0]
 
-    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=perf_counter))
+    monkeypatch.setattr(runtime, "time", SimpleNamespace(perf_counter=perf_counter))  # bench times with elapsed_seconds
 
 
 def _bench_json(*args: str) -> dict:

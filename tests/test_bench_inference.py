@@ -5,12 +5,12 @@ import json
 
 import pytest
 import torch
-
-from acdc_cli.bench_inference import _densified, verdict
-from acdc_cli.checkpoint import load_checkpoint
-from acdc_cli.export import export_checkpoint, fold_masks
-from acdc_cli.prune import prune_checkpoint
 from cli_helpers import invoke
+
+from acdc_cli.commands.bench_inference import _densified, verdict
+from acdc_cli.commands.export import export_checkpoint
+from acdc_cli.commands.prune import prune_checkpoint
+from acdc_cli.files.checkpoint import fold_masks, load_checkpoint
 
 
 def bench_json(path, *args) -> dict:
@@ -76,7 +76,7 @@ def test_2_4_export_and_batch_size(files, one_thread):
 
 def test_onnx_file_on_onnx_runtime(files, tmp_path, one_thread):
     pytest.importorskip("onnxruntime", reason="the 'onnx' extra is not installed (pip install -e '.[onnx]')")
-    from acdc_cli.onnx_export import export_onnx
+    from acdc_cli.commands.export_onnx import export_onnx
 
     path = export_onnx(files["checkpoint"], tmp_path / "model.onnx").path
     data = bench_json(path)

@@ -3,9 +3,9 @@
 import math
 
 import pytest
+from cli_helpers import fails, invoke, invoke_json, shows
 
 from acdc_cli import __version__
-from cli_helpers import fails, invoke, invoke_json, shows
 
 
 def test_env_then_set_precedence_in_dry_run():

@@ -11,9 +11,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
-from acdc_cli.metrics import read_jsonl
 from cli_helpers import PINNED, QUIET, fails, invoke, sets
+
+from acdc_cli.files.jsonio import read_jsonl
 
 DENSE3 = [*PINNED, *QUIET, *sets("schedule.method=dense", "schedule.epochs=3")]
 

@@ -10,13 +10,13 @@ every phase; the other epochs write null for the val keys and change nothing els
 from __future__ import annotations
 
 import torch
+from cli_helpers import needs_cpp_compiler
 from rich.console import Console
 
-from acdc_cli import train
 from acdc_cli.config import load_settings
-from acdc_cli.metrics import read_jsonl
-from acdc_cli.rundir import state_path
-from cli_helpers import needs_cpp_compiler
+from acdc_cli.files.jsonio import read_jsonl
+from acdc_cli.training import loop as train
+from acdc_cli.training.checkpoints import state_path
 
 DIGITS_TRAIN, BATCH, VAL, EVAL_BATCH = 1257, 64, 270, 100  # the quickstart's split; 1257 = 19 x 64 + 41
 
@@ -74,8 +74,8 @@ def test_eval_every_evaluates_every_nth_epoch_and_each_phase_end(tmp_path, monke
     schedule = _schedule(8, warmup=3, compressed=2, decompressed=1, final=2)
     every = _run_rows(tmp_path / "every", *schedule)
     passes: list[int] = []
-    real_evaluate = train.runtime.evaluate
-    monkeypatch.setattr(train.runtime, "evaluate", lambda *a, **kw: passes.append(1) or real_evaluate(*a, **kw))
+    real_evaluate = train.evaluation.evaluate_sharded
+    monkeypatch.setattr(train.evaluation, "evaluate_sharded", lambda *a, **kw: passes.append(1) or real_evaluate(*a, **kw))
     fourth = _run_rows(tmp_path / "fourth", *schedule, "runtime.eval_every=4")
     evaluated = [r["epoch"] for r in fourth if r["val_top1"] is not None]
     assert evaluated == [2, 3, 4, 5, 7] and len(passes) == 5  # epochs 4 and 8 counted from 1, and the phase ends

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from acdc_cli import testing_hooks
-from acdc_cli.checkpoint import Checkpoint, load_checkpoint, load_state, save_checkpoint, save_state
-from acdc_cli.errors import AcdcError
-from acdc_cli.rundir import load_last, save_last, state_path
 from cli_helpers import assert_same_run, fails, invoke, short_schedule, trained
 from faults_helpers import as_written_before_resume_state, killed_at
+
+from acdc_cli import testing_hooks
+from acdc_cli.errors import AcdcError
+from acdc_cli.files.checkpoint import Checkpoint, load_checkpoint, load_state, save_checkpoint, save_state
+from acdc_cli.training.checkpoints import load_last, save_last, state_path
 
 WRITES = ("write", "rename", "renamed")  # the three points of an atomic write (testing_hooks)
 STATE, WEIGHTS = "last.state.*.pt", "last.safetensors"

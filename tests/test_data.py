@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from acdc_cli.config import load_settings
-from acdc_cli.data import build, cifar, split_val
+from acdc_cli.data import build, cifar
+from acdc_cli.data.bundle import split_val
 from acdc_cli.data.imagefolder import ImageDataset, ImageLoader
 from acdc_cli.data.random_labels import select_random_labels
 from acdc_cli.data.tensor_loader import TensorLoader

@@ -11,19 +11,19 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from cli_helpers import PINNED, short_schedule
 from typer.testing import CliRunner
 
-from acdc_cli import distributed, runtime
-from acdc_cli.checkpoint import load_checkpoint
-from acdc_cli.cli import app
+from acdc_cli.cli.app import app
 from acdc_cli.config import load_settings
 from acdc_cli.data.tensor_loader import TensorLoader
-from acdc_cli.distributed import DistInfo
 from acdc_cli.errors import TrainingFault
-from acdc_cli.evaluate import evaluate
-from acdc_cli.metrics import read_jsonl
+from acdc_cli.files.checkpoint import load_checkpoint
+from acdc_cli.files.jsonio import read_jsonl
 from acdc_cli.models import create
-from cli_helpers import PINNED, short_schedule
+from acdc_cli.training import distributed, evaluation, runtime
+from acdc_cli.training.distributed import DistInfo
+from acdc_cli.training.evaluation import evaluate
 
 CPU = torch.device("cpu")
 
@@ -50,7 +50,7 @@ def test_nproc_2_quickstart_agrees_with_single_process(quickstart_run, tmp_path)
     assert len(checked) == 4  # the quickstart's four compressed phases
     assert all(len(c) == 2 and c[0] == c[1] for c in checked)
     # the checksum rank 0 reported is that of the masks it saved
-    assert runtime.mask_checksum(load_checkpoint(run_dir / "last.safetensors").masks) == checked[-1][0]
+    assert distributed.mask_checksum(load_checkpoint(run_dir / "last.safetensors").masks) == checked[-1][0]
 
     single = read_jsonl(quickstart_run / "metrics.jsonl")
     assert rows[-1]["phase"] == single[-1]["phase"] == "sparse"
@@ -149,19 +149,19 @@ def test_mask_checksum_sees_positions_not_only_counts():
     g = torch.Generator().manual_seed(1)
     masks = {"a.weight": torch.rand(8, 3, 3, 3, generator=g) > 0.7, "b.weight": torch.rand(10, 16, generator=g) > 0.5}
     same = {k: v.clone() for k, v in masks.items()}
-    assert runtime.mask_checksum(masks) == runtime.mask_checksum(same)
+    assert distributed.mask_checksum(masks) == distributed.mask_checksum(same)
     moved = {k: v.clone() for k, v in masks.items()}
     flat = moved["b.weight"].view(-1)
     kept, pruned = int(flat.nonzero()[0]), int((~flat).nonzero()[0])
     flat[kept], flat[pruned] = False, True  # same count, one kept weight moved
-    assert runtime.mask_checksum(moved) != runtime.mask_checksum(masks)
+    assert distributed.mask_checksum(moved) != distributed.mask_checksum(masks)
     # dict order does not matter (a checkpoint stores layers sorted), names do
-    assert runtime.mask_checksum({"b.weight": masks["b.weight"], "a.weight": masks["a.weight"]}) == \
-        runtime.mask_checksum(masks)
-    assert runtime.mask_checksum({"c.weight": masks["a.weight"], "b.weight": masks["b.weight"]}) != \
-        runtime.mask_checksum(masks)
+    assert distributed.mask_checksum({"b.weight": masks["b.weight"], "a.weight": masks["a.weight"]}) == \
+        distributed.mask_checksum(masks)
+    assert distributed.mask_checksum({"c.weight": masks["a.weight"], "b.weight": masks["b.weight"]}) != \
+        distributed.mask_checksum(masks)
     with pytest.raises(TrainingFault, match=r"ranks \[2\]"):
-        runtime.check_agreement([5, 5, 6], "masks")
+        distributed.check_agreement([5, 5, 6], "masks")
 
 
 def test_compile_wraps_the_net_but_not_the_saved_names():
@@ -177,7 +177,7 @@ def _shard_contents(loader, world: int) -> list[list[float]]:
     """Per rank, a fingerprint (pixel sum, label) of every sample its evaluation shard yields."""
     shards = []
     for rank in range(world):
-        shard = runtime.shard_for_eval(loader, DistInfo(rank, world, rank, CPU))
+        shard = distributed.shard_for_eval(loader, DistInfo(rank, world, rank, CPU))
         shards.append([(round(float(x.sum()), 3), int(y)) for images, labels, *_ in shard
                        for x, y in zip(images, labels)])
     return shards
@@ -185,7 +185,7 @@ def _shard_contents(loader, world: int) -> list[list[float]]:
 
 def test_eval_shards_cover_every_sample_once(tmp_path):
     from acdc_cli import data as data_mod
-    from acdc_cli.bench import write_jpeg_tree
+    from acdc_cli.commands.bench import write_jpeg_tree
 
     images, _ = _images(23)
     tensor_loader = TensorLoader(images, torch.arange(23), 4, (0.5,) * 3, (0.25,) * 3)
@@ -202,7 +202,7 @@ def test_eval_shards_cover_every_sample_once(tmp_path):
     assert sorted(y for _, y in sum(_shard_contents(tensor_loader, 3), [])) == list(range(23))
     # loaders that can shard themselves do, so a rank decodes only its own share of the JPEGs
     for loader in (tensor_loader, image_loader):
-        assert type(runtime.shard_for_eval(loader, DistInfo(1, 3, 1, CPU))) is type(loader)
+        assert type(distributed.shard_for_eval(loader, DistInfo(1, 3, 1, CPU))) is type(loader)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -230,11 +230,11 @@ def _group_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     try:
         g = torch.Generator().manual_seed(0)
         masks = {"a.weight": torch.rand(6, 5, generator=g) > 0.5, "b.weight": torch.rand(9, generator=g) > 0.3}
-        results["agree"] = runtime.verify_masks(masks, info)
+        results["agree"] = distributed.verify_masks(masks, info)
         if rank == 1:
             masks["a.weight"] = ~masks["a.weight"]
         try:
-            runtime.verify_masks(masks, info)
+            distributed.verify_masks(masks, info)
         except TrainingFault as exc:
             results["mismatch"] = str(exc)
 
@@ -249,9 +249,9 @@ def _group_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         results["names_kept"] = list(model.state_dict()) == names
         images, labels = _images(37)
         loader = TensorLoader(images, labels, 8, (0.5,) * 3, (0.25,) * 3)
-        results["eval"] = runtime.evaluate(model, runtime.shard_for_eval(loader, info), CPU, False, info)
+        results["eval"] = evaluation.evaluate_sharded(model, distributed.shard_for_eval(loader, info), CPU, False, info)
         stats = {"train_loss": 1.0 + rank, "train_top1": 0.25 * rank, "img_per_s": 100.0 * (rank + 1), "lr": 0.1}
-        results["train"] = runtime.reduce_train_stats(stats, info)
+        results["train"] = distributed.reduce_train_stats(stats, info)
     finally:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
         # as train.run does: drop DDP (its reducer holds the group), leave together, and let teardown free what

@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-
-from acdc_cli.checkpoint import load_checkpoint, save_checkpoint
-from acdc_cli.evaluate import eval_checkpoint, paper_reference
-from acdc_cli.metrics import read_jsonl
-from acdc_cli.prune import prune_checkpoint
 from cli_helpers import fails, invoke, invoke_json, shows
+
+from acdc_cli.commands.evaluate import eval_checkpoint
+from acdc_cli.commands.prune import prune_checkpoint
+from acdc_cli.files.checkpoint import load_checkpoint, save_checkpoint
+from acdc_cli.files.jsonio import read_jsonl
+from acdc_cli.paper import paper_reference
 
 
 def eval_json(*args) -> dict:
@@ -132,8 +133,8 @@ def test_amp_on_the_cpu_still_computes_in_fp32(quickstart_run):
 def exports(quickstart_run, tmp_path_factory):
     """The quickstart's best_sparse in every export format (2:4 from a 2:4 pruning of best_dense), with the
     checkpoint each came from."""
-    from acdc_cli.export import export_checkpoint
-    from acdc_cli.onnx_export import export_onnx
+    from acdc_cli.commands.export import export_checkpoint
+    from acdc_cli.commands.export_onnx import export_onnx
 
     folder = tmp_path_factory.mktemp("eval-exports")
     sparse, pruned = quickstart_run / "best_sparse.safetensors", folder / "pruned24.safetensors"

@@ -7,15 +7,16 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from cli_helpers import fails, invoke, invoke_json, shows
 from safetensors import safe_open
 
 from acdc_cli import models
-from acdc_cli.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from acdc_cli.commands.export import export_checkpoint
 from acdc_cli.config import Settings
-from acdc_cli.export import export_checkpoint, fold_masks, load, load_model
+from acdc_cli.files.checkpoint import Checkpoint, fold_masks, load_checkpoint, save_checkpoint
+from acdc_cli.files.export import load, load_model
 from acdc_cli.sparsity import formats as F
 from acdc_cli.sparsity.masks import nm_mask
-from cli_helpers import fails, invoke, invoke_json, shows
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FORMATS = ["sparse-24-bitmask", "sparse-bitmask", "dense"]

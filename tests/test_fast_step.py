@@ -8,18 +8,18 @@ import math
 
 import pytest
 import torch
+from cli_helpers import needs_cpp_compiler
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from acdc_cli import runtime
-from acdc_cli.bench import RepeatedBatch
+from acdc_cli.commands.bench import RepeatedBatch
 from acdc_cli.config import load_settings
 from acdc_cli.data.tensor_loader import TensorLoader
-from acdc_cli.distributed import DistInfo
 from acdc_cli.engine import ACDC
 from acdc_cli.models import create
 from acdc_cli.sparsity import masks as M
-from acdc_cli.train import build_optimizer, train_epoch
-from cli_helpers import needs_cpp_compiler
+from acdc_cli.training import runtime
+from acdc_cli.training.distributed import DistInfo
+from acdc_cli.training.loop import build_optimizer, train_epoch
 
 CPU = torch.device("cpu")
 

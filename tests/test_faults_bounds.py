@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import fails
+from faults_helpers import raw_safetensors, tiny_checkpoint
 
-from acdc_cli.checkpoint import load_checkpoint
 from acdc_cli.config import MAX_EPOCHS, load_settings
 from acdc_cli.errors import AcdcError
+from acdc_cli.files.checkpoint import load_checkpoint
 from acdc_cli.models import create
 from acdc_cli.models.registry import MAX_NAME_INTEGER, MAX_PARAMETERS
 from acdc_cli.sparsity.schedule import plan
-from cli_helpers import fails
-from faults_helpers import raw_safetensors, tiny_checkpoint
 
 HUGE = 10**18
 
@@ -168,8 +168,8 @@ def test_zero_size_layers_within_the_bounds_are_read(tmp_path):
     path = tiny_checkpoint(tmp_path / "empty.safetensors", weights=weights)
     from typer.testing import CliRunner
 
-    from acdc_cli.cli import app
-    from acdc_cli.export import export_checkpoint
+    from acdc_cli.cli.app import app
+    from acdc_cli.commands.export import export_checkpoint
 
     result = CliRunner().invoke(app, ["inspect", "--json", "--layers", str(path)])
     assert result.exit_code == 0, result.output

@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
-
-from acdc_cli.distributed import launch_env
-from acdc_cli.errors import AcdcError
 from cli_helpers import fails
+
+from acdc_cli.errors import AcdcError
+from acdc_cli.training.distributed import launch_env
 
 ONE_EPOCH = ["--set", "schedule.method=dense", "--set", "schedule.epochs=1", "--set", "log.tensorboard=false",
              "--set", "log.progress=false"]

@@ -10,18 +10,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import fails, invoke
+from faults_helpers import tiny_checkpoint, tiny_weights
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from acdc_cli import export
-from acdc_cli.checkpoint import load_checkpoint
+from acdc_cli.commands import export
+from acdc_cli.commands.evaluate import eval_checkpoint
+from acdc_cli.commands.inspect_file import inspect_file
 from acdc_cli.config import Settings, load_settings
 from acdc_cli.data import cifar
 from acdc_cli.errors import AcdcError
-from acdc_cli.evaluate import eval_checkpoint
-from acdc_cli.inspect import inspect_file
-from cli_helpers import fails, invoke
-from faults_helpers import tiny_checkpoint, tiny_weights
+from acdc_cli.files import export as files_export
+from acdc_cli.files.checkpoint import load_checkpoint
 
 
 def float_settings() -> list[str]:
@@ -156,7 +157,7 @@ def test_a_mask_over_nonzero_weights_is_applied_by_eval_export_and_inspect(tmp_p
     assert torch.equal(loaded["conv.weight"], weights["conv.weight"] * masks["conv.weight"])
 
     written = export.export_checkpoint(path, tmp_path / "dense.safetensors", "dense").path
-    exported = export.load(written)
+    exported = files_export.load(written)
     assert all(torch.equal(exported[k], loaded[k]) for k in loaded)
     # eval of the file equals eval of a checkpoint holding exactly the exported tensors
     folded = tiny_checkpoint(tmp_path / "folded.safetensors", weights=exported, masks=masks)

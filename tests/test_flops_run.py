@@ -6,17 +6,17 @@ any checkpoint or export."""
 
 import pytest
 import torch
+from cli_helpers import assert_same_run, fails, invoke, invoke_json, short_schedule, squash, trained
 from torch import nn
 
 from acdc_cli import ACDC
-from acdc_cli.checkpoint import load_state, save_state
 from acdc_cli.config import load_settings
 from acdc_cli.data import build
 from acdc_cli.errors import AcdcError
+from acdc_cli.files.checkpoint import load_state, save_state
+from acdc_cli.files.jsonio import read_jsonl
 from acdc_cli.flops import si
-from acdc_cli.metrics import read_jsonl
-from acdc_cli.rundir import state_path
-from cli_helpers import assert_same_run, fails, invoke, invoke_json, short_schedule, squash, trained
+from acdc_cli.training.checkpoints import state_path
 
 # the quickstart CNN at 8x8, by hand (output positions x weights): conv 1->32 at 8x8 64 x 288, conv 32->32 64 x 9,216,
 # after the 2x2 pool conv 32->64 16 x 18,432 and conv 64->64 16 x 36,864, then linear 256->128 and 128->10

@@ -15,13 +15,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from acdc_cli import ACDC, runtime
+from acdc_cli import ACDC
 from acdc_cli.config import load_settings
 from acdc_cli.engine import reset_momentum, step_keeps_zeros
 from acdc_cli.models import create
 from acdc_cli.sparsity import masks as M
 from acdc_cli.sparsity.sparsifier import Sparsifier
-from acdc_cli.train import build_optimizer
+from acdc_cli.training import runtime
+from acdc_cli.training.loop import build_optimizer
 
 SPARSITY = 0.8
 # dense 0, compressed 1, decompressed 2 (momentum reset: "restore"), final compressed 3

@@ -11,14 +11,15 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from acdc_cli.checkpoint import Checkpoint, load_checkpoint, read_safetensors, save_checkpoint
-from acdc_cli.cli import app
+from acdc_cli.cli.app import app
+from acdc_cli.commands.evaluate import eval_checkpoint
+from acdc_cli.commands.export import export_checkpoint
+from acdc_cli.commands.inspect_file import inspect_file
 from acdc_cli.config import load_settings
 from acdc_cli.errors import AcdcError
-from acdc_cli.evaluate import eval_checkpoint
-from acdc_cli.export import export_checkpoint
-from acdc_cli.export import load as load_export
-from acdc_cli.inspect import inspect_file
+from acdc_cli.files.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from acdc_cli.files.export import load as load_export
+from acdc_cli.files.tensors import read_safetensors
 from acdc_cli.models import create
 from acdc_cli.sparsity.masks import compute_masks
 

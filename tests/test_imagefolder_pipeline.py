@@ -16,17 +16,8 @@ from PIL import Image
 from acdc_cli.config import load_settings
 from acdc_cli.data import build
 from acdc_cli.data import imagefolder as imf
-from acdc_cli.data.imagefolder import (
-    CropPlan,
-    ImageDataset,
-    ImageLoader,
-    decode_on_host,
-    draw_crop,
-    eval_pixels,
-    jpeg_header,
-    scan,
-    train_pixels,
-)
+from acdc_cli.data.imagefolder import CropPlan, ImageDataset, ImageLoader, draw_crop, eval_pixels, scan, train_pixels
+from acdc_cli.data.jpeg import decode_on_host, jpeg_header
 from acdc_cli.data.tensor_loader import TensorLoader
 from acdc_cli.errors import AcdcError
 

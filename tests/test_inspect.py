@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from cli_helpers import fails, invoke, invoke_json, shows
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from acdc_cli.checkpoint import load_checkpoint, save_checkpoint
-from acdc_cli.export import export_checkpoint, natural_key
-from cli_helpers import fails, invoke, invoke_json, shows
+from acdc_cli.commands.export import export_checkpoint
+from acdc_cli.files.checkpoint import load_checkpoint, save_checkpoint
+from acdc_cli.sparsity.rules import natural_key
 
 
 def inspect_json(path) -> dict:

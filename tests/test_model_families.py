@@ -14,12 +14,12 @@ from safetensors.torch import load_file, save_file
 from test_data import write_cifar10
 from typer.testing import CliRunner
 
-from acdc_cli.cli import app
+from acdc_cli.cli.app import app
 from acdc_cli.errors import AcdcError
-from acdc_cli.metrics import read_jsonl
+from acdc_cli.files.jsonio import read_jsonl
+from acdc_cli.files.state_dict import load_pretrained
 from acdc_cli.models import create
-from acdc_cli.rundir import RunDir
-from acdc_cli.weights import load_pretrained
+from acdc_cli.training.checkpoints import RunDir
 
 HAS_TIMM = importlib.util.find_spec("timm") is not None
 NO_TIMM = "timm is not installed (pip install -e '.[timm]')"

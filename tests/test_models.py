@@ -8,7 +8,6 @@ from torch import nn
 from acdc_cli import models
 from acdc_cli.errors import AcdcError
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -9,17 +9,18 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from acdc_cli.checkpoint import load_checkpoint
-from acdc_cli.cli import app
+from acdc_cli.cli.app import app
+from acdc_cli.commands.prune import prune_checkpoint
 from acdc_cli.errors import TrainingFault
-from acdc_cli.export import fold_masks, load_model
-from acdc_cli.prune import prune_checkpoint
+from acdc_cli.files.checkpoint import fold_masks, load_checkpoint
+from acdc_cli.files.export import load_model
 
 onnx = pytest.importorskip("onnx", reason="the 'onnx' extra is not installed (pip install -e '.[onnx]')")
 ort = pytest.importorskip("onnxruntime", reason="the 'onnx' extra is not installed (pip install -e '.[onnx]')")
 from onnx import numpy_helper  # noqa: E402
 
-from acdc_cli.onnx_export import OnnxRuntimeModule, check_initializers, session  # noqa: E402
+from acdc_cli.commands.export_onnx import check_initializers
+from acdc_cli.files.onnx_file import OnnxRuntimeModule, session
 
 
 def invoke(*args):
@@ -212,8 +213,8 @@ def test_existing_output_is_kept_without_force(sources, tmp_path):
 def test_resnet50_2_4_prune_exports_to_onnx(tmp_path):
     """The issue's ResNet-50 case: a 2:4 prune of a (random-init) ResNet-50 checkpoint, exported at 224x224."""
     from acdc_cli import models
-    from acdc_cli.checkpoint import Checkpoint, save_checkpoint
     from acdc_cli.config import Settings
+    from acdc_cli.files.checkpoint import Checkpoint, save_checkpoint
 
     torch.manual_seed(0)
     weights = {k: v.detach() for k, v in models.create("resnet50", num_classes=1000).state_dict().items()}

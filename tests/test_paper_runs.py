@@ -4,12 +4,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import PINNED, fails, invoke_json, sets
 from safetensors.torch import load_file
 from test_data import write_cifar10, write_cifar100, write_imagefolder
 
-from acdc_cli.checkpoint import build_model, load_checkpoint
-from acdc_cli.metrics import read_jsonl
-from cli_helpers import PINNED, fails, invoke_json, sets
+from acdc_cli.files.checkpoint import build_model, load_checkpoint
+from acdc_cli.files.jsonio import read_jsonl
 
 # AC/DC in 5 epochs: dense 0, compressed 1, decompressed 2, final compressed 3-4
 SHORT_ACDC = ["schedule.epochs=5", "schedule.warmup_epochs=1", "schedule.compressed_epochs=1",
@@ -71,7 +71,8 @@ def test_resnet20_memorization_logs_memorized_accuracy_every_epoch(tmp_path):
     # the last epoch's figures, recomputed from the final weights and labels drawn here, independently of the run's
     # loaders: the same seeded split and random labels, predictions of the saved model on those 40 images
     from acdc_cli.config import load_settings
-    from acdc_cli.data import build, cifar, split_val
+    from acdc_cli.data import build, cifar
+    from acdc_cli.data.bundle import split_val
     from acdc_cli.data.random_labels import select_random_labels
 
     settings = load_settings(config=run / "config.toml")

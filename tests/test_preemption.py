@@ -13,13 +13,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
-from acdc_cli import preemption
-from acdc_cli.checkpoint import load_checkpoint
-from acdc_cli.metrics import read_jsonl
-from acdc_cli.preemption import DUPLICATE_WINDOW_S, StopSignal, reduce_int
-from acdc_cli.rundir import state_path
 from cli_helpers import assert_same_run, invoke, short_schedule, shows, trained
+
+from acdc_cli.files.checkpoint import load_checkpoint
+from acdc_cli.files.jsonio import read_jsonl
+from acdc_cli.training import preemption
+from acdc_cli.training.checkpoints import state_path
+from acdc_cli.training.preemption import DUPLICATE_WINDOW_S, StopSignal, reduce_int
 
 # 3 epochs (dense, sparse, dense... see short_schedule) of 78 steps (whole batches of 16)
 RUN = short_schedule(3, 1, 1, 1, 1, 0, "data.batch_size=16", "model.dropout=0.3")
@@ -71,7 +71,7 @@ def test_ctrl_c_outside_training_exits_130(quickstart_run, monkeypatch):
     """A real SIGINT while `acdc inspect` works: no training, so Python's own handler raises KeyboardInterrupt (it
     is installed here, as Python does at the start of `acdc ...` in a terminal; a test run started in the
     background of a shell inherits SIGINT ignored)."""
-    from acdc_cli import inspect as inspect_mod
+    from acdc_cli.commands import inspect_file as inspect_mod
 
     monkeypatch.setattr(inspect_mod, "inspect_file", lambda *a, **k: signal.raise_signal(signal.SIGINT))
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -127,8 +127,8 @@ def test_signal_hook_syntax_and_errors():
 RANK_SCRIPT = """
 import json, signal, sys
 import torch.distributed as dist
-from acdc_cli import distributed
-from acdc_cli.preemption import StopSignal, reduce_int
+from acdc_cli.training import distributed
+from acdc_cli.training.preemption import StopSignal, reduce_int
 
 rank = int(sys.argv[1])
 dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)

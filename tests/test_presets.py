@@ -10,14 +10,14 @@ import re
 
 import pytest
 import torch
+from cli_helpers import invoke_json
 from typer.testing import CliRunner
 
 from acdc_cli import models
-from acdc_cli.cli import app
+from acdc_cli.cli.app import app
 from acdc_cli.config import load_settings, preset_names, preset_path
 from acdc_cli.sparsity.schedule import learning_rate
 from acdc_cli.sparsity.sparsifier import Sparsifier
-from cli_helpers import invoke_json
 
 # ----------------------------------------------------------------------------------------------------------------
 # prune / restore epochs: each YAML's pruner and recycler `epochs: [start, freq, end]`, expanded as the reference's

@@ -8,15 +8,16 @@ import re
 
 import pytest
 import torch
+from cli_helpers import fails, invoke, invoke_json, sets, short_schedule, squash
 from test_data import write_cifar10, write_imagefolder
 
-from acdc_cli.checkpoint import load_checkpoint
 from acdc_cli.config import load_settings
-from acdc_cli.data import build, cifar, selection_split, split_val
+from acdc_cli.data import build, cifar
+from acdc_cli.data.bundle import selection_split, split_val
 from acdc_cli.data.random_labels import select_random_labels
 from acdc_cli.errors import AcdcError
-from acdc_cli.metrics import read_jsonl
-from cli_helpers import fails, invoke, invoke_json, sets, short_schedule, squash
+from acdc_cli.files.checkpoint import load_checkpoint
+from acdc_cli.files.jsonio import read_jsonl
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")

@@ -4,12 +4,12 @@ import os
 
 import pytest
 import torch
-
-from acdc_cli.checkpoint import load_checkpoint
-from acdc_cli.config import load_settings
-from acdc_cli.prune import prune_checkpoint
-from acdc_cli.sparsity.schedule import Phase, plan
 from cli_helpers import PINNED, QUIET, fails, invoke, invoke_json, sets, shows
+
+from acdc_cli.commands.prune import prune_checkpoint
+from acdc_cli.config import load_settings
+from acdc_cli.files.checkpoint import load_checkpoint
+from acdc_cli.sparsity.schedule import Phase, plan
 
 
 def two_of_four_along_input_channels(weight: torch.Tensor) -> bool:

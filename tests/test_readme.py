@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import fails, invoke_json
 from test_data import write_cifar10, write_cifar100, write_imagefolder
 
-from acdc_cli.checkpoint import Checkpoint, save_checkpoint
 from acdc_cli.config import load_settings, preset_names
 from acdc_cli.data import build, cifar
+from acdc_cli.files.checkpoint import Checkpoint, save_checkpoint
 from acdc_cli.models import create
-from cli_helpers import fails, invoke_json
 
 CPU = torch.device("cpu")
 

@@ -9,13 +9,13 @@ import json
 import shutil
 
 import pytest
+from cli_helpers import fails, invoke, invoke_json, short_schedule, shows, trained
 from PIL import Image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from acdc_cli.checkpoint import load_checkpoint
-from acdc_cli.metrics import read_jsonl
-from cli_helpers import fails, invoke, invoke_json, short_schedule, shows, trained
+from acdc_cli.files.checkpoint import load_checkpoint
+from acdc_cli.files.jsonio import read_jsonl
 
 PER_RUN = ("top1-loss", "sparsity-lr", "layers", "mask-change")
 

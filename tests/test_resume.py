@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-
-from acdc_cli.checkpoint import load_checkpoint, load_state
-from acdc_cli.metrics import read_jsonl
-from acdc_cli.models import registry
-from acdc_cli.rundir import state_path
 from cli_helpers import PINNED, QUIET, assert_same_run, fails, invoke, short_schedule, trained
 from faults_helpers import killed_at
+from torch import nn
+
+from acdc_cli.files.checkpoint import load_checkpoint, load_state
+from acdc_cli.files.jsonio import read_jsonl
+from acdc_cli.models import registry, table
+from acdc_cli.training.checkpoints import state_path
 
 STEPS = 39  # 1,257 training digits in whole batches of 32
 EPOCHS = 5
@@ -120,7 +120,8 @@ class NanAt(nn.Module):
 def register_nan_model(monkeypatch, name: str, bad: set[int]) -> list[NanAt]:
     """Register ``name`` for this test only: a NanAt with these bad calls; returns the models it builds."""
     made: list[NanAt] = []
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(table, "REGISTRY", dict(table.REGISTRY))
+    monkeypatch.setattr(registry, "REGISTRY", table.REGISTRY)
 
     @registry.register(name, input_size=8, in_channels=1)
     def factory(num_classes: int = 10, in_channels: int = 1, dropout: float = 0.0) -> nn.Module:
@@ -227,7 +228,7 @@ def test_an_all_skipped_epoch_has_no_loss_and_the_streak_goes_on_across_epochs(t
 
 
 def test_step_undo_puts_back_weights_statistics_and_optimizer_state():
-    from acdc_cli.train import StepUndo
+    from acdc_cli.training.loop import StepUndo
 
     torch.manual_seed(0)
     model = registry.create("digits-cnn", num_classes=10, in_channels=1)
@@ -269,8 +270,8 @@ def test_background_writer_keeps_order_and_hands_errors_back():
     reaches the caller once."""
     import threading
 
-    from acdc_cli.checkpoint import BackgroundWriter
     from acdc_cli.errors import AcdcError
+    from acdc_cli.training.snapshots import BackgroundWriter
 
     written, main, release = [], threading.get_ident(), threading.Event()
 
@@ -301,11 +302,11 @@ def test_background_writer_keeps_order_and_hands_errors_back():
 
 def test_checkpoint_snapshot_is_independent_of_training(tmp_path):
     """What a background write saves is the state at the save, even if training changes the tensors meanwhile."""
-    from acdc_cli import rundir
-    from acdc_cli.checkpoint import host_copy
     from acdc_cli.config import load_settings
     from acdc_cli.engine import ACDC
+    from acdc_cli.files.checkpoint import host_copy
     from acdc_cli.models import create
+    from acdc_cli.training import checkpoints
 
     settings = load_settings()
     model = create("tiny-test", num_classes=10)
@@ -315,8 +316,8 @@ def test_checkpoint_snapshot_is_independent_of_training(tmp_path):
     sparsifier.compress(0.5)
     model(torch.randn(2, 3, 8, 8)).sum().backward()
     optimizer.step()
-    ckpt = rundir.snapshot(model, engine, settings, {"num_classes": 10}, 1, "sparse", {"val_top1": 0.5})
-    state = rundir.resume_state(rundir.RunState(epoch=1), engine, optimizer, torch.amp.GradScaler("cpu"))
+    ckpt = checkpoints.snapshot(model, engine, settings, {"num_classes": 10}, 1, "sparse", {"val_top1": 0.5})
+    state = checkpoints.resume_state(checkpoints.RunState(epoch=1), engine, optimizer, torch.amp.GradScaler("cpu"))
     before = {k: v.clone() for k, v in ckpt.weights.items()}
     masks_before = {k: v.clone() for k, v in ckpt.masks.items()}
     momentum = [s["momentum_buffer"].clone() for s in state["optimizer"]["state"].values()]
@@ -338,8 +339,8 @@ def test_checkpoint_snapshot_is_independent_of_training(tmp_path):
 def test_fault_hook_fails_exactly_the_write_it_names(tmp_path, monkeypatch):
     """_ACDC_TEST_FAULT counts atomic writes per file name (or all of them) and fails the one it names at the point
     it names; what a failed write leaves is what a full disk would leave."""
-    from acdc_cli.checkpoint import atomic_write_bytes
     from acdc_cli.errors import AcdcError
+    from acdc_cli.files.atomic import atomic_write_bytes
     from acdc_cli.testing_hooks import HookSyntaxError, parse_faults
 
     a, b = tmp_path / "a.bin", tmp_path / "b.bin"

@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from acdc_cli.rundir import LOCK_FILE, run_lock
 from cli_helpers import PINNED, QUIET, fails, invoke, sets
+
+from acdc_cli.training.rundir import LOCK_FILE, run_lock
 
 ONE_EPOCH = [*PINNED, *QUIET, *sets("schedule.method=dense", "schedule.epochs=1")]
 

@@ -4,18 +4,18 @@ engine and the new setting choices existed, and the settings that replaced boole
 from __future__ import annotations
 
 import torch
+from faults_helpers import as_written_before_resume_state
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from acdc_cli.checkpoint import load_state, save_state
-from acdc_cli.cli import app
+from acdc_cli.cli.app import app
 from acdc_cli.config import load_settings
-from acdc_cli.distributed import DistInfo
 from acdc_cli.engine import ACDC
-from acdc_cli.metrics import read_jsonl
+from acdc_cli.files.checkpoint import load_state, save_state
+from acdc_cli.files.jsonio import read_jsonl
 from acdc_cli.models import create
-from acdc_cli.rundir import RunDir
-from faults_helpers import as_written_before_resume_state
+from acdc_cli.training.checkpoints import RunDir
+from acdc_cli.training.distributed import DistInfo
 
 CPU = torch.device("cpu")
 TINY = ["model.name=tiny-test", "data.name=synthetic", "data.synthetic_size=32", "data.batch_size=16",

@@ -15,22 +15,16 @@ from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from acdc_cli import rundir
-from acdc_cli.checkpoint import (
-    HostSnapshot,
-    _split_at,
-    load_checkpoint,
-    load_state,
-    read_metadata,
-    safetensors_pieces,
-    save_safetensors,
-    save_state,
-)
 from acdc_cli.config import load_settings
-from acdc_cli.distributed import DistInfo
 from acdc_cli.engine import ACDC
+from acdc_cli.files.atomic import _split_at
+from acdc_cli.files.checkpoint import load_checkpoint, load_state, save_state
+from acdc_cli.files.tensors import read_metadata, safetensors_pieces, save_safetensors
 from acdc_cli.models import create
 from acdc_cli.sparsity.schedule import Phase
+from acdc_cli.training import checkpoints
+from acdc_cli.training.distributed import DistInfo
+from acdc_cli.training.snapshots import HostSnapshot
 
 
 def _joined(pieces) -> bytes:
@@ -116,7 +110,7 @@ def _store(tmp_path: Path):
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     optimizer.step()
-    store = rundir.RunDir(tmp_path, settings, {"num_classes": 10}, model, engine, optimizer,
+    store = checkpoints.RunDir(tmp_path, settings, {"num_classes": 10}, model, engine, optimizer,
                           torch.amp.GradScaler("cpu", enabled=False), DistInfo(0, 1, 0, torch.device("cpu")))
     return store, model, optimizer
 
@@ -130,14 +124,14 @@ def test_each_save_waits_for_the_previous_write_before_reusing_its_buffers(tmp_p
     monkeypatch.setattr(store._host, "taking",
                         lambda: idle_at_take.append(store._writer._thread is None) or real_taking())
     written: list[tuple[dict, dict]] = []
-    real_write = rundir._write_checkpoints
+    real_write = checkpoints._write_checkpoints
 
     def spy(run_dir, ckpt, state, best_path):
         real_write(run_dir, ckpt, state, best_path)
         written.append((load_checkpoint(run_dir / "last.safetensors").weights,
                         load_state(run_dir / read_metadata(run_dir / "last.safetensors")["resume_state"])["optimizer"]))
 
-    monkeypatch.setattr(rundir, "_write_checkpoints", spy)
+    monkeypatch.setattr(checkpoints, "_write_checkpoints", spy)
     dense = Phase(0, 5, "dense", 0.0)
     expected = []
     for epoch in range(2):

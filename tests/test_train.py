@@ -7,16 +7,6 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-from acdc_cli.checkpoint import load_checkpoint
-from acdc_cli.metrics import read_jsonl
-from acdc_cli.models import create
-from acdc_cli.rundir import state_path
-from acdc_cli.sparsity import masks as M
-from acdc_cli.sparsity.schedule import gmp_sparsity
-from acdc_cli.sparsity.sparsifier import prunable_modules
 from cli_helpers import (
     PINNED,
     QUIET,
@@ -30,6 +20,16 @@ from cli_helpers import (
     squash,
     trained,
 )
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from acdc_cli.files.checkpoint import load_checkpoint
+from acdc_cli.files.jsonio import read_jsonl
+from acdc_cli.models import create
+from acdc_cli.sparsity import masks as M
+from acdc_cli.sparsity.schedule import gmp_sparsity
+from acdc_cli.sparsity.sparsifier import prunable_modules
+from acdc_cli.training.checkpoints import state_path
 
 # the quickstart CNN: every conv and linear weight (the README's 90 % are of these)
 QUICKSTART_PRUNABLE = 98_848

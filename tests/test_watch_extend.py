@@ -5,10 +5,10 @@ one line naming the first trained epoch whose plan would change."""
 import shutil
 
 import pytest
+from cli_helpers import assert_same_run, fails, invoke, sets, short_schedule, trained
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from acdc_cli.metrics import read_jsonl
-from cli_helpers import assert_same_run, fails, invoke, sets, short_schedule, trained
+from acdc_cli.files.jsonio import read_jsonl
 
 # a constant LR, so that a longer schedule keeps the LR of the epochs already trained; TensorBoard on
 CONSTANT = ["optim.lr_schedule=constant", "log.tensorboard=true"]

@@ -7,8 +7,9 @@ import subprocess
 import sys
 import tomllib
 
-from acdc_cli.config import preset_names
 from cli_helpers import invoke, invoke_json
+
+from acdc_cli.config import preset_names
 
 
 def acdc(*args: str, columns: int = 80, **env: str) -> subprocess.CompletedProcess:
@@ -37,7 +38,7 @@ def test_presets_on_an_80_column_terminal_cut_no_cell(monkeypatch):
 
     from rich.console import Console
 
-    from acdc_cli import cli
+    from acdc_cli.cli import app as cli
 
     screen = io.StringIO()
     monkeypatch.setattr(cli, "out_console", lambda markup=True: Console(

@@ -10,7 +10,7 @@ from rich.console import Console
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from acdc_cli.config import load_settings
-from acdc_cli.metrics import MetricsLogger, StepReporter, best_rows, tensorboard_tag
+from acdc_cli.training.metrics import MetricsLogger, StepReporter, best_rows, tensorboard_tag
 
 
 class LossSum:

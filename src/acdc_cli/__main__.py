@@ -1,4 +1,4 @@
-from acdc_cli.cli import main
+from acdc_cli.cli.app import main
 
 if __name__ == "__main__":
     main()

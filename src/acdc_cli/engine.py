@@ -36,7 +36,6 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from acdc_cli.checkpoint import Checkpoint, check_fit, host_copy, save_checkpoint
 from acdc_cli.config import (
     DataSettings,
     Settings,
@@ -46,12 +45,24 @@ from acdc_cli.config import (
     read_toml,
 )
 from acdc_cli.errors import AcdcError
-from acdc_cli.flops import InferenceFlops, TrainingFlops, inference_flops, output_positions
+from acdc_cli.files.checkpoint import (
+    STATE_FORMAT,
+    Checkpoint,
+    check_fit,
+    host_copy,
+    save_checkpoint,
+)
+from acdc_cli.flops import (
+    InferenceFlops,
+    TrainingFlops,
+    inference_flops,
+    output_positions,
+)
+from acdc_cli.models import create, lookup
 from acdc_cli.sparsity.schedule import Phase, momentum_resets, phase_at, plan
 from acdc_cli.sparsity.sparsifier import Sparsifier
 
 ResetPolicy = Literal["restore", "every", "never"]
-STATE_FORMAT = "acdc-engine"
 
 # the constructor's keywords and the settings they set (from_preset takes the same ones as overrides)
 _KEYWORDS: dict[str, tuple[str, str]] = {
@@ -282,6 +293,11 @@ class ACDC:
         return self._plan
 
     @property
+    def prunable(self) -> Mapping[str, nn.Parameter]:
+        """The weights the sparsity rules select, by name (read-only): what the masks cover and sparsity counts."""
+        return MappingProxyType(self.sparsifier.params)
+
+    @property
     def phase(self) -> Phase | None:
         """The phase of the last ``start_epoch`` (None before the first)."""
         return self._phase
@@ -375,8 +391,6 @@ class ACDC:
             metrics: numbers to record beside the weights (shown by ``acdc inspect``).
         Returns the path written.
         """
-        from acdc_cli.models import create
-
         weights = dict(self.model.state_dict())
         kwargs = dict(model_kwargs) if model_kwargs is not None else self._model_kwargs(arch)
         with torch.device("meta"):
@@ -413,8 +427,6 @@ class ACDC:
         return path
 
     def _model_kwargs(self, arch: str) -> dict[str, Any]:
-        from acdc_cli.models import lookup
-
         entry, _ = lookup(arch)
         convs = [m for m in self.model.modules() if isinstance(m, nn.Conv2d)]
         linears = [m for m in self.model.modules() if isinstance(m, nn.Linear)]

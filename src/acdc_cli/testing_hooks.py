@@ -25,7 +25,7 @@ nothing per training step.
   so the order of writes to different files is not fixed.
 
 ``_ACDC_TEST_SIGNAL`` - deliver a signal to this process when the training loop asks whether to stop
-(:meth:`acdc_cli.preemption.StopSignal.should_stop`) after an exact step::
+(:meth:`acdc_cli.training.preemption.StopSignal.should_stop`) after an exact step::
 
     SIGNAL@epoch=E,step=S[,rank=R][,to=parent]   several separated by ";"
 

@@ -1,68 +1,19 @@
-"""Datasets and loaders: ``build(settings, ...)`` returns the train / val / test loaders of a run."""
+"""Datasets and loaders: ``build(settings, ...)`` returns the train / val / test loaders of a run.
+"""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from acdc_cli.config import Settings
-from acdc_cli.data import digits
+from acdc_cli.data import cifar, digits, imagefolder
+from acdc_cli.data.bundle import DataBundle, split_val
 from acdc_cli.data.tensor_loader import TensorLoader
 from acdc_cli.errors import AcdcError
-
+from acdc_cli.models import lookup
 
 # synthetic images are generated in memory (uint8): 4 GiB is ~900,000 CIFAR-sized or ~28,000 ImageNet-sized images
 MAX_SYNTHETIC_BYTES = 4 * 2**30
-
-
-@dataclass
-class DataBundle:
-    train: Any  # TensorLoader or ImageLoader: whole batches only (drop_last), set_epoch(), iterate(start_batch)
-    val: Any  # None when data.val_size = 0: every training image trains
-    test: Any
-    num_classes: int
-    in_channels: int
-    image_size: int
-    # memorization: loader over the random-label training samples yielding (x, random_label, true_label)
-    memorized: Any = None
-
-
-
-
-def selection_split(settings: Settings) -> str:
-    """"val" when the run holds a validation split out of its training images; "test" for ``data.val_size = 0``,
-    the paper's protocol: every training image trains, and the per-epoch metrics (``test_*``) and the choice of
-    best_sparse / best_dense come from the test split."""
-    return "val" if settings.data.val_size else "test"
-
-
-def split_val(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded (train, val) indices of a pool of ``n`` samples; ``val_size = 0``: every sample, in order, trains."""
-    if val_size == 0:
-        return torch.arange(n), torch.arange(0)
-    if val_size >= n:
-        raise AcdcError(f"data.val_size ({val_size}) must be smaller than the training split ({n} images)")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
-    return order[val_size:], order[:val_size]
-
-
-def input_shape(data_name: str, model_name: str) -> tuple[int, int, int]:
-    """(channels, height, width) of the images a dataset feeds the model, known without reading any data: what FLOPs
-    are counted at."""
-    if data_name == "digits":
-        return 1, 8, 8
-    if data_name in ("cifar10", "cifar100"):
-        return 3, 32, 32
-    if data_name == "imagenet":
-        from acdc_cli.data.imagefolder import CROP
-
-        return 3, CROP, CROP
-    from acdc_cli.models import lookup
-
-    entry, _ = lookup(model_name)  # synthetic images come at the model's own input size
-    return entry.in_channels, entry.input_size, entry.input_size
 
 
 def _digits(settings: Settings, device: torch.device, rank: int, world_size: int) -> DataBundle:
@@ -90,8 +41,6 @@ def _digits(settings: Settings, device: torch.device, rank: int, world_size: int
 
 def _synthetic(settings: Settings, device: torch.device, rank: int, world_size: int) -> DataBundle:
     """Random uint8 images (fixed seed) at the model's input size: for benchmarks and smoke tests."""
-    from acdc_cli.models import lookup
-
     entry, _ = lookup(settings.model.name)
     n, c, s = settings.data.synthetic_size, entry.in_channels, entry.input_size
     images = n + 2 * max(n // 4, 1)  # train, val, test
@@ -121,13 +70,11 @@ def _synthetic(settings: Settings, device: torch.device, rank: int, world_size: 
 
 
 def _cifar(settings: Settings, device: torch.device, rank: int, world_size: int) -> DataBundle:
-    from acdc_cli.data import cifar  # imported on use: it builds on this module's DataBundle
 
     return cifar.build(settings, device, rank, world_size)
 
 
 def _imagefolder(settings: Settings, device: torch.device, rank: int, world_size: int) -> DataBundle:
-    from acdc_cli.data import imagefolder  # imported on use: it builds on this module's DataBundle
 
     return imagefolder.build(settings, device, rank, world_size)
 

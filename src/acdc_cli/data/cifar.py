@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from acdc_cli.config import Settings
-from acdc_cli.data import DataBundle, split_val
+from acdc_cli.data.bundle import DataBundle, split_val
 from acdc_cli.data.random_labels import select_random_labels
 from acdc_cli.data.tensor_loader import TensorLoader
 from acdc_cli.errors import AcdcError

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from acdc_cli.models.registry import register
+from acdc_cli.models.table import register
 
 # (output channels, stride) of the 13 depthwise-separable blocks
 _BLOCKS = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2)] + [(512, 1)] * 5 + [(1024, 2), (1024, 1)]

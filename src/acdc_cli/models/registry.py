@@ -13,52 +13,22 @@ import difflib
 import functools
 import importlib
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from acdc_cli.errors import AcdcError
+from acdc_cli.models.table import REGISTRY, ModelEntry, register  # noqa: F401  (register: the public decorator)
 
 TORCHVISION = "torchvision:"
 TIMM = "timm:"
 TIMM_EXTRA = "pip install 'acdc-cli[timm]'"
 
 
-@dataclass(frozen=True)
-class ModelEntry:
-    name: str  # plain name or pattern such as "wrn-{depth}-{width}"
-    factory: Callable[..., nn.Module]
-    example: str  # a concrete name, used by tests that loop over the registry
-    input_size: int  # default square input resolution
-    in_channels: int
-    regex: re.Pattern[str]
-
-
-_REGISTRY: dict[str, ModelEntry] = {}
-
-
-def register(name: str, *, example: str | None = None, input_size: int = 32, in_channels: int = 3):
-    """Decorator: add a factory ``f(num_classes, in_channels, **kw) -> nn.Module`` to the registry."""
-    fields = re.findall(r"\{(\w+)\}", name)
-    pattern = re.escape(name)
-    for field in fields:
-        pattern = pattern.replace(re.escape("{" + field + "}"), rf"(?P<{field}>\d+)")
-    if fields and example is None:
-        raise ValueError(f"pattern model {name} needs an example name")
-
-    def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        _REGISTRY[name] = ModelEntry(name, factory, example or name, input_size, in_channels, re.compile(pattern))
-        return factory
-
-    return wrap
-
-
 def entries() -> list[ModelEntry]:
     """The built-in models (the torchvision and timm families are not listed one by one)."""
-    return list(_REGISTRY.values())
+    return list(REGISTRY.values())
 
 
 def lookup(name: str) -> tuple[ModelEntry, dict[str, int]]:
@@ -68,18 +38,18 @@ def lookup(name: str) -> tuple[ModelEntry, dict[str, int]]:
         return _torchvision_entry(name[len(TORCHVISION):]), {}
     if name.startswith(TIMM):
         return _timm_entry(name[len(TIMM):]), {}
-    for entry in _REGISTRY.values():
+    for entry in REGISTRY.values():
         match = entry.regex.fullmatch(name)
         if match:
             return entry, {k: int(v) for k, v in match.groupdict().items()}
-    candidates = [e.example if "{" in e.name else e.name for e in _REGISTRY.values()]
+    candidates = [e.example if "{" in e.name else e.name for e in REGISTRY.values()]
     candidates += [TORCHVISION + n for n in torchvision_names()]
     close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
     # "resnet18" is torchvision's resnet18 far more often than a typo of a built-in name
     prefixed = TORCHVISION + name
     if prefixed in candidates and prefixed not in close:
         close.insert(0, prefixed)
-    builtin = ", ".join(e.name for e in _REGISTRY.values())
+    builtin = ", ".join(e.name for e in REGISTRY.values())
     hint = f"did you mean {', '.join(close[:3])}?" if close else f"built-in: {builtin}"
     raise AcdcError(f"unknown model '{name}'; {hint} (also torchvision:<name>, timm:<name>)")
 

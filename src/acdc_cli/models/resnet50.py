@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from acdc_cli.models.registry import register
+from acdc_cli.models.table import register
 
 
 @register("resnet50", input_size=224, in_channels=3)

@@ -15,7 +15,7 @@ import math
 
 from torch import Tensor, nn
 
-from acdc_cli.models.registry import register
+from acdc_cli.models.table import register
 
 
 class BasicBlock(nn.Module):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from acdc_cli.models.registry import register
+from acdc_cli.models.table import register
 
 
 def _conv_bn(cin: int, cout: int) -> list[nn.Module]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from acdc_cli.models.registry import register
+from acdc_cli.models.table import register
 
 
 class WideBasic(nn.Module):

@@ -1,7 +1,9 @@
-"""torchrun integration: the process group comes from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK)."""
+"""torchrun integration: the process group comes from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK).
+"""
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import os
@@ -9,17 +11,150 @@ import shutil
 import sys
 import tempfile
 import traceback
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from acdc_cli.errors import AcdcError, one_line
+from acdc_cli.config import Settings
+from acdc_cli.data.tensor_loader import TensorLoader
+from acdc_cli.errors import AcdcError, TrainingFault, one_line
 
 if TYPE_CHECKING:
     from acdc_cli.config import Settings
+
+
+# 2**61 - 1, a Mersenne prime: per-layer mask hashes are combined modulo it so the checksum fits an int64
+_CHECKSUM_MODULUS = (1 << 61) - 1
+
+
+def mask_checksum(masks: dict[str, torch.Tensor]) -> int:
+    """A position-sensitive 61-bit hash of a set of boolean masks (kept = True), computed on the masks' device.
+
+    Each kept position contributes a multiplicative hash of its flat index, so moving one kept weight, not only
+    changing how many are kept, changes the sum. Layers enter by name (sorted), so the value does not depend on
+    dict order: masks read back from a checkpoint hash as they did in training. One host sync for all layers.
+    """
+    if not masks:
+        return 0
+    names = sorted(masks)
+    per_layer = []
+    for name in names:
+        flat = masks[name].reshape(-1)
+        index = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64)
+        # Knuth's multiplicative hash of the index, reduced below 2**31 so the int64 sum cannot overflow
+        hashed = (index * 2_654_435_761 + 97) % 2_147_483_647
+        per_layer.append((hashed * flat.to(torch.int64)).sum())
+    total = 0
+    for name, value in zip(names, torch.stack(per_layer).tolist()):
+        total = (total * 1_000_003 + zlib.crc32(name.encode()) + value) % _CHECKSUM_MODULUS
+    return total
+
+
+def gather_checksums(value: int, info: DistInfo) -> list[int]:
+    """Every rank's ``value``, in rank order (a collective: all ranks must call it)."""
+    if not info.enabled:
+        return [value]
+    mine = torch.tensor([value], dtype=torch.int64, device=info.device)
+    gathered = [torch.zeros_like(mine) for _ in range(info.world_size)]
+    dist.all_gather(gathered, mine)
+    return [int(t.item()) for t in gathered]
+
+
+def check_agreement(checksums: list[int], what: str) -> None:
+    """Raise a TrainingFault naming the ranks that disagree with rank 0."""
+    differing = [rank for rank, value in enumerate(checksums) if value != checksums[0]]
+    if differing:
+        raise TrainingFault(
+            f"{what} differ between ranks: rank 0 has checksum {checksums[0]}, ranks {differing} have "
+            f"{[checksums[r] for r in differing]}; the ranks' weights diverged, so the run stops"
+        )
+
+
+def verify_masks(masks: dict[str, torch.Tensor] | None, info: DistInfo) -> list[int] | None:
+    """Call on every rank right after the masks change. Returns one checksum per rank (all equal), or None in a
+    dense phase; raises TrainingFault when any rank's masks differ from rank 0's."""
+    if masks is None:
+        return None
+    checksums = gather_checksums(mask_checksum(masks), info)
+    check_agreement(checksums, "masks")
+    return checksums
+
+
+def sync_buffers(model: nn.Module, info: DistInfo) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics), which are what rank 0 saves in checkpoints.
+
+    DDP broadcasts them before each forward, but each rank's last training step then updates its own copy.
+    """
+    if not info.enabled:
+        return
+    with torch.no_grad():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+class _EveryNthBatch:
+    """Batches ``rank``, ``rank + world_size``, ... of a loader whose type offers no cheaper way to shard."""
+
+    def __init__(self, loader: Any, rank: int, world_size: int):
+        self.loader, self.rank, self.world_size = loader, rank, world_size
+
+    def __iter__(self) -> Iterator[Any]:
+        for index, batch in enumerate(self.loader):
+            if index % self.world_size == self.rank:
+                yield batch
+
+
+def shard_for_eval(loader: Any, info: DistInfo) -> Any:
+    """This rank's share of an evaluation loader; the shares cover every sample exactly once (none dropped or
+    padded), so all-reduced sums equal what one process would count over the whole split."""
+    if not info.enabled or loader is None:
+        return loader
+    from torch.utils.data import DataLoader, Subset
+
+    rank, world = info.rank, info.world_size
+    if isinstance(loader, TensorLoader) and not loader.shuffle and loader.world_size == 1:
+        shard = copy.copy(loader)
+        shard.images = loader.images[rank::world]
+        shard.labels = loader.labels[rank::world]
+        shard.extra = loader.extra[rank::world] if loader.extra is not None else None
+        return shard
+    if callable(getattr(loader, "indices", None)) and not loader.shuffle and loader.world_size == 1:
+        # ImageLoader: its order comes from indices(); the shard keeps every world_size-th image of it
+        shard = copy.copy(loader)
+        full_order = loader.indices
+        shard.indices = lambda: full_order()[rank::world]
+        return shard
+    if isinstance(loader, DataLoader) and hasattr(loader.dataset, "__len__") and loader.batch_size is not None:
+        subset = Subset(loader.dataset, range(rank, len(loader.dataset), world))
+        return DataLoader(
+            subset,
+            batch_size=loader.batch_size,
+            num_workers=loader.num_workers,
+            collate_fn=loader.collate_fn,
+            pin_memory=loader.pin_memory,
+            persistent_workers=loader.persistent_workers,
+            prefetch_factor=loader.prefetch_factor if loader.num_workers > 0 else None,
+        )
+    return _EveryNthBatch(loader, rank, world)
+
+
+def reduce_train_stats(stats: dict[str, float], info: DistInfo) -> dict[str, float]:
+    """Whole-job training metrics from each rank's ``train_epoch`` result: every rank sees the same number of
+    samples per epoch, so loss and top-1 are the mean over ranks; throughput is the sum. A collective."""
+    if not info.enabled:
+        return stats
+    values = torch.tensor([stats["train_loss"], stats["train_top1"], stats["img_per_s"]],
+                          dtype=torch.float64, device=info.device)
+    dist.all_reduce(values)
+    loss, top1, img_per_s = values.tolist()
+    return {**stats, "train_loss": loss / info.world_size, "train_top1": top1 / info.world_size,
+            "img_per_s": img_per_s}
 
 
 @dataclass(frozen=True)
@@ -119,11 +254,9 @@ def teardown() -> None:
     dist.destroy_process_group()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# `acdc train --nproc N`: the same processes `torchrun --standalone --nproc-per-node N -m acdc_cli train ...` starts
-
-
 _RANK_VARIABLES = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}  # and their values in a process alone
+
+
 _stray_warned = False
 
 

@@ -1,5 +1,6 @@
 """What is in a ``.safetensors`` file: an acdc checkpoint, an acdc export, or a plain state dict written by another
-tool. Per-layer sparsity and N:M validity are counted from the tensors in the file, never taken from metadata."""
+tool. Per-layer sparsity and N:M validity are counted from the tensors in the file, never taken from metadata.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +9,24 @@ from typing import Any
 
 import torch
 
-from acdc_cli.checkpoint import CHECKPOINT_FORMAT, MASK_PREFIX, lenient_json, load_checkpoint, read_safetensors
-from acdc_cli.flops import output_positions, weights_flops
+from acdc_cli.data.bundle import input_shape as data_input_shape
+from acdc_cli.data.bundle import model_input
 from acdc_cli.errors import AcdcError
-from acdc_cli.export import (
-    EXPORT_FORMAT,
-    decode_export,
-    dense_file_bytes,
+from acdc_cli.files.checkpoint import CHECKPOINT_FORMAT, MASK_PREFIX, load_checkpoint
+from acdc_cli.files.export import EXPORT_FORMAT, decode_export
+from acdc_cli.files.jsonio import lenient_json
+from acdc_cli.files.tensors import dense_file_bytes, read_safetensors
+from acdc_cli.flops import output_positions, weights_flops
+from acdc_cli.models import create
+from acdc_cli.sparsity import formats as F
+from acdc_cli.sparsity.masks import nm_compatible
+from acdc_cli.sparsity.rules import (
     layer_weight,
     natural_key,
     prunable_names,
     rule_patterns,
     rule_reason,
 )
-from acdc_cli.sparsity import formats as F
-from acdc_cli.sparsity.masks import nm_compatible
 
 # what other tools put in ``__metadata__["format"]`` of a plain state dict (safetensors' own convention)
 FRAMEWORK_TAGS = {"pt", "torch", "np", "numpy", "tf", "flax", "jax", "mlx", "paddle"}
@@ -82,10 +86,6 @@ def file_flops(arch: Any, model_kwargs: Any, config: Any, weights: dict[str, tor
 
     The model is built on the meta device, so finding its layers' output positions allocates and computes nothing;
     the non-zeros are counted in ``weights`` (a state dict, a decoded export or an ONNX model's initializers)."""
-    from acdc_cli.data import input_shape as data_input_shape
-    from acdc_cli.models import create
-    from acdc_cli.onnx_export import model_input
-
     if not isinstance(arch, str) or not isinstance(model_kwargs, dict) or not isinstance(
             model_kwargs.get("num_classes"), int):
         return None, "the file names no acdc model"

@@ -7,20 +7,24 @@ TensorBoard's x axis is the training step (optimizer steps since epoch 0): epoch
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+import torch.distributed as dist
 from rich.console import Console
 
 from acdc_cli.errors import AcdcError
+from acdc_cli.files.atomic import atomic_write_bytes, atomic_write_text
+from acdc_cli.files.jsonio import finite_number, json_line, read_rows
 
 if TYPE_CHECKING:
     from acdc_cli.config import Settings
-    from acdc_cli.rundir import EpochTotals
+
 
 # console columns: key, header, width, format (a run without a validation split shows test_* under "te.*")
 _COLUMNS = [
@@ -38,54 +42,9 @@ _COLUMNS = [
 ]
 
 
-def finite_or_null(value: Any) -> Any:
-    """``value`` with every NaN and infinity (in nested dicts, lists and tuples) replaced by None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite_or_null(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_null(v) for v in value]
-    return value
-
-
-def json_line(value: Any) -> str:
-    """``value`` as one line of strict JSON: a non-finite number is written as null, never as bare NaN."""
-    return json.dumps(finite_or_null(value), allow_nan=False)
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Every row of ``path`` that is a JSON object (damaged lines skipped)."""
-    return read_rows(path)[0]
-
-
-def read_rows(path: Path) -> tuple[list[dict[str, Any]], list[bytes]]:
-    """(every row of ``path`` that is a JSON object, every other non-empty line as its bytes): a line torn by a crash
-    or damaged by hand costs that line alone."""
-    path = Path(path)
-    if not path.exists():
-        return [], []
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise AcdcError(f"cannot read {path}: {exc.strerror or exc.__class__.__name__}") from None
-    rows, damaged = [], []
-    for line in data.split(b"\n"):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (ValueError, RecursionError):  # not JSON or UTF-8, an int of over 4,300 digits, nesting too deep
-            row = None
-        if isinstance(row, dict):
-            rows.append(row)
-        else:
-            damaged.append(line)
-    return rows, damaged
-
-
 _TEST_COLUMNS = [(key.replace("val_", "test_"), header.replace("v.", "te."), width, fmt) if key.startswith("val_")
                  else (key, header, width, fmt) for key, header, width, fmt in _COLUMNS]
+
 
 # row key -> TensorBoard tag, for the keys that are not "<group>_<name>" (train_loss -> train/loss, and so on)
 _TAGS = {
@@ -96,7 +55,11 @@ _TAGS = {
     "img_per_s": "perf/img_per_s",
     "skipped_steps": "train/skipped_steps",
 }
+
+
 _GROUPS = ("train", "val", "test", "memorized")
+
+
 # the scalars the HParams tab compares runs by (one value per run: the latest, which is the run's result at its end)
 HPARAM_METRICS = ("hparams/best_sparse_top1", "hparams/best_dense_top1")
 
@@ -117,11 +80,6 @@ def tensorboard_tag(key: str) -> str:
 def top1_key(rows: list[dict[str, Any]]) -> str:
     """``val_top1``, or ``test_top1`` for a run without a validation split (its rows carry test_* keys)."""
     return "val_top1" if any("val_top1" in r for r in rows) or not any("test_top1" in r for r in rows) else "test_top1"
-
-
-def finite_number(value: Any) -> bool:
-    """A real number (not a bool), neither NaN nor infinite."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def best_rows(rows: list[dict[str, Any]], target: float) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -170,7 +128,6 @@ class MetricsLogger:
         if damaged:
             # kept beside the file, never dropped in silence: the rows around them are all still there
             aside = self.path.with_name(self.path.name + ".damaged")
-            from acdc_cli.checkpoint import atomic_write_bytes
 
             try:
                 previous = aside.read_bytes() if aside.exists() else b""
@@ -195,7 +152,6 @@ class MetricsLogger:
 
     def _write(self) -> None:
         # the whole file through a temp file and a rename (a few kB even for long runs): never a torn line
-        from acdc_cli.checkpoint import atomic_write_text
 
         atomic_write_text(self.path, "".join(json_line(r) + "\n" for r in self.rows))
 
@@ -281,7 +237,13 @@ class StepReporter:
         self.bar = None
         # a dumb terminal cannot redraw a bar: it gets the plain lines a log file gets
         if log.progress and console.is_terminal and not console.is_dumb_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
 
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TimeRemainingColumn(), console=console, transient=True)
@@ -340,3 +302,53 @@ class StepReporter:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+@dataclass
+class EpochTotals:
+    """An epoch's sums so far, kept on the device so that a step never waits for the host. Mid-epoch checkpoints
+    save them, so a resumed epoch reports the metrics an uninterrupted one would."""
+
+    loss_sum: torch.Tensor  # float64: sum of per-image losses
+    correct: torch.Tensor  # long: top-1 hits
+    first_bad: torch.Tensor  # long: the first step with a non-finite loss, -1 while there is none
+    step: int = 0  # steps done in this epoch
+    count: int = 0  # images in loss_sum / correct
+    skipped: int = 0  # steps skipped for a non-finite loss or weights (runtime.nan_policy = "skip")
+    streak: int = 0  # the last steps skipped in a row (runtime.max_skipped_steps ends the run)
+
+    @classmethod
+    def start(cls, device: torch.device, saved: dict[str, Any] | None = None, streak: int = 0) -> EpochTotals:
+        """An epoch's sums from zero (``streak``: the skips in a row the previous epoch ended with), or as a
+        mid-epoch checkpoint ``saved`` them."""
+        totals = cls(
+            torch.zeros((), device=device, dtype=torch.float64),
+            torch.zeros((), device=device, dtype=torch.long),
+            torch.full((), -1, device=device, dtype=torch.long),
+            streak=streak,
+        )
+        if saved is not None:
+            totals.loss_sum.copy_(saved["loss_sum"])
+            totals.correct.copy_(saved["correct"])
+            totals.step, totals.count, totals.skipped = int(saved["step"]), int(saved["count"]), int(saved["skipped"])
+            totals.streak = int(saved.get("streak", 0))  # states written before it existed have none
+        return totals
+
+    def as_state(self) -> dict[str, Any]:
+        return {"loss_sum": self.loss_sum.cpu(), "correct": self.correct.cpu(), "step": self.step,
+                "count": self.count, "skipped": self.skipped, "streak": self.streak}
+
+
+def gather_totals(totals: EpochTotals) -> list[dict[str, Any]]:
+    """Every rank's sums in rank order, for a mid-epoch checkpoint (a collective under DDP): each rank's share of
+    the epoch differs, so each resumes its own."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [totals.as_state()]
+    local = torch.stack([totals.loss_sum, totals.correct.double(),
+                         torch.tensor(float(totals.count), dtype=torch.float64, device=totals.loss_sum.device),
+                         torch.tensor(float(totals.skipped), dtype=torch.float64, device=totals.loss_sum.device)])
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    # ranks agree on every skip, so the step and the streak are every rank's
+    return [{"loss_sum": g[0].cpu(), "correct": g[1].long().cpu(), "step": totals.step, "count": int(g[2]),
+             "skipped": int(g[3]), "streak": totals.streak} for g in gathered]

@@ -13,12 +13,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from acdc_cli.checkpoint import Checkpoint, atomic_write_text, build_model, save_checkpoint
 from acdc_cli.config import Settings, format_validation_error, merge_layer
 from acdc_cli.errors import AcdcError
-from acdc_cli.export import check_writable
+from acdc_cli.files.atomic import atomic_write_text, check_writable
+from acdc_cli.files.checkpoint import Checkpoint, build_model, save_checkpoint
+from acdc_cli.files.state_dict import load_source
 from acdc_cli.sparsity.sparsifier import Sparsifier
-from acdc_cli.weights import load_source
 
 
 @dataclass

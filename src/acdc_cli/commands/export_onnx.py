@@ -25,30 +25,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from acdc_cli.checkpoint import atomic_write_bytes, provenance, rebuild_model
+from acdc_cli.commands.export import EXPORT_SCHEMA, ONNX
+from acdc_cli.data.bundle import model_input
 from acdc_cli.errors import AcdcError, TrainingFault
-from acdc_cli.export import EXPORT_SCHEMA, ONNX, check_writable, fold_masks, natural_key, prunable_names
+from acdc_cli.files.atomic import atomic_write_bytes, check_writable
+from acdc_cli.files.checkpoint import fold_masks, provenance, rebuild_model
+from acdc_cli.files.onnx_file import (
+    ONNX_FORMAT,
+    PROTOBUF_LIMIT,
+    OnnxRuntimeModule,
+    first_line,
+    initializers,
+    require_onnx,
+    session,
+)
+from acdc_cli.files.state_dict import load_source
 from acdc_cli.sparsity import formats as F
-from acdc_cli.weights import load_source
+from acdc_cli.sparsity.rules import natural_key, prunable_names
 
-ONNX_FORMAT = "acdc-onnx"
 MIN_OPSET = 18  # the torch.export-based exporter writes opset 18 or newer
-PROTOBUF_LIMIT = 2**31  # one ONNX file without external data holds at most 2 GiB
-EXTRA_HINT = "pip install 'acdc-cli[onnx]'"
-
-
-def require_onnx() -> tuple[Any, Any]:
-    """The ``onnx`` and ``onnxruntime`` modules (and ``onnxscript``, which the exporter needs), or one AcdcError
-    naming the optional extra."""
-    import importlib
-
-    modules = []
-    for name in ("onnx", "onnxruntime", "onnxscript"):
-        try:
-            modules.append(importlib.import_module(name))
-        except ImportError:
-            raise AcdcError(f"ONNX needs the optional extra 'onnx' ({name} is not installed): {EXTRA_HINT}") from None
-    return modules[0], modules[1]
 
 
 @dataclass
@@ -113,16 +108,6 @@ def parse_batch(batch: str | int | None) -> int | None:
     return int(text)
 
 
-def model_input(arch: str, model_kwargs: dict[str, Any], input_size: int | None) -> tuple[int, int]:
-    """(channels, side) of the images the model takes: the registry's defaults unless ``input_size`` is given."""
-    from acdc_cli.models.registry import lookup
-
-    entry, _ = lookup(arch)
-    channels = model_kwargs.get("in_channels") or entry.in_channels
-    side = entry.input_size if input_size is None else input_size
-    if not isinstance(side, int) or side < 1:
-        raise AcdcError(f"--input-size expects a positive integer, got {input_size!r}")
-    return int(channels), side
 
 
 def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int, int]:
@@ -132,7 +117,7 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int, int]:
     try:
         fused = fuse(model)
     except Exception as exc:  # torch.fx cannot trace every model; say which and why
-        raise AcdcError(f"--fold-bn: torch.fx cannot trace this model ({_first_line(exc)})") from exc
+        raise AcdcError(f"--fold-bn: torch.fx cannot trace this model ({first_line(exc)})") from exc
     return fused, batchnorm_count(model), batchnorm_count(fused)
 
 
@@ -140,9 +125,6 @@ def batchnorm_count(model: nn.Module) -> int:
     return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else exc.__class__.__name__
 
 
 def _graph(model: nn.Module, example: torch.Tensor, opset: int | None, dynamic: bool) -> Any:
@@ -167,7 +149,7 @@ def _graph(model: nn.Module, example: torch.Tensor, opset: int | None, dynamic: 
             warnings.simplefilter("ignore")
             program = torch.onnx.export(model, (example,), **kwargs)
     except Exception as exc:  # the exporter raises many kinds; the chain is kept for --debug
-        raise AcdcError(f"the ONNX exporter failed: {_first_line(exc)}") from exc
+        raise AcdcError(f"the ONNX exporter failed: {first_line(exc)}") from exc
     finally:
         logging.disable(logging.NOTSET)
     # the exporter builds the zero bias of a bias-free conv from Shape/Expand nodes; fold those into initializers
@@ -248,19 +230,6 @@ def _serialize(graph: Any, metadata: dict[str, Any]) -> Any:
     return proto
 
 
-def initializers(proto: Any) -> dict[str, np.ndarray]:
-    """Every initializer of an ONNX model by name, as numpy arrays; a malformed one is a one-line AcdcError."""
-    from onnx import numpy_helper
-
-    out = {}
-    for init in proto.graph.initializer:
-        try:
-            out[init.name] = numpy_helper.to_array(init)
-        except Exception as exc:  # onnx raises ValueError, TypeError, ... for tensors whose data does not fit
-            raise AcdcError(f"ONNX initializer {init.name!r} is malformed ({_first_line(exc)})") from None
-    return out
-
-
 def check_initializers(proto: Any, weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
                        prunable: list[str], exact: bool, structure: str) -> list[OnnxLayer]:
     """Per prunable layer: sparsity and 2:4 validity counted in the initializers, and whether the pruned zeros (and,
@@ -297,21 +266,6 @@ def check_initializers(proto: Any, weights: dict[str, torch.Tensor], masks: dict
     return sorted(layers, key=lambda layer: natural_key(layer.name))
 
 
-def session(model: bytes | str | Path, threads: int | None = None) -> Any:
-    """An ONNX Runtime CPU session of a model (file or serialized bytes)."""
-    _, ort = require_onnx()
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # warnings about unused initializers etc. are not the user's concern
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    source = model if isinstance(model, bytes) else str(model)
-    try:
-        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
-        raise AcdcError(f"ONNX Runtime cannot load {'the model' if isinstance(model, bytes) else model} "
-                        f"({_first_line(exc)})") from None
-
-
 def compare_with_pytorch(data: bytes, model: nn.Module, example: torch.Tensor, fixed_batch: int | None,
                          generator: torch.Generator) -> tuple[float, float]:
     """(max |ONNX Runtime - PyTorch| over the logits, max |logit|) on ``example`` and, with a dynamic batch, on a
@@ -327,56 +281,3 @@ def compare_with_pytorch(data: bytes, model: nn.Module, example: torch.Tensor, f
             diff = max(diff, float((expected - got).abs().max()))
             logit = max(logit, float(expected.abs().max()))
     return diff, logit
-
-
-class OnnxRuntimeModule(nn.Module):
-    """An ONNX Runtime session as a module: ``forward(images) -> logits`` on the CPU, in fp32.
-
-    A model exported with a fixed batch size gets its input in chunks of that size, the last one padded.
-    """
-
-    def __init__(self, sess: Any) -> None:
-        super().__init__()
-        self.session = sess
-        first = sess.get_inputs()[0]
-        self.input_name = first.name
-        batch = first.shape[0] if first.shape else None
-        self.batch = batch if isinstance(batch, int) and batch > 0 else None
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        array = images.detach().to("cpu", torch.float32).contiguous().numpy()
-        if self.batch is None:
-            return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
-        outputs = []
-        for start in range(0, len(array), self.batch):
-            chunk = array[start:start + self.batch]
-            count = len(chunk)
-            if count < self.batch:
-                chunk = np.concatenate([chunk, np.zeros((self.batch - count, *chunk.shape[1:]), chunk.dtype)])
-            outputs.append(self.session.run(None, {self.input_name: chunk})[0][:count])
-        return torch.from_numpy(np.concatenate(outputs))
-
-
-def read_onnx(path: Path) -> tuple[Any, dict[str, str]]:
-    """(the ONNX model, its metadata props) of an acdc ONNX export; anything else is a one-line AcdcError."""
-    onnx, _ = require_onnx()
-    path = Path(path)
-    if not path.is_file():
-        raise AcdcError(f"no such file: {path}")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf's DecodeError and friends
-        raise AcdcError(f"{path} is not a readable ONNX file ({_first_line(exc)})") from None
-    meta = {prop.key: prop.value for prop in proto.metadata_props}
-    if meta.get("format") != ONNX_FORMAT:
-        raise AcdcError(f"{path} is an ONNX file but not an acdc export (it carries no acdc metadata)")
-    # acdc writes every initializer into the file; one pointing elsewhere would make the readers open that path
-    external = [init.name for init in proto.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL]
-    if external:
-        raise AcdcError(f"{path}: initializer {external[0]!r} points to external data, which acdc does not read")
-    return proto, meta
-
-
-def is_onnx_file(path: Path) -> bool:
-    """Whether ``path`` names an ONNX file (by its suffix: ONNX has no magic number)."""
-    return Path(path).suffix.lower() == ".onnx"

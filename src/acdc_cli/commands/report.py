@@ -17,13 +17,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from acdc_cli import __version__
+from acdc_cli.config import Settings, format_validation_error, load_settings, read_toml
 from acdc_cli.errors import AcdcError
+from acdc_cli.files.atomic import atomic_write_text
+from acdc_cli.files.checkpoint import load_checkpoint
+from acdc_cli.files.jsonio import read_jsonl
+from acdc_cli.models import create
+from acdc_cli.paper import paper_reference
+from acdc_cli.sparsity.rules import natural_key
+from acdc_cli.sparsity.schedule import plan
+from acdc_cli.training.metrics import best_rows, top1_key
+from acdc_cli.version import __version__
 
 REPORT_SCHEMA = "acdc.report/1"
 
+
 # the shading of compressed phases and the colours of the curves, the same in every figure
 _SPARSE_SHADE = "#f4a259"
+
+
 _TOP1, _TRAIN, _TARGET, _LR = "#1f77b4", "#7f7f7f", "#d62728", "#2ca02c"
 
 
@@ -77,14 +89,8 @@ class Run:
         }
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# reading run dirs
-
-
 def _settings(path: Path):
     from pydantic import ValidationError
-
-    from acdc_cli.config import Settings, format_validation_error, read_toml
 
     config = path / "config.toml"
     if not path.is_dir() or not config.is_file():
@@ -100,8 +106,6 @@ def _model_order(arch: str, model_kwargs: dict[str, Any]) -> list[str]:
     device (no memory, no weights); empty when it cannot be built."""
     import torch
 
-    from acdc_cli.models import create
-
     try:
         with torch.device("meta"):
             return [name for name, _ in create(arch, **model_kwargs).named_parameters()]
@@ -110,9 +114,6 @@ def _model_order(arch: str, model_kwargs: dict[str, Any]) -> list[str]:
 
 
 def _layer_sparsity(path: Path) -> dict[str, float] | None:
-    from acdc_cli.checkpoint import load_checkpoint
-    from acdc_cli.export import natural_key
-
     if not path.is_file():
         return None
     ckpt = load_checkpoint(path)  # weights come back with their masks applied
@@ -123,9 +124,6 @@ def _layer_sparsity(path: Path) -> dict[str, float] | None:
 
 def _paper(settings) -> tuple[float | None, float | None, str | None]:
     """(the preset's paper top-1, the sparsity it is at, why this run is not that experiment or None)."""
-    from acdc_cli.config import load_settings
-    from acdc_cli.evaluate import paper_reference
-
     if not settings.preset:
         return None, None, None
     try:
@@ -140,8 +138,6 @@ def _paper(settings) -> tuple[float | None, float | None, str | None]:
 
 
 def read_run(path: Path, label: str) -> Run:
-    from acdc_cli.metrics import best_rows, read_jsonl, top1_key
-
     settings = _settings(path)
     rows = sorted((r for r in read_jsonl(path / "metrics.jsonl") if type(r.get("epoch")) is int),
                   key=lambda r: r["epoch"])
@@ -166,10 +162,6 @@ def _file_stems(labels: list[str]) -> list[str]:
     return [f"{stem}-{i + 1}" if stems.count(stem) > 1 else stem for i, stem in enumerate(stems)]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# figures
-
-
 def _pyplot():
     try:
         import matplotlib
@@ -182,8 +174,6 @@ def _pyplot():
 
 
 def _shade_compressed(ax, run: Run) -> None:
-    from acdc_cli.sparsity.schedule import plan
-
     last = run.rows[-1]["epoch"]
     for i, phase in enumerate(p for p in plan(run.settings) if p.kind == "sparse" and p.start <= last):
         ax.axvspan(phase.start - 0.5, min(phase.end, last + 1) - 0.5, color=_SPARSE_SHADE, alpha=0.18, lw=0,
@@ -310,8 +300,6 @@ def _epochs_text(phase) -> str:
 def mask_changes(run: Run) -> list[tuple[str, float]]:
     """(epochs of the phase, mask change against the previous compressed phase's masks) per compressed phase that
     has one (the first has no earlier masks to compare with)."""
-    from acdc_cli.sparsity.schedule import plan
-
     changes = []
     for phase in plan(run.settings):
         if phase.kind != "sparse":
@@ -404,10 +392,6 @@ def plot_sparsity_vs_top1(runs: list[Run], path: Path) -> Path:
         plt.close(fig)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# the report
-
-
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f} %"
 
@@ -440,6 +424,7 @@ def summary_rows(runs: list[Run]) -> list[list[str]]:
 SUMMARY_HEADER = ["run", "preset", "model", "method", "structure", "target sparsity", "epochs done",
                   "best sparse top-1", "best dense top-1", "paper top-1"]
 
+
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 60em; color: #222; padding: 0 1em; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.25em; border-bottom: 1px solid #ccc; margin-top: 2em; }
@@ -451,8 +436,6 @@ figure { margin: 1em 0; } img { max-width: 100%; } .note { color: #666; font-siz
 
 
 def _run_section(run: Run, images: list[tuple[Path, str]], notes: list[str]) -> str:
-    from acdc_cli.sparsity.schedule import plan
-
     s = run.settings
     settings_rows = [
         ["run dir", str(run.path)], ["preset", s.preset or "-"], ["model", s.model.name],
@@ -543,7 +526,6 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Report:
         "</body></html>",
     ])
     report = out / "report.html"
-    from acdc_cli.checkpoint import atomic_write_text
 
     atomic_write_text(report, page + "\n")
     return Report(report, files, runs)

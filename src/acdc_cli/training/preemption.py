@@ -22,10 +22,14 @@ import torch
 import torch.distributed as dist
 
 from acdc_cli import testing_hooks
-from acdc_cli.distributed import control_group
+from acdc_cli.training.distributed import control_group
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 SYNC_EVERY_STEPS = 10
+
+
 DUPLICATE_WINDOW_S = 1.0
 
 

@@ -1,5 +1,6 @@
 """Top-1 / top-5 / loss of a model over a loader (sums stay on the device until the end of the pass), and of a
-checkpoint or export (safetensors or ONNX) on its own dataset (``acdc eval``)."""
+checkpoint or export (safetensors or ONNX) on its own dataset (``acdc eval``).
+"""
 
 from __future__ import annotations
 
@@ -9,75 +10,39 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from rich.progress import Progress
 from torch import nn
 
 from acdc_cli import data as data_mod
-from acdc_cli.checkpoint import (
+from acdc_cli.commands.inspect_file import file_flops
+from acdc_cli.config import load_settings
+from acdc_cli.data.bundle import selection_split
+from acdc_cli.errors import AcdcError
+from acdc_cli.files.checkpoint import (
     CHECKPOINT_FORMAT,
     build_model,
-    lenient_json,
     load_checkpoint,
-    read_safetensors,
     rebuild_model,
 )
-from acdc_cli.config import Settings, load_settings
-from acdc_cli.distributed import resolve_device
-from acdc_cli.errors import AcdcError
-from acdc_cli.inspect import file_flops
-from acdc_cli.runtime import autocast, precision
+from acdc_cli.files.export import EXPORT_FORMAT, decode_export
+from acdc_cli.files.jsonio import lenient_json
+from acdc_cli.files.onnx_file import (
+    OnnxRuntimeModule,
+    initializers,
+    is_onnx_file,
+    read_onnx,
+    session,
+)
+from acdc_cli.files.tensors import read_safetensors
+from acdc_cli.paper import paper_reference
 from acdc_cli.sparsity.sparsifier import select_layers
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, amp: str | bool = False) -> dict[str, float]:
-    """``{"loss", "top1", "top5", "images"}``; accuracies are fractions in [0, 1]."""
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    top1 = torch.zeros((), device=device, dtype=torch.long)
-    top5 = torch.zeros((), device=device, dtype=torch.long)
-    count = 0
-    for batch in loader:
-        images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-        with autocast(device, amp):
-            logits = model(images)
-        logits = logits.float()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
-        k = min(5, logits.shape[1])
-        best = logits.topk(k, dim=1).indices
-        hits = best.eq(labels.view(-1, 1))
-        top1 += hits[:, 0].sum()
-        top5 += hits.any(dim=1).sum()
-        count += labels.numel()
-    model.train(was_training)
-    n = max(count, 1)
-    return {"loss": loss_sum.item() / n, "top1": top1.item() / n, "top5": top5.item() / n, "images": count}
-
-
-@torch.no_grad()
-def evaluate_memorized(model: nn.Module, loader, device: torch.device, amp: str | bool = False) -> dict[str, float]:
-    """Memorization metrics over a loader of (x, random label, true label): how many of the random-label training
-    images the model predicts as their random label (``memorized_top1``) and as their true one
-    (``memorized_true_top1``)."""
-    was_training = model.training
-    model.eval()
-    hits_random = torch.zeros((), device=device, dtype=torch.long)
-    hits_true = torch.zeros((), device=device, dtype=torch.long)
-    count = 0
-    for images, random_labels, true_labels in loader:
-        with autocast(device, amp):
-            predicted = model(images.to(device, non_blocking=True)).argmax(1)
-        hits_random += (predicted == random_labels.to(device, non_blocking=True)).sum()
-        hits_true += (predicted == true_labels.to(device, non_blocking=True)).sum()
-        count += random_labels.numel()
-    model.train(was_training)
-    n = max(count, 1)
-    return {"memorized_top1": hits_random.item() / n, "memorized_true_top1": hits_true.item() / n}
-
+from acdc_cli.training.distributed import resolve_device
+from acdc_cli.training.evaluation import evaluate
+from acdc_cli.training.runtime import precision
 
 SPLITS = ("val", "test")
+
+
 EVAL_SCHEMA = "acdc.eval/1"
 
 
@@ -102,9 +67,6 @@ class EvalSource:
 
 def open_for_eval(path: Path) -> EvalSource:
     """An acdc checkpoint, a safetensors export (any format) or an ONNX export, ready to evaluate."""
-    from acdc_cli.export import EXPORT_FORMAT, decode_export
-    from acdc_cli.onnx_export import is_onnx_file
-
     if not path.is_file():
         raise AcdcError(f"no such file: {path}")
     if is_onnx_file(path):
@@ -128,8 +90,6 @@ def open_for_eval(path: Path) -> EvalSource:
 
 
 def _open_onnx(path: Path) -> EvalSource:
-    from acdc_cli.onnx_export import OnnxRuntimeModule, initializers, read_onnx, session
-
     proto, meta = read_onnx(path)
     stored = {name: torch.from_numpy(value.copy()) for name, value in initializers(proto).items()}
     return EvalSource("onnx", "onnx", OnnxRuntimeModule(session(path)), str(meta.get("arch")),
@@ -154,40 +114,6 @@ def _names(meta: dict[str, str], path: Path, weights: dict[str, torch.Tensor]) -
 
 def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def _planned_sparsity(settings: Settings) -> float:
-    return 0.0 if settings.schedule.method == "dense" else settings.sparsity.target
-
-
-def paper_reference(settings: Settings, split: str) -> tuple[float | None, str | None]:
-    """(the paper's top-1, None) when the file's run is its preset's experiment, evaluated on the test split;
-    otherwise (None, why no paper number is comparable)."""
-    name = settings.preset
-    if not name:
-        return None, "the file names no preset"
-    try:
-        preset = load_settings(preset=name)
-    except AcdcError:
-        return None, f"'{name}' is not a preset of this acdc"
-    if preset.paper_top1 is None:
-        return None, f"preset {name} has no paper number"
-    changed = [
-        f"{label} {ours} (preset: {theirs})"
-        for label, ours, theirs in (
-            ("model", settings.model.name, preset.model.name),
-            ("dataset", settings.data.name, preset.data.name),
-            ("sparsity", _planned_sparsity(settings), _planned_sparsity(preset)),
-            ("structure", settings.sparsity.structure, preset.sparsity.structure),
-            ("epochs", settings.schedule.epochs, preset.schedule.epochs),
-        )
-        if ours != theirs
-    ]
-    if changed:
-        return None, f"not preset {name}'s experiment: " + ", ".join(changed)
-    if split != "test":
-        return None, f"the paper's number is on the test split, this is {split} (use --split test)"
-    return preset.paper_top1, None
 
 
 def eval_checkpoint(
@@ -220,7 +146,7 @@ def eval_checkpoint(
         "runtime.device": "cpu" if source.kind == "onnx" else device,
     }
     settings = load_settings(base=source.config, flags=flags)
-    selected_on = data_mod.selection_split(settings)
+    selected_on = selection_split(settings)
     split = split or selected_on
     if split == "val" and selected_on == "test":
         raise AcdcError(f"{path} comes from a run that held no validation split out (data.val_size = 0: every "

@@ -25,18 +25,21 @@ from rich.text import Text
 from torch import nn
 
 from acdc_cli import data as data_mod
-from acdc_cli import distributed, models, runtime
-from acdc_cli.checkpoint import all_finite
+from acdc_cli import models
 from acdc_cli.config import Settings
-from acdc_cli.distributed import DistInfo
+from acdc_cli.data.bundle import DataBundle, selection_split
 from acdc_cli.engine import ACDC
 from acdc_cli.errors import AcdcError, TrainingFault
-from acdc_cli.evaluate import evaluate_memorized
 from acdc_cli.flops import si
-from acdc_cli.metrics import MetricsLogger, StepReporter
-from acdc_cli.preemption import StopSignal, reduce_int
-from acdc_cli.rundir import EpochTotals, RunDir, first_epoch, gather_totals
 from acdc_cli.sparsity.schedule import Phase, learning_rate
+from acdc_cli.training import distributed, evaluation, runtime
+from acdc_cli.training.checkpoints import RunDir
+from acdc_cli.training.distributed import DistInfo
+from acdc_cli.training.evaluation import evaluate_memorized
+from acdc_cli.training.metrics import EpochTotals, MetricsLogger, StepReporter, gather_totals
+from acdc_cli.training.preemption import StopSignal, reduce_int
+from acdc_cli.training.resume import first_epoch
+from acdc_cli.training.snapshots import all_finite
 
 
 @dataclass
@@ -54,7 +57,7 @@ class RunResult:
 
 def run(settings: Settings, run_dir: Path, *, resume: bool = False, from_checkpoint: Path | None = None,
         console: Console | None = None) -> RunResult:
-    """Train as ``settings`` say into ``run_dir`` (prepared by :func:`acdc_cli.rundir.prepare_run_dir`), or continue
+    """Train as ``settings`` say into ``run_dir`` (prepared by :func:`acdc_cli.training.rundir.prepare_run_dir`), or continue
     the run there (``resume``); under torchrun every rank calls this."""
     console = console or Console()
     info = distributed.setup(settings.runtime.device)
@@ -93,8 +96,8 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
     engine.count_flops((bundle.in_channels, bundle.image_size, bundle.image_size))
     scaler = runtime.grad_scaler(device, settings.runtime.amp)
     # data.val_size = 0 is the paper's protocol: the test split is measured every epoch and picks the best checkpoints
-    split = data_mod.selection_split(settings)
-    eval_loader = runtime.shard_for_eval(bundle.val if split == "val" else bundle.test, info)
+    split = selection_split(settings)
+    eval_loader = distributed.shard_for_eval(bundle.val if split == "val" else bundle.test, info)
     _note_dense_layers(engine, settings, console, is_main)
 
     store = RunDir(run_dir, settings, model_kwargs, model, engine, optimizer, scaler, info)
@@ -117,7 +120,7 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
         for epoch in range(store.state.epoch, settings.schedule.epochs):
             phase = engine.start_epoch(epoch)
             # every rank must hold the same masks from the moment they change
-            checksums = runtime.verify_masks(engine.sparsifier.masks, info) if epoch in (phase.start, first) else None
+            checksums = distributed.verify_masks(engine.sparsifier.masks, info) if epoch in (phase.start, first) else None
             bundle.train.set_epoch(epoch)
             totals = totals or EpochTotals.start(device, streak=store.state.skip_streak)
             save = functools.partial(store.save_step, phase) if is_main else None
@@ -129,10 +132,10 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
                 preempted = {"signal": stop.name, "epoch": epoch, "step": totals.step}
                 break
             store.state.skip_streak, totals = totals.streak, None
-            stats = runtime.reduce_train_stats(stats, info)
+            stats = distributed.reduce_train_stats(stats, info)
             engine.end_epoch(bundle.train.num_samples * info.world_size)  # the images every rank really trained
             evaluated = evaluates(settings, phase, epoch)
-            scores = (runtime.evaluate(eval_net, eval_loader, device, settings.runtime.amp, info) if evaluated
+            scores = (evaluation.evaluate_sharded(eval_net, eval_loader, device, settings.runtime.amp, info) if evaluated
                       else dict.fromkeys(("loss", "top1", "top5")))  # null in metrics.jsonl
             row = {"epoch": epoch, **engine.metrics(), "lr": stats["lr"], "train_loss": stats["train_loss"],
                    "train_top1": stats["train_top1"], f"{split}_loss": scores["loss"], f"{split}_top1": scores["top1"],
@@ -168,10 +171,6 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
     return result
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# the loop's pieces
-
-
 def build_optimizer(model: nn.Module, settings: Settings, kernel: str = "auto") -> torch.optim.SGD:
     """SGD as the settings say. ``kernel``: "auto" (acdc's step: one fused kernel where the parameters' device has
     one, foreach otherwise; with the engine's gradient mask before it, the whole post-backward step, see engine.py's
@@ -197,7 +196,7 @@ def evaluates(settings: Settings, phase: Phase, epoch: int) -> bool:
     return (epoch + 1) % settings.runtime.eval_every == 0 or epoch == phase.end - 1
 
 
-def _model_kwargs(settings: Settings, bundle: data_mod.DataBundle) -> dict[str, Any]:
+def _model_kwargs(settings: Settings, bundle: DataBundle) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"num_classes": bundle.num_classes, "in_channels": bundle.in_channels}
     if settings.model.dropout is not None:
         kwargs["dropout"] = settings.model.dropout

@@ -31,13 +31,28 @@ from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
-from acdc_cli.bench import elapsed_seconds
-from acdc_cli.distributed import resolve_device
+from acdc_cli.data.bundle import model_input
 from acdc_cli.errors import AcdcError
+from acdc_cli.files.export import EXPORT_FORMAT, load_model
+from acdc_cli.files.jsonio import lenient_json
+from acdc_cli.files.onnx_file import (
+    OnnxRuntimeModule,
+    initializers,
+    is_onnx_file,
+    read_onnx,
+    session,
+)
+from acdc_cli.files.tensors import read_metadata
 from acdc_cli.sparsity import formats as F
+from acdc_cli.training.distributed import resolve_device
+from acdc_cli.training.runtime import elapsed_seconds
 
 SCHEMA = "acdc.bench.inference/1"
+
+
 BATCH_SIZES = (1, 64)
+
+
 # within this band around 1 a ratio is timing noise on a shared machine, not a speed difference
 NOISE = 0.03
 
@@ -46,8 +61,6 @@ def run_inference_bench(path: Path | str, device: str | None = None, repeats: in
                         batch_sizes: tuple[int, ...] = BATCH_SIZES,
                         status: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Dense vs sparse images/s of a checkpoint, safetensors export or ONNX export, per batch size (see module doc)."""
-    from acdc_cli.onnx_export import is_onnx_file
-
     if repeats < 1 or warmup < 0:
         raise AcdcError("--steps must be at least 1 and --warmup at least 0")
     path = Path(path)
@@ -121,10 +134,6 @@ class _TorchBench:
     runtime = "pytorch"
 
     def __init__(self, path: Path, device: torch.device) -> None:
-        from acdc_cli.checkpoint import lenient_json, read_metadata
-        from acdc_cli.export import EXPORT_FORMAT, load_model
-        from acdc_cli.onnx_export import model_input
-
         meta = read_metadata(path)  # the header alone: load_model reads (and checks) the tensors once
         self.kind = "export" if meta.get("format") == EXPORT_FORMAT else "checkpoint"
         sparse = load_model(path).eval()  # refuses a file whose arch / model_kwargs do not build a model
@@ -216,8 +225,6 @@ class _OnnxBench:
 
     def __init__(self, path: Path) -> None:
         from onnx import numpy_helper
-
-        from acdc_cli.onnx_export import OnnxRuntimeModule, initializers, read_onnx, session
 
         proto, meta = read_onnx(path)
         self.arch = str(meta.get("arch"))

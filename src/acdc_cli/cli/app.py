@@ -1,4 +1,5 @@
-"""The ``acdc`` command line: parse, call a plain function, render. No training logic lives here."""
+"""The ``acdc`` command line: parse, call a plain function, render. No training logic lives here.
+"""
 
 from __future__ import annotations
 
@@ -25,8 +26,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
+
+
 presets_app = typer.Typer(help="List the presets, or show one resolved with its phase timeline.")
+
+
 app.add_typer(presets_app, name="presets")
+
 
 _state = {"debug": False}
 
@@ -55,16 +61,24 @@ def out_console(markup: bool = True) -> Console:
 # the top-level "schema" of each --json output this module writes (eval, export and bench write their own):
 # a script checks it before reading the rest; the number changes when a key changes meaning or goes away
 TRAIN_SCHEMA = "acdc.train/1"
+
+
 RESOLVED_SCHEMA = "acdc.resolved/1"  # train --dry-run, presets show
+
+
 PRESETS_SCHEMA = "acdc.presets/1"
+
+
 PRUNE_SCHEMA = "acdc.prune/1"
+
+
 INSPECT_SCHEMA = "acdc.inspect/1"
 
 
 def print_json(value: Any, schema: str | None = None) -> None:
     """One JSON object on stdout, its ``schema`` first when given; NaN and infinities become null (bare NaN is not
     JSON)."""
-    from acdc_cli.metrics import json_line
+    from acdc_cli.files.jsonio import json_line
 
     print(json_line({"schema": schema, **value} if schema is not None else value))
 
@@ -83,7 +97,7 @@ def user_errors(func):
         except AcdcError as exc:
             if _state["debug"]:
                 raise
-            from acdc_cli.distributed import env_rank
+            from acdc_cli.training.distributed import env_rank
 
             if env_rank() != 0:
                 # rank 0 reads the same settings and files and says it once; the launcher names a rank that
@@ -116,23 +130,30 @@ def root(
     _state["debug"] = debug
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# shared option types
-
 PresetOpt = Annotated[
     Optional[str], typer.Option("--preset", "-p", help="Preset name from presets/ (default: quickstart).")
 ]
+
+
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="A TOML file of settings (above the preset).")]
+
+
 SetOpt = Annotated[
     Optional[list[str]],
     typer.Option("--set", "-s", help="Override one setting, e.g. --set optim.lr=0.02 (repeatable; value read as TOML)."),
 ]
+
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
+
+
 ModelOpt = Annotated[
     Optional[str],
     typer.Option("--model", help="For a plain state dict (.safetensors or a torch file): the model it belongs to, "
                  "e.g. torchvision:resnet18 (with --num-classes)."),
 ]
+
+
 NumClassesOpt = Annotated[
     Optional[int], typer.Option("--num-classes", help="For a plain state dict: the model's number of classes.")
 ]
@@ -174,10 +195,6 @@ def _print_resolved(settings, as_json: bool) -> None:
         return
     # written as it is, never through rich: a terminal's wrapping or markup would make it stop being TOML
     sys.stdout.write(resolved_toml(settings))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# train
 
 
 @app.command()
@@ -222,8 +239,14 @@ def train(
     in about ten seconds. Settings resolve as: defaults < preset < --config < ACDC_SECTION__KEY env < flags/--set.
     """
     from acdc_cli.config import load_settings, merge_layer
-    from acdc_cli.rundir import check_new_run_dir, default_run_dir, prepare_run_dir, run_lock, saved_settings
-    from acdc_cli.train import run, summary_panel
+    from acdc_cli.training.loop import run, summary_panel
+    from acdc_cli.training.rundir import (
+        check_new_run_dir,
+        default_run_dir,
+        prepare_run_dir,
+        run_lock,
+        saved_settings,
+    )
 
     flags = {"data.dir": str(data_dir) if data_dir else None, "runtime.device": device, "runtime.seed": seed,
              "data.download": True if download else None}
@@ -255,7 +278,7 @@ def train(
     if from_ is not None and not from_.is_file():
         raise AcdcError(f"--from: no such checkpoint {from_}")
     if nproc is not None:
-        from acdc_cli import distributed
+        from acdc_cli.training import distributed
 
         threads = distributed.check_nproc(nproc, settings)
         if settings.data.name in ("cifar10", "cifar100", "imagenet") and settings.data.dir is None:
@@ -273,7 +296,7 @@ def train(
         if code:
             raise typer.Exit(code)
         return
-    from acdc_cli.distributed import env_rank
+    from acdc_cli.training.distributed import env_rank
 
     # under torchrun only rank 0 touches the run dir and prints
     is_main = env_rank() == 0
@@ -292,7 +315,7 @@ def train(
     if not is_main:
         return
     if result.preempted is not None:
-        from acdc_cli.distributed import mark_stopped
+        from acdc_cli.training.distributed import mark_stopped
 
         mark_stopped()
     resume_command = f"acdc train --resume {shlex.quote(str(result.run_dir))}"
@@ -326,7 +349,7 @@ def _check_model(settings, check_weights: bool) -> None:
 
     lookup(settings.model.name)
     if settings.model.name.startswith("torchvision:"):
-        from acdc_cli.data import input_shape
+        from acdc_cli.data.bundle import input_shape
 
         channels = input_shape(settings.data.name, settings.model.name)[0]
         if channels != 3:
@@ -339,7 +362,7 @@ def _check_model(settings, check_weights: bool) -> None:
 
 
 def _checkpoint_settings(path: Path) -> dict[str, Any]:
-    from acdc_cli.checkpoint import load_checkpoint
+    from acdc_cli.files.checkpoint import load_checkpoint
 
     if not path.is_file():
         raise AcdcError(f"--from: no such checkpoint {path}")
@@ -381,7 +404,11 @@ def _forward_options(ctx: typer.Context, skip: set[str]) -> list[str]:
 
 # what a resumed run may change: where things are and how they run, never what is computed
 _RESUME_MAY_CHANGE = {"data.dir", "data.num_workers", "data.eval_batch_size", "data.download"}
+
+
 _RESUME_SECTIONS_MAY_CHANGE = {"runtime", "log"}
+
+
 _RESUME_MUST_KEEP = {"runtime.seed", "runtime.sync_batchnorm"}
 
 
@@ -390,8 +417,8 @@ def _recorded_run_settings(run_dir: Path):
     a file anyone can edit, so it is not the reference)."""
     from pydantic import ValidationError
 
-    from acdc_cli.checkpoint import recorded_config
     from acdc_cli.config import Settings, format_validation_error
+    from acdc_cli.files.checkpoint import recorded_config
 
     path = run_dir / "last.safetensors"
     config = recorded_config(path)
@@ -442,7 +469,8 @@ def _check_resume_settings(recorded, requested, run_dir: Path) -> None:
 
 def _epochs_trained(run_dir: Path) -> int:
     """Epochs the run's last checkpoint has trained, whole or in part (a mid-epoch checkpoint's epoch counts)."""
-    from acdc_cli.checkpoint import lenient_json, read_metadata
+    from acdc_cli.files.jsonio import lenient_json
+    from acdc_cli.files.tensors import read_metadata
 
     meta = read_metadata(run_dir / "last.safetensors")
     epoch, step = lenient_json(meta.get("epoch", "0")), lenient_json(meta.get("step", "0"))
@@ -486,10 +514,6 @@ def _as_planned(epoch) -> str:
     return f"sparse at {epoch.sparsity:g}" if epoch.phase == "sparse" else "dense"
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# bench
-
-
 @app.command()
 @user_errors
 def bench(
@@ -531,7 +555,8 @@ def bench(
     if inference is not None:
         if preset or config or set_:
             raise AcdcError("--inference times the file's own model: drop --preset/--config/--set")
-        from acdc_cli.bench_inference import BATCH_SIZES, render as render_inference, run_inference_bench
+        from acdc_cli.commands.bench_inference import BATCH_SIZES, run_inference_bench
+        from acdc_cli.commands.bench_inference import render as render_inference
 
         sizes = BATCH_SIZES if batch_size is None else tuple(dict.fromkeys((1, batch_size)))  # batch 1 once
         with status_console.status("acdc bench --inference") as status:
@@ -543,7 +568,7 @@ def bench(
         else:
             render_inference(result, out_console())
         return
-    from acdc_cli.bench import render, run_bench
+    from acdc_cli.commands.bench import render, run_bench
     from acdc_cli.config import load_settings
 
     settings = load_settings(preset, config, set_, {"runtime.device": device})
@@ -554,10 +579,6 @@ def bench(
         print_json(result, "acdc.bench/1")
     else:
         render(result, out_console())
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# presets
 
 
 @presets_app.callback(invoke_without_command=True)
@@ -628,10 +649,6 @@ def presets_show(
     _print_resolved(load_settings(preset=name, overrides=set_), as_json)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# eval, prune, export, inspect: plain functions over a checkpoint; these commands render their results
-
-
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -693,9 +710,15 @@ def eval_cmd(
     dataset are rebuilt from the file's own metadata: no preset or flag is needed. Accuracies and sparsity are
     fractions in [0, 1] in --json output.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
-    from acdc_cli.evaluate import eval_checkpoint
+    from acdc_cli.commands.evaluate import eval_checkpoint
 
     console = err_console()
     progress = None
@@ -775,7 +798,7 @@ def prune(
     (also written beside it as OUT.toml, to edit), so `acdc train --from OUT` fine-tunes with the masks held (change
     the length with --set schedule.epochs=E --set schedule.final_compressed_epochs=E).
     """
-    from acdc_cli.prune import prune_checkpoint
+    from acdc_cli.commands.prune import prune_checkpoint
 
     result = prune_checkpoint(checkpoint, out, sparsity, structure, scope, include, exclude, force, model,
                               num_classes)
@@ -838,16 +861,16 @@ def export_cmd(
     and output `logits`; it is written only after its initializers have been read back (pruned zeros intact) and
     ONNX Runtime's logits compared with PyTorch's.
 
-    `acdc_cli.export.load(OUT)` turns any safetensors export back into the exact dense state dict.
+    `acdc_cli.files.export.load(OUT)` turns any safetensors export back into the exact dense state dict.
     """
-    from acdc_cli.export import ONNX, export_checkpoint
+    from acdc_cli.commands.export import ONNX, export_checkpoint
 
     onnx_options = {"--opset": opset, "--batch": batch, "--input-size": input_size, "--fold-bn": fold_bn or None}
     if format_ == ONNX:
         if dtype != "float32" or conv_layout != "rows":
             raise AcdcError("--format onnx writes float32 weights in their own shape (drop --dtype/--conv-layout; "
                             "TensorRT builds fp16 engines with --fp16)")
-        from acdc_cli.onnx_export import export_onnx
+        from acdc_cli.commands.export_onnx import export_onnx
 
         _render_onnx_export(export_onnx(checkpoint, out, opset, batch, input_size, fold_bn, force,
                                         model_name=model, num_classes=num_classes), as_json)
@@ -916,7 +939,7 @@ def inspect_cmd(
     input channels (the file's own N:M structure, else 2:4); compares the file's size with the same tensors stored
     dense. A layer that breaks the N:M structure the file claims is flagged.
     """
-    from acdc_cli.inspect import inspect_file
+    from acdc_cli.commands.inspect_file import inspect_file
 
     info = inspect_file(file)
     if as_json:
@@ -969,10 +992,6 @@ def inspect_cmd(
                       "them as zeros (eval, export, prune and train --from apply the mask)", highlight=False)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# report
-
-
 @app.command()
 @user_errors
 def report(
@@ -992,7 +1011,12 @@ def report(
     sweep): their curves together and a sparsity-vs-top-1 table and plot with each run's best sparse and best dense
     top-1, and the paper's number where the preset has one. --json prints the table.
     """
-    from acdc_cli.report import REPORT_SCHEMA, SUMMARY_HEADER, summary_rows, write_report
+    from acdc_cli.commands.report import (
+        REPORT_SCHEMA,
+        SUMMARY_HEADER,
+        summary_rows,
+        write_report,
+    )
 
     result = write_report(run_dirs, out)
     if as_json:

@@ -17,18 +17,23 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from acdc_cli.checkpoint import (
+from acdc_cli.errors import AcdcError
+from acdc_cli.files.checkpoint import (
     CHECKPOINT_FORMAT,
     MASK_PREFIX,
     Checkpoint,
     check_fit,
     load_checkpoint,
-    read_safetensors,
     torch_load_plain,
 )
-from acdc_cli.errors import AcdcError
+from acdc_cli.files.export import EXPORT_FORMAT
+from acdc_cli.files.export import load as load_export
+from acdc_cli.files.tensors import read_safetensors
+from acdc_cli.models import create, lookup
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
 # where training scripts commonly nest the state dict inside a saved dict
 _NESTED_KEYS = ("state_dict", "model", "model_state_dict")
 
@@ -66,8 +71,6 @@ def _read_safetensors_state(path: Path) -> dict[str, torch.Tensor]:
     tensors, meta = read_safetensors(path)
     if meta.get("format") == CHECKPOINT_FORMAT:  # masked weights are stored as zeros already
         return {k: v for k, v in tensors.items() if not k.startswith(MASK_PREFIX)}
-    from acdc_cli.export import EXPORT_FORMAT
-    from acdc_cli.export import load as load_export
 
     if meta.get("format") == EXPORT_FORMAT:
         return load_export(path)
@@ -121,8 +124,6 @@ def load_pretrained(model: nn.Module, path: Path, skip: list[str], model_name: s
 def import_state_dict(path: Path, model_name: str, num_classes: int) -> Checkpoint:
     """A plain state dict as a dense checkpoint of ``model_name`` at ``num_classes`` classes (the model is built to
     check every name and shape), for the commands that read checkpoints."""
-    from acdc_cli.models import create, lookup
-
     if num_classes < 1:
         raise AcdcError(f"--num-classes must be at least 1, got {num_classes}")
     path = Path(path)

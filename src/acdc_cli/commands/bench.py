@@ -29,7 +29,6 @@ from __future__ import annotations
 import platform
 import statistics
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,52 +40,66 @@ from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
-from acdc_cli import models, runtime
+from acdc_cli import data as data_mod
+from acdc_cli import models
 from acdc_cli.config import MAX_BATCH_SIZE, Settings
-from acdc_cli.distributed import DistInfo, resolve_device
+from acdc_cli.data.tensor_loader import TensorLoader
 from acdc_cli.engine import ACDC
 from acdc_cli.errors import AcdcError
 from acdc_cli.sparsity.sparsifier import Sparsifier
+from acdc_cli.training import evaluation, runtime
+from acdc_cli.training.distributed import DistInfo, resolve_device
+from acdc_cli.training.loop import build_optimizer, train_epoch
+from acdc_cli.training.runtime import elapsed_seconds
 
 # classes of each dataset, for building the model without reading the dataset
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000, "synthetic": 10}
+
+
 # datasets whose training loader is the GPU-resident TensorLoader; imagenet reads an ImageFolder tree
 TENSOR_DATASETS = {"digits", "cifar10", "cifar100", "synthetic"}
+
+
 # the digits builder never augments (8x8 digits do not survive a 4-pixel crop)
 UNAUGMENTED = {"digits"}
+
+
 MASK_UPDATE_REPEATS = 5
+
+
 # post-backward steps per timed pass, and interleaved passes per path (medians reported)
 POST_BACKWARD_STEPS = 10
+
+
 POST_BACKWARD_REPEATS = 5
+
+
 # batches of JPEGs generated for the ImageFolder pipeline: writing each costs a few ms, so not one per timed step
 IMAGEFOLDER_BATCHES = 4
+
+
 IMAGEFOLDER_VAL_IMAGES = 4
+
+
 # timed passes per ImageFolder decoder, interleaved so that a change in machine load hits both alike
 PIPELINE_REPEATS = 3
+
+
 IMAGEFOLDER_KINDS = {
     "cpu": "torchvision decode_jpeg + transforms.v2",
     "gpu": "nvJPEG batch decode + crop on the device",
     "pil": "PIL decode + resize",
 }
+
+
 # the random input batch lives on the device (8 GiB: ~14,000 ImageNet-sized float32 images), and the input pipeline
 # is timed over steps x batch uint8 images in memory
 MAX_BATCH_BYTES = 8 * 2**30
+
+
 MAX_STEPS = 100_000
 
 
-def elapsed_seconds(fn: Callable[[], Any], device: torch.device) -> float:
-    """Wall time of ``fn()`` including all device work it queued."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1000.0
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
 
 
 def device_name(device: torch.device) -> str:
@@ -129,8 +142,6 @@ def _masks_at_target(model: nn.Module, settings: Settings) -> Sparsifier:
 def reference_step_rate(settings: Settings, images: torch.Tensor, labels: torch.Tensor, steps: int, warmup: int,
                         device: torch.device) -> float:
     """img/s of the reference-style step (fp32, NCHW, eager, gradient-mask hooks, per-tensor weight masking)."""
-    from acdc_cli.train import build_optimizer
-
     # the reference leaves cudnn autotuning at PyTorch's default (off); acdc's own step turns it on afterwards
     torch.backends.cudnn.benchmark = False
     model = _build_model(settings, device)
@@ -162,8 +173,6 @@ def _tensor_loader(settings: Settings, batch_size: int, images: int, device: tor
                    train: bool = True) -> tuple[Any, str]:
     """The preset's GPU-resident training loader (or, ``train=False``, its validation loader) over synthetic images,
     and a name for its kind."""
-    from acdc_cli.data.tensor_loader import TensorLoader
-
     name = settings.data.name
     entry, _ = models.lookup(settings.model.name)
     c, s = entry.in_channels, entry.input_size
@@ -191,8 +200,6 @@ def post_backward_ms(settings: Settings, device: torch.device, steps: int = POST
     then fused SGD (foreach where there is no fused kernel), no weight mask. The previous path is what the hooks did
     before: gradient mask, foreach SGD, weight mask. Both update the same weights (with the layout training gives
     them) from the same synthetic gradients, with momentum buffers already built; passes interleaved."""
-    from acdc_cli.train import build_optimizer
-
     model = _build_model(settings, device)
     if settings.runtime.channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -226,8 +233,6 @@ def post_backward_ms(settings: Settings, device: torch.device, steps: int = POST
 def _imagefolder_loader(settings: Settings, batch_size: int, device: torch.device, workdir: Path,
                         decode: str) -> tuple[Any, str]:
     """The ImageFolder training loader over the tree in ``workdir`` with one decoder and no worker processes."""
-    from acdc_cli import data as data_mod
-
     local = settings.model_copy(deep=True)
     local.data.dir = workdir
     local.data.val_size = IMAGEFOLDER_VAL_IMAGES
@@ -306,8 +311,6 @@ def per_core_rates(loaders: list[Any], device: torch.device, repeats: int = PIPE
 def run_bench(settings: Settings, *, steps: int = 50, warmup: int = 10, batch_size: int | None = None,
               status: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure everything ``acdc bench`` reports; returns one flat dict (the JSON the CLI prints)."""
-    from acdc_cli.train import build_optimizer, train_epoch
-
     if not 1 <= steps <= MAX_STEPS or not 0 <= warmup <= MAX_STEPS:
         raise AcdcError(f"--steps must be in [1, {MAX_STEPS}] and --warmup in [0, {MAX_STEPS}] (got {steps}, {warmup})")
     if settings.data.name not in NUM_CLASSES:
@@ -370,7 +373,7 @@ def run_bench(settings: Settings, *, steps: int = 50, warmup: int = 10, batch_si
         # a split that ends in a short batch, as real ones do: the training loader drops it
         count = batch * steps + batch // 2 if tensor_data else batch * min(steps, IMAGEFOLDER_BATCHES)
         loader, pipeline_kind, pipeline, pipeline_pil = measure_pipeline(settings, batch, count, device, Path(workdir))
-        epoch = evaluation = epoch_graphs = None
+        epoch = eval_rate = epoch_graphs = None
         if tensor_data:
             say("training epoch (input pipeline + step + masks + metrics) and validation pass")
             eval_batch = settings.data.eval_batch_size
@@ -378,13 +381,13 @@ def run_bench(settings: Settings, *, steps: int = 50, warmup: int = 10, batch_si
                                            train=False)
             eval_net = runtime.prepare_eval_model(model, settings)
             info = DistInfo(0, 1, 0, device)
-            runtime.evaluate(eval_net, val_loader, device, rt.amp, info)  # warm-up: compiles both batch sizes
+            evaluation.evaluate_sharded(eval_net, val_loader, device, rt.amp, info)  # warm-up: compiles both batch sizes
             graphs = compiled_graphs()
             epoch_seconds = elapsed_seconds(
                 lambda: train_epoch(net, loader, optimizer, settings, 0, device, None, scaler=scaler), device)
             epoch = loader.num_samples / epoch_seconds
-            evaluation = val_loader.num_samples / elapsed_seconds(
-                lambda: runtime.evaluate(eval_net, val_loader, device, rt.amp, info), device)
+            eval_rate = val_loader.num_samples / elapsed_seconds(
+                lambda: evaluation.evaluate_sharded(eval_net, val_loader, device, rt.amp, info), device)
             epoch_graphs = compiled_graphs() - graphs
 
     return {
@@ -408,7 +411,7 @@ def run_bench(settings: Settings, *, steps: int = 50, warmup: int = 10, batch_si
         "acdc_img_per_s": acdc,
         "ratio": acdc / reference,
         "acdc_epoch_img_per_s": epoch,
-        "acdc_eval_img_per_s": evaluation,
+        "acdc_eval_img_per_s": eval_rate,
         "compile_graphs": compiled_graphs() - graphs_at_start if rt.compile else None,
         "epoch_recompiles": epoch_graphs if rt.compile else None,
         "post_backward_kernel": post_backward_kernel,

@@ -1,0 +1,220 @@
+"""TODO docstring
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from acdc_cli.errors import AcdcError
+from acdc_cli.files.atomic import check_writable
+from acdc_cli.files.checkpoint import (
+    Checkpoint,
+    fold_masks,
+    provenance,
+)
+from acdc_cli.files.export import DENSE, EXPORT_FORMAT, FORMATS
+from acdc_cli.files.state_dict import load_source
+from acdc_cli.files.tensors import dense_file_bytes, save_safetensors
+from acdc_cli.sparsity import formats as F
+from acdc_cli.sparsity.masks import nm_compatible
+from acdc_cli.sparsity.rules import (
+    layer_prefix,
+    layer_weight,
+    natural_key,
+    prunable_names,
+)
+
+EXPORT_SCHEMA = "acdc.export/1"
+
+
+
+
+ONNX = "onnx"
+
+
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LayerStats:
+    name: str
+    shape: list[int]
+    kept: int  # non-zero weights
+    sparsity: float  # zeros / weights
+    nm_valid: bool | None  # 2:4 along input channels; None when the input channels are not a multiple of 4
+    dense_bytes: int
+    stored_bytes: int
+    encoding: str  # the sparse format, or "dense" for a prunable weight stored as it is
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    format: str
+    dtype: str
+    structure: str
+    layers: list[LayerStats]
+    size_bytes: int  # the file on disk
+    dense_bytes: int  # size of a dense export of the same checkpoint in the same dtype
+    conv_layout: str = F.ROWS
+
+    @property
+    def sparsity(self) -> float:
+        numel = sum(_numel(layer.shape) for layer in self.layers)
+        return 1.0 - sum(layer.kept for layer in self.layers) / max(numel, 1)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "schema": EXPORT_SCHEMA,
+            "path": str(self.path),
+            "format": self.format,
+            "dtype": self.dtype,
+            "structure": self.structure,
+            "conv_layout": self.conv_layout,
+            "sparsity": self.sparsity,
+            "size_bytes": self.size_bytes,
+            "dense_bytes": self.dense_bytes,
+            "ratio_to_dense": self.size_bytes / max(self.dense_bytes, 1),
+            "layers": [asdict(layer) for layer in self.layers],
+        }
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _encode_24(name: str, weight: torch.Tensor, mask: torch.Tensor | None, source: Path) -> dict[str, torch.Tensor]:
+    hint = f"prune it first: acdc prune {source} --structure 2:4 -o OUT"
+    if not nm_compatible(weight, 4):
+        raise AcdcError(f"{name} has {weight.shape[1]} input channels, not a multiple of 4, so it cannot be 2:4; {hint}")
+    rows = F.to_rows(weight)
+    try:
+        keep = F.select_24(rows, None if mask is None else F.to_rows(mask))
+    except ValueError:
+        raise AcdcError(f"{name} is not 2:4 sparse (a group of 4 input channels holds more than 2 non-zeros); "
+                        f"{hint}") from None
+    return F.encode_24(rows, keep)
+
+
+def _structure(fmt: str, ckpt: Checkpoint) -> str:
+    if fmt == F.BITMASK_24:
+        return "2:4"
+    if not ckpt.masks:
+        return "dense"
+    return str((ckpt.config.get("sparsity") or {}).get("structure", "unstructured"))
+
+
+def export_checkpoint(source: Path, out: Path, fmt: str, dtype: str = "float32", force: bool = False,
+                      model_name: str | None = None, num_classes: int | None = None, *,
+                      conv_layout: str = F.ROWS) -> ExportResult:
+    """Write ``out`` in format ``fmt`` from the checkpoint ``source`` (or, with ``model_name`` and ``num_classes``, a
+    plain state dict); returns the mask statistics and sizes.
+
+    ``conv_layout`` (``sparse-bitmask`` only): ``rows`` stores conv weights as (O, kh·kw·I) rows, ``native`` in
+    their own shape, which compressed-tensors' decompressor restores as it is (at the cost of a bigger bitmask).
+    """
+    source, out = Path(source), Path(out)
+    if fmt not in FORMATS:
+        raise AcdcError(f"unknown export format '{fmt}' (choose {', '.join((*FORMATS, ONNX))})")
+    if dtype not in DTYPES:
+        raise AcdcError(f"unknown dtype '{dtype}' (choose {', '.join(DTYPES)})")
+    if conv_layout not in F.CONV_LAYOUTS:
+        raise AcdcError(f"unknown conv layout '{conv_layout}' (choose {', '.join(F.CONV_LAYOUTS)})")
+    if conv_layout == F.NATIVE and fmt != F.BITMASK:
+        raise AcdcError(f"--conv-layout native applies to sparse-bitmask only: {fmt} keeps conv weights "
+                        + ("as (O, kh·kw·I) rows, the only layout whose groups of 4 run along input channels"
+                           if fmt == F.BITMASK_24 else "in their own shape already"))
+    check_writable(out, force)
+    ckpt = load_source(source, model_name, num_classes)
+    cast = DTYPES[dtype]
+    weights = {k: v.to(cast) if v.is_floating_point() else v
+               for k, v in sorted(fold_masks(ckpt).items(), key=lambda item: natural_key(item[0]))}
+    prunable = prunable_names(weights, ckpt.masks, ckpt.config)
+    if fmt == F.BITMASK_24 and not ckpt.masks:
+        # as the N:M rules do, leave layers that cannot be 2:4 (input channels not a multiple of 4) dense
+        prunable = [n for n in prunable if nm_compatible(weights[n], 4)]
+
+    selected = set(prunable)
+    tensors: dict[str, torch.Tensor] = {}
+    layers_meta: dict[str, dict[str, Any]] = {}
+    stats: list[LayerStats] = []
+    for name, weight in weights.items():
+        if name not in selected or fmt == DENSE:
+            tensors[name] = weight
+            if name in selected:
+                stats.append(_stats(name, weight, {name: weight}, DENSE))
+            continue
+        if fmt == F.BITMASK_24:
+            parts = _encode_24(name, weight, ckpt.masks.get(name), source)
+        else:
+            stored = weight if conv_layout == F.NATIVE else F.to_rows(weight)
+            parts = F.encode_bitmask(stored, F.bit_nonzero(stored))
+        prefix = layer_prefix(name)
+        for part, tensor in parts.items():
+            key = f"{prefix}.{part}"
+            if key in weights:
+                raise AcdcError(f"cannot export: {key} is both a model tensor and a compressed part of {name}")
+            tensors[key] = tensor
+        layers_meta[name] = {
+            "shape": list(weight.shape),
+            "layout": F.layout_name(tuple(weight.shape), conv_layout),
+            "stored_shape": [int(v) for v in parts["shape"].flatten()],
+            "encoding": fmt,
+        }
+        stats.append(_stats(name, weight, parts, fmt))
+
+    structure = _structure(fmt, ckpt)
+    zeros = sum(_numel(s.shape) - s.kept for s in stats)
+    numel = sum(_numel(s.shape) for s in stats)
+    metadata: dict[str, Any] = {
+        "format": EXPORT_FORMAT,
+        "export_format": fmt,
+        "dtype": dtype,
+        "structure": structure,
+        "conv_layout": conv_layout,
+        **provenance(ckpt),
+        "source": source.name,
+        "tensors": list(weights),
+        "prunable": prunable,
+        "layers": layers_meta,
+        **{k: v for k, v in ckpt.extra.items() if k in ("preset", "paper_top1")},
+    }
+    if fmt != DENSE:
+        # compressed-tensors' sparsity config: its module matching compares targets and ignore with module names
+        # (model.named_modules()), so both list modules, never parameter names
+        metadata["sparsity_config"] = {
+            "format": fmt,
+            "sparsity_structure": "2:4" if fmt == F.BITMASK_24 else "unstructured",
+            "global_sparsity": zeros / max(numel, 1),
+            "targets": [layer_prefix(n) for n in layers_meta],
+            "ignore": [layer_prefix(n) for n, t in weights.items() if layer_weight(n, t) and n not in layers_meta],
+        }
+    save_safetensors(out, tensors, metadata)
+    size = out.stat().st_size
+    dense_bytes = size if fmt == DENSE else dense_file_bytes(weights, metadata)
+    return ExportResult(out, fmt, dtype, structure, stats, size, dense_bytes, conv_layout)
+
+
+
+
+def _stats(name: str, weight: torch.Tensor, parts: dict[str, torch.Tensor], encoding: str) -> LayerStats:
+    kept = int((weight != 0).sum())
+    return LayerStats(
+        name=name,
+        shape=list(weight.shape),
+        kept=kept,
+        sparsity=1.0 - kept / max(weight.numel(), 1),
+        nm_valid=F.nm_check(weight, 2, 4) if weight.numel() else None,  # a layer of no weights has no groups
+        dense_bytes=weight.numel() * weight.element_size(),
+        stored_bytes=F.stored_bytes(parts),
+        encoding=encoding,
+    )

@@ -1,0 +1,121 @@
+"""TODO docstring
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from acdc_cli.errors import AcdcError
+
+ONNX_FORMAT = "acdc-onnx"
+
+
+PROTOBUF_LIMIT = 2**31  # one ONNX file without external data holds at most 2 GiB
+
+
+EXTRA_HINT = "pip install 'acdc-cli[onnx]'"
+
+
+def require_onnx() -> tuple[Any, Any]:
+    """The ``onnx`` and ``onnxruntime`` modules (and ``onnxscript``, which the exporter needs), or one AcdcError
+    naming the optional extra."""
+    import importlib
+
+    modules = []
+    for name in ("onnx", "onnxruntime", "onnxscript"):
+        try:
+            modules.append(importlib.import_module(name))
+        except ImportError:
+            raise AcdcError(f"ONNX needs the optional extra 'onnx' ({name} is not installed): {EXTRA_HINT}") from None
+    return modules[0], modules[1]
+
+
+def initializers(proto: Any) -> dict[str, np.ndarray]:
+    """Every initializer of an ONNX model by name, as numpy arrays; a malformed one is a one-line AcdcError."""
+    from onnx import numpy_helper
+
+    out = {}
+    for init in proto.graph.initializer:
+        try:
+            out[init.name] = numpy_helper.to_array(init)
+        except Exception as exc:  # onnx raises ValueError, TypeError, ... for tensors whose data does not fit
+            raise AcdcError(f"ONNX initializer {init.name!r} is malformed ({first_line(exc)})") from None
+    return out
+
+
+def session(model: bytes | str | Path, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session of a model (file or serialized bytes)."""
+    _, ort = require_onnx()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # warnings about unused initializers etc. are not the user's concern
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    source = model if isinstance(model, bytes) else str(model)
+    try:
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
+        raise AcdcError(f"ONNX Runtime cannot load {'the model' if isinstance(model, bytes) else model} "
+                        f"({first_line(exc)})") from None
+
+
+class OnnxRuntimeModule(nn.Module):
+    """An ONNX Runtime session as a module: ``forward(images) -> logits`` on the CPU, in fp32.
+
+    A model exported with a fixed batch size gets its input in chunks of that size, the last one padded.
+    """
+
+    def __init__(self, sess: Any) -> None:
+        super().__init__()
+        self.session = sess
+        first = sess.get_inputs()[0]
+        self.input_name = first.name
+        batch = first.shape[0] if first.shape else None
+        self.batch = batch if isinstance(batch, int) and batch > 0 else None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        array = images.detach().to("cpu", torch.float32).contiguous().numpy()
+        if self.batch is None:
+            return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
+        outputs = []
+        for start in range(0, len(array), self.batch):
+            chunk = array[start:start + self.batch]
+            count = len(chunk)
+            if count < self.batch:
+                chunk = np.concatenate([chunk, np.zeros((self.batch - count, *chunk.shape[1:]), chunk.dtype)])
+            outputs.append(self.session.run(None, {self.input_name: chunk})[0][:count])
+        return torch.from_numpy(np.concatenate(outputs))
+
+
+def read_onnx(path: Path) -> tuple[Any, dict[str, str]]:
+    """(the ONNX model, its metadata props) of an acdc ONNX export; anything else is a one-line AcdcError."""
+    onnx, _ = require_onnx()
+    path = Path(path)
+    if not path.is_file():
+        raise AcdcError(f"no such file: {path}")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise AcdcError(f"{path} is not a readable ONNX file ({first_line(exc)})") from None
+    meta = {prop.key: prop.value for prop in proto.metadata_props}
+    if meta.get("format") != ONNX_FORMAT:
+        raise AcdcError(f"{path} is an ONNX file but not an acdc export (it carries no acdc metadata)")
+    # acdc writes every initializer into the file; one pointing elsewhere would make the readers open that path
+    external = [init.name for init in proto.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL]
+    if external:
+        raise AcdcError(f"{path}: initializer {external[0]!r} points to external data, which acdc does not read")
+    return proto, meta
+
+
+def is_onnx_file(path: Path) -> bool:
+    """Whether ``path`` names an ONNX file (by its suffix: ONNX has no magic number)."""
+    return Path(path).suffix.lower() == ".onnx"
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else exc.__class__.__name__

@@ -1,0 +1,373 @@
+"""A training run's folder and everything that continues a run: the last/best checkpoints, mid-epoch totals, resume,
+and the start of a run from another checkpoint (``--from``) or from pretrained weights (``model.weights``).
+
+Files of a run dir::
+
+    config.toml                      the resolved settings; marks the folder as a run dir
+    metrics.jsonl, tb/               per-epoch metrics (metrics.py)
+    last.safetensors                 weights + masks + metadata of the newest checkpoint (its epoch, and step
+                                     when written mid-epoch, and the name of its resume state)
+    last.state.<N>.pt                the resume state of last.safetensors, tensors and plain data only (torch.load
+                                     weights_only): progress, optimizer, engine (its masks are those of
+                                     last.safetensors), gradient scaler, and mid-epoch every rank's sums so far
+    .acdc.lock                       held (flock) by the process writing the run; holds its PID
+    best_sparse.safetensors          best val top-1 in a compressed phase at the target sparsity (test top-1 when
+                                     data.val_size = 0: the paper's protocol)
+    best_dense.safetensors           best val (or test) top-1 in a dense epoch
+
+Rank 0 writes every file, in a background thread from host snapshots, so training goes on meanwhile; writes are
+atomic (checkpoint.py), and the (weights, state) pair is replaced so that a complete pair is always on disk
+(:func:`save_last`). The snapshots go into host buffers reused from one checkpoint to the next, pinned on CUDA, where
+the training thread only queues the copies (checkpoint.HostSnapshot).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from acdc_cli.config import Settings
+from acdc_cli.data.bundle import selection_split
+from acdc_cli.engine import ACDC
+from acdc_cli.errors import AcdcError, TrainingFault
+from acdc_cli.files.atomic import atomic_write_text, remove_stale_temps
+from acdc_cli.files.checkpoint import (
+    Checkpoint,
+    build_model,
+    host_copy,
+    load_checkpoint,
+    load_state,
+    load_weights,
+    save_checkpoint,
+    save_state,
+)
+from acdc_cli.files.state_dict import load_pretrained
+from acdc_cli.sparsity.schedule import Phase, phase_at
+from acdc_cli.training.distributed import DistInfo
+from acdc_cli.training.evaluation import evaluate
+from acdc_cli.training.metrics import EpochTotals
+from acdc_cli.training.resume import check_resume_state, first_epoch
+from acdc_cli.training.rundir import RUN_MARKER
+from acdc_cli.training.snapshots import (
+    BackgroundWriter,
+    HostSnapshot,
+    Taken,
+    all_finite,
+)
+
+
+@dataclass
+class RunState:
+    """The run's progress besides weights, masks, optimizer and engine state."""
+
+    epoch: int = 0  # epochs completed
+    # {"epoch", "split", "<split>_top1"}: split "val", or "test" when data.val_size = 0 (states written before the
+    # split was recorded hold no "split": val)
+    best_sparse: dict[str, Any] | None = None
+    best_dense: dict[str, Any] | None = None
+    skip_streak: int = 0  # steps skipped in a row when the last epoch ended (runtime.nan_policy = "skip")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "best_sparse": self.best_sparse, "best_dense": self.best_dense,
+                "skip_streak": self.skip_streak}
+
+
+
+
+
+
+def snapshot(model: nn.Module, engine: ACDC, settings: Settings, model_kwargs: dict[str, Any], epoch: int,
+             phase: str, metrics: dict[str, Any], host: HostSnapshot | None = None) -> Checkpoint:
+    """The checkpoint of the model as it is now, in host memory: it is written in the background while training
+    changes the live tensors. ``host``: reused (pinned) buffers to copy into, inside ``host.taking()``; else new
+    memory."""
+    copy = host.copy if host is not None else (lambda value, *path: host_copy(value))
+    return Checkpoint(
+        weights=copy(dict(model.state_dict()), "weights"),
+        masks=copy(dict(engine.masks), "masks"),
+        arch=settings.model.name,
+        model_kwargs=model_kwargs,
+        config=settings.model_dump(mode="json"),
+        epoch=epoch,
+        phase=phase,
+        metrics=host_copy(metrics),
+        extra={"preset": settings.preset, "paper_top1": settings.paper_top1, "kind": "train",
+               "selection_split": selection_split(settings)},
+    )
+
+
+def refuse_non_finite(model: nn.Module, where: str) -> None:
+    """Stop the run (exit 1) rather than write a checkpoint whose weights or statistics hold NaN or infinity: one
+    fused check over the model's tensors where they live, at save time only (no step waits for it), before the
+    snapshot is taken."""
+    tensors = model.state_dict()
+    if bool(all_finite(tensors.values())):
+        return
+    name = next(n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    raise TrainingFault(f"non-finite weights in the checkpoint {where} ({name}); the run stops without writing it, "
+                        "the last good checkpoint is kept")
+
+
+def resume_state(run_state: RunState, engine: ACDC, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, step: int = 0,
+                 every_rank: list[dict[str, Any]] | None = None, host: HostSnapshot | None = None) -> dict[str, Any]:
+    """Everything besides weights and masks that continues the run, as a host snapshot; tensors and plain data only.
+
+    No RNG state: data order and augmentation come from (seed, epoch) and dropout from (seed, epoch, step, rank)."""
+    engine_state = engine.state_dict()
+    del engine_state["masks"]  # stored once, in the checkpoint beside this state
+    state = {
+        "progress": {**run_state.as_dict(), "step": step},
+        "optimizer": optimizer.state_dict(),
+        "engine": engine_state,
+        "scaler": scaler.state_dict(),
+    }
+    if every_rank is not None:
+        state["totals"] = every_rank
+    return host.copy(state, "state") if host is not None else host_copy(state)
+
+
+def save_last(run_dir: Path, ckpt: Checkpoint, state: dict[str, Any]) -> None:
+    """Write a new (weights, resume state) pair so that the previous pair stays complete on disk until the new one
+    is: a crash, a kill or a full disk at any point, again and again, leaves a pair that resumes.
+
+    The state goes to a file of its own, ``last.state.<generation>.pt`` with a generation no file in the folder has
+    yet; ``last.safetensors`` then names it in its metadata (``resume_state``), and its atomic replacement is the
+    switch from the old pair to the new. Only after that are the older state files deleted. Nothing is ever renamed
+    away: a failure before the switch leaves the old ``last.safetensors`` naming the old state, untouched.
+    """
+    generation = 1 + max((_generation(p.name) or 0 for p in run_dir.glob("last.state*.pt")), default=0)
+    name = f"last.state.{generation}.pt"
+    save_state(run_dir / name, state)
+    save_checkpoint(run_dir / "last.safetensors", replace(ckpt, extra={**ckpt.extra, "resume_state": name}))
+    for old in run_dir.glob("last.state*.pt"):
+        if old.name != name:
+            with contextlib.suppress(OSError):  # left for the next save: it pairs with nothing
+                old.unlink()
+
+
+_STATE_NAME = re.compile(r"last\.state\.([0-9]{1,18})\.pt")
+
+
+# the pair as acdc wrote it before resume_state: whichever of these matches last.safetensors' epoch and step
+_LEGACY_STATES = ("last.state.pt", "last.state.prev.pt")
+
+
+def _generation(name: str) -> int | None:
+    found = _STATE_NAME.fullmatch(name)
+    return int(found.group(1)) if found else None
+
+
+def load_last(run_dir: Path) -> tuple[Checkpoint, dict[str, Any]]:
+    """``last.safetensors`` and the resume state it names (in a run dir written before that: the one of
+    ``last.state.pt`` / ``last.state.prev.pt`` that matches its epoch and step)."""
+    ckpt = load_checkpoint(run_dir / "last.safetensors")
+    return ckpt, _paired_state(run_dir, ckpt)[1]
+
+
+def state_path(run_dir: Path) -> Path:
+    """The resume state file that pairs with the run's ``last.safetensors``; an AcdcError when there is none."""
+    return _paired_state(Path(run_dir), load_checkpoint(Path(run_dir) / "last.safetensors"))[0]
+
+
+def _paired_state(run_dir: Path, ckpt: Checkpoint) -> tuple[Path, dict[str, Any]]:
+    step = ckpt.extra.get("step", 0)
+    named = ckpt.extra.get("resume_state")
+    if named is not None and not (isinstance(named, str) and _generation(named) is not None):
+        raise AcdcError(f"{run_dir / 'last.safetensors'}: malformed metadata (resume_state {str(named)[:60]!r} is "
+                        "not a last.state.N.pt name)")
+    for name in (named,) if named is not None else _LEGACY_STATES:
+        path = run_dir / name
+        if not path.exists():
+            continue
+        state = load_state(path)
+        progress = state.get("progress")
+        if isinstance(progress, dict) and (progress.get("epoch"), progress.get("step", 0)) == (ckpt.epoch, step):
+            return path, state
+        if named is not None:
+            raise AcdcError(f"{path} does not hold the progress last.safetensors records (epoch {ckpt.epoch}, step "
+                            f"{step})")
+    if named is not None:
+        raise AcdcError(f"{run_dir}: {named}, the resume state last.safetensors names, is missing")
+    raise AcdcError(f"{run_dir}: no resume state matches last.safetensors (epoch {ckpt.epoch}, step {step})")
+
+
+def _write_checkpoints(run_dir: Path, ckpt: Checkpoint, state: dict[str, Any], best_path: Path | None) -> None:
+    if best_path is not None:
+        save_checkpoint(best_path, ckpt)
+    save_last(run_dir, ckpt, state)
+
+
+def _write_when_copied(taken: Taken, run_dir: Path, ckpt: Checkpoint, state: dict[str, Any],
+                       best_path: Path | None) -> None:
+    taken.wait()  # in the writer thread: the device-to-host copies the training thread queued have landed
+    _write_checkpoints(run_dir, ckpt, state, best_path)
+
+
+class RunDir:
+    """The run dir of one training run and the objects whose state it keeps: rank 0 writes, every rank resumes."""
+
+    def __init__(self, path: Path, settings: Settings, model_kwargs: dict[str, Any], model: nn.Module, engine: ACDC,
+                 optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, info: DistInfo):
+        self.path = Path(path)
+        self.settings = settings
+        self.model_kwargs = model_kwargs
+        self.model, self.engine, self.optimizer, self.scaler = model, engine, optimizer, scaler
+        self.info = info
+        self.state = RunState()
+        self._writer = BackgroundWriter()  # rank 0's checkpoint files, written while the next epoch trains
+        self._host = HostSnapshot()  # the host buffers each checkpoint is copied into before it is written
+
+    # starting ---------------------------------------------------------------------------------------------------
+
+    def write_config(self) -> None:
+        """config.toml, on resume too: a moved data.dir or a new runtime knob is what the run now uses."""
+        if self.info.is_main:
+            atomic_write_text(self.path / RUN_MARKER, self.settings.to_toml())
+
+    def resume(self) -> EpochTotals | None:
+        """Load the newest complete checkpoint and its state into the model, engine, optimizer and scaler; sets
+        :attr:`state`. Returns this rank's sums of the epoch when the checkpoint was written mid-epoch.
+
+        The state is checked whole before any of it is loaded, so a malformed one is a one-line error before the
+        first step, never a failure an epoch later."""
+        if self.info.is_main:
+            remove_stale_temps(self.path)
+        ckpt = load_checkpoint(self.path / "last.safetensors")
+        path, state = _paired_state(self.path, ckpt)
+        load_weights(self.model, ckpt.weights, source=str(self.path / "last.safetensors"))
+        progress, every_rank = state.get("progress"), state.get("totals")
+        if isinstance(progress, dict) and progress.get("step") and isinstance(every_rank, list) and \
+                len(every_rank) != self.info.world_size:
+            raise AcdcError(f"{self.path} stopped mid-epoch in a run of {len(every_rank)} process(es); resume it "
+                            f"with as many (this run has {self.info.world_size}), or from an epoch-end checkpoint")
+        try:
+            engine_state = check_resume_state(state, self.optimizer, self.engine.prunable, self.engine.plan, self.info.world_size,
+                                              selection_split(self.settings))
+        except AcdcError as exc:
+            raise AcdcError(f"{path}: malformed resume state: {exc}") from None
+        p = state["progress"]
+        self.state = RunState(p["epoch"], p["best_sparse"], p["best_dense"], p.get("skip_streak", 0))
+        try:  # what the checks above do not foresee is still one line
+            self.engine.load_state_dict({**engine_state, "masks": ckpt.masks or None})
+            self.optimizer.load_state_dict(state["optimizer"])
+            if state.get("scaler") and self.scaler.is_enabled():  # none saved: the run was not fp16 until now
+                self.scaler.load_state_dict(state["scaler"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            detail = str(exc).splitlines()[0][:120] if str(exc) else ""
+            raise AcdcError(f"{path}: malformed resume state ({exc.__class__.__name__} {detail})") from None
+        if self.info.is_main and _generation(path.name) is not None:
+            # states of saves that never completed: on a full disk their space is what the next save needs (only
+            # rank 0 deletes, and other ranks read the named state alone)
+            for orphan in self.path.glob("last.state*.pt"):
+                if orphan != path:
+                    with contextlib.suppress(OSError):
+                        orphan.unlink()
+        if not p.get("step"):
+            return None
+        return EpochTotals.start(self.info.device, state["totals"][self.info.rank])
+
+    def start_from(self, checkpoint: Path, console: Console) -> None:
+        """``--from``: the checkpoint's weights; its masks too when the first epoch is compressed and they fit the
+        rules; ``schedule.start_epoch = 'checkpoint'`` continues at its epoch."""
+        source = load_checkpoint(checkpoint)
+        name = self.settings.model.name
+        if source.arch != name:
+            raise AcdcError(f"--from {checkpoint} holds a {source.arch}, settings ask for {name}")
+        classes = source.model_kwargs.get("num_classes")
+        if classes != self.model_kwargs["num_classes"]:
+            raise AcdcError(f"--from {checkpoint} was trained for {classes} classes, {self.settings.data.name} has "
+                            f"{self.model_kwargs['num_classes']}")
+        load_weights(self.model, source.weights, source=str(checkpoint))
+        self.state.epoch = first_epoch(self.settings, checkpoint, source.epoch)
+        first = phase_at(list(self.engine.plan), self.state.epoch)
+        if source.masks and first.kind == "sparse" and not self.engine.use_masks(source.masks, self.state.epoch):
+            if self.info.is_main:
+                console.print(f"note: the masks in {checkpoint} do not match these sparsity rules at "
+                              f"{first.sparsity:g}; the first compressed phase computes its own", markup=False)
+
+    def start_from_weights(self, console: Console) -> None:
+        """``model.weights``: local pretrained weights, the keys matching ``model.weights_skip`` left as
+        initialised."""
+        m = self.settings.model
+        assert m.weights is not None
+        skipped = load_pretrained(self.model, m.weights, m.weights_skip, m.name)
+        if self.info.is_main:
+            kept = f"; left as initialised: {', '.join(skipped)}" if skipped else ""
+            console.print(f"started from model.weights {m.weights}{kept}", markup=False, highlight=False)
+
+    # saving -----------------------------------------------------------------------------------------------------
+
+    def save_epoch(self, phase: Phase, row: dict[str, Any]) -> None:
+        """Rank 0, at an epoch's end: last every epoch; best_sparse (compressed phase at the target sparsity) and
+        best_dense by top-1 on the run's selection split (val; test when data.val_size = 0). The files are written in
+        the background from snapshots taken here."""
+        epoch = row["epoch"]
+        refuse_non_finite(self.model, f"at the end of epoch {epoch}")
+        at_target = phase.kind == "sparse" and abs(phase.sparsity - self.settings.sparsity.target) < 1e-9
+        best_key = "best_sparse" if at_target else "best_dense" if phase.kind == "dense" else None
+        best_path = None
+        split = selection_split(self.settings)
+        top1 = f"{split}_top1"
+        if best_key is not None and row[top1] is not None:  # None: an epoch runtime.eval_every skipped
+            best = getattr(self.state, best_key)
+            if best is None or row[top1] > best[top1]:
+                setattr(self.state, best_key, {"epoch": epoch, "split": split, top1: row[top1]})
+                best_path = self.path / f"{best_key}.safetensors"
+        self._writer.wait()  # its write reads the buffers this snapshot reuses
+        with self._host.taking() as taken:
+            ckpt = snapshot(self.model, self.engine, self.settings, self.model_kwargs, epoch + 1, phase.kind, row,
+                            self._host)
+            state = resume_state(self.state, self.engine, self.optimizer, self.scaler, host=self._host)
+        self._writer.submit(_write_when_copied, taken, self.path, ckpt, state, best_path)
+
+    def save_step(self, phase: Phase, step: int, every_rank: list[dict[str, Any]]) -> None:
+        """Rank 0, inside an epoch: a last.* whose saved sums (one per rank) let the epoch go on as if never
+        stopped."""
+        own = every_rank[0]
+        count = own["count"] or float("nan")  # every step so far skipped: no loss to report, not a loss of 0
+        partial = {"epoch": self.state.epoch, "step": step, "phase": phase.kind,
+                   "train_loss": own["loss_sum"].item() / count, "train_top1": own["correct"].item() / count}
+        refuse_non_finite(self.model, f"at epoch {self.state.epoch}, step {step}")
+        self._writer.wait()
+        with self._host.taking() as taken:
+            ckpt = snapshot(self.model, self.engine, self.settings, self.model_kwargs, self.state.epoch, phase.kind,
+                            partial, self._host)
+            state = resume_state(self.state, self.engine, self.optimizer, self.scaler, step, every_rank, self._host)
+        ckpt.extra["step"] = step
+        self._writer.submit(_write_when_copied, taken, self.path, ckpt, state, None)
+
+    def wait(self) -> None:
+        """Block until every checkpoint is on disk; a failed write raises here."""
+        self._writer.wait()
+
+    def abandon(self) -> None:
+        """On an error: let the write in flight finish, but the error in flight matters more than its failure."""
+        with contextlib.suppress(BaseException):
+            self._writer.wait()
+
+    # finishing --------------------------------------------------------------------------------------------------
+
+    def test_best(self, loader: Any, device: torch.device, amp: str | bool) -> None:
+        """Evaluate the best sparse and best dense checkpoints on the test split; adds ``test_top1`` to their
+        records in :attr:`state`. Records chosen on the test split hold it already."""
+        for key in ("best_sparse", "best_dense"):
+            best = getattr(self.state, key)
+            path = self.path / f"{key}.safetensors"
+            if best is None or "test_top1" in best or not path.exists() or loader is None:
+                continue
+            model = build_model(load_checkpoint(path)).to(device)
+            best["test_top1"] = evaluate(model, loader, device, amp)["top1"]
+
+    def files(self) -> list[Path]:
+        """The run's files and its TensorBoard folder, if it has one (the lock and temporary files left out)."""
+        tb = self.path / "tb"
+        return (sorted(p for p in self.path.iterdir() if p.is_file() and not p.name.startswith("."))
+                + ([tb] if tb.is_dir() else []))
