@@ -12,10 +12,12 @@ from torch import nn
 from acdc_cli import ACDC
 from acdc_cli.config import load_settings
 from acdc_cli.data import build
+from acdc_cli.data.bundle import input_shape
 from acdc_cli.errors import AcdcError
-from acdc_cli.files.checkpoint import load_state, save_state
+from acdc_cli.files.checkpoint import load_checkpoint, load_state, save_state
 from acdc_cli.files.jsonio import read_jsonl
 from acdc_cli.flops import si
+from acdc_cli.models import create
 from acdc_cli.training.checkpoints import state_path
 
 # the quickstart CNN at 8x8, by hand (output positions x weights): conv 1->32 at 8x8 64 x 288, conv 32->32 64 x 9,216,
@@ -53,22 +55,44 @@ def test_quickstart_rows_carry_the_four_flops_fields(quickstart_run):
             "dense") in printed
 
 
+def _counted_by_hooks(path) -> int:
+    """Multiply-accumulates of one image through the model a checkpoint holds, counted independently of acdc's
+    counter: forward hooks read each conv's output positions and the kept (non-zero) weights are counted in place."""
+    ckpt = load_checkpoint(path)
+    model = create(ckpt.arch, **ckpt.model_kwargs).eval()
+    model.load_state_dict(ckpt.weights)
+    total = [0]
+
+    def count(module, _inputs, output):
+        positions = output.shape[-2] * output.shape[-1] if isinstance(module, nn.Conv2d) else 1
+        total[0] += positions * int(torch.count_nonzero(module.weight))
+
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            module.register_forward_hook(count)
+    with torch.no_grad():
+        model(torch.zeros(1, *input_shape("digits", ckpt.arch)))
+    return total[0]
+
+
 def test_eval_and_inspect_count_the_flops_of_checkpoints_and_exports(quickstart_run, tmp_path):
     best = read_jsonl(quickstart_run / "metrics.jsonl")
     sparse_ckpt = quickstart_run / "best_sparse.safetensors"
     row = next(r for r in best if r["epoch"] == invoke_json("inspect", sparse_ckpt)["metadata"]["epoch"] - 1)
     expected = {"dense": QUICKSTART_DENSE, "sparse": row["inference_flops"], "ratio": row["inference_flops_ratio"],
                 "input_shape": [1, 8, 8]}
+    # the run's own figure equals a count made without acdc's counter (the value depends on the CPU and torch build
+    # that trained the run, so it is never written here as a constant)
+    assert expected["sparse"] == _counted_by_hooks(sparse_ckpt)
+    assert expected["ratio"] == expected["sparse"] / QUICKSTART_DENSE
     export = tmp_path / "sparse.safetensors"
     invoke_json("export", sparse_ckpt, "--format", "sparse-bitmask", "-o", export)
     for path in (sparse_ckpt, export):
         assert invoke_json("inspect", path)["flops"] == expected, path
         assert invoke_json("eval", path)["flops"] == expected, path
-        shown = squash(invoke("inspect", path).stdout)
-        assert "FLOPs │ 178.1 k per 1×8×8 image, 0.1167 × dense (1.527 M)" in shown
-    assert expected["sparse"] == 178_137  # what the quickstart's pinned run ends with (the panel test shows it)
     dense = invoke_json("inspect", quickstart_run / "best_dense.safetensors")["flops"]
     assert dense["dense"] == QUICKSTART_DENSE and dense["ratio"] > 0.9
+    assert dense["sparse"] == _counted_by_hooks(quickstart_run / "best_dense.safetensors")
 
     # a plain state dict does not say which model it holds: no FLOPs, and why
     from safetensors.torch import load_file, save_file
@@ -77,7 +101,6 @@ def test_eval_and_inspect_count_the_flops_of_checkpoints_and_exports(quickstart_
     save_file({k: v for k, v in load_file(sparse_ckpt).items() if not k.startswith("mask.")}, plain)
     info = invoke_json("inspect", plain)
     assert info["flops"] is None and "does not say which model" in info["flops_note"]
-    assert "FLOPs │ - (a plain state dict" in squash(invoke("inspect", plain).stdout)
 
 
 def test_eval_counts_the_flops_of_an_onnx_export(quickstart_run, tmp_path):
