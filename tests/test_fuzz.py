@@ -23,7 +23,18 @@ from acdc_cli.files.tensors import read_safetensors
 from acdc_cli.models import create
 from acdc_cli.sparsity.masks import compute_masks
 
-FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# the profile's suppressions (conftest: no health check about speed) stay when a test adds its own
+PROFILE_CHECKS = tuple(settings.default.suppress_health_check)
+FUZZ = settings(max_examples=100, deadline=None,
+                suppress_health_check=[*PROFILE_CHECKS, HealthCheck.function_scoped_fixture])
+
+
+
+def test_no_hypothesis_test_can_fail_for_the_machine_being_slow():
+    """On a loaded machine generation is slow: a health check about speed would fail a correct run."""
+    speed = {HealthCheck.too_slow, HealthCheck.large_base_example, HealthCheck.data_too_large}
+    assert speed <= set(settings.default.suppress_health_check) and settings.default.deadline is None
+    assert speed <= set(FUZZ.suppress_health_check) and FUZZ.deadline is None
 
 
 def _seed_files(folder: Path) -> dict[str, bytes]:
@@ -211,7 +222,7 @@ def test_export_loader_fuzz(tmp_path, seeds, data):
         assert all(isinstance(v, torch.Tensor) for v in state.values())
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None, suppress_health_check=[*PROFILE_CHECKS, HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_eval_fuzz(tmp_path, seeds, data):
     path = fuzzed(tmp_path, data, seeds["checkpoint"])
@@ -224,7 +235,7 @@ def test_eval_fuzz(tmp_path, seeds, data):
 CLI_COMMANDS = [["inspect"], ["inspect", "--layers"], ["inspect", "--json"], ["eval"], ["eval", "--json"]]
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[*PROFILE_CHECKS, HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_cli_fuzz(tmp_path, seeds, data):
     """What a user sees: `acdc inspect` / `acdc eval` exit 0 with their output, or 2 with one line on stderr."""
@@ -294,7 +305,7 @@ def test_metadata_asking_for_an_impossible_or_huge_model_is_refused(seeds, tmp_p
 
 
 @pytest.mark.slow
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=1500, deadline=None, suppress_health_check=[*PROFILE_CHECKS, HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_all_readers_fuzz_long(tmp_path, seeds, data):
     kind = data.draw(st.sampled_from(sorted(seeds)))
