@@ -305,7 +305,8 @@ def test_metadata_asking_for_an_impossible_or_huge_model_is_refused(seeds, tmp_p
 
 
 @pytest.mark.slow
-@settings(max_examples=1500, deadline=None, suppress_health_check=[*PROFILE_CHECKS, HealthCheck.function_scoped_fixture])
+@settings(max_examples=1500, deadline=None,
+          suppress_health_check=[*PROFILE_CHECKS, HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_all_readers_fuzz_long(tmp_path, seeds, data):
     kind = data.draw(st.sampled_from(sorted(seeds)))
