@@ -6,7 +6,11 @@ import base64
 import html.parser
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
 
 import pytest
 from cli_helpers import fails, invoke, invoke_json, short_schedule, shows, trained
@@ -14,8 +18,9 @@ from PIL import Image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from acdc_cli.commands import report as report_mod
 from acdc_cli.files.checkpoint import load_checkpoint
-from acdc_cli.files.jsonio import read_jsonl
+from acdc_cli.files.jsonio import MAX_ROWS_BYTES, read_jsonl
 
 PER_RUN = ("top1-loss", "sparsity-lr", "layers", "mask-change")
 
@@ -161,3 +166,46 @@ def test_runs_of_the_same_folder_name_keep_apart(half_sparse, tmp_path):
     assert [r["label"] for r in report["runs"]] == ["a/run", "b/run"]
     names = {p.name for p in (tmp_path / "out").glob("*.png")}
     assert {f"{stem}-{kind}.png" for stem in ("a_run", "b_run") for kind in PER_RUN} <= names
+
+
+def _report_in_a_process(run, out):
+    """``acdc report`` in its own process with a time limit: a reader that blocks on a FIFO or reads /dev/zero
+    forever fails the test instead of hanging the suite or exhausting memory."""
+    try:
+        done = subprocess.run([sys.executable, "-m", "acdc_cli", "report", str(run), "-o", str(out)],
+                              capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("acdc report did not finish within 120 s")
+    return done.returncode, done.stderr.strip().splitlines()
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "too large"])
+def test_hostile_metrics_files_end_in_one_line_quickly(half_sparse, tmp_path, kind):
+    run = shutil.copytree(half_sparse, tmp_path / "run")
+    metrics = run / "metrics.jsonl"
+    metrics.unlink()
+    if kind == "device":
+        metrics.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(metrics)
+    else:  # sparse: its size is past the bound, its blocks are not on disk
+        with open(metrics, "wb") as fh:
+            fh.truncate(MAX_ROWS_BYTES + 1)
+    code, lines = _report_in_a_process(run, tmp_path / "out")
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert ("is not a regular file" if kind != "too large" else "more than any run writes") in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_long_runs_are_plotted_decimated_and_say_so(half_sparse, tmp_path, monkeypatch):
+    """Past MAX_PLOTTED rows a chart draws every k-th row (and the last), and the page says so; the table and the
+    best checkpoints still come from every row."""
+    monkeypatch.setattr(report_mod, "MAX_PLOTTED", 4)
+    rows = read_jsonl(half_sparse / "metrics.jsonl")
+    run = SimpleNamespace(rows=rows)
+    epochs, values = report_mod._series(run, "train_loss")
+    assert report_mod.plotted_every(6) == 2 and epochs == [0, 2, 4, 5]
+    assert values == [rows[e]["train_loss"] for e in (0, 2, 4, 5)]
+    report = invoke_json("report", half_sparse, "-o", tmp_path / "out")
+    assert report["runs"][0]["epochs_done"] == 6
+    assert "6 rows: the charts plot every 2-th of them" in (tmp_path / "out" / "report.html").read_text()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,9 +181,21 @@ def _shade_compressed(ax, run: Run) -> None:
                    label="compressed phase" if i == 0 else None)
 
 
+# more points than a figure's pixels draw nothing more and make matplotlib slow: longer series are decimated
+MAX_PLOTTED = 4_000
+
+
+def plotted_every(rows: int) -> int:
+    """1, or the stride that thins ``rows`` points to at most MAX_PLOTTED (the last point is always kept)."""
+    return max(1, math.ceil(rows / MAX_PLOTTED))
+
+
 def _series(run: Run, key: str) -> tuple[list[int], list[float]]:
     points = [(r["epoch"], r[key]) for r in run.rows if isinstance(r.get(key), (int, float))
               and not isinstance(r.get(key), bool)]
+    every = plotted_every(len(points))
+    if every > 1:
+        points = points[::every] + ([points[-1]] if (len(points) - 1) % every else [])
     return [e for e, _ in points], [v for _, v in points]
 
 
@@ -497,6 +510,8 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Report:
         images = [(plot_top1_loss(run, out / f"{stem}-top1-loss.png"), f"{run.label}: top-1 and loss per epoch"),
                   (plot_sparsity_lr(run, out / f"{stem}-sparsity-lr.png"), f"{run.label}: sparsity and LR")]
         notes = []
+        if plotted_every(len(run.rows)) > 1:
+            notes.append(f"{len(run.rows):,} rows: the charts plot every {plotted_every(len(run.rows))}-th of them")
         if run.layers:
             images.append((plot_layers(run, out / f"{stem}-layers.png"), f"{run.label}: per-layer sparsity"))
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,28 +53,46 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return read_rows(path)[0]
 
 
+# A run of 10,000 epochs (the settings' maximum) writes a few MB of metrics; anything far larger is not a run's
+MAX_ROWS_BYTES = 64 * 2**20
+MAX_ROW_BYTES = 2**20
+
+
 def read_rows(path: Path) -> tuple[list[dict[str, Any]], list[bytes]]:
     """(every row of ``path`` that is a JSON object, every other non-empty line as its bytes): a line torn by a crash
-    or damaged by hand costs that line alone."""
+    or damaged by hand costs that line alone. Only a regular file is read (a FIFO would block, a device such as
+    /dev/zero never ends), of at most MAX_ROWS_BYTES; a line longer than MAX_ROW_BYTES counts as damaged, unparsed."""
     path = Path(path)
-    if not path.exists():
-        return [], []
     try:
-        data = path.read_bytes()
+        info = path.stat()
+    except FileNotFoundError:
+        return [], []
     except OSError as exc:
         raise AcdcError(f"cannot read {path}: {exc.strerror or exc.__class__.__name__}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise AcdcError(f"{path} is not a regular file (acdc reads metrics only from the file a run wrote)")
+    if info.st_size > MAX_ROWS_BYTES:
+        raise AcdcError(f"{path} is {info.st_size / 2**20:.0f} MiB, more than any run writes "
+                        f"(at most {MAX_ROWS_BYTES // 2**20} MiB are read)")
     rows, damaged = [], []
-    for line in data.split(b"\n"):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (ValueError, RecursionError):  # not JSON or UTF-8, an int of over 4,300 digits, nesting too deep
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_ROWS_BYTES + 1)  # bounded even if the file grew since stat()
+        for line in data[:MAX_ROWS_BYTES].split(b"\n"):
+            if not line.strip():
+                continue
             row = None
-        if isinstance(row, dict):
-            rows.append(row)
-        else:
-            damaged.append(line)
+            if len(line) <= MAX_ROW_BYTES:  # acdc's rows are a few kB; a longer line is damage, left unparsed
+                try:
+                    row = json.loads(line)
+                except (ValueError, RecursionError):  # not JSON or UTF-8, an int of over 4,300 digits, too deep
+                    pass
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                damaged.append(line)
+    except OSError as exc:
+        raise AcdcError(f"cannot read {path}: {exc.strerror or exc.__class__.__name__}") from None
     return rows, damaged
 
 
