@@ -42,22 +42,6 @@ def raw_safetensors(header: dict, data: bytes = b"") -> bytes:
     return struct.pack("<Q", len(text)) + text + data
 
 
-def as_written_before_resume_state(run_dir: Path) -> None:
-    """Turn the run dir's checkpoint pair into the form acdc wrote before ``last.safetensors`` named its resume
-    state: the state as ``last.state.pt``, no ``resume_state`` entry in the weights' metadata."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    from acdc_cli.training.checkpoints import state_path
-
-    paired = state_path(run_dir)
-    paired.replace(run_dir / "last.state.pt")
-    weights = run_dir / "last.safetensors"
-    with safe_open(str(weights), framework="pt") as fh:
-        metadata = {k: v for k, v in fh.metadata().items() if k != "resume_state"}
-    save_file(load_file(weights), weights, metadata=metadata)
-
-
 def killed_at(fault: str, *args) -> None:
     """Run ``acdc train ARGS`` in a subprocess that SIGKILLs itself at ``fault`` (``_ACDC_TEST_FAULT`` syntax)."""
     done = subprocess.run([sys.executable, "-m", "acdc_cli", "train", *map(str, args)], capture_output=True,

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 from cli_helpers import assert_same_run, fails, invoke, short_schedule, trained
-from faults_helpers import as_written_before_resume_state, killed_at
+from faults_helpers import killed_at
 
 from acdc_cli import testing_hooks
 from acdc_cli.errors import AcdcError
-from acdc_cli.files.checkpoint import Checkpoint, load_checkpoint, load_state, save_checkpoint, save_state
+from acdc_cli.files.checkpoint import Checkpoint, load_checkpoint, save_state
 from acdc_cli.training.checkpoints import load_last, save_last, state_path
 
 WRITES = ("write", "rename", "renamed")  # the three points of an atomic write (testing_hooks)
@@ -79,22 +79,6 @@ def test_a_complete_pair_survives_two_failed_saves_in_a_row(tmp_path, monkeypatc
     _save(tmp_path, 4, None, monkeypatch)
     assert _loaded(tmp_path) == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.safetensors", state_path(tmp_path).name]
-
-
-@pytest.mark.parametrize("fault", SAVE_POINTS, ids=str)
-def test_a_run_dir_of_an_earlier_version_survives_a_failed_save(tmp_path, monkeypatch, fault):
-    """last.safetensors without the name of its state, last.state.pt / last.state.prev.pt beside it (either may be
-    the match): resumable before, during and after a failed save; the first complete save removes the old names."""
-    ckpt, state = _pair(2)
-    save_checkpoint(tmp_path / "last.safetensors", ckpt)
-    save_state(tmp_path / "last.state.prev.pt", state)
-    save_state(tmp_path / "last.state.pt", _pair(3)[1])  # a state written before its weights were: it pairs with none
-    assert _loaded(tmp_path) == 2 and state_path(tmp_path) == tmp_path / "last.state.prev.pt"
-    _save(tmp_path, 4, fault, monkeypatch)
-    assert _loaded(tmp_path) == (4 if _switched(fault) else 2)
-    _save(tmp_path, 5, None, monkeypatch)
-    assert _loaded(tmp_path) == 5 and sorted(p.name for p in tmp_path.iterdir()) == ["last.safetensors",
-                                                                                       state_path(tmp_path).name]
 
 
 def test_the_named_state_missing_or_not_matching_is_one_line(tmp_path, monkeypatch):
@@ -232,17 +216,3 @@ def test_a_full_disk_twice_then_room_again_resumes(tmp_path, reference):
         assert_same_run(reference, run_dir)
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
-
-
-def test_a_legacy_run_dir_resumes_and_is_converted(tmp_path, reference):
-    """A run dir as acdc wrote it before last.safetensors named its state resumes to the same end; its first save
-    writes the new form and removes last.state.pt."""
-    run_dir = tmp_path / "run"
-    assert "No space left" in fails(["train", "--out", run_dir, *RUN],
-                                    env={testing_hooks.FAULT_ENV: _fault("fail", (STATE, "write"), 5)})
-    as_written_before_resume_state(run_dir)
-    assert load_state(run_dir / "last.state.pt")["progress"]["step"] == _last(run_dir)[1] == EVERY
-    finished = invoke("train", "--resume", run_dir)
-    assert finished.exit_code == 0, finished.output
-    assert not (run_dir / "last.state.pt").exists()
-    assert_same_run(reference, run_dir)

@@ -14,7 +14,7 @@ from acdc_cli.config import load_settings
 from acdc_cli.data import build
 from acdc_cli.data.bundle import input_shape
 from acdc_cli.errors import AcdcError
-from acdc_cli.files.checkpoint import load_checkpoint, load_state, save_state
+from acdc_cli.files.checkpoint import load_checkpoint, load_state
 from acdc_cli.files.jsonio import read_jsonl
 from acdc_cli.flops import si
 from acdc_cli.models import create
@@ -145,26 +145,6 @@ def test_a_resumed_run_counts_the_flops_of_an_uninterrupted_one(tmp_path, uninte
     assert_same_run(uninterrupted, run_dir)
 
 
-def test_a_resume_state_without_flops_totals_says_they_are_unknown(tmp_path, uninterrupted):
-    """A resume state written before acdc counted FLOPs: the earlier epochs' cost is unknown, so train_flops is null
-    from there on (never a total that leaves epochs out) and the summary says so; inference FLOPs go on."""
-    run_dir = tmp_path / "run"
-    _stopped(run_dir)
-    for path in run_dir.glob("last.state*.pt"):  # the state the run resumes from and any written after it
-        state = load_state(path)
-        del state["engine"]["train_flops"]
-        save_state(path, state)
-    resumed = invoke("train", "--resume", run_dir)
-    assert resumed.exit_code == 0, resumed.output
-    expected, got = read_jsonl(uninterrupted / "metrics.jsonl"), read_jsonl(run_dir / "metrics.jsonl")
-    assert got[0] == {**expected[0], "img_per_s": got[0]["img_per_s"]}
-    for a, b in zip(expected[1:], got[1:]):
-        assert (b["train_flops"], b["train_flops_ratio"]) == (None, None)
-        assert (b["inference_flops"], b["inference_flops_ratio"]) == (a["inference_flops"], a["inference_flops_ratio"])
-    assert "training FLOPs: not known (resumed from a checkpoint of an acdc that did not count them)" in \
-        squash(resumed.stdout)
-
-
 def _two_layers() -> nn.Module:
     """A 3x3 conv (1 -> 2 channels, 4x4 output: 16 positions x 18 weights = 288) and a linear layer (32 -> 3: 96)."""
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(32, 3, bias=False))
@@ -197,7 +177,7 @@ def test_the_engine_counts_flops_by_hand():
         "train_flops": 3 * 10 * (384 + sparse), "train_flops_ratio": (384 + sparse) / (2 * 384)}
     assert acdc.flops().as_dict() == {"dense": 384, "sparse": sparse, "ratio": sparse / 384}
 
-    # the totals travel in the engine's state; a state without them (older acdc) makes them unknown
+    # the totals travel in the engine's state
     state = acdc.state_dict()
     assert state["train_flops"] == {"flops": 3 * 10 * (384 + sparse), "dense_flops": 3 * 10 * 2 * 384}
     other_model = _two_layers()
@@ -206,9 +186,7 @@ def test_the_engine_counts_flops_by_hand():
     other.count_flops((1, 4, 4))
     other.load_state_dict(state)
     assert other.train_flops == acdc.train_flops and other.metrics() == acdc.metrics()
-    other.load_state_dict({k: v for k, v in state.items() if k != "train_flops"})
-    assert other.train_flops is None and other.metrics()["train_flops"] is None
-    other.end_epoch(10)
-    assert other.train_flops is None and other.metrics()["inference_flops"] == sparse
+    with pytest.raises(AcdcError, match="train_flops is malformed"):
+        other.load_state_dict({k: v for k, v in state.items() if k != "train_flops"})
     with pytest.raises(AcdcError, match="train_flops is malformed"):
         other.load_state_dict({**state, "train_flops": {"flops": -1, "dense_flops": 3}})

@@ -169,7 +169,7 @@ def test_layers_left_dense_by_rule_are_reported(quickstart_run, quickstart_24):
     out = quickstart_24[0]
     info = inspect_json(out)
     assert info["dense_layers"] == [
-        {"name": "features.0.weight", "shape": [32, 1, 3, 3], "reason": "input channels (1) not a multiple of 4"}
+        {"name": "features.0.weight", "shape": [32, 1, 3, 3], "reason": "input channels not a multiple of 4"}
     ]
     assert shows("left dense by rule: features.0.weight", invoke("inspect", out).stdout)
     # a dense checkpoint has no masks, so nothing is "left dense by rule"

@@ -7,7 +7,8 @@ from acdc_cli.config import load_settings
 from acdc_cli.engine import ACDC, reset_momentum
 from acdc_cli.errors import AcdcError
 from acdc_cli.models import create
-from acdc_cli.sparsity.sparsifier import Sparsifier, select_layers
+from acdc_cli.sparsity.rules import select_layers
+from acdc_cli.sparsity.sparsifier import Sparsifier
 from acdc_cli.training import loop as train_mod
 
 TINY = [

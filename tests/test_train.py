@@ -27,8 +27,8 @@ from acdc_cli.files.checkpoint import load_checkpoint
 from acdc_cli.files.jsonio import read_jsonl
 from acdc_cli.models import create
 from acdc_cli.sparsity import masks as M
+from acdc_cli.sparsity.rules import prunable_modules
 from acdc_cli.sparsity.schedule import gmp_sparsity
-from acdc_cli.sparsity.sparsifier import prunable_modules
 from acdc_cli.training.checkpoints import state_path
 
 # the quickstart CNN: every conv and linear weight (the README's 90 % are of these)

@@ -16,8 +16,8 @@ from test_data import write_cifar10
 from acdc_cli.config import load_settings
 from acdc_cli.files.jsonio import read_jsonl
 from acdc_cli.models import create
+from acdc_cli.sparsity.rules import prunable_modules
 from acdc_cli.sparsity.schedule import epoch_plan
-from acdc_cli.sparsity.sparsifier import prunable_modules
 
 # 250 training images less 50 held out: 3 steps of 64 per epoch (the partial batch is dropped)
 STEPS = 3

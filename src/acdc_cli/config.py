@@ -31,15 +31,6 @@ MAX_THREADS = 1024  # torch CPU threads (torch crashes at exit with ~10**5)
 MAX_CONFIG_BYTES = 2**20  # a --config file (the presets are 1-3 kB)
 
 
-def _old_bool(value: Any, true: str, false: str) -> Any:
-    """A former boolean setting's value (a bool, or its text from an environment variable) as its new choice."""
-    if isinstance(value, bool):
-        return true if value else false
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return true if value.lower() == "true" else false
-    return value
-
-
 class _Section(BaseModel):
     # inf and nan are refused for every float setting: no rate, decay, factor or fraction here means anything
     # non-finite, and a NaN compares false with every bound
@@ -187,12 +178,6 @@ class ScheduleSettings(_Section):
             raise ValueError(f"must be an epoch number in [0, {MAX_EPOCHS}] or 'checkpoint'")
         return value
 
-    @field_validator("reset_momentum", mode="before")
-    @classmethod
-    def _reset_momentum_bool(cls, value: Any) -> Any:
-        # run dirs written before the choice existed hold a bool: true reset at every phase change
-        return _old_bool(value, "every", "never")
-
 
 class SparsitySettings(_Section):
     target: float = Field(
@@ -266,12 +251,6 @@ class RuntimeSettings(_Section):
         10, ge=1, le=10**6, description="nan_policy 'skip': stop the run (exit 1) after this many steps in a row "
         "are skipped (steps)"
     )
-
-    @field_validator("amp", mode="before")
-    @classmethod
-    def _amp_bool(cls, value: Any) -> Any:
-        # run dirs written before the choice existed hold a bool: true was bf16 autocast
-        return _old_bool(value, "bf16", "off")
 
     @field_validator("device")
     @classmethod

@@ -46,9 +46,11 @@ from acdc_cli.config import (
 )
 from acdc_cli.errors import AcdcError
 from acdc_cli.files.checkpoint import (
+    FORMAT_VERSION,
     STATE_FORMAT,
     Checkpoint,
     check_fit,
+    check_format_version,
     host_copy,
     save_checkpoint,
 )
@@ -179,7 +181,7 @@ class ACDC:
         self._masked_version: int | None = None
         self._positions: dict[str, int] | None = None  # output positions per counted layer, once count_flops ran
         # the training cost of the epochs passed to end_epoch; None when a loaded state predates FLOPs counting
-        self._train_flops: TrainingFlops | None = TrainingFlops()
+        self._train_flops = TrainingFlops()
         self._hooks = [optimizer.register_step_pre_hook(self._before_step),
                        optimizer.register_step_post_hook(self._after_step),
                        optimizer.register_load_state_dict_post_hook(self._after_optimizer_load)]
@@ -261,8 +263,7 @@ class ACDC:
             raise RuntimeError("call count_flops(input_shape) before end_epoch")
         if self._phase is None:
             raise RuntimeError("end_epoch before any start_epoch")
-        if self._train_flops is not None:
-            self._train_flops = self._train_flops.add_epoch(self._phase.kind, self.flops(), images)
+        self._train_flops = self._train_flops.add_epoch(self._phase.kind, self.flops(), images)
 
     def flops(self) -> InferenceFlops:
         """Multiply-accumulates per image of the model as it is now, dense and with its zeros skipped. Needs
@@ -272,9 +273,8 @@ class ACDC:
         return inference_flops(self.model, self._positions)
 
     @property
-    def train_flops(self) -> TrainingFlops | None:
-        """The training cost of the epochs passed to :meth:`end_epoch` (``flops``, ``dense_flops``, ``ratio``);
-        None after loading a state written before FLOPs were counted, whose earlier epochs are unknown."""
+    def train_flops(self) -> TrainingFlops:
+        """The training cost of the epochs passed to :meth:`end_epoch` (``flops``, ``dense_flops``, ``ratio``)."""
         return self._train_flops
 
     def remove_hooks(self) -> None:
@@ -319,7 +319,7 @@ class ACDC:
         """The engine's share of an epoch's metrics row: phase, target and measured sparsity, mask change; once
         :meth:`count_flops` ran also ``inference_flops`` (per image, the model as it is now), ``inference_flops_ratio``
         (to the dense model), ``train_flops`` (the epochs so far) and ``train_flops_ratio`` (to the same epochs
-        dense); the two train figures are None when the epochs before a loaded state are unknown."""
+        dense)."""
         phase = self._phase
         sparse = phase is not None and phase.kind == "sparse"
         row = {
@@ -330,9 +330,8 @@ class ACDC:
         }
         if self._positions is not None:
             now, run = self.flops(), self._train_flops
-            row.update(inference_flops=now.sparse, inference_flops_ratio=now.ratio,
-                       train_flops=run.flops if run is not None else None,
-                       train_flops_ratio=run.ratio if run is not None else None)
+            row.update(inference_flops=now.sparse, inference_flops_ratio=now.ratio, train_flops=run.flops,
+                       train_flops_ratio=run.ratio)
         return row
 
     # ------------------------------------------------------------------------------------------------------------
@@ -345,13 +344,13 @@ class ACDC:
         ``nn.Module.state_dict``."""
         return {
             "format": STATE_FORMAT,
+            "format_version": FORMAT_VERSION,
             "epoch": self._epoch,
             "phase": self._phase.as_dict() if self._phase is not None else None,
             "masks": dict(self.sparsifier.masks) if self.sparsifier.masks is not None else None,
             "previous_masks": dict(self.sparsifier.previous) if self.sparsifier.previous is not None else None,
             "mask_change": self.mask_change,
-            "train_flops": ({"flops": self._train_flops.flops, "dense_flops": self._train_flops.dense_flops}
-                            if self._train_flops is not None else None),
+            "train_flops": {"flops": self._train_flops.flops, "dense_flops": self._train_flops.dense_flops},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -359,6 +358,7 @@ class ACDC:
         ``start_epoch`` of the same phase changes nothing. A state from another plan is an AcdcError."""
         if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
             raise AcdcError("not an ACDC engine state (expected the output of ACDC.state_dict())")
+        check_format_version(state.get("format_version"), "the engine state")
         phase = state.get("phase")
         current = None
         if phase is not None:
@@ -439,10 +439,8 @@ class ACDC:
         return {"num_classes": num_classes, "in_channels": convs[0].in_channels if convs else entry.in_channels}
 
 
-def _training_flops(saved: Any) -> TrainingFlops | None:
-    """The training FLOPs of a state; None (unknown) for a state without them, written before they were counted."""
-    if saved is None:
-        return None
+def _training_flops(saved: Any) -> TrainingFlops:
+    """The training FLOPs of a state."""
     if not isinstance(saved, Mapping) or not all(type(saved.get(k)) is int and saved[k] >= 0
                                                   for k in ("flops", "dense_flops")):
         raise AcdcError("the engine state's train_flops is malformed (expected non-negative integers flops and "

@@ -19,7 +19,6 @@ from acdc_cli.files.tensors import dense_file_bytes, read_safetensors
 from acdc_cli.flops import output_positions, weights_flops
 from acdc_cli.models import create
 from acdc_cli.sparsity import formats as F
-from acdc_cli.sparsity.masks import nm_compatible
 from acdc_cli.sparsity.rules import (
     layer_weight,
     natural_key,
@@ -70,9 +69,7 @@ def _dense_by_rule(weights: dict[str, torch.Tensor], pruned: list[str], config: 
     for name, tensor in weights.items():
         if name in pruned or not layer_weight(name, tensor):
             continue
-        reason = rule_reason(name, include, exclude)
-        if reason is None and nm is not None and not nm_compatible(tensor, nm[1]):
-            reason = f"input channels ({tensor.shape[1]}) not a multiple of {nm[1]}"
+        reason = rule_reason(name, include, exclude, tensor, nm)
         out.append({"name": name, "shape": list(tensor.shape), "reason": reason or "no mask"})
     return sorted(out, key=lambda layer: natural_key(layer["name"]))
 

@@ -31,6 +31,20 @@ from acdc_cli.version import __version__
 
 CHECKPOINT_FORMAT = "acdc-checkpoint"
 
+# the layout of every file acdc writes (checkpoint, export, resume state, engine state); a reader refuses a newer one
+# rather than misread it. A file without one is read as version 1.
+FORMAT_VERSION = 1
+
+
+def check_format_version(version: Any, source: object) -> None:
+    """Refuse a file whose ``format_version`` (None: not recorded) this acdc does not know."""
+    if version is None or (type(version) is int and version == FORMAT_VERSION):
+        return
+    if type(version) is not int or version < 1:
+        raise AcdcError(f"{source}: malformed metadata (format_version {str(version)[:40]!r} is not a version number)")
+    raise AcdcError(f"{source} was written by a newer acdc (format_version {version}); this acdc reads "
+                    f"format_version {FORMAT_VERSION}")
+
 
 MASK_PREFIX = "mask."
 
@@ -55,6 +69,7 @@ def recorded_config(path: Path) -> dict[str, Any]:
     meta = read_metadata(path)
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise AcdcError(f"{path} is not an acdc checkpoint (format: {meta.get('format', 'no acdc metadata')})")
+    check_format_version(_json_field(meta, "format_version", path), path)
     config = _json_field(meta, "config", path, {})
     if not isinstance(config, dict):
         raise AcdcError(f"{path}: malformed metadata (epoch / config / metrics)")
@@ -87,6 +102,7 @@ def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
 def provenance(ckpt: Checkpoint) -> dict[str, Any]:
     """The metadata that every file made from a checkpoint carries: acdc version, model, settings and progress."""
     return {
+        "format_version": FORMAT_VERSION,
         "acdc_version": __version__,
         "arch": ckpt.arch,
         "model_kwargs": ckpt.model_kwargs,
@@ -103,6 +119,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
     if meta.get("format") != CHECKPOINT_FORMAT:
         found = meta.get("format", "no acdc metadata")
         raise AcdcError(f"{path} is not an acdc checkpoint (format: {found})")
+    check_format_version(_json_field(meta, "format_version", path), path)
     stored_masks = {k[len(MASK_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MASK_PREFIX)}
     weights = {k: v for k, v in tensors.items() if not k.startswith(MASK_PREFIX)}
     stray = set(stored_masks) - set(weights)
@@ -128,7 +145,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
     model_kwargs = _json_field(meta, "model_kwargs", path, {})
     if not isinstance(arch, str) or not isinstance(model_kwargs, dict):
         raise AcdcError(f"{path}: metadata lacks a valid arch / model_kwargs")
-    known = {"format", "acdc_version", "arch", "model_kwargs", "config", "epoch", "phase", "metrics"}
+    known = {"format", "format_version", "acdc_version", "arch", "model_kwargs", "config", "epoch", "phase", "metrics"}
     extra = {k: lenient_json(meta[k]) for k in meta if k not in known}
     epoch = _json_field(meta, "epoch", path, 0)
     config = _json_field(meta, "config", path, {})

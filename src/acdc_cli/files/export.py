@@ -22,12 +22,13 @@ from torch import nn
 from acdc_cli.errors import AcdcError
 from acdc_cli.files.checkpoint import (
     CHECKPOINT_FORMAT,
+    check_format_version,
     fold_masks,
     load_checkpoint,
     rebuild_model,
 )
 from acdc_cli.files.jsonio import parse_json
-from acdc_cli.files.tensors import read_safetensors
+from acdc_cli.files.tensors import _json_field, read_safetensors
 from acdc_cli.sparsity import formats as F
 from acdc_cli.sparsity.rules import layer_prefix
 
@@ -51,6 +52,7 @@ def _meta_json(meta: dict[str, str], key: str, path: Path, kind: type) -> Any:
 def decode_export(tensors: dict[str, torch.Tensor], meta: dict[str, str],
                   path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
     """(dense state dict in the saved order, the stored parts of each compressed layer) of an export's contents."""
+    check_format_version(_json_field(meta, "format_version", path), path)
     fmt = meta.get("export_format")
     if fmt not in FORMATS:
         raise AcdcError(f"{path}: unknown export format {fmt!r}")
@@ -63,11 +65,12 @@ def decode_export(tensors: dict[str, torch.Tensor], meta: dict[str, str],
     for name, info in layers.items():
         encoding = info.get("encoding") if isinstance(info, dict) else None
         shape = info.get("shape") if isinstance(info, dict) else None
+        layout = info.get("layout") if isinstance(info, dict) else None
         if (not isinstance(encoding, str) or encoding not in PARTS or not isinstance(shape, list) or len(shape) < 2
-                or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape)):
+                or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape)
+                or not isinstance(layout, str)):
             raise AcdcError(f"{path}: malformed layer entry for {name}")
-        # files written before the layout was a choice record "OHWI" / "OI" ..., which are rows layouts
-        rows_layout = F.is_rows_layout(str(info.get("layout", F.layout_name(shape))), shape)
+        rows_layout = F.is_rows_layout(layout, shape)
         prefix = layer_prefix(name)
         missing = [p for p in PARTS[encoding] if f"{prefix}.{p}" not in tensors]
         if missing:
@@ -78,8 +81,8 @@ def decode_export(tensors: dict[str, torch.Tensor], meta: dict[str, str],
             decoded = decode(parts["compressed"], parts["bitmask"], parts["shape"])
             if rows_layout:
                 decoded = F.from_rows(decoded, shape)
-            elif list(decoded.shape) != shape or info.get("layout") != F.layout_name(shape, F.NATIVE):
-                raise ValueError(f"stored as {info.get('layout')!r} of shape {list(decoded.shape)}, not {shape}")
+            elif list(decoded.shape) != shape or layout != F.layout_name(shape, F.NATIVE):
+                raise ValueError(f"stored as {layout!r} of shape {list(decoded.shape)}, not {shape}")
             dense[name] = decoded
         except (ValueError, RuntimeError, TypeError, IndexError, OverflowError) as exc:  # shapes from the file
             raise AcdcError(f"{path}: cannot decode {name} ({exc})") from None

@@ -1,66 +1,14 @@
-"""The object that owns a model's masks: select layers, compute masks, keep pruned weights at zero, restore."""
+"""The object that owns a model's masks: compute masks over the layers the rules (rules.py) select, keep pruned
+weights at zero, restore."""
 
 from __future__ import annotations
-
-import fnmatch
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from acdc_cli.errors import AcdcError
 from acdc_cli.sparsity import masks as M
-
-_WILDCARDS = set("*?[")
-
-
-@dataclass(frozen=True)
-class LayerRule:
-    """Why a layer is or is not pruned."""
-
-    module: str
-    param: str  # state-dict name of the weight
-    selected: bool
-    reason: str  # "selected", "excluded", "not included", "input channels not a multiple of M"
-
-
-def prunable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-
-
-def _matches(name: str, patterns: list[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def select_layers(
-    model: nn.Module, include: list[str], exclude: list[str], nm: tuple[int, int] | None = None
-) -> list[LayerRule]:
-    """Apply the include/exclude globs (over module names) to every Conv2d/Linear of the model."""
-    modules = prunable_modules(model)
-    names = [n for n, _ in modules]
-    for pattern in include:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-            raise AcdcError(f"sparsity.include pattern '{pattern}' matches no Conv2d/Linear layer of the model")
-    rules = []
-    for name, module in modules:
-        param = f"{name}.weight" if name else "weight"
-        if not _matches(name, include):
-            rules.append(LayerRule(name, param, False, "not included"))
-        elif _matches(name, exclude):
-            rules.append(LayerRule(name, param, False, "excluded"))
-        elif nm is not None and not M.nm_compatible(module.weight, nm[1]):
-            explicit = any(p == name and not (_WILDCARDS & set(p)) for p in include)
-            if explicit:
-                raise AcdcError(
-                    f"layer '{name}' has {module.weight.shape[1]} input channels per group, not a multiple of "
-                    f"{nm[1]}: it cannot be {nm[0]}:{nm[1]} sparse"
-                )
-            rules.append(LayerRule(name, param, False, f"input channels not a multiple of {nm[1]}"))
-        else:
-            rules.append(LayerRule(name, param, True, "selected"))
-    if not any(r.selected for r in rules):
-        raise AcdcError("the sparsity rules select no layer to prune")
-    return rules
+from acdc_cli.sparsity.rules import parse_nm, select_layers
 
 
 class Sparsifier:
@@ -75,7 +23,7 @@ class Sparsifier:
     def __init__(self, model: nn.Module, include: list[str], exclude: list[str], scope: str, structure: str):
         self.model = model
         self.scope = scope
-        self.nm = _parse_nm(structure)
+        self.nm = parse_nm(structure)
         self.rules = select_layers(model, include, exclude, self.nm)
         params = dict(model.named_parameters())
         self.params: dict[str, nn.Parameter] = {r.param: params[r.param] for r in self.rules if r.selected}
@@ -186,11 +134,4 @@ class Sparsifier:
         counts = torch.stack([(p.detach() == 0).sum() for _, p in params]).tolist() if params else []
         per_layer = {name: z / p.numel() for (name, p), z in zip(params, counts)}
         return {"sparsity": sum(counts) / max(self.numel, 1), "per_layer": per_layer}
-
-
-def _parse_nm(structure: str) -> tuple[int, int] | None:
-    if structure == "unstructured":
-        return None
-    n, m = structure.split(":")
-    return int(n), int(m)
 

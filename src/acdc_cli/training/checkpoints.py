@@ -39,8 +39,10 @@ from acdc_cli.engine import ACDC
 from acdc_cli.errors import AcdcError, TrainingFault
 from acdc_cli.files.atomic import atomic_write_text, remove_stale_temps
 from acdc_cli.files.checkpoint import (
+    FORMAT_VERSION,
     Checkpoint,
     build_model,
+    check_format_version,
     host_copy,
     load_checkpoint,
     load_state,
@@ -68,8 +70,7 @@ class RunState:
     """The run's progress besides weights, masks, optimizer and engine state."""
 
     epoch: int = 0  # epochs completed
-    # {"epoch", "split", "<split>_top1"}: split "val", or "test" when data.val_size = 0 (states written before the
-    # split was recorded hold no "split": val)
+    # {"epoch", "split", "<split>_top1"}: split "val", or "test" when data.val_size = 0
     best_sparse: dict[str, Any] | None = None
     best_dense: dict[str, Any] | None = None
     skip_streak: int = 0  # steps skipped in a row when the last epoch ended (runtime.nan_policy = "skip")
@@ -124,6 +125,7 @@ def resume_state(run_state: RunState, engine: ACDC, optimizer: torch.optim.Optim
     engine_state = engine.state_dict()
     del engine_state["masks"]  # stored once, in the checkpoint beside this state
     state = {
+        "format_version": FORMAT_VERSION,
         "progress": {**run_state.as_dict(), "step": step},
         "optimizer": optimizer.state_dict(),
         "engine": engine_state,
@@ -156,18 +158,13 @@ def save_last(run_dir: Path, ckpt: Checkpoint, state: dict[str, Any]) -> None:
 _STATE_NAME = re.compile(r"last\.state\.([0-9]{1,18})\.pt")
 
 
-# the pair as acdc wrote it before resume_state: whichever of these matches last.safetensors' epoch and step
-_LEGACY_STATES = ("last.state.pt", "last.state.prev.pt")
-
-
 def _generation(name: str) -> int | None:
     found = _STATE_NAME.fullmatch(name)
     return int(found.group(1)) if found else None
 
 
 def load_last(run_dir: Path) -> tuple[Checkpoint, dict[str, Any]]:
-    """``last.safetensors`` and the resume state it names (in a run dir written before that: the one of
-    ``last.state.pt`` / ``last.state.prev.pt`` that matches its epoch and step)."""
+    """``last.safetensors`` and the resume state it names."""
     ckpt = load_checkpoint(run_dir / "last.safetensors")
     return ckpt, _paired_state(run_dir, ckpt)[1]
 
@@ -180,23 +177,21 @@ def state_path(run_dir: Path) -> Path:
 def _paired_state(run_dir: Path, ckpt: Checkpoint) -> tuple[Path, dict[str, Any]]:
     step = ckpt.extra.get("step", 0)
     named = ckpt.extra.get("resume_state")
-    if named is not None and not (isinstance(named, str) and _generation(named) is not None):
+    if named is None:
+        raise AcdcError(f"{run_dir / 'last.safetensors'} names no resume state (no resume_state in its metadata)")
+    if not (isinstance(named, str) and _generation(named) is not None):
         raise AcdcError(f"{run_dir / 'last.safetensors'}: malformed metadata (resume_state {str(named)[:60]!r} is "
                         "not a last.state.N.pt name)")
-    for name in (named,) if named is not None else _LEGACY_STATES:
-        path = run_dir / name
-        if not path.exists():
-            continue
-        state = load_state(path)
-        progress = state.get("progress")
-        if isinstance(progress, dict) and (progress.get("epoch"), progress.get("step", 0)) == (ckpt.epoch, step):
-            return path, state
-        if named is not None:
-            raise AcdcError(f"{path} does not hold the progress last.safetensors records (epoch {ckpt.epoch}, step "
-                            f"{step})")
-    if named is not None:
+    path = run_dir / named
+    if not path.exists():
         raise AcdcError(f"{run_dir}: {named}, the resume state last.safetensors names, is missing")
-    raise AcdcError(f"{run_dir}: no resume state matches last.safetensors (epoch {ckpt.epoch}, step {step})")
+    state = load_state(path)
+    check_format_version(state.get("format_version"), path)
+    progress = state.get("progress")
+    if not (isinstance(progress, dict) and (progress.get("epoch"), progress.get("step", 0)) == (ckpt.epoch, step)):
+        raise AcdcError(f"{path} does not hold the progress last.safetensors records (epoch {ckpt.epoch}, step "
+                        f"{step})")
+    return path, state
 
 
 def _write_checkpoints(run_dir: Path, ckpt: Checkpoint, state: dict[str, Any], best_path: Path | None) -> None:
@@ -263,7 +258,7 @@ class RunDir:
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
             detail = str(exc).splitlines()[0][:120] if str(exc) else ""
             raise AcdcError(f"{path}: malformed resume state ({exc.__class__.__name__} {detail})") from None
-        if self.info.is_main and _generation(path.name) is not None:
+        if self.info.is_main:
             # states of saves that never completed: on a full disk their space is what the next save needs (only
             # rank 0 deletes, and other ranks read the named state alone)
             for orphan in self.path.glob("last.state*.pt"):

@@ -1,5 +1,5 @@
-"""TODO docstring
-"""
+"""What continues a run: the first epoch of a run started from another checkpoint, and the checks of a resume state
+(progress, optimizer, engine, mid-epoch totals) that refuse, in one line, a state this run cannot continue from."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import torch
 
 from acdc_cli.config import Settings
 from acdc_cli.errors import AcdcError
-from acdc_cli.files.checkpoint import STATE_FORMAT
 from acdc_cli.files.jsonio import finite_number
-from acdc_cli.sparsity.schedule import Phase, phase_at
+from acdc_cli.sparsity.schedule import Phase
 
 
 def first_epoch(settings: Settings, from_checkpoint: Path | None, checkpoint_epoch: int) -> int:
@@ -27,22 +26,6 @@ def first_epoch(settings: Settings, from_checkpoint: Path | None, checkpoint_epo
             f"{settings.schedule.epochs}, so nothing is left to continue"
         )
     return checkpoint_epoch
-
-
-def _engine_state(state: dict[str, Any], plan: tuple[Phase, ...]) -> dict[str, Any]:
-    """The engine part of a resume state; states written before the engine existed kept its pieces elsewhere (the
-    phase follows from the progress: the phase of the epoch being trained, or of the last one completed)."""
-    if "engine" in state:
-        return _phase_as_planned(dict(state["engine"]), plan)
-    p = state["progress"]
-    epoch = p["epoch"] if p.get("step") else p["epoch"] - 1
-    return {
-        "format": STATE_FORMAT,
-        "epoch": epoch,
-        "phase": phase_at(list(plan), epoch).as_dict() if epoch >= 0 else None,
-        "previous_masks": state.get("previous_masks"),
-        "mask_change": p.get("mask_change"),
-    }
 
 
 def _phase_as_planned(engine_state: dict[str, Any], plan: tuple[Phase, ...]) -> dict[str, Any]:
@@ -88,7 +71,7 @@ def check_resume_state(state: dict[str, Any], optimizer: torch.optim.Optimizer, 
             continue
         if not isinstance(best, dict) or not _is_int(best.get("epoch")) or best["epoch"] < 0:
             raise AcdcError(f"progress.{key} is {_shown(best)}, expected none or {{epoch, split, {split}_top1}}")
-        if best.get("split", "val") != split:  # records of states written before the split was recorded: val
+        if best.get("split") != split:
             raise AcdcError(f"progress.{key}.split is {_shown(best.get('split'))}, this run selects on {split}")
         for metric in (f"{split}_top1", "test_top1"):
             if (metric in best or metric == f"{split}_top1") and not (finite_number(best.get(metric))
@@ -98,9 +81,9 @@ def check_resume_state(state: dict[str, Any], optimizer: torch.optim.Optimizer, 
     scaler = state.get("scaler")
     if scaler is not None and not (isinstance(scaler, dict) and all(finite_number(v) for v in scaler.values())):
         raise AcdcError(f"scaler is {_shown(scaler)}, expected a table of numbers")
-    if "engine" in state and not isinstance(state["engine"], dict):
-        raise AcdcError(f"engine is {_shown(state['engine'])}, expected a table")
-    engine_state = _engine_state(state, plan)
+    if not isinstance(state.get("engine"), dict):
+        raise AcdcError(f"engine is {_shown(state.get('engine'))}, expected a table")
+    engine_state = _phase_as_planned(dict(state["engine"]), plan)
     _check_engine(engine_state, prunable)
     if step:
         _check_totals(state.get("totals"), step, world_size)

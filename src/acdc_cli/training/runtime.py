@@ -23,17 +23,15 @@ from acdc_cli.training.distributed import DistInfo
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def precision(device: torch.device, amp: str | bool) -> str:
-    """The precision a forward pass runs in: ``runtime.amp`` ("bf16", "fp16", "off"; a bool from older callers means
-    bf16 or off) on CUDA, and always "fp32" elsewhere (CPU autocast is slower than fp32 for these models)."""
-    if amp is True:
-        amp = "bf16"
+def precision(device: torch.device, amp: str) -> str:
+    """The precision a forward pass runs in: ``runtime.amp`` ("bf16", "fp16", "off") on CUDA, and always "fp32"
+    elsewhere (CPU autocast is slower than fp32 for these models)."""
     if device.type != "cuda" or amp not in _AUTOCAST_DTYPES:
         return "fp32"
     return str(amp)
 
 
-def autocast(device: torch.device, amp: str | bool) -> contextlib.AbstractContextManager[Any]:
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager[Any]:
     """Autocast in :func:`precision`'s dtype, or nothing for fp32."""
     chosen = precision(device, amp)
     if chosen == "fp32":
@@ -41,7 +39,7 @@ def autocast(device: torch.device, amp: str | bool) -> contextlib.AbstractContex
     return torch.autocast(device.type, dtype=_AUTOCAST_DTYPES[chosen])
 
 
-def grad_scaler(device: torch.device, amp: str | bool) -> torch.amp.GradScaler:
+def grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
     """A gradient scaler, enabled for fp16 only (bf16 has fp32's range and needs none). A disabled scaler passes
     every call straight through, so one training step serves every precision; its state goes into resume states."""
     return torch.amp.GradScaler(device.type, enabled=precision(device, amp) == "fp16")
