@@ -18,6 +18,15 @@ from rich.table import Table
 
 from acdc_cli import __version__
 from acdc_cli.errors import AcdcError, one_line
+from acdc_cli.schemas import (
+    BENCH_SCHEMA,
+    INSPECT_SCHEMA,
+    PRESETS_SCHEMA,
+    PRUNE_SCHEMA,
+    REPORT_SCHEMA,
+    RESOLVED_SCHEMA,
+    TRAIN_SCHEMA,
+)
 
 app = typer.Typer(
     help="Train sparse image classifiers with AC/DC (Alternating Compressed/DeCompressed training).",
@@ -56,23 +65,6 @@ def _console(stderr: bool = False, markup: bool = True) -> Console:
 
 def out_console(markup: bool = True) -> Console:
     return _console(markup=markup)
-
-
-# the top-level "schema" of each --json output this module writes (eval, export and bench write their own):
-# a script checks it before reading the rest; the number changes when a key changes meaning or goes away
-TRAIN_SCHEMA = "acdc.train/1"
-
-
-RESOLVED_SCHEMA = "acdc.resolved/1"  # train --dry-run, presets show
-
-
-PRESETS_SCHEMA = "acdc.presets/1"
-
-
-PRUNE_SCHEMA = "acdc.prune/1"
-
-
-INSPECT_SCHEMA = "acdc.inspect/1"
 
 
 def print_json(value: Any, schema: str | None = None) -> None:
@@ -576,7 +568,7 @@ def bench(
         result = run_bench(settings, steps=50 if steps is None else steps, warmup=10 if warmup is None else warmup,
                            batch_size=batch_size, status=lambda message: status.update(f"acdc bench: {message}"))
     if as_json:
-        print_json(result, "acdc.bench/1")
+        print_json(result, BENCH_SCHEMA)
     else:
         render(result, out_console())
 
@@ -1011,12 +1003,7 @@ def report(
     sweep): their curves together and a sparsity-vs-top-1 table and plot with each run's best sparse and best dense
     top-1, and the paper's number where the preset has one. --json prints the table.
     """
-    from acdc_cli.commands.report import (
-        REPORT_SCHEMA,
-        SUMMARY_HEADER,
-        summary_rows,
-        write_report,
-    )
+    from acdc_cli.commands.report import SUMMARY_HEADER, summary_rows, write_report
 
     result = write_report(run_dirs, out)
     if as_json:
