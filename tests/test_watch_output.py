@@ -38,7 +38,7 @@ def test_presets_on_an_80_column_terminal_cut_no_cell(monkeypatch):
 
     from rich.console import Console
 
-    from acdc_cli.cli import app as cli
+    from acdc_cli.cli import presets as cli
 
     screen = io.StringIO()
     monkeypatch.setattr(cli, "out_console", lambda markup=True: Console(

@@ -43,12 +43,10 @@ from acdc_cli.files.onnx_file import (
     session,
 )
 from acdc_cli.files.tensors import read_metadata
+from acdc_cli.schemas import BENCH_INFERENCE_SCHEMA as SCHEMA
 from acdc_cli.sparsity import formats as F
 from acdc_cli.training.distributed import resolve_device
 from acdc_cli.training.runtime import elapsed_seconds
-
-SCHEMA = "acdc.bench.inference/1"
-
 
 BATCH_SIZES = (1, 64)
 

@@ -35,15 +35,13 @@ from acdc_cli.files.onnx_file import (
 )
 from acdc_cli.files.tensors import read_safetensors
 from acdc_cli.paper import paper_reference
+from acdc_cli.schemas import EVAL_SCHEMA
 from acdc_cli.sparsity.sparsifier import select_layers
 from acdc_cli.training.distributed import resolve_device
 from acdc_cli.training.evaluation import evaluate
 from acdc_cli.training.runtime import precision
 
 SPLITS = ("val", "test")
-
-
-EVAL_SCHEMA = "acdc.eval/1"
 
 
 @dataclass

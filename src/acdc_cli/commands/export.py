@@ -19,6 +19,7 @@ from acdc_cli.files.checkpoint import (
 from acdc_cli.files.export import DENSE, EXPORT_FORMAT, FORMATS
 from acdc_cli.files.state_dict import load_source
 from acdc_cli.files.tensors import dense_file_bytes, save_safetensors
+from acdc_cli.schemas import EXPORT_SCHEMA
 from acdc_cli.sparsity import formats as F
 from acdc_cli.sparsity.masks import nm_compatible
 from acdc_cli.sparsity.rules import (
@@ -27,11 +28,6 @@ from acdc_cli.sparsity.rules import (
     natural_key,
     prunable_names,
 )
-
-EXPORT_SCHEMA = "acdc.export/1"
-
-
-
 
 ONNX = "onnx"
 

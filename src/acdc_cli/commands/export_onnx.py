@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from acdc_cli.commands.export import EXPORT_SCHEMA, ONNX
+from acdc_cli.commands.export import ONNX
 from acdc_cli.data.bundle import model_input
 from acdc_cli.errors import AcdcError, TrainingFault
 from acdc_cli.files.atomic import atomic_write_bytes, check_writable
@@ -40,6 +40,7 @@ from acdc_cli.files.onnx_file import (
     session,
 )
 from acdc_cli.files.state_dict import load_source
+from acdc_cli.schemas import EXPORT_SCHEMA
 from acdc_cli.sparsity import formats as F
 from acdc_cli.sparsity.rules import natural_key, prunable_names
 

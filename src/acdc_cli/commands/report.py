@@ -30,9 +30,6 @@ from acdc_cli.sparsity.schedule import plan
 from acdc_cli.training.metrics import best_rows, top1_key
 from acdc_cli.version import __version__
 
-REPORT_SCHEMA = "acdc.report/1"
-
-
 # the shading of compressed phases and the colours of the curves, the same in every figure
 _SPARSE_SHADE = "#f4a259"
 

@@ -1,18 +1,23 @@
-"""What continues a run: the first epoch of a run started from another checkpoint, and the checks of a resume state
+"""What continues a run: which settings a resumed or extended run may change (checked against the settings its last
+checkpoint records), the first epoch of a run started from another checkpoint, and the checks of a resume state
 (progress, optimizer, engine, mid-epoch totals) that refuse, in one line, a state this run cannot continue from."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
-from acdc_cli.config import Settings
+from acdc_cli.config import Settings, format_validation_error
 from acdc_cli.errors import AcdcError
-from acdc_cli.files.jsonio import finite_number
-from acdc_cli.sparsity.schedule import Phase
+from acdc_cli.files.checkpoint import recorded_config
+from acdc_cli.files.jsonio import finite_number, lenient_json
+from acdc_cli.files.tensors import read_metadata
+from acdc_cli.sparsity.schedule import Phase, PlannedEpoch, epoch_plan, learning_rate
 
 
 def first_epoch(settings: Settings, from_checkpoint: Path | None, checkpoint_epoch: int) -> int:
@@ -174,3 +179,105 @@ def _check_totals(every_rank: Any, step: int, world_size: int) -> None:
                 raise AcdcError(f"{where}.{key} is {_shown(totals.get(key))}, expected a whole number >= 0")
         if totals["step"] != step:
             raise AcdcError(f"{where}.step is {totals['step']}, the progress says {step}")
+
+
+# what a resumed run may change: where things are and how they run, never what is computed
+_RESUME_MAY_CHANGE = {"data.dir", "data.num_workers", "data.eval_batch_size", "data.download"}
+
+
+_RESUME_SECTIONS_MAY_CHANGE = {"runtime", "log"}
+
+
+_RESUME_MUST_KEEP = {"runtime.seed", "runtime.sync_batchnorm"}
+
+
+def recorded_run_settings(run_dir: Path) -> Settings:
+    """The settings the run's last checkpoint was computed with, as recorded inside last.safetensors (config.toml is
+    a file anyone can edit, so it is not the reference)."""
+    path = run_dir / "last.safetensors"
+    config = recorded_config(path)
+    if not config:
+        raise AcdcError(f"{path} records no settings, so this run cannot be resumed; start a new run with --from {path}")
+    try:
+        return Settings(**config)
+    except ValidationError as exc:
+        raise AcdcError(f"{path}: recorded settings: {format_validation_error(exc)}") from None
+
+
+# what extending a run may change besides: its length, the phase lengths and the LR schedule's shape, as long as every
+# epoch it already trained keeps its phase, sparsity, momentum reset and LR (check_extension)
+_EXTEND_MAY_CHANGE = {
+    "schedule.epochs", "schedule.warmup_epochs", "schedule.compressed_epochs", "schedule.decompressed_epochs",
+    "schedule.final_decompressed_epochs", "schedule.final_compressed_epochs", "schedule.gmp_start_epoch",
+    "schedule.gmp_end_epoch", "schedule.prune_every", "optim.lr_schedule", "optim.milestones", "optim.gamma",
+    "optim.cosine_epochs", "optim.min_lr",
+}
+
+
+def check_resume_settings(recorded: Settings, requested: Settings, run_dir: Path) -> None:
+    """A resumed run continues the same computation: only locations and runtime/log knobs may change (from
+    config.toml, flags, --set or ACDC_* variables alike); the seed, which fixes splits, data order and dropout, may
+    not. It may also be extended (schedule.epochs and the phase lengths and LR shape that go with it) when the
+    epochs it trained stay as planned. ``recorded``: the settings inside last.safetensors."""
+    a, b = recorded.model_dump(mode="json"), requested.model_dump(mode="json")
+    extended = []
+    for section, values in a.items():
+        keys = values.keys() if isinstance(values, dict) else [None]
+        for key in keys:
+            dotted = f"{section}.{key}" if key is not None else section
+            old = values[key] if key is not None else values
+            new = b[section].get(key) if key is not None else b[section]
+            if old == new or dotted in _RESUME_MAY_CHANGE:
+                continue
+            if section in _RESUME_SECTIONS_MAY_CHANGE and dotted not in _RESUME_MUST_KEEP:
+                continue
+            if dotted in _EXTEND_MAY_CHANGE:
+                extended.append(f"{dotted} {old!r} -> {new!r}")
+                continue
+            raise AcdcError(f"cannot change {dotted} when resuming ({old!r} in {run_dir / 'last.safetensors'} -> "
+                            f"{new!r} from config.toml, flags, --set or ACDC_*); only locations (data.dir, ...), "
+                            "runtime.* / log.* settings other than runtime.seed, and the schedule's length may change")
+    if extended:
+        check_extension(recorded, requested, run_dir, ", ".join(extended))
+
+
+def epochs_trained(run_dir: Path) -> int:
+    """Epochs the run's last checkpoint has trained, whole or in part (a mid-epoch checkpoint's epoch counts)."""
+    meta = read_metadata(run_dir / "last.safetensors")
+    epoch, step = lenient_json(meta.get("epoch", "0")), lenient_json(meta.get("step", "0"))
+    if not isinstance(epoch, int) or not isinstance(step, int):
+        raise AcdcError(f"{run_dir / 'last.safetensors'}: malformed metadata (epoch / step)")
+    return epoch + (1 if step else 0)
+
+
+def check_extension(recorded: Settings, requested: Settings, run_dir: Path, changes: str) -> None:
+    """A schedule changed on resume (``changes``) is allowed when every epoch already trained keeps its planned
+    phase, sparsity, momentum reset and LR; otherwise one line names the first epoch whose plan would change."""
+    trained = epochs_trained(run_dir)
+    prefix = f"cannot resume {run_dir} with {changes}"
+    if requested.schedule.epochs < trained:
+        raise AcdcError(f"{prefix}: the run has already trained {trained} epochs")
+    before, after = epoch_plan(recorded), epoch_plan(requested)
+    for epoch in range(trained):
+        old, new = before[epoch], after[epoch]
+        if (old.phase, old.sparsity) != (new.phase, new.sparsity):
+            raise AcdcError(f"{prefix}: epoch {epoch}, already trained {_as_planned(old)}, would become "
+                            f"{_as_planned(new)}; keep the phase lengths up to epoch {trained - 1}")
+        if old.reset_momentum != new.reset_momentum:
+            raise AcdcError(f"{prefix}: epoch {epoch}, already trained, would {'' if new.reset_momentum else 'not '}"
+                            "start by zeroing the momentum")
+        # with optim.lr_per_step the LR moves inside an epoch: its middle must agree too
+        points = (epoch, epoch + 0.5) if requested.optim.lr_per_step else (epoch,)
+        for at in points:
+            lr_old, lr_new = learning_rate(recorded, at), learning_rate(requested, at)
+            if not math.isclose(lr_old, lr_new, rel_tol=1e-12, abs_tol=0.0):
+                hint = ""
+                if recorded.optim.lr_schedule == "cosine" and recorded.optim.cosine_epochs is None:
+                    hint = (f" (the cosine spans schedule.epochs: --set optim.cosine_epochs={recorded.schedule.epochs} "
+                            "keeps it, and runs the added epochs at optim.min_lr)")
+                raise AcdcError(f"{prefix}: epoch {epoch}, already trained at LR {lr_old:.6g}, would run at LR "
+                                f"{lr_new:.6g}{hint}")
+
+
+def _as_planned(epoch: PlannedEpoch) -> str:
+    return f"sparse at {epoch.sparsity:g}" if epoch.phase == "sparse" else "dense"

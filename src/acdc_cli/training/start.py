@@ -1,0 +1,207 @@
+"""Starting a training run, for ``acdc train`` and Python callers alike: the run's settings resolved from their
+layers, every check made before anything is written (resume, extension, ``--from``, model and data, the run dir),
+the run dir prepared and locked, and the choice between training here and relaunching under torchrun.
+
+``acdc train`` is :func:`resolve_settings` then :func:`train`; a Python caller who builds its own settings calls
+:func:`train` alone and meets the same checks and the same one-line :class:`~acdc_cli.errors.AcdcError` messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from acdc_cli.config import Settings, load_settings, merge_layer
+from acdc_cli.data.bundle import input_shape
+from acdc_cli.errors import AcdcError
+from acdc_cli.files.checkpoint import load_checkpoint
+from acdc_cli.models import lookup
+from acdc_cli.training import distributed
+from acdc_cli.training.loop import RunResult, run
+from acdc_cli.training.resume import check_resume_settings, epochs_trained, recorded_run_settings
+from acdc_cli.training.rundir import (
+    check_new_run_dir,
+    default_run_dir,
+    prepare_run_dir,
+    run_lock,
+    saved_settings,
+)
+
+# datasets that live in a folder of the user's: the ranks of --nproc cannot each fetch or guess it
+_NEEDS_DATA_DIR = ("cifar10", "cifar100", "imagenet")
+
+
+class RanksFailed(Exception):
+    """A rank started by ``nproc`` failed; the ranks have said why themselves. ``exit_code``: the first failure's."""
+
+    def __init__(self, exit_code: int):
+        super().__init__(f"a rank failed (exit code {exit_code})")
+        self.exit_code = exit_code
+
+
+def resolve_settings(preset: str | None = None, config: Path | None = None, overrides: list[str] | None = None,
+                     flags: dict[str, Any] | None = None, *, resume: Path | None = None,
+                     from_checkpoint: Path | None = None, out: Path | None = None, force: bool = False) -> Settings:
+    """The settings of a run as ``acdc train`` resolves them: defaults < preset < ``config`` < ACDC_SECTION__KEY env <
+    ``flags`` / ``overrides`` (``--set``). ``resume``: the run dir to continue, whose recorded settings (with its
+    config.toml over them) replace preset and config; what the other layers change is checked against them.
+    ``from_checkpoint`` without preset or config: the checkpoint's own settings. Checked as :func:`train` checks
+    them (a dry run sees the same errors); ``out`` and ``force`` only to refuse them with ``resume``."""
+    if resume is not None:
+        if preset or config or from_checkpoint:
+            raise AcdcError("--resume continues a run with its saved settings; drop --preset/--config/--from")
+        if out is not None or force:
+            raise _resumed_in_place(resume)
+        config_toml = saved_settings(resume)  # also: is it a run dir with a checkpoint
+        recorded = recorded_run_settings(resume)
+        # config.toml (where a moved data.dir may be recorded) over the settings the checkpoint records, so that an
+        # emptied config.toml still resumes; what it or a flag changes is checked against the checkpoint
+        base = merge_layer(recorded.model_dump(mode="json"), config_toml)
+        settings = load_settings(base=base, overrides=overrides, flags=flags)
+        check_resume_settings(recorded, settings, resume)
+    else:
+        # --from alone continues with the checkpoint's own settings (a pruned checkpoint's are compressed throughout)
+        use_checkpoint = from_checkpoint is not None and preset is None and config is None
+        base = checkpoint_settings(from_checkpoint) if use_checkpoint else None
+        settings = load_settings(preset, config, overrides, flags, base=base)
+    _check_start(settings, from_checkpoint, new_run=resume is None)
+    return settings
+
+
+def train(settings: Settings, *, out: Path | None = None, resume: bool = False, force: bool = False,
+          from_checkpoint: Path | None = None, nproc: int | None = None, console: Console | None = None,
+          launch_argv: list[str] | None = None) -> RunResult | None:
+    """Train as ``settings`` say into the run dir ``out`` (default: runs/<preset>-<timestamp>), or continue the run
+    there (``resume``: only what :func:`~acdc_cli.training.resume.check_resume_settings` allows may differ from the
+    settings its last checkpoint records). ``force``: overwrite a non-empty ``out``. ``from_checkpoint``: start from
+    its weights and masks. ``nproc``: relaunch as that many data-parallel processes through torchrun, each running
+    ``python -m acdc_cli`` with ``launch_argv`` (``acdc train``'s own options; by default these settings) and the
+    run dir; this process holds the run lock for them.
+
+    Returns the result for the process that reports it; None in the process that launched ranks and in ranks other
+    than 0. Raises AcdcError (one line) before anything is written when a check fails, :class:`RanksFailed` when a
+    launched rank fails."""
+    if resume:
+        if out is None:
+            raise AcdcError("resume continues the run in a run dir: give it as out")
+        if force:
+            raise _resumed_in_place(out)
+        saved_settings(out)  # is it a run dir with a checkpoint
+        check_resume_settings(recorded_run_settings(out), settings, out)
+        run_dir = Path(out)
+    else:
+        run_dir = Path(out) if out is not None else default_run_dir(settings)
+    _check_start(settings, from_checkpoint, new_run=not resume)
+    if from_checkpoint is not None and not from_checkpoint.is_file():
+        raise AcdcError(f"--from: no such checkpoint {from_checkpoint}")
+    if nproc is not None:
+        _launch(settings, run_dir, resume, force, from_checkpoint, nproc, launch_argv)
+        return None
+    # under torchrun only rank 0 touches the run dir and prints
+    is_main = distributed.env_rank() == 0
+    console = console or Console()
+    with contextlib.ExitStack() as held:
+        if not resume and is_main:
+            check_new_run_dir(run_dir, force)  # before the lock file is made in it
+        if is_main:
+            held.enter_context(run_lock(run_dir))
+        if not resume and is_main:
+            prepare_run_dir(run_dir, force)
+        if resume and is_main and epochs_trained(run_dir) >= settings.schedule.epochs:
+            console.print(f"note: {run_dir} has trained all {settings.schedule.epochs} epochs of its plan; nothing to "
+                          "train (a longer run: --set schedule.epochs=N, see README 'Extending a run')",
+                          markup=False, highlight=False, soft_wrap=True)
+        result = run(settings, run_dir, resume=resume, from_checkpoint=from_checkpoint, console=console)
+    if not is_main:
+        return None
+    if result.preempted is not None:
+        distributed.mark_stopped()
+    return result
+
+
+def checkpoint_settings(path: Path) -> dict[str, Any]:
+    """The settings a ``--from`` checkpoint records, as the base of a new run from it."""
+    if not path.is_file():
+        raise AcdcError(f"--from: no such checkpoint {path}")
+    config = load_checkpoint(path).config
+    if not config:
+        raise AcdcError(f"--from {path} records no settings; give --preset or --config as well")
+    # the pretrained weights that run started from are history: the checkpoint's own weights are the start now
+    model = config.get("model")
+    if isinstance(model, dict) and "weights" in model:
+        config = {**config, "model": {k: v for k, v in model.items() if k != "weights"}}
+    return config
+
+
+def _resumed_in_place(run_dir: Path) -> AcdcError:
+    return AcdcError(f"--resume continues the run in {run_dir} in place; drop --out/--force (--out NEW_DIR "
+                     f"--from {Path(run_dir) / 'last.safetensors'} starts a new run from its weights)")
+
+
+def _check_start(settings: Settings, from_checkpoint: Path | None, new_run: bool) -> None:
+    """What must hold before anything runs (a dry run too): one source of starting weights, a model that exists and
+    fits the data, and (for a new run) the pretrained weights file."""
+    if from_checkpoint is not None and settings.model.weights is not None:
+        raise AcdcError("--from and model.weights both give the starting weights; keep one")
+    lookup(settings.model.name)
+    if settings.model.name.startswith("torchvision:"):
+        channels = input_shape(settings.data.name, settings.model.name)[0]
+        if channels != 3:
+            raise AcdcError(f"{settings.model.name} takes 3-channel images and data.name = "
+                            f"{settings.data.name!r} has {channels}; use cifar10, cifar100, imagenet or synthetic "
+                            "(--set data.name=...)")
+    weights = settings.model.weights
+    if new_run and weights is not None and not weights.is_file():
+        raise AcdcError(f"model.weights: no such file {weights}")
+
+
+def _launch(settings: Settings, run_dir: Path, resume: bool, force: bool, from_checkpoint: Path | None, nproc: int,
+            launch_argv: list[str] | None) -> None:
+    """Train in ``nproc`` processes under torchrun, this one holding the run dir's lock for them."""
+    threads = distributed.check_nproc(nproc, settings)
+    if settings.data.name in _NEEDS_DATA_DIR and settings.data.dir is None:
+        raise AcdcError(f"data.dir is not set: {settings.data.name} needs --data-dir PATH")
+    with contextlib.ExitStack() as held:
+        if not resume:
+            check_new_run_dir(run_dir, force)  # before the lock file is made in it
+        held.enter_context(run_lock(run_dir, for_ranks=True))
+        if not resume:
+            prepare_run_dir(run_dir, force)
+        if launch_argv is None:
+            folder = Path(held.enter_context(tempfile.TemporaryDirectory(prefix="acdc-ranks-")))
+            argv = _rank_argv(settings, run_dir, resume, from_checkpoint, folder)
+        else:
+            argv = [*launch_argv, *([] if resume else ["--out", str(run_dir)])]
+        code = distributed.launch(nproc, argv, threads)
+    if code:
+        raise RanksFailed(code)
+
+
+def _rank_argv(settings: Settings, run_dir: Path, resume: bool, from_checkpoint: Path | None,
+               folder: Path) -> list[str]:
+    """``acdc train`` arguments that make every rank resolve exactly ``settings``: a new run reads them from a TOML
+    file in ``folder``; a resumed run starts from its run dir's settings and sets what differs."""
+    if not resume:
+        path = folder / "settings.toml"
+        path.write_text(settings.to_toml())
+        start = ["--from", str(from_checkpoint)] if from_checkpoint is not None else []
+        return ["train", "--config", str(path), "--out", str(run_dir), *start]
+    saved = resolve_settings(resume=run_dir).model_dump(mode="json")
+    wanted = settings.model_dump(mode="json")
+    sets = []
+    for section, values in wanted.items():
+        if not isinstance(values, dict):
+            continue
+        for key, value in values.items():
+            if value == saved[section].get(key):
+                continue
+            if value is None:
+                raise AcdcError(f"{section}.{key} is unset here and set in {run_dir}; ranks started with nproc "
+                                "cannot unset it")
+            sets += ["--set", f"{section}.{key}={json.dumps(value)}"]
+    return ["train", "--resume", str(run_dir), *sets]
