@@ -309,7 +309,7 @@ def train(
     console = err_console() if as_json else out_console()
     if resume is not None and is_main and _epochs_trained(resume) >= settings.schedule.epochs:
         console.print(f"note: {resume} has trained all {settings.schedule.epochs} epochs of its plan; nothing to "
-                      "train (a longer run: --set schedule.epochs=N, see README 'Extending a run')",
+                      "train (a longer run: --set schedule.epochs=N, see docs/runs.md, 'Extending a run')",
                       markup=False, highlight=False, soft_wrap=True)
     result = run(settings, run_dir, resume=resume is not None, from_checkpoint=from_, console=console)
     if not is_main:
