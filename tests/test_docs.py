@@ -224,3 +224,10 @@ def test_two_torchrun_agents_train_and_resume_one_run(tmp_path):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert [r["epoch"] for r in rows] == list(range(6))
     assert all(len(r["mask_checksums"]) == 2 for r in rows if r["mask_checksums"])
+
+
+def test_api_doc_example_is_the_one_the_api_test_runs():
+    """docs/api.md repeats the README's Python example, which tests/test_api.py runs as written: they stay equal."""
+    python = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+    readme = python.findall((ROOT / "README.md").read_text().split("## Python API", 1)[1])
+    assert readme and python.findall((ROOT / "docs" / "api.md").read_text())[:1] == readme[:1]
