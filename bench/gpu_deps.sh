@@ -3,7 +3,7 @@
 # machine's python already has) in build/gpu-deps, for a GPU machine that cannot reach a package index.
 #
 #   bash bench/gpu_deps.sh [PYTHON_VERSION]      # on a machine with pip; PYTHON_VERSION of the GPU machine (3.12)
-#   ACDC_GPU_DEPS=build/gpu-deps bash bench/gpu_check.sh     # then on the GPU machine, with build/gpu-deps copied
+#   python bench/gpu_check.py --deps build/gpu-deps      # then on the GPU machine, with build/gpu-deps copied
 #
 # The versions are the ones installed in the python that runs this script (acdc's tested set) where it has them;
 # the folder holds platform wheels for x86-64 Linux, unpacked, so PYTHONPATH can point at it. build/ is git-ignored.

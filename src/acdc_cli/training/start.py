@@ -114,7 +114,7 @@ def train(settings: Settings, *, out: Path | None = None, resume: bool = False, 
             prepare_run_dir(run_dir, force)
         if resume and is_main and epochs_trained(run_dir) >= settings.schedule.epochs:
             console.print(f"note: {run_dir} has trained all {settings.schedule.epochs} epochs of its plan; nothing to "
-                          "train (a longer run: --set schedule.epochs=N, see README 'Extending a run')",
+                          "train (a longer run: --set schedule.epochs=N, see docs/runs.md, 'Extending a run')",
                           markup=False, highlight=False, soft_wrap=True)
         result = run(settings, run_dir, resume=resume, from_checkpoint=from_checkpoint, console=console)
     if not is_main:
