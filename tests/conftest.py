@@ -3,6 +3,7 @@ test (see ``_hermetic``); the quickstart run and its 2:4 pruning are made once p
 
 import os
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,15 @@ from hypothesis import HealthCheck, core
 from hypothesis import settings as hypothesis_settings
 
 from acdc_cli import testing_hooks
+
+# the tests' own models (tiny-test), which acdc does not ship: registered here for this process, and through
+# support/sitecustomize.py for every Python process a test starts (the folder goes on their PYTHONPATH in _hermetic)
+SUPPORT = Path(__file__).resolve().parent / "support"
+sys.path.insert(0, str(SUPPORT))
+
+from acdc_test_models import register_test_models  # noqa: E402
+
+register_test_models()
 
 # variables that change what acdc does: its settings, torchrun's process-group setup, the test fault hooks
 _CLEARED_PREFIXES = ("ACDC_", "_ACDC_", "TORCHELASTIC_")
@@ -26,7 +36,8 @@ _TERMINAL_SIZE = ("COLUMNS", "LINES", "FORCE_COLOR", "NO_COLOR", "TTY_COMPATIBLE
 @pytest.fixture(scope="session", autouse=True)
 def _hermetic():
     """The whole session runs without the caller's ACDC_* settings, torchrun variables, test hooks' variables or
-    terminal size (subprocesses inherit the cleaned environment).
+    terminal size (subprocesses inherit the cleaned environment), and with the test models in every process it
+    starts (support/ on PYTHONPATH, after the caller's entries).
 
     Session scope, so that session- and module-scoped runs (the quickstart) see the same environment as tests.
     """
@@ -34,6 +45,7 @@ def _hermetic():
         for name in list(os.environ):
             if name.startswith(_CLEARED_PREFIXES) or name in _CLEARED or name in _TERMINAL_SIZE:
                 mp.delenv(name)
+        mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(SUPPORT)])))
         yield
 
 

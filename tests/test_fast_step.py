@@ -19,7 +19,7 @@ from acdc_cli.models import create
 from acdc_cli.sparsity import masks as M
 from acdc_cli.training import runtime
 from acdc_cli.training.distributed import DistInfo
-from acdc_cli.training.loop import build_optimizer, train_epoch
+from acdc_cli.training.loop import EpochSteps, build_optimizer, train_epoch
 
 CPU = torch.device("cpu")
 
@@ -83,8 +83,10 @@ def test_training_step_never_waits_for_the_host(one_thread):
                           shuffle=True, augment=True, pad=2)
     per_step: list[int] = []
     with HostWaits() as waits:
-        stats = train_epoch(model, loader, optimizer, settings, 0, CPU, None,
-                            after_step=lambda totals: per_step.append(len(waits.seen)) and False)
+        steps = EpochSteps(model, loader, optimizer, settings, epoch=0, device=CPU)
+        for _ in steps:
+            per_step.append(len(waits.seen))
+        stats = steps.stats()
     assert per_step == [0] * 6, waits.seen
     assert waits.seen == ["aten::_local_scalar_dense"] * 3  # first bad step, loss sum, top-1 count: once an epoch
     assert stats["train_loss"] > 0
@@ -111,11 +113,11 @@ def test_masks_exact_under_bf16_autocast_and_channels_last(one_thread, structure
     optimizer, sparsifier = _masked_optimizer(model, settings)
     x = torch.randn(16, 3, 8, 8).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (16,))
-    train_epoch(model, RepeatedBatch(x, y, 2), optimizer, settings, 0, CPU, None)
+    train_epoch(model, RepeatedBatch(x, y, 2), optimizer, settings, device=CPU)
     sparsifier.compress(sparsity)
     masks = {n: m.clone() for n, m in sparsifier.masks.items()}
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        stats = train_epoch(model, RepeatedBatch(x, y, 4), optimizer, settings, 0, CPU, None)
+        stats = train_epoch(model, RepeatedBatch(x, y, 4), optimizer, settings, device=CPU)
     assert math.isfinite(stats["train_loss"])
     weights_zero, grads_zero = _pruned_weights_and_grads_zero(model, masks)
     assert weights_zero and grads_zero
@@ -155,10 +157,10 @@ def test_compiled_step_keeps_masks_exact_and_matches_eager(one_thread):
     counters.clear()
     for label, model, step_net in (("eager", eager_model, eager_model), ("compiled", compiled_model, net)):
         optimizer, sparsifier = _masked_optimizer(model, settings)
-        dense = train_epoch(step_net, RepeatedBatch(x, y, 2), optimizer, settings, 0, CPU, None)
+        dense = train_epoch(step_net, RepeatedBatch(x, y, 2), optimizer, settings, device=CPU)
         sparsifier.compress(0.9)
         masks = {n: m.clone() for n, m in sparsifier.masks.items()}
-        sparse = train_epoch(step_net, RepeatedBatch(x, y, 3), optimizer, settings, 0, CPU, None)
+        sparse = train_epoch(step_net, RepeatedBatch(x, y, 3), optimizer, settings, device=CPU)
         runs[label] = (dense["train_loss"], sparse["train_loss"], masks, model)
     graphs_after_masks = counters["stats"]["unique_graphs"]
     eager, compiled = runs["eager"], runs["compiled"]
@@ -171,7 +173,7 @@ def test_compiled_step_keeps_masks_exact_and_matches_eager(one_thread):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
     assert graphs_after_masks >= 1
     sparsifier.decompress()
-    train_epoch(net, RepeatedBatch(x, y, 1), optimizer, settings, 0, CPU, None)
+    train_epoch(net, RepeatedBatch(x, y, 1), optimizer, settings, device=CPU)
     assert counters["stats"]["unique_graphs"] == graphs_after_masks  # masks live outside the graph
     assert list(compiled_model.state_dict()) == names
 

@@ -87,9 +87,9 @@ def test_ctrl_c_outside_training_exits_130(quickstart_run, monkeypatch):
 def test_stop_signal_flag_then_keyboard_interrupt_and_handlers_restored():
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     with StopSignal() as stop:
-        assert not stop.should_stop(1)
+        assert not stop.should_stop(0, 1)
         signal.raise_signal(signal.SIGTERM)  # the handler has run when this returns
-        assert stop.should_stop(1) and stop.name == "SIGTERM"
+        assert stop.should_stop(0, 1) and stop.name == "SIGTERM"
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
     assert {sig: signal.getsignal(sig) for sig in before} == before
@@ -105,7 +105,7 @@ def test_same_signal_twice_at_once_is_one_request(monkeypatch):
         signal.raise_signal(signal.SIGINT)
         now[0] += 0.01
         signal.raise_signal(signal.SIGINT)
-        assert stop.should_stop(1) and stop.name == "SIGINT"
+        assert stop.should_stop(0, 1) and stop.name == "SIGINT"
         now[0] += DUPLICATE_WINDOW_S
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
@@ -124,6 +124,19 @@ def test_signal_hook_syntax_and_errors():
             parse_signals(bad)
 
 
+def test_planned_signal_fires_at_the_epoch_and_step_the_loop_passes(monkeypatch):
+    """The hook matches the (epoch, step) handed to should_stop, nothing read from the caller's frames: the same
+    step of another epoch, or the epoch-end check, does not fire it; it fires once."""
+    monkeypatch.setenv("_ACDC_TEST_SIGNAL", "SIGTERM@epoch=1,step=3;SIGINT@epoch=2,step=end")
+    epoch = 2  # a local named `epoch` that disagrees with what the loop passes
+    with StopSignal() as stop:
+        assert not stop.should_stop(0, 3) and not stop.should_stop(1, 2) and not stop.should_stop(1)
+        assert stop.should_stop(1, 3) and stop.name == "SIGTERM"
+    with StopSignal() as stop:
+        assert not stop.should_stop(epoch, 3) and not stop.should_stop(1)
+        assert stop.should_stop(epoch) and stop.name == "SIGINT"
+
+
 RANK_SCRIPT = """
 import json, signal, sys
 import torch.distributed as dist
@@ -133,10 +146,10 @@ from acdc_cli.training.preemption import StopSignal, reduce_int
 rank = int(sys.argv[1])
 dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
 with StopSignal(sync_every=5) as stop:
-    before = stop.should_stop(5)
+    before = stop.should_stop(0, 5)
     if rank == 1:
         signal.raise_signal(signal.SIGTERM)
-    answers = [stop.should_stop(step) for step in (6, 9, 10)] + [stop.should_stop()]
+    answers = [stop.should_stop(0, step) for step in (6, 9, 10)] + [stop.should_stop(0)]
 low = reduce_int(10 + rank, "min")
 print(json.dumps({"received": stop.name, "before": before, "answers": answers, "min": low}))
 distributed.teardown()

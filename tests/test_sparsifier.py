@@ -35,7 +35,7 @@ def instrumented_run(tmp_path_factory):
     settings = load_settings(overrides=TINY)
     events = []
     engines = []  # the run's engine, seen at its first phase (before the first epoch)
-    real_enter, real_epoch = ACDC._enter, train_mod.train_epoch
+    real_enter, real_stats = ACDC._enter, train_mod.EpochSteps.stats
 
     def enter(engine, phase, *args, **kwargs):
         engines.append(engine)
@@ -55,12 +55,12 @@ def instrumented_run(tmp_path_factory):
             "change": change,
         })
 
-    def epoch(net, loader, optimizer, settings, epoch, *args, **kwargs):
+    def epoch_trained(steps):  # the loop reads an epoch's stats once all its steps ran
         sparsifier = engines[-1].sparsifier
-        stats = real_epoch(net, loader, optimizer, settings, epoch, *args, **kwargs)
+        stats = real_stats(steps)
         events.append({
             "kind": "epoch",
-            "epoch": epoch,
+            "epoch": steps.epoch,
             "weights": {n: p.detach().clone() for n, p in sparsifier.params.items()},
             "masks": {n: m.clone() for n, m in (sparsifier.masks or {}).items()},
         })
@@ -68,7 +68,7 @@ def instrumented_run(tmp_path_factory):
 
     mp = pytest.MonkeyPatch()
     mp.setattr(ACDC, "_enter", enter)
-    mp.setattr(train_mod, "train_epoch", epoch)
+    mp.setattr(train_mod.EpochSteps, "stats", epoch_trained)
     try:
         run_dir = tmp_path_factory.mktemp("tiny")
         train_mod.run(settings, run_dir)

@@ -62,7 +62,7 @@ from acdc_cli.flops import (
 )
 from acdc_cli.models import create, lookup
 from acdc_cli.sparsity.schedule import Phase, momentum_resets, phase_at, plan
-from acdc_cli.sparsity.sparsifier import Sparsifier
+from acdc_cli.sparsity.sparsifier import LayerRule, Sparsifier
 
 ResetPolicy = Literal["restore", "every", "never"]
 
@@ -296,6 +296,12 @@ class ACDC:
     def prunable(self) -> Mapping[str, nn.Parameter]:
         """The weights the sparsity rules select, by name (read-only): what the masks cover and sparsity counts."""
         return MappingProxyType(self.sparsifier.params)
+
+    @property
+    def rules(self) -> tuple[LayerRule, ...]:
+        """What the sparsity rules decided for every Conv2d / Linear weight: ``module``, ``param``, ``selected`` and
+        the ``reason`` (why a layer is left dense)."""
+        return tuple(self.sparsifier.rules)
 
     @property
     def phase(self) -> Phase | None:

@@ -41,9 +41,7 @@ nothing per training step.
   Each entry fires once per run. Two entries at the same point fire in the order given, so
   ``SIGTERM@epoch=1,step=3;SIGINT@epoch=1,step=3`` is a second signal arriving while the first is handled.
 
-The epoch is read from the caller of ``should_stop``: the first frame up the stack with an int local ``epoch``
-(train.py's ``_after_step`` and its epoch loop both have one). A caller without one is an error, not a hook that
-silently never fires.
+The training loop passes its ``(epoch, step)`` to ``should_stop``, which hands them to :func:`deliver_planned`.
 """
 
 from __future__ import annotations
@@ -52,7 +50,6 @@ import errno
 import fnmatch
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -184,28 +181,16 @@ def planned_signals() -> list[PlannedSignal] | None:
     return [p for p in parse_signals(spec) if p.rank is None or p.rank == rank]
 
 
-def _caller_epoch() -> int:
-    frame = sys._getframe(3)  # 0: here, 1: deliver_planned, 2: StopSignal.should_stop, 3: its caller
-    while frame is not None:
-        epoch = frame.f_locals.get("epoch")
-        if isinstance(epoch, int) and not isinstance(epoch, bool):
-            return epoch
-        frame = frame.f_back
-    raise HookSyntaxError(f"{SIGNAL_ENV}: no caller of should_stop has an `epoch` variable to match against")
-
-
 PARENT_WAIT_S = 300.0
 
 
-def deliver_planned(planned: list[PlannedSignal], step: int | None, received: Callable[[], bool]) -> None:
-    """Raise the signals planned for this check (called from ``should_stop``, in the main thread). The handler runs
-    before this returns, so ``should_stop`` sees its flag at once; ``received`` says whether it has run."""
-    pending = [p for p in planned if not p.fired and p.step == step]
-    if not pending:
-        return
-    epoch = _caller_epoch()
-    for p in pending:
-        if p.epoch != epoch:
+def deliver_planned(planned: list[PlannedSignal], epoch: int, step: int | None,
+                    received: Callable[[], bool]) -> None:
+    """Raise the signals planned for this check, the loop's ``(epoch, step)`` (called from ``should_stop``, in the
+    main thread). The handler runs before this returns, so ``should_stop`` sees its flag at once; ``received`` says
+    whether it has run."""
+    for p in planned:
+        if p.fired or p.epoch != epoch or p.step != step:
             continue
         p.fired = True
         if not p.to_parent:

@@ -349,10 +349,10 @@ def run_bench(settings: Settings, *, steps: int = 50, warmup: int = 10, batch_si
     sparsifier.compress(settings.sparsity.target)
     scaler = runtime.grad_scaler(device, rt.amp)
     if warmup:
-        train_epoch(net, RepeatedBatch(images, labels, warmup), optimizer, settings, 0, device, None, scaler=scaler)
+        train_epoch(net, RepeatedBatch(images, labels, warmup), optimizer, settings, device=device, scaler=scaler)
     timed = RepeatedBatch(images, labels, steps)
     step_seconds = elapsed_seconds(
-        lambda: train_epoch(net, timed, optimizer, settings, 0, device, None, scaler=scaler), device)
+        lambda: train_epoch(net, timed, optimizer, settings, device=device, scaler=scaler), device)
     acdc = steps * batch / step_seconds
 
     say("post-backward step: gradient mask + fused SGD against gradient mask + foreach SGD + weight mask")
@@ -384,7 +384,7 @@ def run_bench(settings: Settings, *, steps: int = 50, warmup: int = 10, batch_si
             evaluation.evaluate_sharded(eval_net, val_loader, device, rt.amp, info)  # warm-up: compiles both batch sizes
             graphs = compiled_graphs()
             epoch_seconds = elapsed_seconds(
-                lambda: train_epoch(net, loader, optimizer, settings, 0, device, None, scaler=scaler), device)
+                lambda: train_epoch(net, loader, optimizer, settings, device=device, scaler=scaler), device)
             epoch = loader.num_samples / epoch_seconds
             eval_rate = val_loader.num_samples / elapsed_seconds(
                 lambda: evaluation.evaluate_sharded(eval_net, val_loader, device, rt.amp, info), device)

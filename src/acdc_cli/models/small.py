@@ -1,4 +1,4 @@
-"""Small models: the quickstart CNN for 8x8 digits and a tiny model for tests."""
+"""The quickstart CNN for 8x8 digits. (The tests' tiny model is theirs: tests/support registers it.)"""
 
 from __future__ import annotations
 
@@ -40,26 +40,3 @@ class DigitsCNN(nn.Module):
 @register("digits-cnn", input_size=8, in_channels=1)
 def digits_cnn(num_classes: int = 10, in_channels: int = 1, dropout: float = 0.0) -> nn.Module:
     return DigitsCNN(num_classes, in_channels, dropout=dropout)
-
-
-class TinyNet(nn.Module):
-    """A few hundred weights: conv (8 input channels for N:M tests) -> pool -> linear."""
-
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, dropout: float = 0.0):
-        super().__init__()
-        self.stem = nn.Conv2d(in_channels, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
-        self.pool = nn.AdaptiveAvgPool2d(2)
-        self.drop = nn.Dropout(dropout)
-        self.fc = nn.Linear(32, num_classes)
-
-    def forward(self, x):
-        x = self.bn(self.stem(x)).relu()
-        x = self.conv(x).relu()
-        return self.fc(self.drop(self.pool(x).flatten(1)))
-
-
-@register("tiny-test", input_size=8, in_channels=3)
-def tiny_test(num_classes: int = 10, in_channels: int = 3, dropout: float = 0.0) -> nn.Module:
-    return TinyNet(num_classes, in_channels, dropout)

@@ -1,18 +1,17 @@
 """``acdc train``: build the data, the model and its optimizer, hand them to the AC/DC engine, then per epoch:
 start_epoch (prune / restore / reset momentum at phase boundaries), train, evaluate, log, checkpoint.
 
-The engine (engine.py) is the same object a user's own loop uses; the run dir's files and resuming live in rundir.py,
-devices, precision and ranks in runtime.py.
+The engine (engine.py) is the same object a user's own loop uses; the run's checkpoints live in checkpoints.py,
+resuming in resume.py, devices, precision and ranks in runtime.py.
 """
 
 from __future__ import annotations
 
-import functools
 import gc
 import hashlib
 import shlex
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,39 +114,56 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
                            settings=settings) if is_main else None
     progress = StepReporter(console, settings, logger.writer) if is_main else None
     first = None if resume else store.state.epoch  # a fresh run may start inside a phase (schedule.start_epoch)
+    checkpoint_every = settings.runtime.checkpoint_every_steps
     preempted: dict[str, Any] | None = None
     try:
         for epoch in range(store.state.epoch, settings.schedule.epochs):
+            # at a phase boundary: prune, or restore and reset momentum
             phase = engine.start_epoch(epoch)
-            # every rank must hold the same masks from the moment they change
-            checksums = distributed.verify_masks(engine.sparsifier.masks, info) if epoch in (phase.start, first) else None
+            # every rank must hold the same masks from the moment they change (a dense phase has none)
+            checksums = None
+            if epoch in (phase.start, first) and engine.masks:
+                checksums = distributed.verify_masks(engine.masks, info)
             bundle.train.set_epoch(epoch)
             totals = totals or EpochTotals.start(device, streak=store.state.skip_streak)
-            save = functools.partial(store.save_step, phase) if is_main else None
-            after_step = functools.partial(_after_step, stop=stop, every=settings.runtime.checkpoint_every_steps,
-                                           steps=len(bundle.train), epoch=epoch, save=save)
-            stats = train_epoch(net, bundle.train, optimizer, settings, epoch, device, progress, totals, after_step,
-                                info.rank, scaler)
-            if stats is None:
-                preempted = {"signal": stop.name, "epoch": epoch, "step": totals.step}
+
+            # train; between two steps, a mid-epoch checkpoint when one is due, and one more before a signal stops
+            # the run (the next `acdc train --resume` goes on from that step)
+            steps = EpochSteps(net, bundle.train, optimizer, settings, epoch=epoch, device=device, totals=totals,
+                               progress=progress, rank=info.rank, scaler=scaler)
+            for step in steps:
+                stopping = stop.should_stop(epoch, step)
+                if stopping or (checkpoint_every and step % checkpoint_every == 0 and step < steps.count):
+                    raise_if_bad(totals, epoch)  # never replace the last good checkpoint with diverged weights
+                    every_rank = gather_totals(totals)
+                    if is_main:
+                        store.save_step(phase, step, every_rank)
+                if stopping:
+                    preempted = {"signal": stop.name, "epoch": epoch, "step": step}
+                    break
+            if preempted is not None:
                 break
+            stats = distributed.reduce_train_stats(steps.stats(), info)
             store.state.skip_streak, totals = totals.streak, None
-            stats = distributed.reduce_train_stats(stats, info)
             engine.end_epoch(bundle.train.num_samples * info.world_size)  # the images every rank really trained
-            evaluated = evaluates(settings, phase, epoch)
-            scores = (evaluation.evaluate_sharded(eval_net, eval_loader, device, settings.runtime.amp, info) if evaluated
-                      else dict.fromkeys(("loss", "top1", "top5")))  # null in metrics.jsonl
+
+            # evaluate: every runtime.eval_every epochs and at the end of each phase; null in metrics.jsonl otherwise
+            scores = dict.fromkeys(("loss", "top1", "top5"))
+            if evaluates(settings, phase, epoch):
+                scores = evaluation.evaluate_sharded(eval_net, eval_loader, device, settings.runtime.amp, info)
             row = {"epoch": epoch, **engine.metrics(), "lr": stats["lr"], "train_loss": stats["train_loss"],
                    "train_top1": stats["train_top1"], f"{split}_loss": scores["loss"], f"{split}_top1": scores["top1"],
                    f"{split}_top5": scores["top5"], "mask_checksums": checksums, "img_per_s": stats["img_per_s"],
                    "skipped_steps": stats["skipped_steps"]}
             if bundle.memorized is not None:
                 row.update(evaluate_memorized(model, bundle.memorized, device, settings.runtime.amp))
+
+            # log and checkpoint: last every epoch, best_sparse / best_dense when this epoch beats them
             store.state.epoch = epoch + 1
             if is_main:
                 logger.log_epoch(row, engine.layer_sparsity())
                 store.save_epoch(phase, row)
-            if epoch + 1 < settings.schedule.epochs and stop.should_stop():
+            if epoch + 1 < settings.schedule.epochs and stop.should_stop(epoch):
                 preempted = {"signal": stop.name, "epoch": epoch + 1, "step": 0}
                 break
     except BaseException:
@@ -204,7 +220,7 @@ def _model_kwargs(settings: Settings, bundle: DataBundle) -> dict[str, Any]:
 
 
 def _note_dense_layers(engine: ACDC, settings: Settings, console: Console, is_main: bool) -> None:
-    left_dense = [f"{r.module} ({r.reason})" for r in engine.sparsifier.rules if not r.selected]
+    left_dense = [f"{r.module} ({r.reason})" for r in engine.rules if not r.selected]
     if is_main and left_dense and settings.schedule.method != "dense":
         console.print("left dense by rule: " + ", ".join(left_dense), markup=False, highlight=False)
 
@@ -277,100 +293,99 @@ def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def train_epoch(
-    net: nn.Module,
-    loader,
-    optimizer: torch.optim.Optimizer,
-    settings: Settings,
-    epoch: int,
-    device: torch.device,
-    progress: StepReporter | None,
-    totals: EpochTotals | None = None,
-    after_step: Callable[[EpochTotals], bool] | None = None,
-    rank: int = 0,
-    scaler: torch.amp.GradScaler | None = None,
-) -> dict[str, float] | None:
-    """Train one epoch from step ``totals.step`` (non-zero when resuming mid-epoch). The masks are kept by the
-    engine's hooks on ``optimizer.step``.
+class EpochSteps:
+    """One epoch of training from step ``totals.step`` (non-zero when resuming mid-epoch). Iterating runs the steps
+    and yields the number of steps done after each, so that the loop can checkpoint or stop between two steps (it
+    stops the epoch by leaving the iteration); after the last step, :meth:`stats` gives the epoch's numbers. The
+    masks are kept by the engine's hooks on ``optimizer.step``."""
 
-    ``after_step`` runs after every step (checkpoints, preemption); when it returns True the epoch stops there and
-    this returns None.
-    """
-    net.train()
-    steps = len(loader)
-    totals = totals or EpochTotals.start(device)
-    scaler = scaler or runtime.grad_scaler(device, "off")
-    # "skip" must be able to undo all that a bad step moves, the forward pass's batch-norm statistics too
-    undo = StepUndo(net, optimizer) if settings.runtime.nan_policy == "skip" else None
-    if progress is not None:
-        progress.begin(epoch, steps, totals)
-    seen = 0
-    started = time.perf_counter()
-    try:
-        for step, (images, labels, *_) in enumerate(loader.iterate(totals.step) if totals.step else loader,
-                                                     start=totals.step):
-            lr = learning_rate(settings, epoch + step / steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # dropout's randomness is a function of (seed, epoch, step, rank): a run resumed at any step draws what
-            # an uninterrupted one would, and ranks draw differently
-            torch.manual_seed(step_seed(settings.runtime.seed, epoch, step, rank))
-            if undo is not None:
-                undo.capture()
-            with runtime.autocast(device, settings.runtime.amp):
-                logits = net(images)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=settings.optim.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            # also for a step that is skipped: DDP expects every forward to have its backward
-            scaler.scale(loss).backward()
-            detached = loss.detach()
-            scaler.step(optimizer)  # the engine's hooks mask gradients before and weights after
-            scaler.update()
-            # "skip": a non-finite loss, or a finite one whose step broke the weights (a huge loss, an LR far too
-            # high), is undone; every rank agrees (one host sync)
-            if undo is not None and reduce_int(int(not (torch.isfinite(detached) & undo.finite()))):
-                undo.restore()
-                count_skip(totals, epoch, step, settings.runtime.max_skipped_steps)
-            else:
-                totals.streak = 0
-                bad_now = (~torch.isfinite(detached)) & (totals.first_bad < 0)
-                totals.first_bad = torch.where(bad_now, torch.full_like(totals.first_bad, step), totals.first_bad)
-                totals.loss_sum += detached.double() * labels.numel()
-                totals.correct += (logits.detach().argmax(1) == labels).sum()
-                totals.count += labels.numel()
-            totals.step = step + 1
-            seen += labels.numel()
-            if progress is not None:
-                progress.step(totals, lr)
-            if after_step is not None and after_step(totals):
-                return None
-    finally:
+    def __init__(self, net: nn.Module, loader, optimizer: torch.optim.Optimizer, settings: Settings, *, epoch: int,
+                 device: torch.device, totals: EpochTotals | None = None, progress: StepReporter | None = None,
+                 rank: int = 0, scaler: torch.amp.GradScaler | None = None):
+        self.net, self.loader, self.optimizer, self.settings = net, loader, optimizer, settings
+        self.epoch, self.device, self.progress, self.rank = epoch, device, progress, rank
+        self.totals = totals or EpochTotals.start(device)
+        self.scaler = scaler or runtime.grad_scaler(device, "off")
+        self.count = len(loader)  # steps in a whole epoch
+        self.seen = 0  # images trained on by this pass, skipped steps included (img/s)
+        self.elapsed = 0.0
+
+    def __iter__(self) -> Iterator[int]:
+        net, optimizer, settings, totals, scaler = self.net, self.optimizer, self.settings, self.totals, self.scaler
+        epoch, steps, progress = self.epoch, self.count, self.progress
+        net.train()
+        # "skip" must be able to undo all that a bad step moves, the forward pass's batch-norm statistics too
+        undo = StepUndo(net, optimizer) if settings.runtime.nan_policy == "skip" else None
         if progress is not None:
-            progress.end()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elapsed = time.perf_counter() - started
-    raise_if_bad(totals, epoch)
-    count = totals.count or float("nan")  # every step skipped: no loss to report, not a loss of 0
-    return {
-        "train_loss": totals.loss_sum.item() / count,
-        "train_top1": totals.correct.item() / count,
-        "lr": learning_rate(settings, epoch + (steps - 1) / steps),
-        "img_per_s": seen / max(elapsed, 1e-9),
-        "skipped_steps": totals.skipped,
-    }
+            progress.begin(epoch, steps, totals)
+        started = time.perf_counter()
+        batches = self.loader.iterate(totals.step) if totals.step else self.loader
+        try:
+            for step, (images, labels, *_) in enumerate(batches, start=totals.step):
+                lr = learning_rate(settings, epoch + step / steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                # dropout's randomness is a function of (seed, epoch, step, rank): a run resumed at any step draws
+                # what an uninterrupted one would, and ranks draw differently
+                torch.manual_seed(step_seed(settings.runtime.seed, epoch, step, self.rank))
+                if undo is not None:
+                    undo.capture()
+                with runtime.autocast(self.device, settings.runtime.amp):
+                    logits = net(images)
+                    loss = F.cross_entropy(logits.float(), labels, label_smoothing=settings.optim.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                # also for a step that is skipped: DDP expects every forward to have its backward
+                scaler.scale(loss).backward()
+                detached = loss.detach()
+                scaler.step(optimizer)  # the engine's hooks mask gradients before and weights after
+                scaler.update()
+                # "skip": a non-finite loss, or a finite one whose step broke the weights (a huge loss, an LR far too
+                # high), is undone; every rank agrees (one host sync)
+                if undo is not None and reduce_int(int(not (torch.isfinite(detached) & undo.finite()))):
+                    undo.restore()
+                    count_skip(totals, epoch, step, settings.runtime.max_skipped_steps)
+                else:
+                    totals.streak = 0
+                    bad_now = (~torch.isfinite(detached)) & (totals.first_bad < 0)
+                    totals.first_bad = torch.where(bad_now, torch.full_like(totals.first_bad, step), totals.first_bad)
+                    totals.loss_sum += detached.double() * labels.numel()
+                    totals.correct += (logits.detach().argmax(1) == labels).sum()
+                    totals.count += labels.numel()
+                totals.step = step + 1
+                self.seen += labels.numel()
+                if progress is not None:
+                    progress.step(totals, lr)
+                yield totals.step
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.elapsed = time.perf_counter() - started
+        finally:
+            if progress is not None:
+                progress.end()
+
+    def stats(self) -> dict[str, float]:
+        """The epoch's training numbers, once every step ran; a non-finite loss in any of them raises here."""
+        totals, settings, steps = self.totals, self.settings, self.count
+        raise_if_bad(totals, self.epoch)
+        count = totals.count or float("nan")  # every step skipped: no loss to report, not a loss of 0
+        return {
+            "train_loss": totals.loss_sum.item() / count,
+            "train_top1": totals.correct.item() / count,
+            "lr": learning_rate(settings, self.epoch + (steps - 1) / steps),
+            "img_per_s": self.seen / max(self.elapsed, 1e-9),
+            "skipped_steps": totals.skipped,
+        }
 
 
-def _after_step(totals: EpochTotals, *, stop: StopSignal, every: int, steps: int, epoch: int,
-                save: Callable[[int, list[dict[str, Any]]], None] | None) -> bool:
-    """Between two steps: write last.* every ``every`` steps, and once a signal came write it and stop."""
-    stopping = stop.should_stop(totals.step)
-    if stopping or (every and totals.step % every == 0 and totals.step < steps):
-        raise_if_bad(totals, epoch)  # never replace the last good checkpoint with diverged weights
-        every_rank = gather_totals(totals)
-        if save is not None:
-            save(totals.step, every_rank)
-    return stopping
+def train_epoch(net: nn.Module, loader, optimizer: torch.optim.Optimizer, settings: Settings, *, epoch: int = 0,
+                device: torch.device, totals: EpochTotals | None = None, progress: StepReporter | None = None,
+                rank: int = 0, scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+    """A whole epoch with nothing between the steps (acdc bench, tests): :class:`EpochSteps` run to the end."""
+    steps = EpochSteps(net, loader, optimizer, settings, epoch=epoch, device=device, totals=totals,
+                       progress=progress, rank=rank, scaler=scaler)
+    for _ in steps:
+        pass
+    return steps.stats()
 
 
 def _flops_summary(engine: ACDC) -> dict[str, Any]:

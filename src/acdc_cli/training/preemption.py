@@ -96,14 +96,15 @@ class StopSignal:
     def name(self) -> str | None:
         return signal.Signals(self.received).name if self.received is not None else None
 
-    def should_stop(self, step: int | None = None) -> bool:
+    def should_stop(self, epoch: int, step: int | None = None) -> bool:
         """True on every rank once any rank got a signal.
 
-        ``step`` is the number of steps done in the epoch; with a process group, ranks only compare flags when it
-        is a multiple of ``sync_every``. ``None`` (epoch end) always compares. Every rank must make the same calls.
+        ``epoch`` is the epoch the loop is in (the one just finished at the epoch-end check); ``step`` the number of
+        steps done in it. With a process group, ranks only compare flags when ``step`` is a multiple of
+        ``sync_every``; ``None`` (epoch end) always compares. Every rank must make the same calls.
         """
         if self._planned is not None:
-            testing_hooks.deliver_planned(self._planned, step, lambda: self.received is not None)
+            testing_hooks.deliver_planned(self._planned, epoch, step, lambda: self.received is not None)
         if not _group_active():
             return self.received is not None
         if step is not None and step % self.sync_every:
