@@ -19,9 +19,8 @@ from torch import nn
 
 from acdc_cli.errors import AcdcError
 from acdc_cli.files.atomic import atomic_write_bytes
-from acdc_cli.files.jsonio import lenient_json
+from acdc_cli.files.jsonio import meta_field
 from acdc_cli.files.tensors import (
-    _json_field,
     read_metadata,
     read_safetensors,
     save_safetensors,
@@ -55,7 +54,7 @@ def recorded_config(path: Path) -> dict[str, Any]:
     meta = read_metadata(path)
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise AcdcError(f"{path} is not an acdc checkpoint (format: {meta.get('format', 'no acdc metadata')})")
-    config = _json_field(meta, "config", path, {})
+    config = meta_field(meta, "config", path, default={})
     if not isinstance(config, dict):
         raise AcdcError(f"{path}: malformed metadata (epoch / config / metrics)")
     _check_config(config, path)
@@ -125,14 +124,14 @@ def load_checkpoint(path: Path) -> Checkpoint:
         # same tensors (acdc writes zeros there; a file that does not is read as if it did)
         weights[name] = torch.where(masks[name], weights[name], torch.zeros((), dtype=weights[name].dtype))
     arch = meta.get("arch")
-    model_kwargs = _json_field(meta, "model_kwargs", path, {})
+    model_kwargs = meta_field(meta, "model_kwargs", path, default={})
     if not isinstance(arch, str) or not isinstance(model_kwargs, dict):
         raise AcdcError(f"{path}: metadata lacks a valid arch / model_kwargs")
     known = {"format", "acdc_version", "arch", "model_kwargs", "config", "epoch", "phase", "metrics"}
-    extra = {k: lenient_json(meta[k]) for k in meta if k not in known}
-    epoch = _json_field(meta, "epoch", path, 0)
-    config = _json_field(meta, "config", path, {})
-    metrics = _json_field(meta, "metrics", path, {})
+    extra = {k: meta_field(meta, k, path, text=True) for k in meta if k not in known}
+    epoch = meta_field(meta, "epoch", path, default=0)
+    config = meta_field(meta, "config", path, default={})
+    metrics = meta_field(meta, "metrics", path, default={})
     if (not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0 or not isinstance(config, dict)
             or not isinstance(metrics, dict)):
         raise AcdcError(f"{path}: malformed metadata (epoch / config / metrics)")

@@ -1,4 +1,5 @@
-"""TODO docstring
+"""JSON as acdc reads and writes it: strict on the way out (a non-finite number is null, never bare NaN), one
+reader for the metadata fields of acdc's files, and JSON-lines logs that survive a torn line.
 """
 
 from __future__ import annotations
@@ -6,12 +7,9 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from acdc_cli.errors import AcdcError
-
-if TYPE_CHECKING:
-    pass
 
 
 def parse_json(text: str) -> Any:
@@ -45,6 +43,35 @@ def finite_or_null(value: Any) -> Any:
 def json_line(value: Any) -> str:
     """``value`` as one line of strict JSON: a non-finite number is written as null, never as bare NaN."""
     return json.dumps(finite_or_null(value), allow_nan=False)
+
+
+def meta_text(value: Any) -> str:
+    """A metadata value as a file stores it: a string as it is (free text: preset, phase), anything else as strict
+    JSON."""
+    return value if isinstance(value, str) else json_line(value)
+
+
+def meta_field(meta: dict[str, str], key: str, where: Any, kind: type | tuple[type, ...] | None = None,
+               default: Any = None, *, required: bool = False, text: bool = False) -> Any:
+    """The value of metadata field ``key`` of the file ``where``: its JSON, read back.
+
+    Missing: ``default``, or for a ``required`` field "metadata lacks a valid 'key'". Not JSON: the text itself for a
+    ``text`` field (free text is stored raw), else one line ("lacks a valid" for a required field, "is not valid
+    JSON" for another). Not of ``kind``: "metadata field 'key' is malformed"."""
+    if key not in meta:
+        if required:
+            raise AcdcError(f"{where}: metadata lacks a valid '{key}'")
+        return default
+    try:
+        value = parse_json(meta[key])
+    except ValueError:  # not JSON, or an integer of more than 4,300 digits
+        if not text:
+            raise AcdcError(f"{where}: metadata lacks a valid '{key}'" if required
+                            else f"{where}: metadata field '{key}' is not valid JSON") from None
+        value = meta[key]
+    if kind is not None and not isinstance(value, kind):
+        raise AcdcError(f"{where}: metadata field '{key}' is malformed")
+    return value
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
