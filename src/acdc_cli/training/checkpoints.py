@@ -48,7 +48,7 @@ from acdc_cli.files.checkpoint import (
     save_checkpoint,
     save_state,
 )
-from acdc_cli.files.state_dict import load_pretrained
+from acdc_cli.files.open import load_pretrained
 from acdc_cli.sparsity.schedule import Phase, phase_at
 from acdc_cli.training.distributed import DistInfo
 from acdc_cli.training.evaluation import evaluate
