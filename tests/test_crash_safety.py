@@ -20,7 +20,8 @@ from faults_helpers import killed_at
 
 from acdc_cli import testing_hooks
 from acdc_cli.errors import AcdcError
-from acdc_cli.files.checkpoint import Checkpoint, load_checkpoint, save_state
+from acdc_cli.files.checkpoint import Checkpoint, load_checkpoint
+from acdc_cli.files.torchfile import save_state
 from acdc_cli.training.checkpoints import load_last, save_last, state_path
 
 WRITES = ("write", "rename", "renamed")  # the three points of an atomic write (testing_hooks)

@@ -14,7 +14,7 @@ from acdc_cli import models
 from acdc_cli.commands.export import export_checkpoint
 from acdc_cli.config import Settings
 from acdc_cli.files.checkpoint import Checkpoint, fold_masks, load_checkpoint, save_checkpoint
-from acdc_cli.files.export import load, load_model
+from acdc_cli.files.open import load, load_model
 from acdc_cli.sparsity import formats as F
 from acdc_cli.sparsity.masks import nm_mask
 

@@ -22,11 +22,11 @@ from acdc_cli.commands import export
 from acdc_cli.commands.evaluate import eval_checkpoint
 from acdc_cli.commands.inspect_file import inspect_file
 from acdc_cli.errors import AcdcError
-from acdc_cli.files import export as files_export
 from acdc_cli.files.atomic import remove_stale_temps
 from acdc_cli.files.checkpoint import load_checkpoint
-from acdc_cli.files.export import load as load_export
 from acdc_cli.files.jsonio import read_jsonl
+from acdc_cli.files.open import load as load_export
+from acdc_cli.files.open import load_model
 from acdc_cli.training.metrics import MetricsLogger
 
 QUICK = ["--set", "schedule.method=dense", "--set", "schedule.epochs=3", "--set", "log.tensorboard=false",
@@ -168,7 +168,7 @@ def test_an_integer_of_5000_digits_in_an_exports_metadata_is_one_line(tmp_path, 
         meta = fh.metadata()
     path = tmp_path / "bigint.safetensors"
     save_file(load_file(exported), path, metadata={**meta, field: "7" * 5000})
-    readers = (inspect_file, load_export) if field != "model_kwargs" else (files_export.load_model,)
+    readers = (inspect_file, load_export) if field != "model_kwargs" else (load_model,)
     for reader in readers:
         with pytest.raises(AcdcError, match=f"metadata lacks a valid '{field}'"):
             reader(path)
@@ -309,7 +309,7 @@ def _wrong_shape(state):
     (lambda s: s.update(scaler={"scale": "big"}), "scaler is {'scale': 'big'}, expected a table of numbers"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_a_malformed_resume_state_is_one_line_before_any_step(stopped_mid_epoch, tmp_path, damage, expected):
-    from acdc_cli.files.checkpoint import load_state, save_state
+    from acdc_cli.files.torchfile import load_state, save_state
     from acdc_cli.training.checkpoints import state_path
 
     run_dir = Path(shutil.copytree(stopped_mid_epoch, tmp_path / "run"))

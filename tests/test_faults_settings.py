@@ -21,8 +21,8 @@ from acdc_cli.commands.inspect_file import inspect_file
 from acdc_cli.config import Settings, load_settings
 from acdc_cli.data import cifar
 from acdc_cli.errors import AcdcError
-from acdc_cli.files import export as files_export
 from acdc_cli.files.checkpoint import load_checkpoint
+from acdc_cli.files.open import load as load_export
 
 
 def float_settings() -> list[str]:
@@ -157,7 +157,7 @@ def test_a_mask_over_nonzero_weights_is_applied_by_eval_export_and_inspect(tmp_p
     assert torch.equal(loaded["conv.weight"], weights["conv.weight"] * masks["conv.weight"])
 
     written = export.export_checkpoint(path, tmp_path / "dense.safetensors", "dense").path
-    exported = files_export.load(written)
+    exported = load_export(written)
     assert all(torch.equal(exported[k], loaded[k]) for k in loaded)
     # eval of the file equals eval of a checkpoint holding exactly the exported tensors
     folded = tiny_checkpoint(tmp_path / "folded.safetensors", weights=exported, masks=masks)

@@ -14,8 +14,9 @@ from acdc_cli.config import load_settings
 from acdc_cli.data import build
 from acdc_cli.data.bundle import input_shape
 from acdc_cli.errors import AcdcError
-from acdc_cli.files.checkpoint import load_checkpoint, load_state
+from acdc_cli.files.checkpoint import load_checkpoint
 from acdc_cli.files.jsonio import read_jsonl
+from acdc_cli.files.torchfile import load_state
 from acdc_cli.flops import si
 from acdc_cli.models import create
 from acdc_cli.training.checkpoints import state_path

@@ -18,7 +18,7 @@ from acdc_cli.commands.inspect_file import inspect_file
 from acdc_cli.config import load_settings
 from acdc_cli.errors import AcdcError
 from acdc_cli.files.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from acdc_cli.files.export import load as load_export
+from acdc_cli.files.open import load as load_export
 from acdc_cli.files.tensors import read_safetensors
 from acdc_cli.models import create
 from acdc_cli.sparsity.masks import compute_masks

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from acdc_cli.cli.app import app
 from acdc_cli.errors import AcdcError
 from acdc_cli.files.jsonio import read_jsonl
-from acdc_cli.files.state_dict import load_pretrained
+from acdc_cli.files.open import load_pretrained
 from acdc_cli.models import create
 from acdc_cli.training.checkpoints import RunDir
 

@@ -13,7 +13,7 @@ from acdc_cli.cli.app import app
 from acdc_cli.commands.prune import prune_checkpoint
 from acdc_cli.errors import TrainingFault
 from acdc_cli.files.checkpoint import fold_masks, load_checkpoint
-from acdc_cli.files.export import load_model
+from acdc_cli.files.open import load_model
 
 onnx = pytest.importorskip("onnx", reason="the 'onnx' extra is not installed (pip install -e '.[onnx]')")
 ort = pytest.importorskip("onnxruntime", reason="the 'onnx' extra is not installed (pip install -e '.[onnx]')")

@@ -13,8 +13,9 @@ from cli_helpers import PINNED, QUIET, assert_same_run, fails, invoke, short_sch
 from faults_helpers import killed_at
 from torch import nn
 
-from acdc_cli.files.checkpoint import load_checkpoint, load_state
+from acdc_cli.files.checkpoint import load_checkpoint
 from acdc_cli.files.jsonio import read_jsonl
+from acdc_cli.files.torchfile import load_state
 from acdc_cli.models import registry, table
 from acdc_cli.training.checkpoints import state_path
 

@@ -18,8 +18,9 @@ from safetensors.torch import save as st_save
 from acdc_cli.config import load_settings
 from acdc_cli.engine import ACDC
 from acdc_cli.files.atomic import _split_at
-from acdc_cli.files.checkpoint import load_checkpoint, load_state, save_state
+from acdc_cli.files.checkpoint import load_checkpoint
 from acdc_cli.files.tensors import read_metadata, safetensors_pieces, save_safetensors
+from acdc_cli.files.torchfile import load_state, save_state
 from acdc_cli.models import create
 from acdc_cli.sparsity.schedule import Phase
 from acdc_cli.training import checkpoints

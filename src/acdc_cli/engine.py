@@ -45,15 +45,8 @@ from acdc_cli.config import (
     read_toml,
 )
 from acdc_cli.errors import AcdcError
-from acdc_cli.files.checkpoint import (
-    FORMAT_VERSION,
-    STATE_FORMAT,
-    Checkpoint,
-    check_fit,
-    check_format_version,
-    host_copy,
-    save_checkpoint,
-)
+from acdc_cli.files.checkpoint import STATE_FORMAT, Checkpoint, host_copy, save_checkpoint
+from acdc_cli.files.jsonio import FORMAT_VERSION, check_format_version
 from acdc_cli.flops import (
     InferenceFlops,
     TrainingFlops,
@@ -61,6 +54,7 @@ from acdc_cli.flops import (
     output_positions,
 )
 from acdc_cli.models import create, lookup
+from acdc_cli.models.registry import check_fit
 from acdc_cli.sparsity.schedule import Phase, momentum_resets, phase_at, plan
 from acdc_cli.sparsity.sparsifier import LayerRule, Sparsifier
 

@@ -24,7 +24,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.markup import escape
@@ -33,18 +32,10 @@ from torch import nn
 
 from acdc_cli.data.bundle import model_input
 from acdc_cli.errors import AcdcError
-from acdc_cli.files.export import EXPORT_FORMAT, load_model
-from acdc_cli.files.jsonio import lenient_json
-from acdc_cli.files.onnx_file import (
-    OnnxRuntimeModule,
-    initializers,
-    is_onnx_file,
-    read_onnx,
-    session,
-)
-from acdc_cli.files.tensors import read_metadata
+from acdc_cli.files.onnx_file import OnnxRuntimeModule, session
+from acdc_cli.files.open import CHECKPOINT, EXPORT, ONNX, OpenedFile, open_any
 from acdc_cli.schemas import BENCH_INFERENCE_SCHEMA as SCHEMA
-from acdc_cli.sparsity import formats as F
+from acdc_cli.sparsity import formats
 from acdc_cli.training.distributed import resolve_device
 from acdc_cli.training.runtime import elapsed_seconds
 
@@ -63,12 +54,13 @@ def run_inference_bench(path: Path | str, device: str | None = None, repeats: in
         raise AcdcError("--steps must be at least 1 and --warmup at least 0")
     path = Path(path)
     say = status or (lambda message: None)
-    if is_onnx_file(path):
+    opened = open_any(path, (CHECKPOINT, EXPORT, ONNX))
+    if opened.kind == ONNX:
         if device not in (None, "cpu"):
             raise AcdcError("an ONNX file is timed on ONNX Runtime's CPU provider: drop --device")
-        bench = _OnnxBench(path)
+        bench = _OnnxBench(opened)
     else:
-        bench = _TorchBench(path, resolve_device(device or "auto"))
+        bench = _TorchBench(opened, resolve_device(device or "auto"))
     results = []
     for batch in batch_sizes:
         say(f"batch {batch}")
@@ -120,7 +112,7 @@ def _layer_row(name: str, kind: str, value: torch.Tensor, sparse_kernel: bool, n
         "type": kind,
         "shape": list(value.shape),
         "sparsity": float((value == 0).sum()) / max(value.numel(), 1),
-        "nm_valid": F.nm_check(value, 2, 4),
+        "nm_valid": formats.nm_check(value, 2, 4),
         "sparse_kernel": sparse_kernel,
         "note": note,
     }
@@ -131,12 +123,11 @@ class _TorchBench:
 
     runtime = "pytorch"
 
-    def __init__(self, path: Path, device: torch.device) -> None:
-        meta = read_metadata(path)  # the header alone: load_model reads (and checks) the tensors once
-        self.kind = "export" if meta.get("format") == EXPORT_FORMAT else "checkpoint"
-        sparse = load_model(path).eval()  # refuses a file whose arch / model_kwargs do not build a model
-        self.arch = str(meta["arch"])
-        channels, side = model_input(self.arch, lenient_json(meta["model_kwargs"]), None)
+    def __init__(self, opened: OpenedFile, device: torch.device) -> None:
+        self.kind = opened.kind
+        sparse = opened.model().eval()  # refuses a file whose arch / model_kwargs do not build a model
+        self.arch = str(opened.arch)
+        channels, side = model_input(self.arch, opened.model_kwargs, None)
         self.input_shape = (channels, side, side)
         self.device = device
         self.device_name = str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
@@ -181,7 +172,7 @@ class _TorchBench:
             return False, f"dense kernel: 2:4 sparse kernels need CUDA, this is {self.device.type}"
         if torch.cuda.get_device_capability(self.device) < (8, 0):
             return False, "dense kernel: 2:4 sparse kernels need compute capability 8.0 or newer"
-        if F.nm_check(weight.float().cpu(), 2, 4) is not True:
+        if formats.nm_check(weight.float().cpu(), 2, 4) is not True:
             return False, "dense kernel: the weight is not 2:4 along its input features"
         from torch.sparse import to_sparse_semi_structured
 
@@ -221,29 +212,28 @@ class _OnnxBench:
     runtime = "onnxruntime"
     precision = "fp32"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, opened: OpenedFile) -> None:
         from onnx import numpy_helper
 
-        proto, meta = read_onnx(path)
-        self.arch = str(meta.get("arch"))
+        proto = opened.proto
+        self.arch = str(opened.arch)
         self.threads = torch.get_num_threads()  # as many as PyTorch would use, set explicitly for both sessions
         self.device_name = "cpu (onnxruntime)"
         shape = proto.graph.input[0].type.tensor_type.shape.dim
         self.input_shape = tuple(int(d.dim_value) for d in shape[1:])
         consumers = {node.input[1]: node.op_type for node in proto.graph.node
                      if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1}
-        stored = initializers(proto)
         generator = torch.Generator().manual_seed(0)
         self.layers = []
         dense_proto = copy.deepcopy(proto)
         for init in dense_proto.graph.initializer:
             if init.name not in consumers:
                 continue
-            value = torch.from_numpy(np.array(stored[init.name]))
+            value = opened.weights[init.name]
             self.layers.append(_layer_row(init.name, consumers[init.name], value, False,
                                           "dense kernel: ONNX Runtime's CPU kernels do not skip zeros"))
             init.CopyFrom(numpy_helper.from_array(_densified(value, generator).numpy(), init.name))
-        self.sparse = OnnxRuntimeModule(session(path, self.threads))
+        self.sparse = opened.runtime(self.threads)
         self.dense = OnnxRuntimeModule(session(dense_proto.SerializeToString(), self.threads))
         self.max_abs_diff = None  # both run the same kernels
 

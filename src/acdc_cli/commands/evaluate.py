@@ -5,35 +5,17 @@ checkpoint or export (safetensors or ONNX) on its own dataset (``acdc eval``).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.progress import Progress
-from torch import nn
 
 from acdc_cli import data as data_mod
 from acdc_cli.commands.inspect_file import file_flops
 from acdc_cli.config import load_settings
 from acdc_cli.data.bundle import selection_split
 from acdc_cli.errors import AcdcError
-from acdc_cli.files.checkpoint import (
-    CHECKPOINT_FORMAT,
-    build_model,
-    load_checkpoint,
-    rebuild_model,
-)
-from acdc_cli.files.export import EXPORT_FORMAT, decode_export
-from acdc_cli.files.jsonio import lenient_json
-from acdc_cli.files.onnx_file import (
-    OnnxRuntimeModule,
-    initializers,
-    is_onnx_file,
-    read_onnx,
-    session,
-)
-from acdc_cli.files.tensors import read_safetensors
+from acdc_cli.files.open import CHECKPOINT, EXPORT, ONNX, open_any
 from acdc_cli.paper import paper_reference
 from acdc_cli.schemas import EVAL_SCHEMA
 from acdc_cli.sparsity.sparsifier import select_layers
@@ -44,70 +26,6 @@ from acdc_cli.training.runtime import precision
 SPLITS = ("val", "test")
 
 
-@dataclass
-class EvalSource:
-    """What ``acdc eval`` needs from a file, whatever its kind."""
-
-    kind: str  # "checkpoint" | "export" | "onnx"
-    format: str  # acdc-checkpoint, sparse-24-bitmask, sparse-bitmask, dense or onnx
-    model: nn.Module  # runs the file's weights (an ONNX Runtime session for .onnx)
-    arch: str
-    config: dict[str, Any]
-    prunable: list[str] | None  # the weights sparsity is counted over; None: those the sparsity rules select
-    weights: dict[str, torch.Tensor]  # at least the prunable ones, as stored in the file
-    weights_dtype: str
-    epoch: Any
-    phase: Any
-    metrics: dict[str, Any]
-    preset: Any
-    model_kwargs: dict[str, Any] = field(default_factory=dict)  # the constructor arguments the file records
-
-
-def open_for_eval(path: Path) -> EvalSource:
-    """An acdc checkpoint, a safetensors export (any format) or an ONNX export, ready to evaluate."""
-    if not path.is_file():
-        raise AcdcError(f"no such file: {path}")
-    if is_onnx_file(path):
-        return _open_onnx(path)
-    tensors, meta = read_safetensors(path)
-    if meta.get("format") != EXPORT_FORMAT:
-        ckpt = load_checkpoint(path)
-        model = build_model(ckpt)
-        return EvalSource("checkpoint", CHECKPOINT_FORMAT, model, ckpt.arch, ckpt.config,
-                          list(ckpt.masks) if ckpt.masks else None, dict(model.named_parameters()), "float32",
-                          ckpt.epoch, ckpt.phase, ckpt.metrics, ckpt.extra.get("preset"), ckpt.model_kwargs)
-    state = decode_export(tensors, meta, path)[0]
-    arch, kwargs = meta.get("arch"), _json_meta(meta, "model_kwargs", path, {})
-    if not isinstance(arch, str):
-        raise AcdcError(f"{path}: metadata lacks arch, so the model cannot be rebuilt")
-    model = rebuild_model(arch, kwargs, state, str(path))
-    return EvalSource("export", meta["export_format"], model, arch, _json_meta(meta, "config", path, {}),
-                      _names(meta, path, state), state, str(meta.get("dtype", "float32")),
-                      lenient_json(meta.get("epoch", "null")), meta.get("phase"), _json_meta(meta, "metrics", path, {}),
-                      meta.get("preset"), kwargs)
-
-
-def _open_onnx(path: Path) -> EvalSource:
-    proto, meta = read_onnx(path)
-    stored = {name: torch.from_numpy(value.copy()) for name, value in initializers(proto).items()}
-    return EvalSource("onnx", "onnx", OnnxRuntimeModule(session(path)), str(meta.get("arch")),
-                      _json_meta(meta, "config", path, {}), _names(meta, path, stored), stored, "float32",
-                      lenient_json(meta.get("epoch", "null")), meta.get("phase"), _json_meta(meta, "metrics", path, {}),
-                      meta.get("preset"), _json_meta(meta, "model_kwargs", path, {}))
-
-
-def _json_meta(meta: dict[str, str], key: str, path: Path, default: Any) -> Any:
-    value = lenient_json(meta[key]) if key in meta else default
-    if not isinstance(value, type(default)):
-        raise AcdcError(f"{path}: metadata field '{key}' is malformed")
-    return value
-
-
-def _names(meta: dict[str, str], path: Path, weights: dict[str, torch.Tensor]) -> list[str]:
-    names = _json_meta(meta, "prunable", path, [])
-    if not all(isinstance(n, str) and isinstance(weights.get(n), torch.Tensor) for n in names):
-        raise AcdcError(f"{path}: metadata field 'prunable' names weights the file does not hold")
-    return names
 
 
 def _number(value: Any) -> float | None:
@@ -124,7 +42,8 @@ def eval_checkpoint(
     amp: bool = False,
 ) -> dict[str, Any]:
     """Top-1 / top-5 / loss of a checkpoint's or export's weights as saved, on its own dataset rebuilt from its saved
-    settings, in fp32 unless ``amp`` (autocast in the run's runtime.amp precision, bf16 by default; CUDA only). An ONNX export runs on ONNX Runtime's CPU provider.
+    settings, in fp32 unless ``amp`` (autocast in the run's runtime.amp precision, bf16 by default; CUDA only). An ONNX
+    export runs on ONNX Runtime's CPU provider.
 
     ``split`` None: the split the run measured every epoch and chose its best checkpoints on ("val", or "test" for a
     run with ``data.val_size = 0``). ``progress`` (optional) gets one task that advances per batch. Accuracies and
@@ -133,15 +52,15 @@ def eval_checkpoint(
     if split is not None and split not in SPLITS:
         raise AcdcError(f"unknown split '{split}' (choose {', '.join(SPLITS)})")
     path = Path(path)
-    source = open_for_eval(path)
+    source = open_any(path, (CHECKPOINT, EXPORT, ONNX))
     if "data" not in source.config:
         raise AcdcError(f"{path} records no dataset, so there is nothing to evaluate it on")
-    if source.kind == "onnx" and (amp or device not in (None, "cpu")):
+    if source.kind == ONNX and (amp or device not in (None, "cpu")):
         raise AcdcError("an ONNX file runs on ONNX Runtime's CPU provider in fp32: drop --device/--amp")
     flags = {
         "data.dir": str(data_dir) if data_dir is not None else None,
         "data.eval_batch_size": batch_size,
-        "runtime.device": "cpu" if source.kind == "onnx" else device,
+        "runtime.device": "cpu" if source.kind == ONNX else device,
     }
     settings = load_settings(base=source.config, flags=flags)
     selected_on = selection_split(settings)
@@ -154,7 +73,7 @@ def eval_checkpoint(
     loader = bundle.val if split == "val" else bundle.test
     if loader is None or len(loader) == 0:
         raise AcdcError(f"dataset '{settings.data.name}' has no {split} split in these settings")
-    model = source.model.to(dev)
+    model = source.model().to(dev)
     # --amp uses the run's own autocast precision (runtime.amp, bf16 unless set), and only on CUDA: elsewhere it
     # still computes in fp32, and says so
     mode = (settings.runtime.amp if settings.runtime.amp != "off" else "bf16") if amp else "off"
@@ -190,14 +109,14 @@ def eval_checkpoint(
         "flops": flops,
         "flops_note": flops_note,
         "precision": precision(dev, mode),
-        "weights_dtype": source.weights_dtype,
+        "weights_dtype": source.dtype,
         "paper_top1": paper,
         "paper_diff": metrics["top1"] - paper if paper is not None else None,
         "paper_note": paper_note,
         "selection_split": selected_on,
         "recorded_val_top1": _number(source.metrics.get("val_top1")),
         "recorded_test_top1": _number(source.metrics.get("test_top1")),
-        "device": "cpu (onnxruntime)" if source.kind == "onnx" else str(dev),
+        "device": "cpu (onnxruntime)" if source.kind == ONNX else str(dev),
     }
 
 

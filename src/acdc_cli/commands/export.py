@@ -1,4 +1,6 @@
-"""TODO docstring
+"""``acdc export``: a checkpoint (or a plain state dict) written as a compressed sparse safetensors export in the
+compressed-tensors layouts or as a dense state dict (the file format is :mod:`acdc_cli.files.export`), with each
+prunable layer's mask statistics and the file's size against a dense export.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ from acdc_cli.files.checkpoint import (
     provenance,
 )
 from acdc_cli.files.export import DENSE, EXPORT_FORMAT, FORMATS
-from acdc_cli.files.state_dict import load_source
+from acdc_cli.files.open import CHECKPOINT, PLAIN_STATE_DICT_HINT, open_any
 from acdc_cli.files.tensors import dense_file_bytes, save_safetensors
 from acdc_cli.schemas import EXPORT_SCHEMA
-from acdc_cli.sparsity import formats as F
+from acdc_cli.sparsity import formats
 from acdc_cli.sparsity.masks import nm_compatible
 from acdc_cli.sparsity.rules import (
     layer_prefix,
@@ -30,8 +32,6 @@ from acdc_cli.sparsity.rules import (
 )
 
 ONNX = "onnx"
-
-
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -58,7 +58,7 @@ class ExportResult:
     layers: list[LayerStats]
     size_bytes: int  # the file on disk
     dense_bytes: int  # size of a dense export of the same checkpoint in the same dtype
-    conv_layout: str = F.ROWS
+    conv_layout: str = formats.ROWS
 
     @property
     def sparsity(self) -> float:
@@ -92,17 +92,17 @@ def _encode_24(name: str, weight: torch.Tensor, mask: torch.Tensor | None, sourc
     hint = f"prune it first: acdc prune {source} --structure 2:4 -o OUT"
     if not nm_compatible(weight, 4):
         raise AcdcError(f"{name} has {weight.shape[1]} input channels, not a multiple of 4, so it cannot be 2:4; {hint}")
-    rows = F.to_rows(weight)
+    rows = formats.to_rows(weight)
     try:
-        keep = F.select_24(rows, None if mask is None else F.to_rows(mask))
+        keep = formats.select_24(rows, None if mask is None else formats.to_rows(mask))
     except ValueError:
         raise AcdcError(f"{name} is not 2:4 sparse (a group of 4 input channels holds more than 2 non-zeros); "
                         f"{hint}") from None
-    return F.encode_24(rows, keep)
+    return formats.encode_24(rows, keep)
 
 
 def _structure(fmt: str, ckpt: Checkpoint) -> str:
-    if fmt == F.BITMASK_24:
+    if fmt == formats.BITMASK_24:
         return "2:4"
     if not ckpt.masks:
         return "dense"
@@ -111,7 +111,7 @@ def _structure(fmt: str, ckpt: Checkpoint) -> str:
 
 def export_checkpoint(source: Path, out: Path, fmt: str, dtype: str = "float32", force: bool = False,
                       model_name: str | None = None, num_classes: int | None = None, *,
-                      conv_layout: str = F.ROWS) -> ExportResult:
+                      conv_layout: str = formats.ROWS) -> ExportResult:
     """Write ``out`` in format ``fmt`` from the checkpoint ``source`` (or, with ``model_name`` and ``num_classes``, a
     plain state dict); returns the mask statistics and sizes.
 
@@ -123,19 +123,20 @@ def export_checkpoint(source: Path, out: Path, fmt: str, dtype: str = "float32",
         raise AcdcError(f"unknown export format '{fmt}' (choose {', '.join((*FORMATS, ONNX))})")
     if dtype not in DTYPES:
         raise AcdcError(f"unknown dtype '{dtype}' (choose {', '.join(DTYPES)})")
-    if conv_layout not in F.CONV_LAYOUTS:
-        raise AcdcError(f"unknown conv layout '{conv_layout}' (choose {', '.join(F.CONV_LAYOUTS)})")
-    if conv_layout == F.NATIVE and fmt != F.BITMASK:
+    if conv_layout not in formats.CONV_LAYOUTS:
+        raise AcdcError(f"unknown conv layout '{conv_layout}' (choose {', '.join(formats.CONV_LAYOUTS)})")
+    if conv_layout == formats.NATIVE and fmt != formats.BITMASK:
         raise AcdcError(f"--conv-layout native applies to sparse-bitmask only: {fmt} keeps conv weights "
                         + ("as (O, kh·kw·I) rows, the only layout whose groups of 4 run along input channels"
-                           if fmt == F.BITMASK_24 else "in their own shape already"))
+                           if fmt == formats.BITMASK_24 else "in their own shape already"))
     check_writable(out, force)
-    ckpt = load_source(source, model_name, num_classes)
+    ckpt = open_any(source, (CHECKPOINT,), torch_files=True, model_name=model_name, num_classes=num_classes,
+                    hint=PLAIN_STATE_DICT_HINT).checkpoint()
     cast = DTYPES[dtype]
     weights = {k: v.to(cast) if v.is_floating_point() else v
                for k, v in sorted(fold_masks(ckpt).items(), key=lambda item: natural_key(item[0]))}
     prunable = prunable_names(weights, ckpt.masks, ckpt.config)
-    if fmt == F.BITMASK_24 and not ckpt.masks:
+    if fmt == formats.BITMASK_24 and not ckpt.masks:
         # as the N:M rules do, leave layers that cannot be 2:4 (input channels not a multiple of 4) dense
         prunable = [n for n in prunable if nm_compatible(weights[n], 4)]
 
@@ -149,11 +150,11 @@ def export_checkpoint(source: Path, out: Path, fmt: str, dtype: str = "float32",
             if name in selected:
                 stats.append(_stats(name, weight, {name: weight}, DENSE))
             continue
-        if fmt == F.BITMASK_24:
+        if fmt == formats.BITMASK_24:
             parts = _encode_24(name, weight, ckpt.masks.get(name), source)
         else:
-            stored = weight if conv_layout == F.NATIVE else F.to_rows(weight)
-            parts = F.encode_bitmask(stored, F.bit_nonzero(stored))
+            stored = weight if conv_layout == formats.NATIVE else formats.to_rows(weight)
+            parts = formats.encode_bitmask(stored, formats.bit_nonzero(stored))
         prefix = layer_prefix(name)
         for part, tensor in parts.items():
             key = f"{prefix}.{part}"
@@ -162,7 +163,7 @@ def export_checkpoint(source: Path, out: Path, fmt: str, dtype: str = "float32",
             tensors[key] = tensor
         layers_meta[name] = {
             "shape": list(weight.shape),
-            "layout": F.layout_name(tuple(weight.shape), conv_layout),
+            "layout": formats.layout_name(tuple(weight.shape), conv_layout),
             "stored_shape": [int(v) for v in parts["shape"].flatten()],
             "encoding": fmt,
         }
@@ -189,7 +190,7 @@ def export_checkpoint(source: Path, out: Path, fmt: str, dtype: str = "float32",
         # (model.named_modules()), so both list modules, never parameter names
         metadata["sparsity_config"] = {
             "format": fmt,
-            "sparsity_structure": "2:4" if fmt == F.BITMASK_24 else "unstructured",
+            "sparsity_structure": "2:4" if fmt == formats.BITMASK_24 else "unstructured",
             "global_sparsity": zeros / max(numel, 1),
             "targets": [layer_prefix(n) for n in layers_meta],
             "ignore": [layer_prefix(n) for n, t in weights.items() if layer_weight(n, t) and n not in layers_meta],
@@ -200,8 +201,6 @@ def export_checkpoint(source: Path, out: Path, fmt: str, dtype: str = "float32",
     return ExportResult(out, fmt, dtype, structure, stats, size, dense_bytes, conv_layout)
 
 
-
-
 def _stats(name: str, weight: torch.Tensor, parts: dict[str, torch.Tensor], encoding: str) -> LayerStats:
     kept = int((weight != 0).sum())
     return LayerStats(
@@ -209,8 +208,8 @@ def _stats(name: str, weight: torch.Tensor, parts: dict[str, torch.Tensor], enco
         shape=list(weight.shape),
         kept=kept,
         sparsity=1.0 - kept / max(weight.numel(), 1),
-        nm_valid=F.nm_check(weight, 2, 4) if weight.numel() else None,  # a layer of no weights has no groups
+        nm_valid=formats.nm_check(weight, 2, 4) if weight.numel() else None,  # a layer of no weights has no groups
         dense_bytes=weight.numel() * weight.element_size(),
-        stored_bytes=F.stored_bytes(parts),
+        stored_bytes=formats.stored_bytes(parts),
         encoding=encoding,
     )

@@ -13,7 +13,6 @@ run the graph and been compared with PyTorch's logits.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import warnings
@@ -30,6 +29,7 @@ from acdc_cli.data.bundle import model_input
 from acdc_cli.errors import AcdcError, TrainingFault
 from acdc_cli.files.atomic import atomic_write_bytes, check_writable
 from acdc_cli.files.checkpoint import fold_masks, provenance, rebuild_model
+from acdc_cli.files.jsonio import meta_text
 from acdc_cli.files.onnx_file import (
     ONNX_FORMAT,
     PROTOBUF_LIMIT,
@@ -39,9 +39,9 @@ from acdc_cli.files.onnx_file import (
     require_onnx,
     session,
 )
-from acdc_cli.files.state_dict import load_source
+from acdc_cli.files.open import CHECKPOINT, PLAIN_STATE_DICT_HINT, open_any
 from acdc_cli.schemas import EXPORT_SCHEMA
-from acdc_cli.sparsity import formats as F
+from acdc_cli.sparsity import formats
 from acdc_cli.sparsity.rules import natural_key, prunable_names
 
 MIN_OPSET = 18  # the torch.export-based exporter writes opset 18 or newer
@@ -174,7 +174,8 @@ def export_onnx(source: Path, out: Path, opset: int | None = None, batch: str | 
         raise AcdcError(f"--opset {opset} is not available: the exporter writes opset {MIN_OPSET} to "
                         f"{onnx.defs.onnx_opset_version()} (onnx {onnx.__version__})")
     check_writable(out, force)
-    ckpt = load_source(source, model_name, num_classes)
+    ckpt = open_any(source, (CHECKPOINT,), torch_files=True, model_name=model_name, num_classes=num_classes,
+                    hint=PLAIN_STATE_DICT_HINT).checkpoint()
     weights = fold_masks(ckpt)
     model = rebuild_model(ckpt.arch, ckpt.model_kwargs, weights, str(source)).float().eval()
     channels, side = model_input(ckpt.arch, ckpt.model_kwargs, input_size)
@@ -203,7 +204,7 @@ def export_onnx(source: Path, out: Path, opset: int | None = None, batch: str | 
     }
     proto = _serialize(graph, metadata)
     layers = check_initializers(proto, weights, masks, prunable, exact=not fold_bn, structure=structure)
-    proto.metadata_props.add(key="sparsity", value=json.dumps(_sparsity(layers)))
+    proto.metadata_props.add(key="sparsity", value=meta_text(_sparsity(layers)))
     data = proto.SerializeToString()
     max_diff, max_logit = compare_with_pytorch(data, model, example, fixed_batch, generator)
     opset_written = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
@@ -223,7 +224,7 @@ def _serialize(graph: Any, metadata: dict[str, Any]) -> Any:
     import onnx_ir
 
     for key, value in metadata.items():
-        graph.metadata_props[key] = value if isinstance(value, str) else json.dumps(value)
+        graph.metadata_props[key] = meta_text(value)
     graph.producer_name = "acdc"
     proto = onnx_ir.serde.serialize_model(graph)
     if proto.ByteSize() >= PROTOBUF_LIMIT:
@@ -253,7 +254,7 @@ def check_initializers(proto: Any, weights: dict[str, torch.Tensor], masks: dict
             shape=list(weight.shape),
             kept=int((value != 0).sum()),
             sparsity=float((value == 0).sum()) / max(value.numel(), 1),
-            nm_valid=F.nm_check(value, 2, 4),
+            nm_valid=formats.nm_check(value, 2, 4),
             zeros_kept=bool((value[pruned] == 0).all()),
             exact=bool(torch.equal(value.view(torch.int32), weight.contiguous().view(torch.int32))),
         )

@@ -12,13 +12,12 @@ import torch
 from acdc_cli.data.bundle import input_shape as data_input_shape
 from acdc_cli.data.bundle import model_input
 from acdc_cli.errors import AcdcError
-from acdc_cli.files.checkpoint import CHECKPOINT_FORMAT, MASK_PREFIX, load_checkpoint
-from acdc_cli.files.export import EXPORT_FORMAT, decode_export
-from acdc_cli.files.jsonio import lenient_json
-from acdc_cli.files.tensors import dense_file_bytes, read_safetensors
+from acdc_cli.files.checkpoint import MASK_PREFIX
+from acdc_cli.files.open import CHECKPOINT, EXPORT, STATE_DICT, open_any
+from acdc_cli.files.tensors import dense_file_bytes
 from acdc_cli.flops import output_positions, weights_flops
 from acdc_cli.models import create
-from acdc_cli.sparsity import formats as F
+from acdc_cli.sparsity import formats
 from acdc_cli.sparsity.rules import (
     layer_weight,
     natural_key,
@@ -26,9 +25,6 @@ from acdc_cli.sparsity.rules import (
     rule_patterns,
     rule_reason,
 )
-
-# what other tools put in ``__metadata__["format"]`` of a plain state dict (safetensors' own convention)
-FRAMEWORK_TAGS = {"pt", "torch", "np", "numpy", "tf", "flax", "jax", "mlx", "paddle"}
 
 
 def _nm_of(structure: str | None) -> tuple[int, int]:
@@ -53,7 +49,7 @@ def _layer(name: str, weight: torch.Tensor, stored: int, encoding: str, nm: tupl
         "zeros": zeros,
         "sparsity": zeros / max(weight.numel(), 1),
         "nm": f"{nm[0]}:{nm[1]}",
-        "nm_valid": F.nm_check(weight, *nm) if weight.numel() else None,  # a layer of no weights has no groups
+        "nm_valid": formats.nm_check(weight, *nm) if weight.numel() else None,  # a layer of no weights has no groups
         "encoding": encoding,
         "dense_bytes": weight.numel() * weight.element_size(),
         "stored_bytes": stored,
@@ -115,76 +111,63 @@ def file_flops(arch: Any, model_kwargs: Any, config: Any, weights: dict[str, tor
 def inspect_file(path: Path) -> dict[str, Any]:
     """A JSON-ready description: kind, format, metadata, per-layer sparsity and N:M validity, sizes."""
     path = Path(path)
-    tensors, meta = read_safetensors(path)
-    tag = meta.get("format")
+    opened = open_any(path, (CHECKPOINT, EXPORT, STATE_DICT))
     info: dict[str, Any] = {"path": str(path), "size_bytes": path.stat().st_size}
-    if tag == CHECKPOINT_FORMAT:
-        ckpt = load_checkpoint(path)
-        structure = (ckpt.config.get("sparsity") or {}).get("structure") if ckpt.masks else None
+    dense = opened.weights
+    if opened.kind == CHECKPOINT:
+        tensors, masks = opened.stored, opened.masks
+        structure = opened.structure
         nm = _nm_of(structure)
-        dense = ckpt.weights
-        names = prunable_names(dense, ckpt.masks, ckpt.config)
+        names = prunable_names(dense, masks, opened.config)
         layers = []
         for n in names:
             mask = tensors.get(MASK_PREFIX + n)
             stored = dense[n].numel() * dense[n].element_size() + (mask.numel() if mask is not None else 0)
             layers.append(_layer(n, dense[n], stored, "checkpoint", nm))
-        info.update(kind="checkpoint", format=CHECKPOINT_FORMAT, structure=structure or ("unstructured" if ckpt.masks
-                                                                                             else "dense"))
-        info["dense_layers"] = _dense_by_rule(dense, names, ckpt.config, structure) if ckpt.masks else []
-        # load_checkpoint applies the masks; say so where the file itself holds weights outside them
-        info["outside_mask"] = [n for n in names if n in ckpt.masks
-                                and bool((F.bit_nonzero(tensors[n]) & ~ckpt.masks[n]).any())]
+        info.update(kind="checkpoint", format=opened.format,
+                    structure=structure or ("unstructured" if masks else "dense"))
+        info["dense_layers"] = _dense_by_rule(dense, names, opened.config, structure) if masks else []
+        # the opened weights are masked; say so where the file itself holds weights outside the masks
+        info["outside_mask"] = [n for n in names if n in masks
+                                and bool((formats.bit_nonzero(tensors[n]) & ~masks[n]).any())]
         info["metadata"] = {
-            "arch": ckpt.arch,
-            "preset": ckpt.extra.get("preset"),
-            "epoch": ckpt.epoch,
-            "phase": ckpt.phase,
-            "metrics": ckpt.metrics,
-            "acdc_version": meta.get("acdc_version"),
-            "masks": len(ckpt.masks),
-            "selection_split": ckpt.extra.get("selection_split"),
+            "arch": opened.arch,
+            "preset": opened.preset,
+            "epoch": opened.epoch,
+            "phase": opened.phase,
+            "metrics": opened.metrics,
+            "acdc_version": opened.raw_meta.get("acdc_version"),
+            "masks": len(masks),
+            "selection_split": opened.extra.get("selection_split"),
         }
-        info["flops"], info["flops_note"] = file_flops(ckpt.arch, ckpt.model_kwargs, ckpt.config, dense)
-    elif tag == EXPORT_FORMAT:
-        dense, parts_of = decode_export(tensors, meta, path)
-        structure = meta.get("structure")
+    elif opened.kind == EXPORT:
+        structure = opened.structure
         nm = _nm_of(structure)
-        recorded = lenient_json(meta.get("prunable", "null"))
-        names = ([n for n in recorded if isinstance(n, str) and n in dense] if isinstance(recorded, list)
-                 else list(parts_of))
+        names = opened.prunable or []
         layers = []
         for n in names:
-            parts = parts_of.get(n, {n: dense[n]})
-            layers.append(_layer(n, dense[n], F.stored_bytes(parts), meta["export_format"] if n in parts_of
+            parts = opened.parts.get(n, {n: dense[n]})
+            layers.append(_layer(n, dense[n], formats.stored_bytes(parts), opened.format if n in opened.parts
                                  else "dense", nm))
-        info.update(kind="export", format=meta["export_format"], structure=structure, dtype=meta.get("dtype"),
-                    outside_mask=[])
-        info["dense_layers"] = _dense_by_rule(dense, names, lenient_json(meta.get("config", "null")), structure)
-        info["metadata"] = {k: lenient_json(meta.get(k, "null"))
-                            for k in ("arch", "preset", "epoch", "phase", "metrics", "acdc_version", "source")}
-        info["flops"], info["flops_note"] = file_flops(meta.get("arch"), lenient_json(meta.get("model_kwargs", "null")),
-                                                       lenient_json(meta.get("config", "null")), dense)
-    elif tag is None or tag in FRAMEWORK_TAGS:
-        compressed = sorted(k for k in tensors if k.endswith(".compressed"))
-        if compressed:
-            raise AcdcError(f"{path} holds compressed tensors ({compressed[0]}) but no acdc metadata, so the original "
-                            "layer shapes are unknown")
-        dense = tensors
+        info.update(kind="export", format=opened.format, structure=structure, dtype=opened.dtype, outside_mask=[])
+        info["dense_layers"] = _dense_by_rule(dense, names, opened.config, structure)
+        meta = opened.meta
+        info["metadata"] = {k: meta.get(k) for k in ("arch", "preset", "epoch", "phase", "metrics", "acdc_version",
+                                                     "source")}
+    else:
         nm = (2, 4)
         layers = [_layer(n, dense[n], dense[n].numel() * dense[n].element_size(), "dense", nm)
                   for n in prunable_names(dense, {}, {})]
         info.update(kind="state_dict", format="dense", structure=None, dense_layers=[], outside_mask=[], flops=None,
                     flops_note="a plain state dict does not say which model it holds")
-        info["metadata"] = {k: v for k, v in meta.items()}
-    else:
-        raise AcdcError(f"{path} carries foreign metadata (format '{tag}'): not an acdc checkpoint, export or plain "
-                        "state dict")
+        info["metadata"] = dict(opened.raw_meta)
+    if opened.kind != STATE_DICT:
+        info["flops"], info["flops_note"] = file_flops(opened.arch, opened.model_kwargs, opened.config, dense)
 
     zeros = sum(layer["zeros"] for layer in layers)
     numel = sum(layer["numel"] for layer in layers)
     # the reference is the same tensors and metadata stored dense (a checkpoint's masks are not part of it)
-    dense_bytes = dense_file_bytes(dense, meta)
+    dense_bytes = dense_file_bytes(dense, opened.raw_meta)
     info.update(
         sparsity=zeros / max(numel, 1),
         prunable_weights=numel,

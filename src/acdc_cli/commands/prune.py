@@ -17,7 +17,7 @@ from acdc_cli.config import Settings, format_validation_error, merge_layer
 from acdc_cli.errors import AcdcError
 from acdc_cli.files.atomic import atomic_write_text, check_writable
 from acdc_cli.files.checkpoint import Checkpoint, build_model, save_checkpoint
-from acdc_cli.files.state_dict import load_source
+from acdc_cli.files.open import CHECKPOINT, PLAIN_STATE_DICT_HINT, open_any
 from acdc_cli.sparsity.sparsifier import Sparsifier
 
 
@@ -94,7 +94,8 @@ def prune_checkpoint(
     check_writable(config_path, force)
     if structure == "unstructured" and sparsity is None:
         raise AcdcError("--sparsity is required for unstructured pruning (e.g. --sparsity 0.9)")
-    ckpt = load_source(source, model_name, num_classes)
+    ckpt = open_any(source, (CHECKPOINT,), torch_files=True, model_name=model_name, num_classes=num_classes,
+                    hint=PLAIN_STATE_DICT_HINT).checkpoint()
     rules: dict[str, Any] = {"structure": structure, "scope": scope}
     if sparsity is not None and structure == "unstructured":
         rules["target"] = sparsity

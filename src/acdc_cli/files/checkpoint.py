@@ -7,9 +7,6 @@ mid-write leaves the previous file intact.
 
 from __future__ import annotations
 
-import pickle
-import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,32 +15,20 @@ import torch
 from torch import nn
 
 from acdc_cli.errors import AcdcError
-from acdc_cli.files.atomic import atomic_write_bytes
-from acdc_cli.files.jsonio import lenient_json
+from acdc_cli.files.jsonio import FORMAT_VERSION, check_format_version, meta_field
 from acdc_cli.files.tensors import (
-    _json_field,
     read_metadata,
     read_safetensors,
     save_safetensors,
 )
 from acdc_cli.models import create
+from acdc_cli.models.registry import check_fit
 from acdc_cli.version import __version__
 
 CHECKPOINT_FORMAT = "acdc-checkpoint"
 
-# the layout of every file acdc writes (checkpoint, export, resume state, engine state); a reader refuses a newer one
-# rather than misread it. A file without one is read as version 1.
-FORMAT_VERSION = 1
 
 
-def check_format_version(version: Any, source: object) -> None:
-    """Refuse a file whose ``format_version`` (None: not recorded) this acdc does not know."""
-    if version is None or (type(version) is int and version == FORMAT_VERSION):
-        return
-    if type(version) is not int or version < 1:
-        raise AcdcError(f"{source}: malformed metadata (format_version {str(version)[:40]!r} is not a version number)")
-    raise AcdcError(f"{source} was written by a newer acdc (format_version {version}); this acdc reads "
-                    f"format_version {FORMAT_VERSION}")
 
 
 MASK_PREFIX = "mask."
@@ -69,8 +54,8 @@ def recorded_config(path: Path) -> dict[str, Any]:
     meta = read_metadata(path)
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise AcdcError(f"{path} is not an acdc checkpoint (format: {meta.get('format', 'no acdc metadata')})")
-    check_format_version(_json_field(meta, "format_version", path), path)
-    config = _json_field(meta, "config", path, {})
+    check_format_version(meta_field(meta, "format_version", path), path)
+    config = meta_field(meta, "config", path, default={})
     if not isinstance(config, dict):
         raise AcdcError(f"{path}: malformed metadata (epoch / config / metrics)")
     _check_config(config, path)
@@ -119,7 +104,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
     if meta.get("format") != CHECKPOINT_FORMAT:
         found = meta.get("format", "no acdc metadata")
         raise AcdcError(f"{path} is not an acdc checkpoint (format: {found})")
-    check_format_version(_json_field(meta, "format_version", path), path)
+    check_format_version(meta_field(meta, "format_version", path), path)
     stored_masks = {k[len(MASK_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MASK_PREFIX)}
     weights = {k: v for k, v in tensors.items() if not k.startswith(MASK_PREFIX)}
     stray = set(stored_masks) - set(weights)
@@ -142,14 +127,14 @@ def load_checkpoint(path: Path) -> Checkpoint:
         # same tensors (acdc writes zeros there; a file that does not is read as if it did)
         weights[name] = torch.where(masks[name], weights[name], torch.zeros((), dtype=weights[name].dtype))
     arch = meta.get("arch")
-    model_kwargs = _json_field(meta, "model_kwargs", path, {})
+    model_kwargs = meta_field(meta, "model_kwargs", path, default={})
     if not isinstance(arch, str) or not isinstance(model_kwargs, dict):
         raise AcdcError(f"{path}: metadata lacks a valid arch / model_kwargs")
     known = {"format", "format_version", "acdc_version", "arch", "model_kwargs", "config", "epoch", "phase", "metrics"}
-    extra = {k: lenient_json(meta[k]) for k in meta if k not in known}
-    epoch = _json_field(meta, "epoch", path, 0)
-    config = _json_field(meta, "config", path, {})
-    metrics = _json_field(meta, "metrics", path, {})
+    extra = {k: meta_field(meta, k, path, text=True) for k in meta if k not in known}
+    epoch = meta_field(meta, "epoch", path, default=0)
+    config = meta_field(meta, "config", path, default={})
+    metrics = meta_field(meta, "metrics", path, default={})
     if (not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0 or not isinstance(config, dict)
             or not isinstance(metrics, dict)):
         raise AcdcError(f"{path}: malformed metadata (epoch / config / metrics)")
@@ -212,57 +197,12 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str
     model.load_state_dict(weights)
 
 
-def check_fit(own: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], source: str) -> None:
-    """Raise unless ``weights`` has exactly the names and shapes of the state dict ``own``."""
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    if missing or unexpected:
-        which = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
-        raise AcdcError(f"{source} does not fit this model ({which})")
-    for name, tensor in weights.items():
-        if own[name].shape != tensor.shape:
-            raise AcdcError(
-                f"{source} does not fit this model: {name} is {tuple(tensor.shape)}, model has {tuple(own[name].shape)}"
-            )
 
 
-def save_state(path: Path, state: dict[str, Any]) -> None:
-    import io
-
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_bytes(path, [buffer.getbuffer()])  # getvalue() would copy it all again, holding the lock
 
 
-def torch_load_plain(path: Path, expected: str) -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain data only. A file holding anything else,
-    or no torch file at all, is one AcdcError saying it is not ``expected`` (e.g. "a valid acdc resume state");
-    FileNotFoundError passes through for the caller to word."""
-    try:
-        with warnings.catch_warnings():
-            # a foreign pickle makes torch warn about its protocol before refusing it: the error line is enough
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except pickle.UnpicklingError as exc:  # weights_only met something other than tensors and plain data
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        what = f"a pickled {found.group(1)}" if found else "pickled Python objects"
-        raise AcdcError(f"{path} is not {expected}: refused, it holds {what} (only tensors and plain data are "
-                        "read)") from None
-    except Exception as exc:  # corrupt zips and foreign files raise various errors
-        first = str(exc).splitlines()[0].split(". ")[0][:200] if str(exc) else ""
-        raise AcdcError(f"{path} is not {expected} ({exc.__class__.__name__} {first})") from None
 
 
-def load_state(path: Path) -> dict[str, Any]:
-    try:
-        state = torch_load_plain(path, "a valid acdc resume state")
-    except FileNotFoundError:
-        raise AcdcError(f"resume state not found: {path}") from None
-    if not isinstance(state, dict):
-        raise AcdcError(f"{path} is not a valid acdc resume state")
-    return state
 
 
 def fold_masks(ckpt: Checkpoint) -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""TODO docstring
+"""JSON as acdc reads and writes it: strict on the way out (a non-finite number is null, never bare NaN), one
+reader for the metadata fields of acdc's files, and JSON-lines logs that survive a torn line.
 """
 
 from __future__ import annotations
@@ -7,12 +8,9 @@ import json
 import math
 import stat
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from acdc_cli.errors import AcdcError
-
-if TYPE_CHECKING:
-    pass
 
 
 def parse_json(text: str) -> Any:
@@ -46,6 +44,35 @@ def finite_or_null(value: Any) -> Any:
 def json_line(value: Any) -> str:
     """``value`` as one line of strict JSON: a non-finite number is written as null, never as bare NaN."""
     return json.dumps(finite_or_null(value), allow_nan=False)
+
+
+def meta_text(value: Any) -> str:
+    """A metadata value as a file stores it: a string as it is (free text: preset, phase), anything else as strict
+    JSON."""
+    return value if isinstance(value, str) else json_line(value)
+
+
+def meta_field(meta: dict[str, str], key: str, where: Any, kind: type | tuple[type, ...] | None = None,
+               default: Any = None, *, required: bool = False, text: bool = False) -> Any:
+    """The value of metadata field ``key`` of the file ``where``: its JSON, read back.
+
+    Missing: ``default``, or for a ``required`` field "metadata lacks a valid 'key'". Not JSON: the text itself for a
+    ``text`` field (free text is stored raw), else one line ("lacks a valid" for a required field, "is not valid
+    JSON" for another). Not of ``kind``: "metadata field 'key' is malformed"."""
+    if key not in meta:
+        if required:
+            raise AcdcError(f"{where}: metadata lacks a valid '{key}'")
+        return default
+    try:
+        value = parse_json(meta[key])
+    except ValueError:  # not JSON, or an integer of more than 4,300 digits
+        if not text:
+            raise AcdcError(f"{where}: metadata lacks a valid '{key}'" if required
+                            else f"{where}: metadata field '{key}' is not valid JSON") from None
+        value = meta[key]
+    if kind is not None and not isinstance(value, kind):
+        raise AcdcError(f"{where}: metadata field '{key}' is malformed")
+    return value
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -99,3 +126,18 @@ def read_rows(path: Path) -> tuple[list[dict[str, Any]], list[bytes]]:
 def finite_number(value: Any) -> bool:
     """A real number (not a bool), neither NaN nor infinite."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# the layout of every file acdc writes (checkpoint, export, resume state, engine state); a reader refuses a newer one
+# rather than misread it. A file without one is read as version 1.
+FORMAT_VERSION = 1
+
+
+def check_format_version(version: Any, source: object) -> None:
+    """Refuse a file whose ``format_version`` (None: not recorded) this acdc does not know."""
+    if version is None or (type(version) is int and version == FORMAT_VERSION):
+        return
+    if type(version) is not int or version < 1:
+        raise AcdcError(f"{source}: malformed metadata (format_version {str(version)[:40]!r} is not a version number)")
+    raise AcdcError(f"{source} was written by a newer acdc (format_version {version}); this acdc reads "
+                    f"format_version {FORMAT_VERSION}")

@@ -1,9 +1,10 @@
 """Weights from files acdc did not write: local pretrained weights (``model.weights``) and plain state dicts handed to
 ``acdc prune`` / ``acdc export`` with ``--model NAME --num-classes N``.
 
-A state dict is read from ``.safetensors`` (an acdc checkpoint or export too) or from a torch file with
-``torch.load(weights_only=True)``, which refuses pickled Python objects. The ``module.`` (DistributedDataParallel) and
-``_orig_mod.`` (torch.compile) prefixes that wrapped models leave in key names are stripped.
+What a file holds is :mod:`acdc_cli.files.open`'s to say; here are the tensors once read: a torch file read with
+``torch.load(weights_only=True)``, which refuses pickled Python objects; the ``module.`` (DistributedDataParallel) and
+``_orig_mod.`` (torch.compile) prefixes that wrapped models leave in key names stripped; a state dict checked against
+a model and loaded into it, or made into a dense checkpoint.
 """
 
 from __future__ import annotations
@@ -11,25 +12,12 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from acdc_cli.errors import AcdcError
-from acdc_cli.files.checkpoint import (
-    CHECKPOINT_FORMAT,
-    MASK_PREFIX,
-    Checkpoint,
-    check_fit,
-    load_checkpoint,
-    torch_load_plain,
-)
-from acdc_cli.files.export import EXPORT_FORMAT
-from acdc_cli.files.export import load as load_export
-from acdc_cli.files.tensors import read_safetensors
-from acdc_cli.models import create, lookup
+from acdc_cli.files.torchfile import torch_load_plain
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -49,15 +37,8 @@ def strip_wrappers(name: str) -> str:
     return name
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a state-dict file, keyed by their unwrapped names. Any defect is a one-line AcdcError."""
-    path = Path(path)
-    if not path.is_file():
-        raise AcdcError(f"no such file: {path}")
-    if path.suffix == ".safetensors":
-        tensors = _read_safetensors_state(path)
-    else:
-        tensors = _read_torch_state(path)
+def unwrapped(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """``tensors`` keyed by their unwrapped names (:func:`strip_wrappers`); two keys naming one are an AcdcError."""
     out: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
         key = strip_wrappers(name)
@@ -67,17 +48,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _read_safetensors_state(path: Path) -> dict[str, torch.Tensor]:
-    tensors, meta = read_safetensors(path)
-    if meta.get("format") == CHECKPOINT_FORMAT:  # masked weights are stored as zeros already
-        return {k: v for k, v in tensors.items() if not k.startswith(MASK_PREFIX)}
-
-    if meta.get("format") == EXPORT_FORMAT:
-        return load_export(path)
-    return tensors
-
-
-def _read_torch_state(path: Path) -> dict[str, torch.Tensor]:
+def read_torch_state(path: Path) -> dict[str, torch.Tensor]:
     loaded = torch_load_plain(path, "a readable torch state dict")
     for key in _NESTED_KEYS:
         if isinstance(loaded, Mapping) and isinstance(loaded.get(key), Mapping):
@@ -89,12 +60,12 @@ def _read_torch_state(path: Path) -> dict[str, torch.Tensor]:
     return dict(loaded)
 
 
-def load_pretrained(model: nn.Module, path: Path, skip: list[str], model_name: str) -> list[str]:
-    """Load the state dict in ``path`` into ``model``, leaving the keys that match a ``skip`` glob as initialised.
-    Every other key of the model must be in the file with its shape, and the file may hold no other key (a mismatch
-    is one line naming the first mismatched key). Returns the keys left as initialised."""
+def fit_pretrained(model: nn.Module, state: dict[str, torch.Tensor], path: Path, skip: list[str],
+                   model_name: str) -> list[str]:
+    """Load ``state`` (read from ``path``) into ``model``, leaving the keys that match a ``skip`` glob as
+    initialised. Every other key of the model must be in the file with its shape, and the file may hold no other key
+    (a mismatch is one line naming the first mismatched key). Returns the keys left as initialised."""
     path = Path(path)
-    state = read_state_dict(path)
     own = model.state_dict()
 
     def skipped(key: str) -> bool:
@@ -121,54 +92,8 @@ def load_pretrained(model: nn.Module, path: Path, skip: list[str], model_name: s
     return [k for k in own if skipped(k)]
 
 
-def import_state_dict(path: Path, model_name: str, num_classes: int) -> Checkpoint:
-    """A plain state dict as a dense checkpoint of ``model_name`` at ``num_classes`` classes (the model is built to
-    check every name and shape), for the commands that read checkpoints."""
+def check_num_classes(num_classes: int) -> None:
     if num_classes < 1:
         raise AcdcError(f"--num-classes must be at least 1, got {num_classes}")
-    path = Path(path)
-    state = read_state_dict(path)
-    entry, _ = lookup(model_name)
-    kwargs: dict[str, Any] = {"num_classes": num_classes, "in_channels": entry.in_channels}
-    with torch.device("meta"):  # names and shapes first, before any memory is spent on the model
-        check_fit(create(model_name, **kwargs).state_dict(), state, f"{path} (as {model_name})")
-    model = create(model_name, **kwargs)
-    model.load_state_dict(state)
-    return Checkpoint(
-        weights={k: v.detach() for k, v in model.state_dict().items()},
-        masks={},
-        arch=model_name,
-        model_kwargs=kwargs,
-        config={},
-        epoch=0,
-        phase="dense",
-        extra={"kind": "import", "imported_from": path.name},
-    )
 
 
-def load_source(path: Path, model_name: str | None = None, num_classes: int | None = None) -> Checkpoint:
-    """What ``acdc prune`` and ``acdc export`` read: an acdc checkpoint, or with ``model_name`` and ``num_classes``
-    a plain state dict (``.safetensors`` or a torch file)."""
-    path = Path(path)
-    if model_name is None and num_classes is None:
-        found = _safetensors_format(path)
-        hint = "for a plain state dict give --model NAME --num-classes N"
-        if found is not None and found != CHECKPOINT_FORMAT:
-            raise AcdcError(f"{path} is not an acdc checkpoint (format: {found or 'no acdc metadata'}); {hint}")
-        if found is None and path.is_file() and path.suffix != ".safetensors":
-            raise AcdcError(f"{path} is not an acdc checkpoint (a .safetensors file); {hint}")
-        return load_checkpoint(path)
-    if model_name is None or num_classes is None:
-        raise AcdcError("a plain state dict needs both --model NAME and --num-classes N")
-    if _safetensors_format(path) == CHECKPOINT_FORMAT:
-        raise AcdcError(f"{path} is an acdc checkpoint, which records its own model: drop --model and --num-classes")
-    return import_state_dict(path, model_name, num_classes)
-
-
-def _safetensors_format(path: Path) -> str | None:
-    """The ``format`` metadata of a readable safetensors file ("" when it has none); None for anything else."""
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            return (fh.metadata() or {}).get("format", "")
-    except Exception:  # not a safetensors file: the reader that follows says what is wrong with it
-        return None

@@ -1,5 +1,5 @@
-"""TODO docstring
-"""
+"""safetensors files: written piece by piece and atomically, read with every header field bounded before a tensor
+is touched."""
 
 from __future__ import annotations
 
@@ -14,14 +14,12 @@ from safetensors.torch import save as st_save
 
 from acdc_cli.errors import AcdcError
 from acdc_cli.files.atomic import Buffer, atomic_write_bytes
-from acdc_cli.files.jsonio import finite_or_null, parse_json
+from acdc_cli.files.jsonio import meta_text
 
 
 def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
     """Write tensors (made contiguous, on CPU) with metadata values encoded as JSON strings."""
-    # strict JSON: a non-finite number (a diverged metric) is written as null, never as bare NaN
-    meta = {k: v if isinstance(v, str) else json.dumps(finite_or_null(v), allow_nan=False)
-            for k, v in metadata.items()}
+    meta = {k: meta_text(v) for k, v in metadata.items()}
     atomic_write_bytes(path, safetensors_pieces({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta))
 
 
@@ -136,16 +134,7 @@ def read_metadata(path: Path) -> dict[str, str]:
         raise AcdcError(f"{path} is not a readable safetensors file ({first})") from None
 
 
-def _json_field(meta: dict[str, str], key: str, path: Path, default: Any = None) -> Any:
-    if key not in meta:
-        return default
-    try:
-        return parse_json(meta[key])
-    except ValueError:
-        raise AcdcError(f"{path}: metadata field '{key}' is not valid JSON") from None
-
-
 def dense_file_bytes(weights: dict[str, torch.Tensor], metadata: dict[str, Any]) -> int:
     """Size of a safetensors file holding these tensors dense with this metadata, i.e. of a dense export."""
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    meta = {k: meta_text(v) for k, v in metadata.items()}
     return len(st_save({k: v.contiguous() for k, v in weights.items()}, metadata=meta))

@@ -152,3 +152,17 @@ def _build_timm(model: str, num_classes: int, in_channels: int, dropout: float |
     if dropout is not None:
         kwargs["drop_rate"] = dropout  # timm's name for the classifier dropout
     return timm.create_model(model, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
+
+
+def check_fit(own: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], source: str) -> None:
+    """Raise unless ``weights`` has exactly the names and shapes of the state dict ``own``."""
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    if missing or unexpected:
+        which = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise AcdcError(f"{source} does not fit this model ({which})")
+    for name, tensor in weights.items():
+        if own[name].shape != tensor.shape:
+            raise AcdcError(
+                f"{source} does not fit this model: {name} is {tuple(tensor.shape)}, model has {tuple(own[name].shape)}"
+            )

@@ -38,19 +38,10 @@ from acdc_cli.data.bundle import selection_split
 from acdc_cli.engine import ACDC
 from acdc_cli.errors import AcdcError, TrainingFault
 from acdc_cli.files.atomic import atomic_write_text, remove_stale_temps
-from acdc_cli.files.checkpoint import (
-    FORMAT_VERSION,
-    Checkpoint,
-    build_model,
-    check_format_version,
-    host_copy,
-    load_checkpoint,
-    load_state,
-    load_weights,
-    save_checkpoint,
-    save_state,
-)
-from acdc_cli.files.state_dict import load_pretrained
+from acdc_cli.files.checkpoint import Checkpoint, build_model, host_copy, load_checkpoint, load_weights, save_checkpoint
+from acdc_cli.files.jsonio import FORMAT_VERSION, check_format_version
+from acdc_cli.files.open import load_pretrained
+from acdc_cli.files.torchfile import load_state, save_state
 from acdc_cli.sparsity.schedule import Phase, phase_at
 from acdc_cli.training.distributed import DistInfo
 from acdc_cli.training.evaluation import evaluate
