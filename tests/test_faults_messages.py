@@ -288,7 +288,7 @@ def _wrong_shape(state):
      "progress.best_dense is 'oops', expected none or {epoch, split, val_top1}"),
     (lambda s: s["progress"].update(best_dense={"epoch": 0, "split": "test", "test_top1": 0.5}),
      "progress.best_dense.split is 'test', this run selects on val"),
-    (lambda s: s["progress"].update(best_dense={"epoch": 0, "val_top1": "high"}),
+    (lambda s: s["progress"].update(best_dense={"epoch": 0, "split": "val", "val_top1": "high"}),
      "progress.best_dense.val_top1 is 'high', expected a fraction 0..1"),
     (lambda s: s["progress"].update(epoch=1.0), "progress.epoch is 1.0, expected a whole number >= 0"),
     (lambda s: s["progress"].pop("best_sparse"), "progress.best_sparse is missing"),

@@ -16,7 +16,7 @@ from acdc_cli.commands.export import export_checkpoint
 from acdc_cli.commands.inspect_file import inspect_file
 from acdc_cli.errors import AcdcError
 from acdc_cli.files.checkpoint import FORMAT_VERSION, Checkpoint, load_checkpoint
-from acdc_cli.files.export import load
+from acdc_cli.files.open import load
 from acdc_cli.files.torchfile import load_state, save_state
 from acdc_cli.models import create
 from acdc_cli.sparsity.rules import EXCLUDED, nm_reason, prunable_names, rule_reason, select_layers

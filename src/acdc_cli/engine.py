@@ -55,8 +55,9 @@ from acdc_cli.flops import (
 )
 from acdc_cli.models import create, lookup
 from acdc_cli.models.registry import check_fit
+from acdc_cli.sparsity.rules import LayerRule
 from acdc_cli.sparsity.schedule import Phase, momentum_resets, phase_at, plan
-from acdc_cli.sparsity.sparsifier import LayerRule, Sparsifier
+from acdc_cli.sparsity.sparsifier import Sparsifier
 
 ResetPolicy = Literal["restore", "every", "never"]
 
