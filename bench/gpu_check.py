@@ -18,21 +18,21 @@ temporary folder removed at exit.
 
 --rehearsal runs every step on the CPU at toy sizes (WRN-16-4 / WRN-10-2, a few steps, no channels_last, no
 torch.compile, ResNet-20 for ResNet-50, 2 gloo processes for torchrun, the GPU tests collected but not run, no
-nvJPEG): it proves the script works before a GPU's minutes are spent on it (tests/test_bench.py runs it); its figures
+nvJPEG): it proves the script works before a GPU's minutes are spent on it (tests/commands/test_bench.py runs it); its figures
 mean nothing, and its steps have no time limit but the overall budget.
 
 Steps, each in a process of its own with its own time limit inside the budget, in order of what matters most should
 the budget run out (the table at the end says what passed):
   1. preflight: GPU, python, torch, the modules acdc imports
-  2. masks on CUDA: the global mask's time over WRN-28-10's weights, then `pytest -m gpu tests/test_gpu.py` (GPU
+  2. masks on CUDA: the global mask's time over WRN-28-10's weights, then `pytest -m gpu tests/gpu/test_gpu.py` (GPU
      mask = CPU mask with the exact count; pruned weights and gradients stay zero through bf16 autocast +
      channels_last + torch.compile steps of acdc's own training step, unstructured 95 % and 2:4)
-  3. the fused post-backward step: `pytest -m gpu` of tests/test_fused_step.py and tests/test_snapshots.py, then its
+  3. the fused post-backward step: `pytest -m gpu` of tests/engine/test_fused_step.py and tests/training/test_snapshots.py, then its
      time against the previous path at WRN-28-10 size
   4. a short WRN-28-10 AC/DC run (dense, compressed, decompressed, compressed) on a generated CIFAR-100 folder
   5. acdc bench for wrn-cifar100-95 and resnet50-imagenet-90, torch.compile on
   6. the ImageFolder pipeline per core on generated ImageNet-sized JPEGs (data.decode = cpu, pil, gpu), then
-     `pytest -m gpu` of tests/test_imagefolder_pipeline.py and tests/test_bench_inference.py
+     `pytest -m gpu` of tests/data/test_imagefolder_pipeline.py and tests/commands/test_bench_inference.py
   7. a torchrun smoke run (one process per GPU, at most 2; SyncBatchNorm when there are 2)
   8. the summary table, with the speed targets
 """
@@ -185,7 +185,7 @@ def masks_on_cuda(ctx: Context) -> int:
     ctx.record("global mask time (target <= 10 ms)", "PASS", f"{ms:.2f} ms median of 10 over {n:,} weights")
     (ctx.out / "mask_update.json").write_text(json.dumps({"weights": n, "median_ms": ms, "all_ms": times[1:]}))
     del wrn, weights
-    return gpu_tests(ctx, "masks on CUDA (pytest -m gpu)", "tests/test_gpu.py", "-k", "not tensorrt")
+    return gpu_tests(ctx, "masks on CUDA (pytest -m gpu)", "tests/gpu/test_gpu.py", "-k", "not tensorrt")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -193,8 +193,8 @@ def masks_on_cuda(ctx: Context) -> int:
 
 
 def fused_step(ctx: Context) -> int:
-    tests_rc = gpu_tests(ctx, "fused step and pinned snapshots (pytest -m gpu)", "tests/test_fused_step.py",
-                         "tests/test_snapshots.py")
+    tests_rc = gpu_tests(ctx, "fused step and pinned snapshots (pytest -m gpu)", "tests/engine/test_fused_step.py",
+                         "tests/training/test_snapshots.py")
     from acdc_cli.commands.bench import post_backward_ms
     from acdc_cli.config import load_settings
 
@@ -323,8 +323,8 @@ def pipeline(ctx: Context) -> int:
     detail += f"; decode_jpeg / PIL {ratio:.2f}x"
     print(f"ImageFolder pipeline per core ({batch * batches} JPEGs of 500x375): {detail}")
     ctx.record("ImageFolder pipeline per core", "PASS", detail, img_per_s=rates, ratio=ratio)
-    rc = gpu_tests(ctx, "nvJPEG pipeline = CPU pipeline (pytest -m gpu)", "tests/test_imagefolder_pipeline.py")
-    return gpu_tests(ctx, "2:4 inference kernel (pytest -m gpu)", "tests/test_bench_inference.py") or rc
+    rc = gpu_tests(ctx, "nvJPEG pipeline = CPU pipeline (pytest -m gpu)", "tests/data/test_imagefolder_pipeline.py")
+    return gpu_tests(ctx, "2:4 inference kernel (pytest -m gpu)", "tests/commands/test_bench_inference.py") or rc
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import pytest
 import torch
 from cli_helpers import PINNED, invoke, short_schedule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(?:bash|sh|shell)\n(.*?)^```", re.S | re.M)
 
@@ -50,37 +50,37 @@ RULES: list[tuple[str, str]] = [
     (r"pytest$", ".ci/run"),
     (r"pytest -m slow$", ".ci/run"),
     (r"pip install -e '\.\[dev\]'$", ".ci/run"),
-    (r"pytest -m gpu$", "tests/test_bench.py::test_gpu_check_script_rehearses_on_the_cpu"),
-    (r"pytest -m interop$", "tests/test_export.py::test_compressed_tensors_decompresses_rows_bit_exactly"),
+    (r"pytest -m gpu$", "tests/commands/test_bench.py::test_gpu_check_script_rehearses_on_the_cpu"),
+    (r"pytest -m interop$", "tests/files/test_export.py::test_compressed_tensors_decompresses_rows_bit_exactly"),
     (r"acdc train --dry-run > my\.toml && acdc train --config my\.toml$", "here"),
     (r"acdc train (--preset [\w-]+ )?--dry-run", "here"),
     (r"acdc train --preset wrn-cifar100-95 --data-dir \S+ --out runs/wrn95$",
-     "plan tests/test_paper_runs.py::test_wrn_cifar100_95_runs_end_to_end_and_ends_at_95_percent"),
+     "plan tests/training/test_paper_runs.py::test_wrn_cifar100_95_runs_end_to_end_and_ends_at_95_percent"),
     (r"acdc train --preset wrn-cifar100-95 --data-dir",
-     "plan tests/test_paper_runs.py::test_wrn_cifar100_95_runs_end_to_end_and_ends_at_95_percent"),
+     "plan tests/training/test_paper_runs.py::test_wrn_cifar100_95_runs_end_to_end_and_ends_at_95_percent"),
     (r"acdc train --preset resnet20-cifar10-memorization-90 ",
-     "plan tests/test_paper_runs.py::test_resnet20_memorization_logs_memorized_accuracy_every_epoch"),
+     "plan tests/training/test_paper_runs.py::test_resnet20_memorization_logs_memorized_accuracy_every_epoch"),
     (r"acdc train --preset resnet50-imagenet-90-ftdense --from ",
-     "plan tests/test_paper_runs.py::test_2of4_preset_end_to_end_then_ftdense_continues_the_cosine"),
+     "plan tests/training/test_paper_runs.py::test_2of4_preset_end_to_end_then_ftdense_continues_the_cosine"),
     (r"acdc train --preset resnet50-imagenet-90 --data-dir \S+ --nproc 8 ",
-     "plan tests/test_distributed.py::test_nproc_2_quickstart_agrees_with_single_process"),
+     "plan tests/training/test_distributed.py::test_nproc_2_quickstart_agrees_with_single_process"),
     (r"acdc train --preset resnet50-imagenet-90 ",
-     "plan tests/test_paper_runs.py::test_2of4_preset_end_to_end_then_ftdense_continues_the_cosine"),
+     "plan tests/training/test_paper_runs.py::test_2of4_preset_end_to_end_then_ftdense_continues_the_cosine"),
     (r"acdc train --preset mobilenet-imagenet-75 ",
-     "plan tests/test_model_families.py::test_family_trains_resumes_and_every_command_reads_its_files"),
+     "plan tests/models/test_model_families.py::test_family_trains_resumes_and_every_command_reads_its_files"),
     (r"acdc (eval|export|prune) (runs/<run>/|runs/wrn95/|best_dense|pruned24|model\.onnx)", "here"),
     (r"acdc (eval|export) runs/r18/",
-     "tests/test_model_families.py::test_family_trains_resumes_and_every_command_reads_its_files"),
-    (r"acdc export ckpt\.safetensors -f onnx .*--batch 1 --opset 18", "tests/test_onnx.py::test_fixed_batch_and_opset"),
-    (r"trtexec ", "tests/test_gpu.py::test_tensorrt_builds_a_sparse_engine_from_the_2_4_export"),
-    (r"torchrun --standalone ", "tests/test_distributed.py::test_nproc_2_quickstart_agrees_with_single_process"),
-    (r"torchrun --nnodes 2 .* --out ", "tests/test_docs.py::test_two_torchrun_agents_train_and_resume_one_run"),
-    (r"torchrun --nnodes 2 .* --resume ", "tests/test_docs.py::test_two_torchrun_agents_train_and_resume_one_run"),
+     "tests/models/test_model_families.py::test_family_trains_resumes_and_every_command_reads_its_files"),
+    (r"acdc export ckpt\.safetensors -f onnx .*--batch 1 --opset 18", "tests/files/test_onnx.py::test_fixed_batch_and_opset"),
+    (r"trtexec ", "tests/gpu/test_gpu.py::test_tensorrt_builds_a_sparse_engine_from_the_2_4_export"),
+    (r"torchrun --standalone ", "tests/training/test_distributed.py::test_nproc_2_quickstart_agrees_with_single_process"),
+    (r"torchrun --nnodes 2 .* --out ", "tests/docs/test_docs.py::test_two_torchrun_agents_train_and_resume_one_run"),
+    (r"torchrun --nnodes 2 .* --resume ", "tests/docs/test_docs.py::test_two_torchrun_agents_train_and_resume_one_run"),
     (r"for s in 0\.8 0\.9 0\.95; do acdc train ",
-     "tests/test_report.py::test_report_of_two_runs_writes_inline_html_and_pngs"),
-    (r"acdc report runs/s0\.8 ", "tests/test_report.py::test_report_of_two_runs_writes_inline_html_and_pngs"),
+     "tests/commands/test_report.py::test_report_of_two_runs_writes_inline_html_and_pngs"),
+    (r"acdc report runs/s0\.8 ", "tests/commands/test_report.py::test_report_of_two_runs_writes_inline_html_and_pngs"),
     (r"acdc train --set model\.name=torchvision:resnet18 ",
-     "tests/test_model_families.py::test_train_from_local_weights_and_its_one_line_errors"),
+     "tests/models/test_model_families.py::test_train_from_local_weights_and_its_one_line_errors"),
 ]
 
 
@@ -227,7 +227,7 @@ def test_two_torchrun_agents_train_and_resume_one_run(tmp_path):
 
 
 def test_api_doc_example_is_the_one_the_api_test_runs():
-    """docs/api.md repeats the README's Python example, which tests/test_api.py runs as written: they stay equal."""
+    """docs/api.md repeats the README's Python example, which tests/engine/test_api.py runs as written: they stay equal."""
     python = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
     readme = python.findall((ROOT / "README.md").read_text().split("## Python API", 1)[1])
     assert readme and python.findall((ROOT / "docs" / "api.md").read_text())[:1] == readme[:1]

@@ -230,7 +230,7 @@ def test_fused_step_on_cuda_equals_the_previous_path(monkeypatch):
     channels_last model, pruned weights, their gradients and momentum are exactly zero after every step with no
     weight mask after it, and the weights follow the previous path's (gradient mask + foreach SGD + weight mask) to
     rounding (fp32, TF32 off, so that a last-bit difference of the kernels is not amplified; bf16 autocast with
-    acdc's own step is tests/test_gpu.py)."""
+    acdc's own step is tests/gpu/test_gpu.py)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # matmuls are fp32 by PyTorch's default
     cuda = torch.device("cuda")
     settings = load_settings(overrides=["model.name='wrn-10-2'", "optim.lr=0.05", "optim.momentum=0.9",

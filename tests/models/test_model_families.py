@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 from cli_helpers import fails, invoke_json
+from data_helpers import write_cifar10
 from safetensors.torch import load_file, save_file
-from test_data import write_cifar10
 from typer.testing import CliRunner
 
 from acdc_cli.cli.app import app

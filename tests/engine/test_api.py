@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from data_helpers import write_cifar10
 from safetensors.torch import load_file
-from test_data import write_cifar10
 from typer.testing import CliRunner
 
 from acdc_cli import ACDC, Phase
@@ -26,7 +26,7 @@ from acdc_cli.models import create
 from acdc_cli.sparsity import masks as M
 from acdc_cli.sparsity.schedule import momentum_resets, plan
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 # dense 0, compressed 1, decompressed 2, final compressed 3-5
 PLAN = (Phase(0, 1, "dense", 0.0), Phase(1, 2, "sparse", 0.7), Phase(2, 3, "dense", 0.0), Phase(3, 6, "sparse", 0.7))

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 from cli_helpers import fails, invoke, invoke_json, sets, short_schedule, squash
-from test_data import write_cifar10, write_imagefolder
+from data_helpers import write_cifar10, write_imagefolder
 
 from acdc_cli.config import load_settings
 from acdc_cli.data import build, cifar

@@ -152,7 +152,7 @@ def test_gpu_check_script_rehearses_on_the_cpu(tmp_path):
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+    script = Path(__file__).resolve().parents[2] / "bench" / "gpu_check.py"
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "TMPDIR": str(tmp_path)}
     done = subprocess.run([sys.executable, str(script), "--rehearsal"], env=env, capture_output=True, text=True,

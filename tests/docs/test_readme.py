@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli_helpers import fails, invoke_json
-from test_data import write_cifar10, write_cifar100, write_imagefolder
+from data_helpers import write_cifar10, write_cifar100, write_imagefolder
 
 from acdc_cli.config import load_settings, preset_names
 from acdc_cli.data import build, cifar

@@ -251,7 +251,7 @@ def test_a_200_megapixel_image_is_refused_from_its_header(tmp_path, decode):
 
 
 def test_the_pixel_bound_is_a_setting_and_reaches_the_workers(tmp_path):
-    from test_data import write_imagefolder
+    from data_helpers import write_imagefolder
 
     write_imagefolder(tmp_path, classes=2, train=3, val=1)  # images of at most 71x71 pixels
     big = tmp_path / "train" / "n00000001" / "big.JPEG"
@@ -289,7 +289,7 @@ def test_scan_lists_what_torchvision_imagefolder_lists(tmp_path):
 
 
 def test_a_symlink_loop_does_not_multiply_samples(tmp_path):
-    from test_data import write_imagefolder
+    from data_helpers import write_imagefolder
 
     write_imagefolder(tmp_path, classes=2, train=3, val=1)
     class0, class1 = sorted((tmp_path / "train").iterdir())
@@ -309,7 +309,7 @@ def test_a_symlink_loop_does_not_multiply_samples(tmp_path):
 
 
 def test_an_empty_class_folder_is_named(tmp_path):
-    from test_data import write_imagefolder
+    from data_helpers import write_imagefolder
 
     write_imagefolder(tmp_path, classes=2, train=2, val=1)
     (tmp_path / "train" / "zebra").mkdir()
@@ -444,7 +444,7 @@ def test_training_tensor_loader_yields_whole_batches_and_resumes_exactly():
 
 
 def test_training_loaders_of_every_dataset_drop_the_partial_batch(tmp_path):
-    from test_data import write_cifar10, write_imagefolder
+    from data_helpers import write_cifar10, write_imagefolder
 
     write_cifar10(tmp_path / "c10")
     write_imagefolder(tmp_path / "inet", classes=3, train=5, val=1)

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 from cli_helpers import PINNED, fails, invoke_json, sets
+from data_helpers import write_cifar10, write_cifar100, write_imagefolder
 from safetensors.torch import load_file
-from test_data import write_cifar10, write_cifar100, write_imagefolder
 
 from acdc_cli.files.checkpoint import build_model, load_checkpoint
 from acdc_cli.files.jsonio import read_jsonl

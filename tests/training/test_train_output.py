@@ -9,9 +9,9 @@ import tomllib
 
 import pytest
 from cli_helpers import sets
+from data_helpers import write_cifar10
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
-from test_data import write_cifar10
 
 from acdc_cli.config import load_settings
 from acdc_cli.files.jsonio import read_jsonl
