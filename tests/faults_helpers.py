@@ -1,4 +1,4 @@
-"""Small files for the fault tests (issue #15): a tiny checkpoint on synthetic data, and raw safetensors blobs; a
+"""Small files for the fault tests: a tiny checkpoint on synthetic data, and raw safetensors blobs; a
 training process killed at a fault point."""
 
 import json

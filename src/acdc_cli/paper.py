@@ -1,5 +1,5 @@
-"""TODO docstring
-"""
+"""The paper's number beside a result only for the paper's experiment: the gate that compares a run's settings
+with its preset's and says why a number is not comparable when they differ."""
 
 from __future__ import annotations
 

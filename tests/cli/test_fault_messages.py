@@ -1,4 +1,4 @@
-"""Issue #15, item 5 and the output rules: what used to end in a traceback is one line on stderr; paths and names
+"""The output rules: what used to end in a traceback is one line on stderr; paths and names
 are never read as rich markup; JSON output is strict JSON (null, never NaN); a damaged metrics.jsonl loses no row."""
 
 import json

@@ -1,4 +1,4 @@
-"""acdc eval: the model and data rebuilt from a checkpoint's own metadata reproduce what training measured."""
+"""Acdc eval: the model and data rebuilt from a checkpoint's own metadata reproduce what training measured."""
 
 import pytest
 import torch
@@ -102,7 +102,7 @@ def test_paper_number_only_when_comparable(quickstart_run, tmp_path, paper_prese
     ({"model": {"name": "tiny-test"}}, "model tiny-test (preset: digits-cnn)"),
     ({"data": {"name": "synthetic"}}, "dataset synthetic (preset: digits)"),
     ({"sparsity": {"target": 0.95}}, "sparsity 0.95 (preset: 0.9)"),
-    # as acdc records a 2:4 run: the target that 2:4 implies (a stated 0.9 beside 2:4 is refused, issue #15)
+    # as acdc records a 2:4 run: the target that 2:4 implies (a stated 0.9 beside 2:4 is refused)
     ({"sparsity": {"structure": "2:4", "target": 0.5}},
      "sparsity 0.5 (preset: 0.9), structure 2:4 (preset: unstructured)"),
     ({"schedule": {"method": "dense"}}, "sparsity 0.0 (preset: 0.9)"),

@@ -1,4 +1,4 @@
-"""acdc inspect: per-layer numbers equal zeros counted directly in the file; bad files are one-line errors."""
+"""Acdc inspect: per-layer numbers equal zeros counted directly in the file; bad files are one-line errors."""
 
 import json
 
@@ -105,7 +105,7 @@ def test_inspect_flags_a_layer_that_breaks_2_4(files, tmp_path):
     group = weight[0, 0:4, 1, 1]
     group[group == 0] = 0.5  # all four input channels of one group non-zero
     ckpt.weights[name] = weight  # as if edited outside acdc
-    # with the mask still 2:4, every reader applies it (issue #15): the layer stays 2:4, inspect warns about the file
+    # with the mask still 2:4, every reader applies it: the layer stays 2:4, inspect warns about the file
     outside = tmp_path / "outside.safetensors"
     save_checkpoint(outside, ckpt)
     info = inspect_json(outside)

@@ -1,4 +1,4 @@
-"""Issue #15, should-fix: values that were accepted silently or read in a misleading way are refused in one line
+"""Values that were accepted silently or read in a misleading way are refused in one line
 (non-finite floats, a target that contradicts N:M, GMP with N:M, masks that are not 0/1, fractional CIFAR labels,
 an edited config.toml on resume), and a mask is applied the same way by every reader."""
 

@@ -87,7 +87,7 @@ def test_nm_structure_implies_target():
     s = load_settings(overrides=["sparsity.structure='2:4'"])
     assert s.sparsity.n_m == (2, 4) and s.sparsity.target == 0.5
     assert Settings(sparsity={"structure": "1:4"}).sparsity.target == 0.75
-    # a target stated beside N:M must agree with it (issue #15: 0.9 used to become 0.5 silently)
+    # a target stated beside N:M must agree with it (0.9 used to become 0.5 silently)
     assert Settings(sparsity={"structure": "1:4", "target": 0.75}).sparsity.target == 0.75
     with pytest.raises(ValidationError, match="contradicts"):
         Settings(sparsity={"structure": "1:4", "target": 0.9})

@@ -1,4 +1,4 @@
-"""Issue #15, item 1: a run can always be resumed. Whatever write of a checkpoint fails (a full disk) or is killed,
+"""A run can always be resumed. Whatever write of a checkpoint fails (a full disk) or is killed,
 and again during the resume's own first save, the run dir keeps a complete (last.safetensors, resume state) pair,
 and a resume from it ends bit-identical to a run that never stopped.
 

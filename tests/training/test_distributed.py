@@ -139,7 +139,7 @@ def test_nproc_refuses_what_cannot_run(tmp_path, monkeypatch):
         assert result.exit_code == 2, result.output
         assert message in result.output and "Traceback" not in result.output
         assert not (tmp_path / "run").exists()  # refused before the run dir is made
-    # what torchrun sets (a stray LOCAL_RANK alone no longer counts as a launch, issue #15)
+    # what torchrun sets (a stray LOCAL_RANK alone no longer counts as a launch)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
     result = runner.invoke(app, ["train", "--nproc", "1", "--device", "cpu", "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and "inside a torchrun process" in result.output

@@ -1,4 +1,4 @@
-"""Issue #15, item 4: every size a setting or a file can ask for is bounded before anything is allocated, so a typo
+"""Every size a setting or a file can ask for is bounded before anything is allocated, so a typo
 or a crafted file is one line on stderr instead of gigabytes of memory or minutes of work."""
 
 import json

@@ -1,4 +1,4 @@
-"""Issue #15, item 6: rank variables count only inside a torchrun launch. A stray RANK=1 in the shell used to make
+"""Rank variables count only inside a torchrun launch. A stray RANK=1 in the shell used to make
 `acdc train` train, write nothing, print nothing and exit 0 (and turn every error into a silent exit 2); RANK=abc
 was a traceback."""
 

@@ -43,7 +43,7 @@ def test_quickstart_rows_carry_the_four_flops_fields(quickstart_run):
         assert row["train_flops_ratio"] == total / (3 * QUICKSTART_DENSE * QUICKSTART_IMAGES * (row["epoch"] + 1))
         if row["phase"] == "sparse":  # 90 % of the weights, not 90 % of the FLOPs: global magnitude pruning
             assert 0.10 < row["inference_flops_ratio"] < 0.13
-    # the done-when of issue 10: the run's ratio is the mean over epochs of 1 (dense) and the sparse ratio
+    # the run's ratio is the mean over epochs of 1 (dense) and the sparse ratio
     mean = sum(1.0 if r["phase"] == "dense" else r["inference_flops_ratio"] for r in rows) / len(rows)
     assert rows[-1]["train_flops_ratio"] == pytest.approx(mean, rel=1e-12)
     assert 0.45 < mean < 0.55  # 14 dense epochs of 30

@@ -1,4 +1,4 @@
-"""Issue #15, item 3: one process writes a run dir at a time. A second `acdc train --out X` (or --resume X, or
+"""One process writes a run dir at a time. A second `acdc train --out X` (or --resume X, or
 --force X) while another process holds X is refused with one line naming the holder's PID, before anything in X is
 written or deleted. Synchronised by what the processes print and by the lock itself, never by sleeping."""
 

@@ -1,5 +1,5 @@
-"""TODO docstring
-"""
+"""What every dataset builder returns (``DataBundle``: train / val / test loaders and what the model needs to
+know), the validation split held out of the training images, and the input shapes known without reading data."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""TODO docstring
-"""
+"""JPEG files for the ImageFolder pipeline: the header read without decoding (size and colour), the pixel bound
+checked before any decoder allocates, and decoding on the host with torchvision (libjpeg-turbo) or PIL."""
 
 from __future__ import annotations
 

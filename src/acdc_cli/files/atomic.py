@@ -1,5 +1,6 @@
-"""TODO docstring
-"""
+"""Atomic writes: every file acdc writes goes to a temporary file beside its target, is fsynced and renamed over
+it, so a crash or a full disk mid-write leaves the previous file intact; and the check that an output may be
+written (no silent overwrite without --force)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""TODO docstring
-"""
+"""ONNX files that acdc writes and reads: the optional extra it needs, the initializers (the stored weights) of a
+graph, an ONNX Runtime session wrapped as a module for evaluation, and a cheap check that a path is an ONNX model."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""TODO docstring
-"""
+"""Evaluation inside a run: top-1 / top-5 / loss of a model over a loader (``evaluate``), the same over the ranks'
+shards of a split summed exactly (``evaluate_sharded``), and a memorization run's accuracy on its random-label
+subset against both its random and its true labels (``evaluate_memorized``)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""TODO docstring
-"""
+"""The run directory: its default name, the checks before a new run writes into one (never overwriting a
+non-empty folder without --force), the settings a run recorded there, and the lock that lets one process at a time
+write it."""
 
 from __future__ import annotations
 

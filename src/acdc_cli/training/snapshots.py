@@ -1,5 +1,6 @@
-"""TODO docstring
-"""
+"""Host snapshots of the training state for checkpoints written in the background: reusable host buffers
+(pinned on CUDA, copied without blocking), the event that says they landed, the one writer thread, and the fused
+check that every tensor of a state is finite."""
 
 from __future__ import annotations
 
