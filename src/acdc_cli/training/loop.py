@@ -359,7 +359,8 @@ class EpochSteps:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 group_start = step - step % accumulation
-                stepping = step + 1 == min(group_start + accumulation, steps)  # the group's last batch
+                group_end = min(group_start + accumulation, steps)  # the last group of an epoch may be shorter
+                stepping = step + 1 == group_end
                 if step == group_start:
                     optimizer.zero_grad(set_to_none=True)
                 # dropout's (and mixup's) randomness is a function of (seed, epoch, step, rank): a run resumed at any
@@ -374,7 +375,7 @@ class EpochSteps:
                         logits = net(images)
                         loss = recipe.recipe_loss(logits.float(), labels, lam, settings.optim.label_smoothing)
                     # also for a step that is skipped: DDP expects every forward to have its backward
-                    scaler.scale(loss / (min(group_start + accumulation, steps) - group_start)).backward()
+                    scaler.scale(loss / (group_end - group_start)).backward()
                 detached = loss.detach()
                 if stepping:
                     scaler.step(optimizer)  # the engine's hooks mask gradients before and weights after
