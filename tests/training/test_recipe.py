@@ -4,15 +4,18 @@ checked against its formula, and a run with all of them resumes mid-epoch bit-id
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from cli_helpers import assert_same_run, fails, invoke, short_schedule, torch_state_kept, trained
+from data_helpers import write_imagefolder
 from faults_helpers import killed_at
 from safetensors.torch import load_file
 from torch import nn
 
 from acdc_cli.config import load_settings
+from acdc_cli.data.imagefolder import ImageDataset
 from acdc_cli.data.policies import build_policy
 from acdc_cli.data.tensor_loader import TensorLoader
 from acdc_cli.engine import ACDC
@@ -260,3 +263,20 @@ def test_a_run_with_the_whole_recipe_resumes_mid_epoch_bit_identically(tmp_path,
         result = invoke("train", "--resume", run_dir)
     assert result.exit_code == 0, result.output
     assert_same_run(reference, run_dir, EMA_FILES)
+
+
+@pytest.mark.parametrize("decode", ["cpu", "pil"])
+def test_imagefolder_applies_the_policy_per_image_with_its_own_seed(tmp_path, decode):
+    root = write_imagefolder(tmp_path / "images", classes=1, train=2, val=1)
+    paths = sorted(str(p) for p in (root / "train").rglob("*.JPEG"))
+    policy = build_policy(_settings("data.augment_policy=randaugment", "data.randaugment_magnitude=20").data)
+    labels = np.zeros(len(paths), dtype=np.int64)
+    augmented = ImageDataset(paths, labels, augment=True, decode=decode, policy=policy)
+    plain = ImageDataset(paths, labels, augment=True, decode=decode)
+    torch.manual_seed(0)
+    before = torch.rand(3)
+    torch.manual_seed(0)
+    first = [augmented[(i, 1234 + i)][0] for i in range(len(paths))]
+    assert torch.equal(torch.rand(3), before)
+    assert all(torch.equal(a, augmented[(i, 1234 + i)][0]) for i, a in enumerate(first))  # same key, same image
+    assert not all(torch.equal(a, plain[(i, 1234 + i)][0]) for i, a in enumerate(first))  # same crop, then the policy
