@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from cli_helpers import assert_same_run, fails, invoke, short_schedule, torch_state_kept, trained
+from cli_helpers import assert_same_run, fails, invoke, short_schedule, shows, torch_state_kept, trained
 from data_helpers import write_imagefolder
 from faults_helpers import killed_at
 from safetensors.torch import load_file
@@ -262,6 +262,7 @@ def test_a_run_with_the_whole_recipe_resumes_mid_epoch_bit_identically(tmp_path,
     with torch_state_kept():
         result = invoke("train", "--resume", run_dir)
     assert result.exit_code == 0, result.output
+    assert shows("EMA best sparse: val top-1", result.output) and shows("EMA best dense : val top-1", result.output)
     assert_same_run(reference, run_dir, EMA_FILES)
 
 

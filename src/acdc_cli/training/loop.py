@@ -52,6 +52,7 @@ class RunResult:
     # {"inference": {"dense", "sparse", "ratio"} per image of the final model, "train": {"flops", "dense_flops",
     # "ratio"} of the run, None when it resumed from a state written before FLOPs were counted}
     flops: dict[str, Any] | None = None
+    ema_best: dict[str, dict[str, Any] | None] | None = None  # optim.ema_decay: {"sparse", "dense"} records as above
 
 
 def run(settings: Settings, run_dir: Path, *, resume: bool = False, from_checkpoint: Path | None = None,
@@ -190,6 +191,8 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
     state = store.state
     result = RunResult(run_dir, state.best_sparse, state.best_dense, engine.sparsity(), preempted=preempted,
                        flops=_flops_summary(engine))
+    if ema is not None:
+        result.ema_best = {"sparse": state.ema_best_sparse, "dense": state.ema_best_dense}
     if is_main and preempted is None:
         store.test_best(bundle.test, device, settings.runtime.amp)
     if is_main:
@@ -453,6 +456,8 @@ def summary_panel(result: RunResult, tensorboard: bool) -> Panel:
     lines = [
         line("best sparse", result.best_sparse),
         line("best dense ", result.best_dense),
+        *([line("EMA best sparse", result.ema_best["sparse"]), line("EMA best dense ", result.ema_best["dense"])]
+          if result.ema_best is not None else []),
         f"final sparsity: {result.final_sparsity:.4f} of prunable weights",
         *_flops_lines(result.flops),
         "files: " + ", ".join(p.name for p in result.files),
