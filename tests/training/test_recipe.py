@@ -259,6 +259,8 @@ def test_a_run_with_the_whole_recipe_resumes_mid_epoch_bit_identically(tmp_path,
     killed_at("kill@write:4:last.safetensors", "--out", run_dir, *RECIPE)
     ckpt = load_checkpoint(run_dir / "last.safetensors")
     assert (ckpt.epoch, ckpt.extra.get("step")) == (0, 12)
+    for setting in ("optim.ema_decay=0.5", "optim.grad_accumulation=1", "data.augment_policy=none"):
+        assert "cannot change" in fails(["train", "--resume", run_dir, "--set", setting])  # they change results
     with torch_state_kept():
         result = invoke("train", "--resume", run_dir)
     assert result.exit_code == 0, result.output
