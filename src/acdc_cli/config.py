@@ -72,7 +72,17 @@ class DataSettings(_Section):
         512, gt=0, le=MAX_SYNTHETIC_SIZE,
         description="training images for data.name=synthetic (val and test: a quarter as many)",
     )
-
+    # the training recipe beyond the reference's (docs/settings.md "Recipe"); the presets leave these off
+    augment_policy: Literal["none", "randaugment", "trivialaugment"] = Field(
+        "none", description="torchvision's RandAugment or TrivialAugmentWide on each training image, after crop + flip"
+    )
+    randaugment_ops: int = Field(2, ge=1, le=14, description="RandAugment: operations per image")
+    randaugment_magnitude: int = Field(9, ge=0, le=30, description="RandAugment: magnitude of each operation (0..30)")
+    mixup_alpha: float = Field(0.0, ge=0, le=100, description="mixup: Beta(alpha, alpha) mixing of batch pairs (0: off)")
+    cutmix_alpha: float = Field(
+        0.0, ge=0, le=100, description="cutmix: Beta(alpha, alpha) area kept of each image (0: off; with mixup on too, "
+        "each batch uses one of the two, chosen with even odds)"
+    )
 
     @field_validator("dir")
     @classmethod
@@ -135,6 +145,49 @@ class OptimSettings(_Section):
         None, gt=0, le=MAX_EPOCHS, description="cosine period in epochs (None: schedule.epochs)"
     )
     min_lr: float = Field(0.0, ge=0, description="cosine floor")
+    # the training recipe beyond the reference's (docs/settings.md "Recipe"); the presets leave these as they are
+    optimizer: str = Field(
+        "SGD", description="torch.optim optimizer by class name (SGD, AdamW, ...); SGD takes momentum and nesterov, "
+        "any other optimizer_args"
+    )
+    optimizer_args: dict[str, float | bool | list[float]] = Field(
+        default_factory=dict, description="more keyword arguments of the optimizer, e.g. {betas = [0.9, 0.95]}; lr "
+        "and weight_decay are their own settings"
+    )
+    grad_accumulation: int = Field(
+        1, ge=1, le=1024, description="loader batches whose gradients add up to one optimizer step (an effective "
+        "batch of data.batch_size x this)"
+    )
+    clip_grad_norm: float | None = Field(
+        None, gt=0, description="largest total 2-norm of the gradients at a step, of the weights that train (pruned "
+        "ones excluded); None: no clipping"
+    )
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="exponential moving average of the weights with this decay per optimizer step, "
+        "evaluated every epoch and saved as ema_best_sparse / ema_best_dense (None: none)"
+    )
+
+    @model_validator(mode="after")
+    def _optimizer(self) -> OptimSettings:
+        if self.optimizer == "SGD" and not self.optimizer_args:
+            return self
+        import inspect
+
+        import torch  # here, not at the top: most settings never name an optimizer, and torch is slow to import
+
+        kind = getattr(torch.optim, self.optimizer, None)
+        if not (isinstance(kind, type) and issubclass(kind, torch.optim.Optimizer)):
+            close = difflib.get_close_matches(self.optimizer, [n for n in dir(torch.optim) if n[0].isupper()], n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"'{self.optimizer[:40]}' is not a torch.optim optimizer{hint}")
+        accepted = set(inspect.signature(kind).parameters) - {"params", "lr", "weight_decay"}
+        if kind is torch.optim.SGD:
+            accepted -= {"momentum", "nesterov"}  # optim.momentum and optim.nesterov say those
+        for key in self.optimizer_args:
+            if key not in accepted:
+                raise ValueError(f"{self.optimizer} takes no optimizer_args key '{key[:40]}' (it takes: "
+                                 f"{', '.join(sorted(accepted)) or 'none besides lr and weight_decay'})")
+        return self
 
 
 class ScheduleSettings(_Section):
@@ -331,6 +384,12 @@ class Settings(BaseSettings):
                                  "sparsity.structure")
             if self.sparsity.initial > self.sparsity.target:
                 raise ValueError("sparsity.initial must not exceed sparsity.target for gmp")
+        accumulation = self.optim.grad_accumulation
+        if accumulation > 1 and self.runtime.checkpoint_every_steps % accumulation:
+            raise ValueError(f"runtime.checkpoint_every_steps must be a multiple of optim.grad_accumulation "
+                             f"({accumulation}): a checkpoint falls between two optimizer steps")
+        if accumulation > 1 and self.runtime.nan_policy == "skip":
+            raise ValueError("runtime.nan_policy 'skip' undoes one batch's step: it needs optim.grad_accumulation 1")
         if any(m < 0 or m >= s.epochs for m in self.optim.milestones):
             raise ValueError(f"optim.milestones must lie in [0, {s.epochs}), got {self.optim.milestones}")
         return self
@@ -438,7 +497,7 @@ _ENV_SETTING = re.compile(r"ACDC_([A-Za-z]+)__(\w+)", re.IGNORECASE)
 def _env_value(name: str, raw: str, annotation: Any) -> Any:
     """A variable's text as the value of a field: JSON for a list (``'["fc.*"]'``), the text itself otherwise
     (pydantic reads "0.1", "true" and "5" as the field's type)."""
-    if get_origin(annotation) is not list:
+    if get_origin(annotation) not in (list, dict):
         return raw
     try:
         return json.loads(raw)
@@ -525,6 +584,8 @@ def dump_toml(data: dict[str, Any]) -> str:
             return json.dumps(v, ensure_ascii=False)
         if isinstance(v, list):
             return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):  # optim.optimizer_args: an inline table
+            return "{" + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + "}"
         raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
     def line(k: str, v: Any) -> str:

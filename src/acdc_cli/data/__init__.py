@@ -8,6 +8,7 @@ import torch
 from acdc_cli.config import Settings
 from acdc_cli.data import cifar, digits, imagefolder
 from acdc_cli.data.bundle import DataBundle, split_val
+from acdc_cli.data.policies import build_policy
 from acdc_cli.data.tensor_loader import TensorLoader
 from acdc_cli.errors import AcdcError
 from acdc_cli.models import lookup
@@ -29,7 +30,7 @@ def _digits(settings: Settings, device: torch.device, rank: int, world_size: int
     return DataBundle(
         train=TensorLoader(
             images[train_i], labels[train_i], d.batch_size // world_size, shuffle=True, drop_last=True,
-            augment=False, rank=rank, world_size=world_size, **common,
+            augment=False, rank=rank, world_size=world_size, policy=build_policy(d), **common,
         ),
         val=TensorLoader(images[val_i], labels[val_i], d.eval_batch_size, **common) if len(val_i) else None,
         test=TensorLoader(images[test], labels[test], d.eval_batch_size, **common),
@@ -60,7 +61,7 @@ def _synthetic(settings: Settings, device: torch.device, rank: int, world_size: 
     train, val, test = split(n), split(max(n // 4, 1)), split(max(n // 4, 1))  # one draw order whatever val_size
     return DataBundle(
         train=TensorLoader(*train, d.batch_size // world_size, shuffle=True, drop_last=True, augment=d.augment,
-                           rank=rank, world_size=world_size, **common),
+                           rank=rank, world_size=world_size, policy=build_policy(d), **common),
         val=TensorLoader(*val, d.eval_batch_size, **common) if d.val_size else None,
         test=TensorLoader(*test, d.eval_batch_size, **common),
         num_classes=num_classes,

@@ -25,6 +25,7 @@ import torch
 
 from acdc_cli.config import Settings
 from acdc_cli.data.bundle import DataBundle, split_val
+from acdc_cli.data.policies import build_policy
 from acdc_cli.data.random_labels import select_random_labels
 from acdc_cli.data.tensor_loader import TensorLoader
 from acdc_cli.errors import AcdcError
@@ -226,7 +227,8 @@ def build(settings: Settings, device: torch.device, rank: int, world_size: int) 
         augment = False
     return DataBundle(
         train=TensorLoader(images[train_i], train_labels, d.batch_size // world_size, shuffle=True, drop_last=True,
-                           augment=augment, rank=rank, world_size=world_size, **common),
+                           augment=augment, rank=rank, world_size=world_size,
+                           policy=build_policy(d) if augment else None, **common),
         val=TensorLoader(images[val_i], labels[val_i], d.eval_batch_size, **common) if len(val_i) else None,
         test=TensorLoader(*splits["test"], d.eval_batch_size, **common),
         num_classes=fmt.num_classes,

@@ -45,6 +45,7 @@ from acdc_cli.data.jpeg import (
     open_with_pil,
     read_bytes,
 )
+from acdc_cli.data.policies import build_policy
 from acdc_cli.data.random_labels import select_random_labels
 from acdc_cli.data.tensor_loader import EpochBatches
 from acdc_cli.errors import AcdcError
@@ -263,7 +264,7 @@ class ImageDataset(Dataset):
     """Images by index; ``__getitem__`` takes (index, augmentation seed) so augmentation is reproducible."""
 
     def __init__(self, paths: Sequence[str], labels: np.ndarray, *, augment: bool, decode: str = "cpu",
-                 max_pixels: int = DEFAULT_MAX_PIXELS, extra: np.ndarray | None = None):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, extra: np.ndarray | None = None, policy: Any = None):
         if decode not in DECODERS:
             raise ValueError(f"decode must be one of {DECODERS}, got {decode!r}")
         # one numpy bytes array rather than a list of str: worker processes share its pages instead of copying them
@@ -272,6 +273,7 @@ class ImageDataset(Dataset):
         self.labels = np.asarray(labels, dtype=np.int64)
         self.extra = None if extra is None else np.asarray(extra, dtype=np.int64)
         self.augment, self.decode, self.max_pixels = augment, decode, max_pixels
+        self.policy = policy  # data.augment_policy's (policies.AugmentPolicy), after crop and flip (decode cpu, pil)
         # reseeded for every image: each worker process has its own copy, and seeding it costs microseconds where
         # torch.manual_seed cost a tenth of a worker's time
         self._rng = random.Random()
@@ -301,6 +303,8 @@ class ImageDataset(Dataset):
                 pixels = train_pixels(image, draw_crop(image.shape[1], image.shape[2], self._rng))
             else:
                 pixels = eval_pixels(image)
+        if self.policy is not None and self.augment and isinstance(pixels, torch.Tensor):
+            pixels = self.policy(pixels[None], aug_seed, 0, index)[0]
         out = (pixels, int(self.labels[index]))
         return out + (int(self.extra[index]),) if self.extra is not None else out
 
@@ -477,6 +481,9 @@ def build(settings: Settings, device: torch.device, rank: int, world_size: int) 
         raise AcdcError(f"ImageFolder: data.dir {root} is not a folder (expected {root}/train and {root}/val)")
     if d.decode == "gpu":
         _check_device_decoding(device)
+        if d.augment_policy != "none":
+            raise AcdcError(f"data.augment_policy {d.augment_policy} runs in the loader workers, on decoded images: "
+                            "use data.decode cpu or pil")
     paths, labels, classes = scan(root / "train")
     test_paths, test_labels, test_classes = scan(root / "val")
     if test_classes != classes:
@@ -499,7 +506,8 @@ def build(settings: Settings, device: torch.device, rank: int, world_size: int) 
         train_labels = train_labels.copy()
         train_labels[positions] = random_labels
         augment = False
-    train_set = ImageDataset([paths[i] for i in train_i], train_labels, augment=augment, **images)
+    train_set = ImageDataset([paths[i] for i in train_i], train_labels, augment=augment, policy=build_policy(d),
+                             **images)
     return DataBundle(
         # whole batches only, so that a compiled step sees one shape (as timm's loader does)
         train=ImageLoader(train_set, d.batch_size // world_size, shuffle=True, drop_last=True, rank=rank,

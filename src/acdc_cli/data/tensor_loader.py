@@ -8,6 +8,7 @@ permutation it shards. Training loaders (``drop_last``) yield whole batches only
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +85,7 @@ class TensorLoader(EpochBatches):
         world_size: int = 1,
         device: torch.device | str = "cpu",
         extra: torch.Tensor | None = None,  # a second label tensor yielded beside the first (memorization)
+        policy: Any = None,  # data.augment_policy's (policies.AugmentPolicy), after crop and flip
     ):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError("images must be uint8 (N, C, H, W)")
@@ -96,6 +98,7 @@ class TensorLoader(EpochBatches):
         self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1) * 255.0
         self.shuffle, self.drop_last, self.augment, self.pad, self.flip = shuffle, drop_last, augment, pad, flip
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.policy = policy
         self.epoch = 0
 
     def _pool_size(self) -> int:
@@ -150,5 +153,7 @@ class TensorLoader(EpochBatches):
             batch = self.images[idx]
             if draws is not None:
                 batch = self._augment(batch, *(d[window] for d in draws))
+            if self.policy is not None:
+                batch = self.policy(batch, self.seed, self.epoch, self.world_size * b + self.rank)
             out = (self.normalize(batch), self.labels[idx])
             yield out + (self.extra[idx],) if self.extra is not None else out

@@ -14,6 +14,8 @@ Files of a run dir::
     best_sparse.safetensors          best val top-1 in a compressed phase at the target sparsity (test top-1 when
                                      data.val_size = 0: the paper's protocol)
     best_dense.safetensors           best val (or test) top-1 in a dense epoch
+    ema_best_sparse.safetensors      with optim.ema_decay: the same two choices for the EMA of the weights, by its
+    ema_best_dense.safetensors       own top-1 (its weights and the model's masks at that epoch)
 
 Rank 0 writes every file, in a background thread from host snapshots, so training goes on meanwhile; writes are
 atomic (checkpoint.py), and the (weights, state) pair is replaced so that a complete pair is always on disk
@@ -65,25 +67,24 @@ class RunState:
     best_sparse: dict[str, Any] | None = None
     best_dense: dict[str, Any] | None = None
     skip_streak: int = 0  # steps skipped in a row when the last epoch ended (runtime.nan_policy = "skip")
+    ema_best_sparse: dict[str, Any] | None = None  # optim.ema_decay: as best_*, for the EMA of the weights
+    ema_best_dense: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "best_sparse": self.best_sparse, "best_dense": self.best_dense,
-                "skip_streak": self.skip_streak}
-
-
-
-
+                "skip_streak": self.skip_streak, "ema_best_sparse": self.ema_best_sparse,
+                "ema_best_dense": self.ema_best_dense}
 
 
 def snapshot(model: nn.Module, engine: ACDC, settings: Settings, model_kwargs: dict[str, Any], epoch: int,
-             phase: str, metrics: dict[str, Any], host: HostSnapshot | None = None) -> Checkpoint:
+             phase: str, metrics: dict[str, Any], host: HostSnapshot | None = None, place: str = "") -> Checkpoint:
     """The checkpoint of the model as it is now, in host memory: it is written in the background while training
     changes the live tensors. ``host``: reused (pinned) buffers to copy into, inside ``host.taking()``; else new
-    memory."""
+    memory; ``place`` keeps the buffers of a second snapshot in the same taking (the EMA's) apart."""
     copy = host.copy if host is not None else (lambda value, *path: host_copy(value))
     return Checkpoint(
-        weights=copy(dict(model.state_dict()), "weights"),
-        masks=copy(dict(engine.masks), "masks"),
+        weights=copy(dict(model.state_dict()), place + "weights"),
+        masks=copy(dict(engine.masks), place + "masks"),
         arch=settings.model.name,
         model_kwargs=model_kwargs,
         config=settings.model_dump(mode="json"),
@@ -109,7 +110,8 @@ def refuse_non_finite(model: nn.Module, where: str) -> None:
 
 def resume_state(run_state: RunState, engine: ACDC, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, step: int = 0,
-                 every_rank: list[dict[str, Any]] | None = None, host: HostSnapshot | None = None) -> dict[str, Any]:
+                 every_rank: list[dict[str, Any]] | None = None, host: HostSnapshot | None = None,
+                 ema: Any = None) -> dict[str, Any]:
     """Everything besides weights and masks that continues the run, as a host snapshot; tensors and plain data only.
 
     No RNG state: data order and augmentation come from (seed, epoch) and dropout from (seed, epoch, step, rank)."""
@@ -124,6 +126,8 @@ def resume_state(run_state: RunState, engine: ACDC, optimizer: torch.optim.Optim
     }
     if every_rank is not None:
         state["totals"] = every_rank
+    if ema is not None:
+        state["ema"] = ema.state_dict()
     return host.copy(state, "state") if host is not None else host_copy(state)
 
 
@@ -185,24 +189,27 @@ def _paired_state(run_dir: Path, ckpt: Checkpoint) -> tuple[Path, dict[str, Any]
     return path, state
 
 
-def _write_checkpoints(run_dir: Path, ckpt: Checkpoint, state: dict[str, Any], best_path: Path | None) -> None:
-    if best_path is not None:
-        save_checkpoint(best_path, ckpt)
+def _write_checkpoints(run_dir: Path, ckpt: Checkpoint, state: dict[str, Any],
+                       bests: list[tuple[Path, Checkpoint]]) -> None:
+    for path, best in bests:
+        save_checkpoint(path, best)
     save_last(run_dir, ckpt, state)
 
 
 def _write_when_copied(taken: Taken, run_dir: Path, ckpt: Checkpoint, state: dict[str, Any],
-                       best_path: Path | None) -> None:
+                       bests: list[tuple[Path, Checkpoint]]) -> None:
     taken.wait()  # in the writer thread: the device-to-host copies the training thread queued have landed
-    _write_checkpoints(run_dir, ckpt, state, best_path)
+    _write_checkpoints(run_dir, ckpt, state, bests)
 
 
 class RunDir:
     """The run dir of one training run and the objects whose state it keeps: rank 0 writes, every rank resumes."""
 
     def __init__(self, path: Path, settings: Settings, model_kwargs: dict[str, Any], model: nn.Module, engine: ACDC,
-                 optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, info: DistInfo):
+                 optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, info: DistInfo,
+                 ema: Any = None):  # training.recipe.WeightEma (optim.ema_decay)
         self.path = Path(path)
+        self.ema = ema
         self.settings = settings
         self.model_kwargs = model_kwargs
         self.model, self.engine, self.optimizer, self.scaler = model, engine, optimizer, scaler
@@ -240,8 +247,13 @@ class RunDir:
         except AcdcError as exc:
             raise AcdcError(f"{path}: malformed resume state: {exc}") from None
         p = state["progress"]
-        self.state = RunState(p["epoch"], p["best_sparse"], p["best_dense"], p.get("skip_streak", 0))
+        self.state = RunState(p["epoch"], p["best_sparse"], p["best_dense"], p.get("skip_streak", 0),
+                              p.get("ema_best_sparse"), p.get("ema_best_dense"))
+        if self.ema is not None and not isinstance(state.get("ema"), dict):
+            raise AcdcError(f"{path}: malformed resume state: no EMA weights, and optim.ema_decay is set")
         try:  # what the checks above do not foresee is still one line
+            if self.ema is not None:
+                self.ema.load_state_dict(state["ema"])
             self.engine.load_state_dict({**engine_state, "masks": ckpt.masks or None})
             self.optimizer.load_state_dict(state["optimizer"])
             if state.get("scaler") and self.scaler.is_enabled():  # none saved: the run was not fp16 until now
@@ -299,20 +311,34 @@ class RunDir:
         refuse_non_finite(self.model, f"at the end of epoch {epoch}")
         at_target = phase.kind == "sparse" and abs(phase.sparsity - self.settings.sparsity.target) < 1e-9
         best_key = "best_sparse" if at_target else "best_dense" if phase.kind == "dense" else None
-        best_path = None
         split = selection_split(self.settings)
-        top1 = f"{split}_top1"
-        if best_key is not None and row[top1] is not None:  # None: an epoch runtime.eval_every skipped
-            best = getattr(self.state, best_key)
-            if best is None or row[top1] > best[top1]:
-                setattr(self.state, best_key, {"epoch": epoch, "split": split, top1: row[top1]})
-                best_path = self.path / f"{best_key}.safetensors"
+        new_best = self._record_best(best_key, row, epoch, split, f"{split}_top1")
+        new_ema_best = self.ema is not None and self._record_best(
+            f"ema_{best_key}" if best_key else None, row, epoch, split, f"{split}_ema_top1")
         self._writer.wait()  # its write reads the buffers this snapshot reuses
+        bests = []
         with self._host.taking() as taken:
             ckpt = snapshot(self.model, self.engine, self.settings, self.model_kwargs, epoch + 1, phase.kind, row,
                             self._host)
-            state = resume_state(self.state, self.engine, self.optimizer, self.scaler, host=self._host)
-        self._writer.submit(_write_when_copied, taken, self.path, ckpt, state, best_path)
+            if new_best:
+                bests.append((self.path / f"{best_key}.safetensors", ckpt))
+            if new_ema_best:
+                bests.append((self.path / f"ema_{best_key}.safetensors", snapshot(
+                    self.ema.module, self.engine, self.settings, self.model_kwargs, epoch + 1, phase.kind, row,
+                    self._host, place="ema.")))
+            state = resume_state(self.state, self.engine, self.optimizer, self.scaler, host=self._host, ema=self.ema)
+        self._writer.submit(_write_when_copied, taken, self.path, ckpt, state, bests)
+
+    def _record_best(self, key: str | None, row: dict[str, Any], epoch: int, split: str, metric: str) -> bool:
+        """Whether this epoch beats the record ``key`` (best_sparse, best_dense, ema_best_*) on ``metric``; it
+        becomes the record if so. None: an epoch runtime.eval_every skipped, or a phase at another sparsity."""
+        if key is None or row[metric] is None:
+            return False
+        best = getattr(self.state, key)
+        if best is not None and row[metric] <= best[f"{split}_top1"]:
+            return False
+        setattr(self.state, key, {"epoch": epoch, "split": split, f"{split}_top1": row[metric]})
+        return True
 
     def save_step(self, phase: Phase, step: int, every_rank: list[dict[str, Any]]) -> None:
         """Rank 0, inside an epoch: a last.* whose saved sums (one per rank) let the epoch go on as if never
@@ -326,9 +352,10 @@ class RunDir:
         with self._host.taking() as taken:
             ckpt = snapshot(self.model, self.engine, self.settings, self.model_kwargs, self.state.epoch, phase.kind,
                             partial, self._host)
-            state = resume_state(self.state, self.engine, self.optimizer, self.scaler, step, every_rank, self._host)
+            state = resume_state(self.state, self.engine, self.optimizer, self.scaler, step, every_rank, self._host,
+                                 self.ema)
         ckpt.extra["step"] = step
-        self._writer.submit(_write_when_copied, taken, self.path, ckpt, state, None)
+        self._writer.submit(_write_when_copied, taken, self.path, ckpt, state, [])
 
     def wait(self) -> None:
         """Block until every checkpoint is on disk; a failed write raises here."""
@@ -344,7 +371,7 @@ class RunDir:
     def test_best(self, loader: Any, device: torch.device, amp: str | bool) -> None:
         """Evaluate the best sparse and best dense checkpoints on the test split; adds ``test_top1`` to their
         records in :attr:`state`. Records chosen on the test split hold it already."""
-        for key in ("best_sparse", "best_dense"):
+        for key in ("best_sparse", "best_dense", "ema_best_sparse", "ema_best_dense"):
             best = getattr(self.state, key)
             path = self.path / f"{key}.safetensors"
             if best is None or "test_top1" in best or not path.exists() or loader is None:

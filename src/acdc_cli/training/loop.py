@@ -7,6 +7,7 @@ resuming in resume.py, devices, precision and ranks in runtime.py.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import shlex
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.panel import Panel
 from rich.text import Text
@@ -31,7 +31,7 @@ from acdc_cli.engine import ACDC
 from acdc_cli.errors import AcdcError, TrainingFault
 from acdc_cli.flops import si
 from acdc_cli.sparsity.schedule import Phase, learning_rate
-from acdc_cli.training import distributed, evaluation, runtime
+from acdc_cli.training import distributed, evaluation, recipe, runtime
 from acdc_cli.training.checkpoints import RunDir
 from acdc_cli.training.distributed import DistInfo
 from acdc_cli.training.evaluation import evaluate_memorized
@@ -52,6 +52,7 @@ class RunResult:
     # {"inference": {"dense", "sparse", "ratio"} per image of the final model, "train": {"flops", "dense_flops",
     # "ratio"} of the run, None when it resumed from a state written before FLOPs were counted}
     flops: dict[str, Any] | None = None
+    ema_best: dict[str, dict[str, Any] | None] | None = None  # optim.ema_decay: {"sparse", "dense"} records as above
 
 
 def run(settings: Settings, run_dir: Path, *, resume: bool = False, from_checkpoint: Path | None = None,
@@ -92,6 +93,10 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
     eval_net = runtime.prepare_eval_model(model, settings)
     optimizer = build_optimizer(model, settings)
     engine = ACDC.from_settings(settings, model, optimizer)
+    if settings.optim.clip_grad_norm is not None:  # after the engine's hooks: it clips masked gradients
+        recipe.clip_gradients(optimizer, settings.optim.clip_grad_norm)
+    ema = recipe.WeightEma(model, settings.optim.ema_decay, engine) if settings.optim.ema_decay else None
+    ema_net = runtime.prepare_eval_model(ema.module, settings) if ema is not None else None
     engine.count_flops((bundle.in_channels, bundle.image_size, bundle.image_size))
     scaler = runtime.grad_scaler(device, settings.runtime.amp)
     # data.val_size = 0 is the paper's protocol: the test split is measured every epoch and picks the best checkpoints
@@ -99,7 +104,7 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
     eval_loader = distributed.shard_for_eval(bundle.val if split == "val" else bundle.test, info)
     _note_dense_layers(engine, settings, console, is_main)
 
-    store = RunDir(run_dir, settings, model_kwargs, model, engine, optimizer, scaler, info)
+    store = RunDir(run_dir, settings, model_kwargs, model, engine, optimizer, scaler, info, ema=ema)
     totals = store.resume() if resume else None  # this epoch's sums when resuming mid-epoch
     if not resume:
         if from_checkpoint is not None:
@@ -108,6 +113,8 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
             store.state.epoch = first_epoch(settings, None, 0)
             if settings.model.weights is not None:
                 store.start_from_weights(console)
+        if ema is not None:
+            ema.copy_from_model()  # the average starts where the model starts
     store.write_config()
     logger = MetricsLogger(run_dir, console, settings.log.tensorboard, settings.log.per_layer, store.state.epoch,
                            steps_per_epoch=len(bundle.train), start_step=totals.step if totals else 0,
@@ -120,6 +127,8 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
         for epoch in range(store.state.epoch, settings.schedule.epochs):
             # at a phase boundary: prune, or restore and reset momentum
             phase = engine.start_epoch(epoch)
+            if ema is not None:
+                ema.follow_masks()
             # every rank must hold the same masks from the moment they change (a dense phase has none)
             checksums = None
             if epoch in (phase.start, first) and engine.masks:
@@ -130,7 +139,7 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
             # train; between two steps, a mid-epoch checkpoint when one is due, and one more before a signal stops
             # the run (the next `acdc train --resume` goes on from that step)
             steps = EpochSteps(net, bundle.train, optimizer, settings, epoch=epoch, device=device, totals=totals,
-                               progress=progress, rank=info.rank, scaler=scaler)
+                               progress=progress, rank=info.rank, scaler=scaler, ema=ema)
             for step in steps:
                 stopping = stop.should_stop(epoch, step)
                 if stopping or (checkpoint_every and step % checkpoint_every == 0 and step < steps.count):
@@ -155,6 +164,8 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
                    "train_top1": stats["train_top1"], f"{split}_loss": scores["loss"], f"{split}_top1": scores["top1"],
                    f"{split}_top5": scores["top5"], "mask_checksums": checksums, "img_per_s": stats["img_per_s"],
                    "skipped_steps": stats["skipped_steps"]}
+            if ema is not None:
+                row.update(_ema_scores(ema_net, eval_loader, settings, phase, epoch, split, info))
             if bundle.memorized is not None:
                 row.update(evaluate_memorized(model, bundle.memorized, device, settings.runtime.amp))
 
@@ -180,6 +191,8 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
     state = store.state
     result = RunResult(run_dir, state.best_sparse, state.best_dense, engine.sparsity(), preempted=preempted,
                        flops=_flops_summary(engine))
+    if ema is not None:
+        result.ema_best = {"sparse": state.ema_best_sparse, "dense": state.ema_best_dense}
     if is_main and preempted is None:
         store.test_best(bundle.test, device, settings.runtime.amp)
     if is_main:
@@ -187,12 +200,14 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
     return result
 
 
-def build_optimizer(model: nn.Module, settings: Settings, kernel: str = "auto") -> torch.optim.SGD:
-    """SGD as the settings say. ``kernel``: "auto" (acdc's step: one fused kernel where the parameters' device has
-    one, foreach otherwise; with the engine's gradient mask before it, the whole post-backward step, see engine.py's
-    ``step_keeps_zeros``), "foreach", or "torch" (PyTorch's default choice; acdc bench's reference-style step)."""
+def build_optimizer(model: nn.Module, settings: Settings, kernel: str = "auto") -> torch.optim.Optimizer:
+    """The optimizer the settings name (optim.optimizer; recipe.named_optimizer builds any other than SGD). SGD's
+    ``kernel``: "auto" (acdc's step: one fused kernel where the parameters' device has one, foreach otherwise;
+    with the engine's gradient mask before it, the whole post-backward step, see engine.py's ``step_keeps_zeros``), "foreach", or "torch" (PyTorch's default choice; acdc bench's reference-style step)."""
     o = settings.optim
     params = list(model.parameters())
+    if o.optimizer != "SGD":
+        return recipe.named_optimizer(params, o)
     scaled = bool(params) and runtime.precision(params[0].device, settings.runtime.amp) == "fp16"
     chosen = {"auto": runtime.sgd_kernel(params, scaled), "foreach": {"foreach": True}, "torch": {}}[kernel]
     return torch.optim.SGD(
@@ -201,7 +216,7 @@ def build_optimizer(model: nn.Module, settings: Settings, kernel: str = "auto") 
         momentum=o.momentum,
         nesterov=o.nesterov and o.momentum > 0,
         weight_decay=o.weight_decay,
-        **chosen,
+        **{**chosen, **o.optimizer_args},
     )
 
 
@@ -210,6 +225,15 @@ def evaluates(settings: Settings, phase: Phase, epoch: int) -> bool:
     the last epoch of every phase (so the last one of the run), whose weights end the phase and are what
     best_sparse / best_dense choose among."""
     return (epoch + 1) % settings.runtime.eval_every == 0 or epoch == phase.end - 1
+
+
+def _ema_scores(ema_net: nn.Module, loader: Any, settings: Settings, phase: Phase, epoch: int, split: str,
+                info: DistInfo) -> dict[str, Any]:
+    """The EMA's ``<split>_ema_loss / _top1 / _top5`` (null on the epochs without a validation pass)."""
+    scores = dict.fromkeys(("loss", "top1", "top5"))
+    if evaluates(settings, phase, epoch):
+        scores = evaluation.evaluate_sharded(ema_net, loader, info.device, settings.runtime.amp, info)
+    return {f"{split}_ema_{key}": scores[key] for key in ("loss", "top1", "top5")}
 
 
 def _model_kwargs(settings: Settings, bundle: DataBundle) -> dict[str, Any]:
@@ -287,6 +311,12 @@ def count_skip(totals: EpochTotals, epoch: int, step: int, limit: int) -> None:
                             "checkpoint is kept")
 
 
+def _no_sync(net: nn.Module, stepping: bool) -> contextlib.AbstractContextManager:
+    """DDP's no_sync for a batch whose gradients only add up (not the last of its accumulation group)."""
+    no_sync = getattr(net, "no_sync", None)
+    return contextlib.nullcontext() if stepping or no_sync is None else no_sync()
+
+
 def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
     """A well-mixed 63-bit seed per (seed, epoch, step, rank); distinct tuples never share a stream in practice."""
     digest = hashlib.blake2b(f"{seed}/{epoch}/{step}/{rank}".encode(), digest_size=8).digest()
@@ -297,12 +327,17 @@ class EpochSteps:
     """One epoch of training from step ``totals.step`` (non-zero when resuming mid-epoch). Iterating runs the steps
     and yields the number of steps done after each, so that the loop can checkpoint or stop between two steps (it
     stops the epoch by leaving the iteration); after the last step, :meth:`stats` gives the epoch's numbers. The
-    masks are kept by the engine's hooks on ``optimizer.step``."""
+    masks are kept by the engine's hooks on ``optimizer.step``.
+
+    A step is one loader batch. With ``optim.grad_accumulation`` k, the gradients of k batches add up (each batch's
+    loss divided by the batches in its group, so that the sum is the mean over the group's images) before one
+    optimizer step, and the iteration yields only after an optimizer step: a checkpoint never holds half a group.
+    The epoch's last group may be shorter."""
 
     def __init__(self, net: nn.Module, loader, optimizer: torch.optim.Optimizer, settings: Settings, *, epoch: int,
                  device: torch.device, totals: EpochTotals | None = None, progress: StepReporter | None = None,
-                 rank: int = 0, scaler: torch.amp.GradScaler | None = None):
-        self.net, self.loader, self.optimizer, self.settings = net, loader, optimizer, settings
+                 rank: int = 0, scaler: torch.amp.GradScaler | None = None, ema: recipe.WeightEma | None = None):
+        self.net, self.loader, self.optimizer, self.settings, self.ema = net, loader, optimizer, settings, ema
         self.epoch, self.device, self.progress, self.rank = epoch, device, progress, rank
         self.totals = totals or EpochTotals.start(device)
         self.scaler = scaler or runtime.grad_scaler(device, "off")
@@ -320,31 +355,42 @@ class EpochSteps:
             progress.begin(epoch, steps, totals)
         started = time.perf_counter()
         batches = self.loader.iterate(totals.step) if totals.step else self.loader
+        accumulation = settings.optim.grad_accumulation
         try:
             for step, (images, labels, *_) in enumerate(batches, start=totals.step):
                 lr = learning_rate(settings, epoch + step / steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                # dropout's randomness is a function of (seed, epoch, step, rank): a run resumed at any step draws
-                # what an uninterrupted one would, and ranks draw differently
+                group_start = step - step % accumulation
+                group_end = min(group_start + accumulation, steps)  # the last group of an epoch may be shorter
+                stepping = step + 1 == group_end
+                if step == group_start:
+                    optimizer.zero_grad(set_to_none=True)
+                # dropout's (and mixup's) randomness is a function of (seed, epoch, step, rank): a run resumed at any
+                # step draws what an uninterrupted one would, and ranks draw differently
                 torch.manual_seed(step_seed(settings.runtime.seed, epoch, step, self.rank))
                 if undo is not None:
                     undo.capture()
-                with runtime.autocast(self.device, settings.runtime.amp):
-                    logits = net(images)
-                    loss = F.cross_entropy(logits.float(), labels, label_smoothing=settings.optim.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                # also for a step that is skipped: DDP expects every forward to have its backward
-                scaler.scale(loss).backward()
+                images, lam = recipe.draw_mix(images, settings.data)
+                # DDP averages the gradients across ranks once per group, at its last backward
+                with _no_sync(net, stepping):
+                    with runtime.autocast(self.device, settings.runtime.amp):
+                        logits = net(images)
+                        loss = recipe.recipe_loss(logits.float(), labels, lam, settings.optim.label_smoothing)
+                    # also for a step that is skipped: DDP expects every forward to have its backward
+                    scaler.scale(loss / (group_end - group_start)).backward()
                 detached = loss.detach()
-                scaler.step(optimizer)  # the engine's hooks mask gradients before and weights after
-                scaler.update()
+                if stepping:
+                    scaler.step(optimizer)  # the engine's hooks mask gradients before and weights after
+                    scaler.update()
                 # "skip": a non-finite loss, or a finite one whose step broke the weights (a huge loss, an LR far too
                 # high), is undone; every rank agrees (one host sync)
                 if undo is not None and reduce_int(int(not (torch.isfinite(detached) & undo.finite()))):
                     undo.restore()
                     count_skip(totals, epoch, step, settings.runtime.max_skipped_steps)
                 else:
+                    if stepping and self.ema is not None:
+                        self.ema.update()
                     totals.streak = 0
                     bad_now = (~torch.isfinite(detached)) & (totals.first_bad < 0)
                     totals.first_bad = torch.where(bad_now, torch.full_like(totals.first_bad, step), totals.first_bad)
@@ -355,7 +401,8 @@ class EpochSteps:
                 self.seen += labels.numel()
                 if progress is not None:
                     progress.step(totals, lr)
-                yield totals.step
+                if stepping:
+                    yield totals.step
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.elapsed = time.perf_counter() - started
@@ -379,10 +426,11 @@ class EpochSteps:
 
 def train_epoch(net: nn.Module, loader, optimizer: torch.optim.Optimizer, settings: Settings, *, epoch: int = 0,
                 device: torch.device, totals: EpochTotals | None = None, progress: StepReporter | None = None,
-                rank: int = 0, scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+                rank: int = 0, scaler: torch.amp.GradScaler | None = None,
+                ema: recipe.WeightEma | None = None) -> dict[str, float]:
     """A whole epoch with nothing between the steps (acdc bench, tests): :class:`EpochSteps` run to the end."""
     steps = EpochSteps(net, loader, optimizer, settings, epoch=epoch, device=device, totals=totals,
-                       progress=progress, rank=rank, scaler=scaler)
+                       progress=progress, rank=rank, scaler=scaler, ema=ema)
     for _ in steps:
         pass
     return steps.stats()
@@ -408,6 +456,8 @@ def summary_panel(result: RunResult, tensorboard: bool) -> Panel:
     lines = [
         line("best sparse", result.best_sparse),
         line("best dense ", result.best_dense),
+        *([line("EMA best sparse", result.ema_best["sparse"]), line("EMA best dense ", result.ema_best["dense"])]
+          if result.ema_best is not None else []),
         f"final sparsity: {result.final_sparsity:.4f} of prunable weights",
         *_flops_lines(result.flops),
         "files: " + ", ".join(p.name for p in result.files),

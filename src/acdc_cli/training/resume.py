@@ -70,8 +70,8 @@ def check_resume_state(state: dict[str, Any], optimizer: torch.optim.Optimizer, 
     for key, value in (("epoch", progress["epoch"]), ("step", step), ("skip_streak", progress.get("skip_streak", 0))):
         if not _is_int(value) or value < 0:
             raise AcdcError(f"progress.{key} is {_shown(value)}, expected a whole number >= 0")
-    for key in ("best_sparse", "best_dense"):
-        best = progress[key]
+    for key in ("best_sparse", "best_dense", "ema_best_sparse", "ema_best_dense"):  # ema_*: with optim.ema_decay
+        best = progress.get(key)
         if best is None:
             continue
         if not isinstance(best, dict) or not _is_int(best.get("epoch")) or best["epoch"] < 0:
