@@ -52,6 +52,7 @@ class RunResult:
     # {"inference": {"dense", "sparse", "ratio"} per image of the final model, "train": {"flops", "dense_flops",
     # "ratio"} of the run, None when it resumed from a state written before FLOPs were counted}
     flops: dict[str, Any] | None = None
+    threads: tuple[int, str] | None = None  # the CPU threads torch used, and why that many
 
 
 def run(settings: Settings, run_dir: Path, *, resume: bool = False, from_checkpoint: Path | None = None,
@@ -77,8 +78,8 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
          console: Console, stop: StopSignal) -> RunResult:
     if settings.schedule.start_epoch == "checkpoint" and from_checkpoint is None and not resume:
         raise AcdcError("schedule.start_epoch = 'checkpoint' continues a checkpoint: pass --from CHECKPOINT")
-    if settings.runtime.threads:
-        torch.set_num_threads(settings.runtime.threads)
+    threads, threads_why = runtime.cpu_threads(settings.runtime.threads)
+    torch.set_num_threads(threads)
     if settings.runtime.deterministic:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(settings.runtime.seed)
@@ -134,6 +135,7 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
             for step in steps:
                 stopping = stop.should_stop(epoch, step)
                 if stopping or (checkpoint_every and step % checkpoint_every == 0 and step < steps.count):
+                    steps.settle()
                     raise_if_bad(totals, epoch)  # never replace the last good checkpoint with diverged weights
                     every_rank = gather_totals(totals)
                     if is_main:
@@ -179,7 +181,7 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
 
     state = store.state
     result = RunResult(run_dir, state.best_sparse, state.best_dense, engine.sparsity(), preempted=preempted,
-                       flops=_flops_summary(engine))
+                       flops=_flops_summary(engine), threads=(threads, threads_why))
     if is_main and preempted is None:
         store.test_best(bundle.test, device, settings.runtime.amp)
     if is_main:
@@ -287,6 +289,12 @@ def count_skip(totals: EpochTotals, epoch: int, step: int, limit: int) -> None:
                             "checkpoint is kept")
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
 def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
     """A well-mixed 63-bit seed per (seed, epoch, step, rank); distinct tuples never share a stream in practice."""
     digest = hashlib.blake2b(f"{seed}/{epoch}/{step}/{rank}".encode(), digest_size=8).digest()
@@ -307,6 +315,10 @@ class EpochSteps:
         self.totals = totals or EpochTotals.start(device)
         self.scaler = scaler or runtime.grad_scaler(device, "off")
         self.count = len(loader)  # steps in a whole epoch
+        # steps since this pass began whose loss kept the epoch's loss sum finite: a non-finite loss makes the sum
+        # non-finite for good, so this counts the steps before the first bad one (two kernels a step, no sync)
+        self.first = self.totals.step
+        self.finite_steps = torch.zeros((), dtype=torch.long, device=device)
         self.seen = 0  # images trained on by this pass, skipped steps included (img/s)
         self.elapsed = 0.0
 
@@ -321,13 +333,14 @@ class EpochSteps:
         started = time.perf_counter()
         batches = self.loader.iterate(totals.step) if totals.step else self.loader
         try:
+            per_step_lr = settings.optim.lr_per_step
+            lr = set_lr(optimizer, learning_rate(settings, epoch))  # the reference's LR: one value for the epoch
             for step, (images, labels, *_) in enumerate(batches, start=totals.step):
-                lr = learning_rate(settings, epoch + step / steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                if per_step_lr:
+                    lr = set_lr(optimizer, learning_rate(settings, epoch + step / steps))
                 # dropout's randomness is a function of (seed, epoch, step, rank): a run resumed at any step draws
                 # what an uninterrupted one would, and ranks draw differently
-                torch.manual_seed(step_seed(settings.runtime.seed, epoch, step, self.rank))
+                runtime.seed_step_generators(step_seed(settings.runtime.seed, epoch, step, self.rank), self.device)
                 if undo is not None:
                     undo.capture()
                 with runtime.autocast(self.device, settings.runtime.amp):
@@ -346,9 +359,9 @@ class EpochSteps:
                     count_skip(totals, epoch, step, settings.runtime.max_skipped_steps)
                 else:
                     totals.streak = 0
-                    bad_now = (~torch.isfinite(detached)) & (totals.first_bad < 0)
-                    totals.first_bad = torch.where(bad_now, torch.full_like(totals.first_bad, step), totals.first_bad)
-                    totals.loss_sum += detached.double() * labels.numel()
+                    # the float32 loss times a batch size is exact in float64: the same sum as double() * n
+                    totals.loss_sum.add_(detached, alpha=labels.numel())
+                    self.finite_steps += torch.isfinite(totals.loss_sum)
                     totals.correct += (logits.detach().argmax(1) == labels).sum()
                     totals.count += labels.numel()
                 totals.step = step + 1
@@ -363,9 +376,16 @@ class EpochSteps:
             if progress is not None:
                 progress.end()
 
+    def settle(self) -> None:
+        """Set ``totals.first_bad`` from the steps so far, for :func:`raise_if_bad` to read (on the device: nothing
+        waits here)."""
+        totals = self.totals
+        totals.first_bad = torch.where(torch.isfinite(totals.loss_sum), -1, self.first + self.finite_steps)
+
     def stats(self) -> dict[str, float]:
         """The epoch's training numbers, once every step ran; a non-finite loss in any of them raises here."""
         totals, settings, steps = self.totals, self.settings, self.count
+        self.settle()
         raise_if_bad(totals, self.epoch)
         count = totals.count or float("nan")  # every step skipped: no loss to report, not a loss of 0
         return {
@@ -410,6 +430,7 @@ def summary_panel(result: RunResult, tensorboard: bool) -> Panel:
         line("best dense ", result.best_dense),
         f"final sparsity: {result.final_sparsity:.4f} of prunable weights",
         *_flops_lines(result.flops),
+        *([f"CPU threads: {result.threads[0]} ({result.threads[1]})"] if result.threads else []),
         "files: " + ", ".join(p.name for p in result.files),
         f"run dir: {result.run_dir}",
     ]
