@@ -160,12 +160,17 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
             if bundle.memorized is not None:
                 row.update(evaluate_memorized(model, bundle.memorized, device, settings.runtime.amp))
 
-            # log and checkpoint: last every epoch, best_sparse / best_dense when this epoch beats them
+            # checkpoint and log: last every runtime.checkpoint_every epochs and at phase ends, best_sparse /
+            # best_dense when this epoch beats them; the row gets the time the loop waited for the writer
             store.state.epoch = epoch + 1
+            stopping = epoch + 1 < settings.schedule.epochs and stop.should_stop(epoch)
             if is_main:
+                if stopping:  # whatever the cadence: the next `acdc train --resume` goes on from here
+                    store.save_epoch(phase, row, last=True)
+                else:
+                    store.save_epoch(phase, row)
                 logger.log_epoch(row, engine.layer_sparsity())
-                store.save_epoch(phase, row)
-            if epoch + 1 < settings.schedule.epochs and stop.should_stop(epoch):
+            if stopping:
                 preempted = {"signal": stop.name, "epoch": epoch + 1, "step": 0}
                 break
     except BaseException:

@@ -1,5 +1,6 @@
-"""TODO docstring
-"""
+"""Host snapshots of the training state and the background thread that writes them: a checkpoint is copied off
+the live tensors (pinned, non-blocking from CUDA) and written while training goes on; plus the fused finiteness
+check that guards every save."""
 
 from __future__ import annotations
 
@@ -118,6 +119,11 @@ class BackgroundWriter:
 
         self._thread = threading.Thread(target=run, name="acdc-checkpoint-writer")
         self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        """Whether a write was submitted and not yet waited for (it may have finished meanwhile)."""
+        return self._thread is not None
 
     def wait(self) -> None:
         if self._thread is not None:
