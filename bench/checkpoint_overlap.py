@@ -2,11 +2,15 @@
 background write holds the interpreter lock (which stalls the training thread's Python in between: measured as
 the longest gap between the wake-ups of a thread that sleeps 0.5 ms at a time while the files are written).
 
-    python bench/checkpoint_overlap.py [--model wrn-28-10] [--dir PATH] [--repeats 3]
+    python bench/checkpoint_overlap.py [--model wrn-28-10] [--dir PATH] [--repeats 3] [--epoch-s 5.6]
 
 Saves a compressed-phase checkpoint of the model (last + best_sparse + resume state, with optimizer momentum) the
 way the training loop does, through the background writer, into a temporary folder under --dir (default: the
 current folder, so the disk measured is the one runs write to).
+
+Then the loop's wait for the writer as a run sees it: ``--repeats`` epoch-end saves back to back, ``--epoch-s``
+seconds of (simulated: sleeping) training between two, each save's ``checkpoint_wait_s`` (what metrics.jsonl
+records) and its whole blocking time; with ``--epoch-s`` shorter than a write, the loop waits for the write in flight.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ def main() -> None:
     parser.add_argument("--model", default="wrn-28-10")
     parser.add_argument("--dir", type=Path, default=Path("."))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--epoch-s", type=float, default=5.6, help="seconds an epoch trains between two saves")
     args = parser.parse_args()
 
     settings = load_settings(preset="wrn-cifar100-95", overrides=[f"model.name='{args.model}'"])
@@ -58,6 +63,17 @@ def main() -> None:
             size = sum(f.stat().st_size for f in folder.iterdir()) / 1e6
             print(f"{args.model}: training thread blocked {returned - started:.3f} s; files ({size:.0f} MB) on disk "
                   f"{done - started:.3f} s after the save began; longest lock hold {1000 * probe.longest:.1f} ms")
+        sizes = {f.name: round(f.stat().st_size / 1e6, 1) for f in sorted(folder.iterdir())}
+        print(f"files (MB): {sizes}")
+        for i in range(args.repeats):
+            row = {"epoch": args.repeats + i, "val_top1": float(args.repeats + i)}
+            started = time.perf_counter()
+            store.save_epoch(phase, row)
+            blocked = time.perf_counter() - started
+            print(f"back to back, {args.epoch_s:g} s epochs: save {i}: checkpoint_wait_s {row['checkpoint_wait_s']:.3f}, "
+                  f"training thread blocked {blocked:.3f} s")
+            time.sleep(args.epoch_s)
+        store.wait()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
