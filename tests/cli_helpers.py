@@ -80,13 +80,14 @@ def _bits(path: Path) -> dict[str, tuple[torch.dtype, bytes]]:
     return {k: (v.dtype, v.numpy().tobytes()) for k, v in load_file(path).items()}
 
 
+_TIMINGS = ("img_per_s", "checkpoint_wait_s")  # measured, so never the same twice
 RUN_FILES = ("last.safetensors", "best_sparse.safetensors", "best_dense.safetensors")
 
 
 def assert_same_run(expected: Path, actual: Path, files: tuple[str, ...] = RUN_FILES,
                     approx: frozenset[str] | set[str] = frozenset()) -> None:
     """Two run dirs hold the same run: checkpoint tensors equal bit for bit (so -0.0 != +0.0) and every metrics
-    row equal except the timing (img_per_s); the metrics named in ``approx`` to a relative 1e-6."""
+    row equal except the timings (img_per_s, checkpoint_wait_s); the metrics named in ``approx`` to a relative 1e-6."""
     for name in files:
         a, b = _bits(expected / name), _bits(actual / name)
         assert a.keys() == b.keys(), name
@@ -95,7 +96,7 @@ def assert_same_run(expected: Path, actual: Path, files: tuple[str, ...] = RUN_F
     rows_a, rows_b = read_jsonl(expected / "metrics.jsonl"), read_jsonl(actual / "metrics.jsonl")
     assert [r["epoch"] for r in rows_b] == [r["epoch"] for r in rows_a]
     for a, b in zip(rows_a, rows_b):
-        exact = lambda row: {k: v for k, v in row.items() if k != "img_per_s" and k not in approx}  # noqa: E731
+        exact = lambda row: {k: v for k, v in row.items() if k not in _TIMINGS and k not in approx}  # noqa: E731
         assert exact(b) == exact(a), a["epoch"]
         for key in approx:
             assert b[key] == pytest.approx(a[key], rel=1e-6), (a["epoch"], key)

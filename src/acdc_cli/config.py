@@ -293,6 +293,10 @@ class RuntimeSettings(_Section):
         1, ge=1, le=MAX_EPOCHS, description="validation pass every N epochs (plus always the last epoch of every "
         "phase); the other epochs write null for val_loss / val_top1 / val_top5"
     )
+    checkpoint_every: int = Field(
+        1, ge=1, le=MAX_EPOCHS, description="write last.* every N epochs (epochs); the last epoch of every phase and "
+        "of the run always writes it, and best_* is written whenever an epoch beats it"
+    )
     checkpoint_every_steps: int = Field(
         0, ge=0, description="also write last.* every N training steps, for mid-epoch resume (0: epoch ends only)"
     )

@@ -27,6 +27,7 @@ class Sparsifier:
         self.rules = select_layers(model, include, exclude, self.nm)
         params = dict(model.named_parameters())
         self.params: dict[str, nn.Parameter] = {r.param: params[r.param] for r in self.rules if r.selected}
+        self._weights = list(self.params.values())  # in the factors' order, for the per-step multi-tensor calls
         self.masks: dict[str, torch.Tensor] | None = None
         # the masks as multipliers in each weight's dtype and memory format (channels_last on CUDA): the foreach
         # kernels take their fast multi-tensor path only when both lists match
@@ -96,13 +97,19 @@ class Sparsifier:
     def apply_to_weights(self) -> None:
         if self._factors is None:
             return
-        torch._foreach_mul_([p.data for p in self.params.values()], self._factors)
+        torch._foreach_mul_([p.data for p in self._weights], self._factors)
 
     @torch.no_grad()
     def apply_to_grads(self) -> None:
         if self._factors is None:
             return
-        pairs = [(p.grad, f) for p, f in zip(self.params.values(), self._factors) if p.grad is not None]
+        # zero_grad(set_to_none=True) gives new gradient tensors every step: one list of them, and the kept list of
+        # factors as it is unless a weight got no gradient this step
+        grads = [p.grad for p in self._weights]
+        if all(g is not None for g in grads):
+            torch._foreach_mul_(grads, self._factors)
+            return
+        pairs = [(g, f) for g, f in zip(grads, self._factors) if g is not None]
         if pairs:
             torch._foreach_mul_([g for g, _ in pairs], [f for _, f in pairs])
 
@@ -130,8 +137,10 @@ class Sparsifier:
     def stats(self) -> dict[str, object]:
         """Overall and per-layer sparsity (zeros in the weights) over the selected weights."""
         params = list(self.params.items())
-        # every layer's count on its device, then one read (a per-layer int() waited for the device once per layer)
-        counts = torch.stack([(p.detach() == 0).sum() for _, p in params]).tolist() if params else []
+        # every layer's count on its device, then one read (a per-layer int() waited for the device once per layer);
+        # count_nonzero is one kernel where (p == 0).sum() is two and a temporary
+        nonzero = torch.stack([torch.count_nonzero(p.detach()) for _, p in params]).tolist() if params else []
+        counts = [p.numel() - n for (_, p), n in zip(params, nonzero)]
         per_layer = {name: z / p.numel() for (name, p), z in zip(params, counts)}
         return {"sparsity": sum(counts) / max(self.numel, 1), "per_layer": per_layer}
 

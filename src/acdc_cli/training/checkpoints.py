@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -189,14 +190,15 @@ def _paired_state(run_dir: Path, ckpt: Checkpoint) -> tuple[Path, dict[str, Any]
     return path, state
 
 
-def _write_checkpoints(run_dir: Path, ckpt: Checkpoint, state: dict[str, Any],
+def _write_checkpoints(run_dir: Path, ckpt: Checkpoint, state: dict[str, Any] | None,
                        bests: list[tuple[Path, Checkpoint]]) -> None:
     for path, best in bests:
         save_checkpoint(path, best)
-    save_last(run_dir, ckpt, state)
+    if state is not None:  # None: an epoch runtime.checkpoint_every skips, whose best_* are written alone
+        save_last(run_dir, ckpt, state)
 
 
-def _write_when_copied(taken: Taken, run_dir: Path, ckpt: Checkpoint, state: dict[str, Any],
+def _write_when_copied(taken: Taken, run_dir: Path, ckpt: Checkpoint, state: dict[str, Any] | None,
                        bests: list[tuple[Path, Checkpoint]]) -> None:
     taken.wait()  # in the writer thread: the device-to-host copies the training thread queued have landed
     _write_checkpoints(run_dir, ckpt, state, bests)
@@ -217,6 +219,7 @@ class RunDir:
         self.state = RunState()
         self._writer = BackgroundWriter()  # rank 0's checkpoint files, written while the next epoch trains
         self._host = HostSnapshot()  # the host buffers each checkpoint is copied into before it is written
+        self._waited = 0.0  # seconds the training thread waited for the writer since the last epoch-end save
 
     # starting ---------------------------------------------------------------------------------------------------
 
@@ -242,8 +245,8 @@ class RunDir:
             raise AcdcError(f"{self.path} stopped mid-epoch in a run of {len(every_rank)} process(es); resume it "
                             f"with as many (this run has {self.info.world_size}), or from an epoch-end checkpoint")
         try:
-            engine_state = check_resume_state(state, self.optimizer, self.engine.prunable, self.engine.plan, self.info.world_size,
-                                              selection_split(self.settings))
+            engine_state = check_resume_state(state, self.optimizer, self.engine.prunable, self.engine.plan,
+                                              self.info.world_size, selection_split(self.settings))
         except AcdcError as exc:
             raise AcdcError(f"{path}: malformed resume state: {exc}") from None
         p = state["progress"]
@@ -303,19 +306,38 @@ class RunDir:
 
     # saving -----------------------------------------------------------------------------------------------------
 
-    def save_epoch(self, phase: Phase, row: dict[str, Any]) -> None:
-        """Rank 0, at an epoch's end: last every epoch; best_sparse (compressed phase at the target sparsity) and
-        best_dense by top-1 on the run's selection split (val; test when data.val_size = 0). The files are written in
-        the background from snapshots taken here."""
+    def writes_last(self, phase: Phase, epoch: int) -> bool:
+        """Whether the end of ``epoch`` writes last.*: every ``runtime.checkpoint_every``-th epoch (counted from 1),
+        and always the last epoch of a phase and of the run, so that a resume starts every phase from its own
+        state and the run's final files are complete."""
+        every = self.settings.runtime.checkpoint_every
+        return (epoch + 1) % every == 0 or epoch == phase.end - 1 or epoch + 1 == self.settings.schedule.epochs
+
+    def save_epoch(self, phase: Phase, row: dict[str, Any], last: bool | None = None) -> None:
+        """Rank 0, at an epoch's end: last at the cadence :meth:`writes_last` says; best_sparse (compressed phase at
+        the target sparsity) and best_dense by top-1 on the run's selection split (val; test when data.val_size = 0)
+        whenever the epoch beats them, at the cadence or not (``last``: True or False overrides the cadence); the
+        EMA's ema_best_* likewise (optim.ema_decay). The files are written in the background from snapshots taken
+        here. Sets ``row["checkpoint_wait_s"]``: the seconds the training thread waited for the writer's
+        previous write during the epoch and at its end (0 when it never waited)."""
         epoch = row["epoch"]
-        refuse_non_finite(self.model, f"at the end of epoch {epoch}")
+        last = self.writes_last(phase, epoch) if last is None else last
         at_target = phase.kind == "sparse" and abs(phase.sparsity - self.settings.sparsity.target) < 1e-9
         best_key = "best_sparse" if at_target else "best_dense" if phase.kind == "dense" else None
         split = selection_split(self.settings)
         new_best = self._record_best(best_key, row, epoch, split, f"{split}_top1")
         new_ema_best = self.ema is not None and self._record_best(
             f"ema_{best_key}" if best_key else None, row, epoch, split, f"{split}_ema_top1")
-        self._writer.wait()  # its write reads the buffers this snapshot reuses
+        writes = last or new_best or new_ema_best
+        if writes:
+            refuse_non_finite(self.model, f"at the end of epoch {epoch}")
+            # the write in flight reads the host buffers this snapshot reuses; a second set would double the host
+            # memory a checkpoint takes, so the training thread waits here (and only here) when a write outlasts
+            # an epoch
+            self._wait_for_writer()
+        row["checkpoint_wait_s"], self._waited = self._waited, 0.0
+        if not writes:
+            return
         bests = []
         with self._host.taking() as taken:
             ckpt = snapshot(self.model, self.engine, self.settings, self.model_kwargs, epoch + 1, phase.kind, row,
@@ -326,7 +348,8 @@ class RunDir:
                 bests.append((self.path / f"ema_{best_key}.safetensors", snapshot(
                     self.ema.module, self.engine, self.settings, self.model_kwargs, epoch + 1, phase.kind, row,
                     self._host, place="ema.")))
-            state = resume_state(self.state, self.engine, self.optimizer, self.scaler, host=self._host, ema=self.ema)
+            state = resume_state(self.state, self.engine, self.optimizer, self.scaler, host=self._host,
+                                 ema=self.ema) if last else None
         self._writer.submit(_write_when_copied, taken, self.path, ckpt, state, bests)
 
     def _record_best(self, key: str | None, row: dict[str, Any], epoch: int, split: str, metric: str) -> bool:
@@ -340,6 +363,13 @@ class RunDir:
         setattr(self.state, key, {"epoch": epoch, "split": split, f"{split}_top1": row[metric]})
         return True
 
+    def _wait_for_writer(self) -> None:
+        if not self._writer.busy:
+            return
+        started = time.perf_counter()
+        self._writer.wait()
+        self._waited += time.perf_counter() - started
+
     def save_step(self, phase: Phase, step: int, every_rank: list[dict[str, Any]]) -> None:
         """Rank 0, inside an epoch: a last.* whose saved sums (one per rank) let the epoch go on as if never
         stopped."""
@@ -348,7 +378,7 @@ class RunDir:
         partial = {"epoch": self.state.epoch, "step": step, "phase": phase.kind,
                    "train_loss": own["loss_sum"].item() / count, "train_top1": own["correct"].item() / count}
         refuse_non_finite(self.model, f"at epoch {self.state.epoch}, step {step}")
-        self._writer.wait()
+        self._wait_for_writer()
         with self._host.taking() as taken:
             ckpt = snapshot(self.model, self.engine, self.settings, self.model_kwargs, self.state.epoch, phase.kind,
                             partial, self._host)

@@ -53,6 +53,7 @@ class RunResult:
     # "ratio"} of the run, None when it resumed from a state written before FLOPs were counted}
     flops: dict[str, Any] | None = None
     ema_best: dict[str, dict[str, Any] | None] | None = None  # optim.ema_decay: {"sparse", "dense"} records as above
+    threads: tuple[int, str] | None = None  # the CPU threads torch used, and why that many
 
 
 def run(settings: Settings, run_dir: Path, *, resume: bool = False, from_checkpoint: Path | None = None,
@@ -78,8 +79,8 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
          console: Console, stop: StopSignal) -> RunResult:
     if settings.schedule.start_epoch == "checkpoint" and from_checkpoint is None and not resume:
         raise AcdcError("schedule.start_epoch = 'checkpoint' continues a checkpoint: pass --from CHECKPOINT")
-    if settings.runtime.threads:
-        torch.set_num_threads(settings.runtime.threads)
+    threads, threads_why = runtime.cpu_threads(settings.runtime.threads)
+    torch.set_num_threads(threads)
     if settings.runtime.deterministic:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(settings.runtime.seed)
@@ -143,6 +144,7 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
             for step in steps:
                 stopping = stop.should_stop(epoch, step)
                 if stopping or (checkpoint_every and step % checkpoint_every == 0 and step < steps.count):
+                    steps.settle()
                     raise_if_bad(totals, epoch)  # never replace the last good checkpoint with diverged weights
                     every_rank = gather_totals(totals)
                     if is_main:
@@ -169,12 +171,17 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
             if bundle.memorized is not None:
                 row.update(evaluate_memorized(model, bundle.memorized, device, settings.runtime.amp))
 
-            # log and checkpoint: last every epoch, best_sparse / best_dense when this epoch beats them
+            # checkpoint and log: last every runtime.checkpoint_every epochs and at phase ends, best_sparse /
+            # best_dense when this epoch beats them; the row gets the time the loop waited for the writer
             store.state.epoch = epoch + 1
+            stopping = epoch + 1 < settings.schedule.epochs and stop.should_stop(epoch)
             if is_main:
+                if stopping:  # whatever the cadence: the next `acdc train --resume` goes on from here
+                    store.save_epoch(phase, row, last=True)
+                else:
+                    store.save_epoch(phase, row)
                 logger.log_epoch(row, engine.layer_sparsity())
-                store.save_epoch(phase, row)
-            if epoch + 1 < settings.schedule.epochs and stop.should_stop(epoch):
+            if stopping:
                 preempted = {"signal": stop.name, "epoch": epoch + 1, "step": 0}
                 break
     except BaseException:
@@ -190,7 +197,7 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
 
     state = store.state
     result = RunResult(run_dir, state.best_sparse, state.best_dense, engine.sparsity(), preempted=preempted,
-                       flops=_flops_summary(engine))
+                       flops=_flops_summary(engine), threads=(threads, threads_why))
     if ema is not None:
         result.ema_best = {"sparse": state.ema_best_sparse, "dense": state.ema_best_dense}
     if is_main and preempted is None:
@@ -317,6 +324,12 @@ def _no_sync(net: nn.Module, stepping: bool) -> contextlib.AbstractContextManage
     return contextlib.nullcontext() if stepping or no_sync is None else no_sync()
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
 def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
     """A well-mixed 63-bit seed per (seed, epoch, step, rank); distinct tuples never share a stream in practice."""
     digest = hashlib.blake2b(f"{seed}/{epoch}/{step}/{rank}".encode(), digest_size=8).digest()
@@ -342,6 +355,10 @@ class EpochSteps:
         self.totals = totals or EpochTotals.start(device)
         self.scaler = scaler or runtime.grad_scaler(device, "off")
         self.count = len(loader)  # steps in a whole epoch
+        # steps since this pass began whose loss kept the epoch's loss sum finite: a non-finite loss makes the sum
+        # non-finite for good, so this counts the steps before the first bad one (two kernels a step, no sync)
+        self.first = self.totals.step
+        self.finite_steps = torch.zeros((), dtype=torch.long, device=device)
         self.seen = 0  # images trained on by this pass, skipped steps included (img/s)
         self.elapsed = 0.0
 
@@ -357,10 +374,11 @@ class EpochSteps:
         batches = self.loader.iterate(totals.step) if totals.step else self.loader
         accumulation = settings.optim.grad_accumulation
         try:
+            per_step_lr = settings.optim.lr_per_step
+            lr = set_lr(optimizer, learning_rate(settings, epoch))  # the reference's LR: one value for the epoch
             for step, (images, labels, *_) in enumerate(batches, start=totals.step):
-                lr = learning_rate(settings, epoch + step / steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                if per_step_lr:
+                    lr = set_lr(optimizer, learning_rate(settings, epoch + step / steps))
                 group_start = step - step % accumulation
                 group_end = min(group_start + accumulation, steps)  # the last group of an epoch may be shorter
                 stepping = step + 1 == group_end
@@ -368,7 +386,7 @@ class EpochSteps:
                     optimizer.zero_grad(set_to_none=True)
                 # dropout's (and mixup's) randomness is a function of (seed, epoch, step, rank): a run resumed at any
                 # step draws what an uninterrupted one would, and ranks draw differently
-                torch.manual_seed(step_seed(settings.runtime.seed, epoch, step, self.rank))
+                runtime.seed_step_generators(step_seed(settings.runtime.seed, epoch, step, self.rank), self.device)
                 if undo is not None:
                     undo.capture()
                 images, lam = recipe.draw_mix(images, settings.data)
@@ -392,9 +410,9 @@ class EpochSteps:
                     if stepping and self.ema is not None:
                         self.ema.update()
                     totals.streak = 0
-                    bad_now = (~torch.isfinite(detached)) & (totals.first_bad < 0)
-                    totals.first_bad = torch.where(bad_now, torch.full_like(totals.first_bad, step), totals.first_bad)
-                    totals.loss_sum += detached.double() * labels.numel()
+                    # the float32 loss times a batch size is exact in float64: the same sum as double() * n
+                    totals.loss_sum.add_(detached, alpha=labels.numel())
+                    self.finite_steps += torch.isfinite(totals.loss_sum)
                     totals.correct += (logits.detach().argmax(1) == labels).sum()
                     totals.count += labels.numel()
                 totals.step = step + 1
@@ -410,9 +428,16 @@ class EpochSteps:
             if progress is not None:
                 progress.end()
 
+    def settle(self) -> None:
+        """Set ``totals.first_bad`` from the steps so far, for :func:`raise_if_bad` to read (on the device: nothing
+        waits here)."""
+        totals = self.totals
+        totals.first_bad = torch.where(torch.isfinite(totals.loss_sum), -1, self.first + self.finite_steps)
+
     def stats(self) -> dict[str, float]:
         """The epoch's training numbers, once every step ran; a non-finite loss in any of them raises here."""
         totals, settings, steps = self.totals, self.settings, self.count
+        self.settle()
         raise_if_bad(totals, self.epoch)
         count = totals.count or float("nan")  # every step skipped: no loss to report, not a loss of 0
         return {
@@ -460,6 +485,7 @@ def summary_panel(result: RunResult, tensorboard: bool) -> Panel:
           if result.ema_best is not None else []),
         f"final sparsity: {result.final_sparsity:.4f} of prunable weights",
         *_flops_lines(result.flops),
+        *([f"CPU threads: {result.threads[0]} ({result.threads[1]})"] if result.threads else []),
         "files: " + ", ".join(p.name for p in result.files),
         f"run dir: {result.run_dir}",
     ]

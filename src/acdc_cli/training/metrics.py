@@ -53,6 +53,7 @@ _TAGS = {
     "target_sparsity": "sparsity/target",
     "mask_change": "sparsity/mask_change",
     "img_per_s": "perf/img_per_s",
+    "checkpoint_wait_s": "perf/checkpoint_wait_s",
     "skipped_steps": "train/skipped_steps",
 }
 

@@ -9,6 +9,7 @@ check between ranks.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +44,34 @@ def grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
     """A gradient scaler, enabled for fp16 only (bf16 has fp32's range and needs none). A disabled scaler passes
     every call straight through, so one training step serves every precision; its state goes into resume states."""
     return torch.amp.GradScaler(device.type, enabled=precision(device, amp) == "fp16")
+
+
+def seed_step_generators(seed: int, device: torch.device) -> None:
+    """Seed the generators a training step draws from (dropout, random layers): the CPU's default generator and,
+    on CUDA (or MPS), this device's, with what ``torch.manual_seed(seed)`` gives them, so the draws are the same. Cheaper per
+    step than ``torch.manual_seed``, which also seeds every other accelerator backend and, for those not started,
+    records a Python stack trace each time."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()] \
+            .manual_seed(seed)
+    elif device.type == "mps":
+        torch.mps.manual_seed(seed)
+
+
+def cpu_threads(requested: int | None) -> tuple[int, str]:
+    """The CPU threads torch uses for this process, and why: ``runtime.threads`` when set; else the count that
+    OMP_NUM_THREADS gave torch (``acdc train --nproc`` and torchrun set it); else the cores this process may run on
+    (its CPU affinity, as ``data.num_workers`` counts them) shared among the processes of this machine (torchrun's
+    LOCAL_WORLD_SIZE). torch's own default counts every core of the machine, which oversubscribes a process
+    pinned to a few of them, or sharing them."""
+    if requested:
+        return requested, "runtime.threads"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads(), "OMP_NUM_THREADS"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_processes = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), 1)
+    return max(cores // local_processes, 1), f"{cores} cores for {local_processes} process(es)"
 
 
 def configure_backends(settings: Settings, device: torch.device) -> None:

@@ -1,6 +1,6 @@
-"""Host snapshots of the training state for checkpoints written in the background: reusable host buffers
-(pinned on CUDA, copied without blocking), the event that says they landed, the one writer thread, and the fused
-check that every tensor of a state is finite."""
+"""Host snapshots of the training state and the background thread that writes them: a checkpoint is copied off
+the live tensors (pinned, non-blocking from CUDA) and written while training goes on; plus the fused finiteness
+check that guards every save."""
 
 from __future__ import annotations
 
@@ -119,6 +119,11 @@ class BackgroundWriter:
 
         self._thread = threading.Thread(target=run, name="acdc-checkpoint-writer")
         self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        """Whether a write was submitted and not yet waited for (it may have finished meanwhile)."""
+        return self._thread is not None
 
     def wait(self) -> None:
         if self._thread is not None:
