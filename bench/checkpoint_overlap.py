@@ -72,7 +72,8 @@ def main() -> None:
             started = time.perf_counter()
             store.save_epoch(phase, row)
             blocked = time.perf_counter() - started
-            print(f"back to back, {args.epoch_s:g} s epochs: save {i}: checkpoint_wait_s {row['checkpoint_wait_s']:.3f}, "
+            print(f"back to back, {args.epoch_s:g} s epochs: save {i}: "
+                  f"checkpoint_wait_s {row['checkpoint_wait_s']:.3f}, "
                   f"training thread blocked {blocked:.3f} s")
             time.sleep(args.epoch_s)
         store.wait()

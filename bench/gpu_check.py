@@ -18,8 +18,8 @@ temporary folder removed at exit.
 
 --rehearsal runs every step on the CPU at toy sizes (WRN-16-4 / WRN-10-2, a few steps, no channels_last, no
 torch.compile, ResNet-20 for ResNet-50, 2 gloo processes for torchrun, the GPU tests collected but not run, no
-nvJPEG): it proves the script works before a GPU's minutes are spent on it (tests/commands/test_bench.py runs it); its figures
-mean nothing, and its steps have no time limit but the overall budget.
+nvJPEG): it proves the script works before a GPU's minutes are spent on it (tests/commands/test_bench.py runs
+it); its figures mean nothing, and its steps have no time limit but the overall budget.
 
 Steps, each in a process of its own with its own time limit inside the budget, in order of what matters most should
 the budget run out (the table at the end says what passed):
@@ -27,8 +27,8 @@ the budget run out (the table at the end says what passed):
   2. masks on CUDA: the global mask's time over WRN-28-10's weights, then `pytest -m gpu tests/gpu/test_gpu.py` (GPU
      mask = CPU mask with the exact count; pruned weights and gradients stay zero through bf16 autocast +
      channels_last + torch.compile steps of acdc's own training step, unstructured 95 % and 2:4)
-  3. the fused post-backward step: `pytest -m gpu` of tests/engine/test_fused_step.py and tests/training/test_snapshots.py, then its
-     time against the previous path at WRN-28-10 size
+  3. the fused post-backward step: `pytest -m gpu` of tests/engine/test_fused_step.py and
+     tests/training/test_snapshots.py, then its time against the previous path at WRN-28-10 size
   4. a short WRN-28-10 AC/DC run (dense, compressed, decompressed, compressed) on a generated CIFAR-100 folder
   5. acdc bench for wrn-cifar100-95 and resnet50-imagenet-90, torch.compile on
   6. the ImageFolder pipeline per core on generated ImageNet-sized JPEGs (data.decode = cpu, pil, gpu), then
