@@ -145,7 +145,7 @@ def _resumed_in_place(run_dir: Path) -> AcdcError:
 
 def _check_start(settings: Settings, from_checkpoint: Path | None, new_run: bool) -> None:
     """What must hold before anything runs (a dry run too): one source of starting weights, a model that exists and
-    fits the data, and (for a new run) the pretrained weights file."""
+    fits the data, the tracking libraries the settings ask for, and (for a new run) the pretrained weights file."""
     if from_checkpoint is not None and settings.model.weights is not None:
         raise AcdcError("--from and model.weights both give the starting weights; keep one")
     lookup(settings.model.name)
