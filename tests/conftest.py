@@ -23,8 +23,9 @@ from acdc_test_models import register_test_models  # noqa: E402
 
 register_test_models()
 
-# variables that change what acdc does: its settings, torchrun's process-group setup, the test fault hooks
-_CLEARED_PREFIXES = ("ACDC_", "_ACDC_", "TORCHELASTIC_")
+# variables that change what acdc does: its settings, torchrun's process-group setup, the test fault hooks, the
+# tracking services' (MLFLOW_TRACKING_URI alone turns MLflow on)
+_CLEARED_PREFIXES = ("ACDC_", "_ACDC_", "TORCHELASTIC_", "MLFLOW_", "WANDB_")
 _CLEARED = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
             "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
 # the caller's terminal: its size (the CLI run in this process gets a wide one from cli_helpers.invoke, a subprocess

@@ -332,6 +332,19 @@ class LogSettings(_Section):
         50, ge=0, description="TensorBoard train/loss (mean since the last point) and train/lr every N training "
         "steps and at each epoch's end (0: at epoch ends only)"
     )
+    # experiment tracking beside TensorBoard (training/tracking.py); each service needs its extra installed
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking URI (file:PATH, sqlite:///FILE, http(s)://HOST:PORT, databricks); unset: "
+        "$MLFLOW_TRACKING_URI when set, else no MLflow"
+    )
+    mlflow_experiment: str | None = Field(
+        None, description="MLflow experiment of the run; unset: $MLFLOW_EXPERIMENT_NAME, else 'acdc'"
+    )
+    wandb: bool = Field(False, description="log to Weights & Biases (WANDB_* variables honoured, WANDB_MODE=offline)")
+    wandb_project: str | None = Field(None, description="W&B project; unset: $WANDB_PROJECT, else 'acdc'")
+    wandb_entity: str | None = Field(None, description="W&B entity (user or team); unset: $WANDB_ENTITY or yours")
+    wandb_name: str | None = Field(None, description="W&B run name; unset: $WANDB_NAME, else the run dir's name")
+    wandb_tags: list[str] = Field(default_factory=list, description="W&B tags of the run")
 
 
 class Settings(BaseSettings):

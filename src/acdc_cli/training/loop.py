@@ -119,11 +119,12 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
     store.write_config()
     logger = MetricsLogger(run_dir, console, settings.log.tensorboard, settings.log.per_layer, store.state.epoch,
                            steps_per_epoch=len(bundle.train), start_step=totals.step if totals else 0,
-                           settings=settings) if is_main else None
-    progress = StepReporter(console, settings, logger.writer) if is_main else None
+                           settings=settings, resume=resume) if is_main else None
+    progress = StepReporter(console, settings, logger.step_writer) if is_main else None
     first = None if resume else store.state.epoch  # a fresh run may start inside a phase (schedule.start_epoch)
     checkpoint_every = settings.runtime.checkpoint_every_steps
     preempted: dict[str, Any] | None = None
+    outcome = "FINISHED"  # for the tracking services: FAILED on an exception, KILLED when a signal stops the run
     try:
         for epoch in range(store.state.epoch, settings.schedule.epochs):
             # at a phase boundary: prune, or restore and reset momentum
@@ -186,6 +187,7 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
                 break
     except BaseException:
         store.abandon()
+        outcome = "FAILED"
         raise
     else:
         store.wait()  # every checkpoint on disk before the run reports, tests best_* or exits
@@ -193,7 +195,7 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
         if progress is not None:
             progress.close()
         if logger is not None:
-            logger.close()
+            logger.close(outcome if preempted is None else "KILLED")
 
     state = store.state
     result = RunResult(run_dir, state.best_sparse, state.best_dense, engine.sparsity(), preempted=preempted,

@@ -21,6 +21,7 @@ from rich.console import Console
 from acdc_cli.errors import AcdcError
 from acdc_cli.files.atomic import atomic_write_bytes, atomic_write_text
 from acdc_cli.files.jsonio import finite_number, json_line, read_rows
+from acdc_cli.training.tracking import Tracking
 
 if TYPE_CHECKING:
     from acdc_cli.config import Settings
@@ -108,17 +109,36 @@ def hparams_of(settings: Settings) -> dict[str, Any]:
     }
 
 
+def summary_of(rows: list[dict[str, Any]], target: float | None) -> dict[str, float]:
+    """A run's result from its rows, for the tracking services: best sparse / dense top-1 (as best_sparse /
+    best_dense pick them), and the last epoch's sparsity and FLOPs ratios; what the rows lack is left out."""
+    summary = {}
+    if target is not None:
+        key = top1_key(rows)
+        for name, best in zip(("best_sparse_top1", "best_dense_top1"), best_rows(rows, target)):
+            if best is not None:
+                summary[f"summary/{name}"] = best[key]
+    last = rows[-1] if rows else {}
+    for key, name in (("sparsity", "final_sparsity"), ("inference_flops_ratio", "inference_flops_ratio"),
+                      ("train_flops_ratio", "train_flops_ratio")):
+        if finite_number(last.get(key)):
+            summary[f"summary/{name}"] = last[key]
+    return summary
+
+
 class MetricsLogger:
     """Rank 0 only. On resume, rows past the checkpoint's epoch are dropped so the files match the run, and
     TensorBoard events past its step.
 
     ``steps_per_epoch`` places each row on TensorBoard's step axis; ``start_step`` is the step inside
     ``start_epoch`` a mid-epoch checkpoint resumes at; ``settings`` (when given) go to TensorBoard as the config
-    text and the run's hyperparameters.
+    text and the run's hyperparameters, and open the tracking services they name (MLflow, W&B), which get the same
+    scalars as TensorBoard; ``resume``: those continue the runs recorded in the run dir.
     """
 
     def __init__(self, run_dir: Path, console: Console, tensorboard: bool, per_layer: bool, start_epoch: int = 0, *,
-                 steps_per_epoch: int = 1, start_step: int = 0, settings: Settings | None = None):
+                 steps_per_epoch: int = 1, start_step: int = 0, settings: Settings | None = None,
+                 resume: bool = False):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.console = console
         self.per_layer = per_layer
@@ -149,7 +169,19 @@ class MetricsLogger:
             self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resumed_at + 1 if resumed_at else None)
             if settings is not None:
                 self._log_settings(settings, resumed_at)
+        self.tracking = Tracking.open(settings, run_dir, resume, console) if settings is not None else None
         self._columns: list[tuple[str, str, int, str]] | None = None
+
+    @property
+    def step_writer(self) -> MetricsLogger | None:
+        """Where StepReporter sends per-step points (:meth:`add_scalar`); None when nothing takes them."""
+        return self if self.writer is not None or self.tracking is not None else None
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+        if self.tracking is not None:
+            self.tracking.add_scalar(tag, value, step)
 
     def _write(self) -> None:
         # the whole file through a temp file and a rename (a few kB even for long runs): never a torn line
@@ -171,27 +203,35 @@ class MetricsLogger:
     def log_epoch(self, row: dict[str, Any], per_layer: dict[str, float] | None = None) -> None:
         self.rows.append(row)
         self._write()
-        if self.writer is not None:
-            self._log_tensorboard(row, per_layer)
+        if self.writer is not None or self.tracking is not None:
+            step = (row["epoch"] + 1) * self.steps_per_epoch
+            scalars = self._scalars(row, per_layer)
+            if self.writer is not None:
+                for tag, value in scalars.items():
+                    self.writer.add_scalar(tag, value, step)
+                self.writer.flush()
+            if self.tracking is not None:
+                self.tracking.log(scalars, step)
         self._print_row(row)
 
-    def _log_tensorboard(self, row: dict[str, Any], per_layer: dict[str, float] | None) -> None:
-        step = (row["epoch"] + 1) * self.steps_per_epoch
+    def _scalars(self, row: dict[str, Any], per_layer: dict[str, float] | None) -> dict[str, float]:
+        """An epoch's points by tag, for TensorBoard and the tracking services alike."""
+        scalars = {}
         for key, value in row.items():
             # with per-step logging, train/loss and train/lr get their points from the steps (StepReporter)
             if key == "epoch" or not finite_number(value) or (self.per_step and key in ("train_loss", "lr")):
                 continue
-            self.writer.add_scalar(tensorboard_tag(key), value, step)
-        self.writer.add_scalar("sparsity/compressed_phase", 1.0 if row.get("phase") == "sparse" else 0.0, step)
+            scalars[tensorboard_tag(key)] = value
+        scalars["sparsity/compressed_phase"] = 1.0 if row.get("phase") == "sparse" else 0.0
         if self.per_layer and per_layer:
             for name, value in per_layer.items():
-                self.writer.add_scalar(f"sparsity/layer/{name}", value, step)
+                scalars[f"sparsity/layer/{name}"] = value
         if self.target is not None:
             key = top1_key(self.rows)
             for tag, best in zip(HPARAM_METRICS, best_rows(self.rows, self.target)):
                 if best is not None:
-                    self.writer.add_scalar(tag, best[key], step)
-        self.writer.flush()
+                    scalars[tag] = best[key]
+        return scalars
 
     def _print_row(self, row: dict[str, Any]) -> None:
         if self._columns is None:
@@ -205,7 +245,12 @@ class MetricsLogger:
         style = "cyan" if row.get("phase") == "sparse" else None
         self.console.print(" ".join(cells), style=style, highlight=False, markup=False)
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
+        """``status`` (FINISHED, FAILED, or KILLED for a run a signal stopped) goes to the tracking services, with
+        the run's summary."""
+        if self.tracking is not None:
+            step = (self.rows[-1]["epoch"] + 1) * self.steps_per_epoch if self.rows else 0
+            self.tracking.finish(summary_of(self.rows, self.target), step, status)
         if self.writer is not None:
             self.writer.close()
 

@@ -21,7 +21,7 @@ from acdc_cli.data.bundle import input_shape
 from acdc_cli.errors import AcdcError
 from acdc_cli.files.checkpoint import load_checkpoint
 from acdc_cli.models import lookup
-from acdc_cli.training import distributed
+from acdc_cli.training import distributed, tracking
 from acdc_cli.training.loop import RunResult, run
 from acdc_cli.training.resume import check_resume_settings, epochs_trained, recorded_run_settings
 from acdc_cli.training.rundir import (
@@ -145,10 +145,11 @@ def _resumed_in_place(run_dir: Path) -> AcdcError:
 
 def _check_start(settings: Settings, from_checkpoint: Path | None, new_run: bool) -> None:
     """What must hold before anything runs (a dry run too): one source of starting weights, a model that exists and
-    fits the data, and (for a new run) the pretrained weights file."""
+    fits the data, the tracking libraries the settings ask for, and (for a new run) the pretrained weights file."""
     if from_checkpoint is not None and settings.model.weights is not None:
         raise AcdcError("--from and model.weights both give the starting weights; keep one")
     lookup(settings.model.name)
+    tracking.check_installed(settings)
     if settings.model.name.startswith("torchvision:"):
         channels = input_shape(settings.data.name, settings.model.name)[0]
         if channels != 3:
