@@ -30,6 +30,7 @@ from acdc_cli.data.bundle import DataBundle, selection_split
 from acdc_cli.engine import ACDC
 from acdc_cli.errors import AcdcError, TrainingFault
 from acdc_cli.flops import si
+from acdc_cli.paper import paper_reference
 from acdc_cli.sparsity.schedule import Phase, learning_rate
 from acdc_cli.training import distributed, evaluation, runtime
 from acdc_cli.training.checkpoints import RunDir
@@ -52,6 +53,8 @@ class RunResult:
     # {"inference": {"dense", "sparse", "ratio"} per image of the final model, "train": {"flops", "dense_flops",
     # "ratio"} of the run, None when it resumed from a state written before FLOPs were counted}
     flops: dict[str, Any] | None = None
+    # {"top1", "note"}: the preset's paper top-1 when this run is that experiment, else None and why not
+    paper: dict[str, Any] | None = None
 
 
 def run(settings: Settings, run_dir: Path, *, resume: bool = False, from_checkpoint: Path | None = None,
@@ -150,13 +153,13 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
             # evaluate: every runtime.eval_every epochs and at the end of each phase; null in metrics.jsonl otherwise
             scores = dict.fromkeys(("loss", "top1", "top5"))
             if evaluates(settings, phase, epoch):
-                scores = evaluation.evaluate_sharded(eval_net, eval_loader, device, settings.runtime.amp, info)
+                scores = evaluation.evaluate_sharded(eval_net, eval_loader, device, settings.runtime.eval_amp, info)
             row = {"epoch": epoch, **engine.metrics(), "lr": stats["lr"], "train_loss": stats["train_loss"],
                    "train_top1": stats["train_top1"], f"{split}_loss": scores["loss"], f"{split}_top1": scores["top1"],
                    f"{split}_top5": scores["top5"], "mask_checksums": checksums, "img_per_s": stats["img_per_s"],
                    "skipped_steps": stats["skipped_steps"]}
             if bundle.memorized is not None:
-                row.update(evaluate_memorized(model, bundle.memorized, device, settings.runtime.amp))
+                row.update(evaluate_memorized(model, bundle.memorized, device, settings.runtime.eval_amp))
 
             # log and checkpoint: last every epoch, best_sparse / best_dense when this epoch beats them
             store.state.epoch = epoch + 1
@@ -179,9 +182,10 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
 
     state = store.state
     result = RunResult(run_dir, state.best_sparse, state.best_dense, engine.sparsity(), preempted=preempted,
-                       flops=_flops_summary(engine))
+                       flops=_flops_summary(engine), paper=dict(zip(("top1", "note"),
+                                                                    paper_reference(settings, "test"))))
     if is_main and preempted is None:
-        store.test_best(bundle.test, device, settings.runtime.amp)
+        store.test_best(bundle.test, device, settings.runtime.eval_amp)
     if is_main:
         result.files = store.files()
     return result
@@ -410,6 +414,7 @@ def summary_panel(result: RunResult, tensorboard: bool) -> Panel:
         line("best dense ", result.best_dense),
         f"final sparsity: {result.final_sparsity:.4f} of prunable weights",
         *_flops_lines(result.flops),
+        *_paper_lines(result),
         "files: " + ", ".join(p.name for p in result.files),
         f"run dir: {result.run_dir}",
     ]
@@ -417,6 +422,20 @@ def summary_panel(result: RunResult, tensorboard: bool) -> Panel:
         lines.append(f"tensorboard --logdir {shlex.quote(str(result.run_dir / 'tb'))}")
     # no_wrap=False: a console that soft-wraps (a pipe) would otherwise crop each line at the panel's border
     return Panel(Text("\n".join(lines), no_wrap=False, overflow="fold"), title="acdc run finished", expand=False)
+
+
+def _paper_lines(result: RunResult) -> list[str]:
+    """The paper's top-1 beside the run's best test top-1 (best sparse; best dense for a dense run), or why this run
+    is not the experiment the paper's number is for."""
+    paper = result.paper
+    if paper is None:
+        return []
+    if paper["top1"] is None:
+        return [f"paper top-1 not shown: {paper['note']}"]
+    label, best = ("best sparse", result.best_sparse) if result.best_sparse else ("best dense", result.best_dense)
+    ours = (best or {}).get("test_top1")
+    beside = f" ({label} {100 * (ours - paper['top1']):+.2f} points)" if ours is not None else ""
+    return [f"paper top-1: {paper['top1']:.4f}{beside}"]
 
 
 def _flops_lines(flops: dict[str, Any] | None) -> list[str]:
