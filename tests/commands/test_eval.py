@@ -95,7 +95,7 @@ def test_paper_number_only_when_comparable(quickstart_run, tmp_path, paper_prese
     assert longer["paper_top1"] is None and longer["paper_note"] == (
         "not preset digits-paper's experiment: schedule.epochs 31 (preset: 30)")
     table = invoke("eval", _as_preset(quickstart_run, tmp_path, paper_preset, schedule__epochs=31), "--split", "test")
-    assert shows("paper top-1 not shown: not preset digits-paper's experiment: epochs 31 (preset: 30)", table.stdout)
+    assert shows("paper top-1 not shown: not preset digits-paper's experiment: schedule.epochs 31 (preset: 30)", table.stdout)
 
 
 @pytest.mark.parametrize("change, note", [

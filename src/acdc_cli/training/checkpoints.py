@@ -49,8 +49,8 @@ from acdc_cli.training.distributed import DistInfo
 from acdc_cli.training.evaluation import evaluate
 from acdc_cli.training.metrics import EpochTotals
 from acdc_cli.training.resume import check_resume_state, first_epoch
-from acdc_cli.training.runtime import precision
 from acdc_cli.training.rundir import RUN_MARKER
+from acdc_cli.training.runtime import precision
 from acdc_cli.training.snapshots import (
     BackgroundWriter,
     HostSnapshot,
