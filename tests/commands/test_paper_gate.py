@@ -89,3 +89,10 @@ def test_the_report_table_names_the_setting(quickstart_run, tmp_path, paper_pres
     assert row[-1] == "95.00 % (not this experiment: optim.lr differs)"
     (run / "config.toml").write_text(text)
     assert report_mod.summary_rows([report_mod.read_run(run, "run")])[0][-1] == "95.00 %"
+
+
+def test_train_json_carries_the_gate(tmp_path):
+    from cli_helpers import invoke_json, short_schedule
+
+    data = invoke_json("train", "--out", tmp_path / "run", *short_schedule(2, 1, 1, 1, 1, 0, "optim.lr=0.2"))
+    assert data["paper"] == {"top1": None, "note": "preset quickstart has no paper number"}
