@@ -55,3 +55,19 @@ def test_the_presets_table_and_json_show_inferred_values():
     assert "resnet50-imagenet-90-uniform resnet50 imagenet acdc 90 % unstructured, uniform 100 75.04 % " \
            "batch_size, epochs, reset_momentum" in table
     assert "resnet50-imagenet-90 resnet50 imagenet acdc 90 % unstructured, global 100 75.03 % -" in table
+
+
+def test_a_narrow_presets_table_lists_the_inferred_values_below_it(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from acdc_cli.cli import presets as cli
+
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "out_console", lambda markup=True: Console(
+        file=screen, width=80, force_terminal=True, color_system=None, markup=markup))
+    assert invoke("presets").exit_code == 0
+    below = squash(screen.getvalue().split("inferred (no reference run script", 1)[1])
+    for name, keys in INFERRED.items():
+        assert f"{name}: {', '.join(k.split('.')[-1] for k in keys)}" in below, name

@@ -40,8 +40,16 @@ def presets_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
         return
     from rich import box
 
+    def inferred(r) -> str:
+        return ", ".join(name.split(".")[-1] for name in r["inferred"])
+
     def table_of(columns: tuple[str, ...]) -> Table:
-        table = Table(title="acdc presets", box=box.SIMPLE_HEAD)
+        caption = None
+        if "inferred" not in columns:
+            # no room for a column: the presets with inferred values, below the table
+            caption = "inferred (no reference run script gives them; `acdc presets show NAME` marks them): " + \
+                "; ".join(f"{r['name']}: {inferred(r)}" for r in rows if r["inferred"])
+        table = Table(title="acdc presets", box=box.SIMPLE_HEAD, caption=caption, caption_justify="left")
         # names stay whole (they are what users type); the other cells are words that wrap at spaces
         for col in columns:
             table.add_column(col, no_wrap=col == "name", justify="right" if col in ("epochs", "paper") else "left",
@@ -56,7 +64,7 @@ def presets_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
             cells = {"name": r["name"], "model, data": f"{r['model']} {r['dataset']}", "pruning": pruning,
                      "epochs": str(r["epochs"]),
                      "paper": f"{100 * r['paper_top1']:.2f} %" if r["paper_top1"] is not None else "-",
-                     "inferred": ", ".join(name.split(".")[-1] for name in r["inferred"]) or "-"}
+                     "inferred": inferred(r) or "-"}
             table.add_row(*(cells[col] for col in columns))
         return table
 
@@ -64,7 +72,7 @@ def presets_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     table = table_of(("name", "model, data", "pruning", "epochs", "paper", "inferred"))
     if console.measure(table, options=console.options.update_width(UNBOUNDED_WIDTH)).maximum > console.width:
         # a narrow terminal: the name already says the model family and the dataset (a pipe is never narrow)
-        table = table_of(("name", "pruning", "epochs", "paper", "inferred"))
+        table = table_of(("name", "pruning", "epochs", "paper"))
     console.print(table)
 
 
