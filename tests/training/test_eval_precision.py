@@ -76,3 +76,21 @@ def test_acdc_eval_follows_the_run_and_the_flags_override_it(runs, tmp_path, mon
     save_checkpoint(tmp_path / "fp32.safetensors", ckpt)
     assert eval_checkpoint(tmp_path / "fp32.safetensors", "test")["loss"] == fp32["loss"]
     assert eval_checkpoint(tmp_path / "fp32.safetensors", "test", amp=True)["loss"] == amp["loss"]
+
+
+@pytest.mark.parametrize("precision, expected", [("fp32", "off"), ("amp", "bf16")])
+def test_the_test_of_best_uses_it_too(tmp_path_factory, monkeypatch, precision, expected):
+    """The pass that leaves no loss to compare (best_*'s test top-1 at the end of a run with a val split) is handed
+    the evaluation precision, not runtime.amp."""
+    seen = {"test_best": []}
+
+    def spy(name, function):
+        def wrapper(model, loader, device, amp=False):
+            seen[name].append(amp)
+            return function(model, loader, device, amp)
+        return wrapper
+
+    monkeypatch.setattr(checkpoints, "evaluate", spy("test_best", checkpoints.evaluate))
+    trained(tmp_path_factory, f"passes-{precision}", *short_schedule(
+        3, 1, 1, 1, 1, 0, f"runtime.eval_precision={precision}"))
+    assert seen["test_best"] == [expected, expected]  # best_sparse and best_dense
