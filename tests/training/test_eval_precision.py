@@ -94,3 +94,15 @@ def test_the_test_of_best_uses_it_too(tmp_path_factory, monkeypatch, precision, 
     trained(tmp_path_factory, f"passes-{precision}", *short_schedule(
         3, 1, 1, 1, 1, 0, f"runtime.eval_precision={precision}"))
     assert seen["test_best"] == [expected, expected]  # best_sparse and best_dense
+
+
+def test_acdc_eval_of_a_run_without_autocast_reproduces_its_fp32_evaluations(runs, tmp_path, monkeypatch):
+    """runtime.amp off with eval_precision amp evaluated in fp32 during the run: acdc eval follows it, and only an
+    explicit --amp asks for bf16."""
+    monkeypatch.setattr(evaluation, "autocast", _cpu_autocast)
+    ckpt = load_checkpoint(runs["amp"] / "best_sparse.safetensors")
+    ckpt.config["runtime"]["amp"] = "off"
+    save_checkpoint(tmp_path / "off.safetensors", ckpt)
+    fp32 = eval_checkpoint(runs["amp"] / "best_sparse.safetensors", "test", amp=False)["loss"]
+    assert eval_checkpoint(tmp_path / "off.safetensors", "test")["loss"] == fp32
+    assert eval_checkpoint(tmp_path / "off.safetensors", "test", amp=True)["loss"] != fp32

@@ -77,10 +77,11 @@ def eval_checkpoint(
     if loader is None or len(loader) == 0:
         raise AcdcError(f"dataset '{settings.data.name}' has no {split} split in these settings")
     model = source.model().to(dev)
-    # amp uses the run's own autocast precision (runtime.amp, bf16 when that is off), and only on CUDA: elsewhere it
-    # still computes in fp32, and says so
-    run_amp = settings.runtime.amp if settings.runtime.amp != "off" else "bf16"
-    mode = run_amp if settings.runtime.eval_precision == "amp" else "off"
+    # as the run evaluated (runtime.eval_amp) unless a flag says; --amp uses the run's autocast precision, bf16 when
+    # the run trained without one; only on CUDA: elsewhere it still computes in fp32, and says so
+    mode = settings.runtime.eval_amp
+    if amp and mode == "off":
+        mode = "bf16"
     batches = loader if progress is None else _advancing(loader, progress, f"eval {split}")
     metrics = evaluate(model, batches, dev, mode)
 
