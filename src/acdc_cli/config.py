@@ -308,6 +308,15 @@ class RuntimeSettings(_Section):
         10, ge=1, le=10**6, description="nan_policy 'skip': stop the run (exit 1) after this many steps in a row "
         "are skipped (steps)"
     )
+    eval_precision: Literal["fp32", "amp"] = Field(
+        "fp32", description="precision of every evaluation in a run (the per-epoch passes that choose best_* and "
+        "the test of best_*) and of `acdc eval`: fp32 (as the reference measured) or amp (runtime.amp's autocast)"
+    )
+
+    @property
+    def eval_amp(self) -> str:
+        """The autocast setting evaluations run under: "off" (fp32) or runtime.amp."""
+        return self.amp if self.eval_precision == "amp" else "off"
 
     @field_validator("device")
     @classmethod
@@ -357,6 +366,10 @@ class Settings(BaseSettings):
     preset: str | None = Field(None, description="name of the preset these settings came from")
     description: str = Field("", description="one line on what the preset reproduces")
     paper_top1: float | None = Field(None, ge=0, le=1, description="top-1 reported in the paper (fraction)")
+    inferred: list[str] = Field(
+        default_factory=list, description="settings (section.key) whose preset value is taken by analogy, not from "
+        "a reference run script (docs/paper.md)"
+    )
     data: DataSettings = Field(default_factory=DataSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     optim: OptimSettings = Field(default_factory=OptimSettings)
@@ -407,6 +420,9 @@ class Settings(BaseSettings):
                              f"({accumulation}): a checkpoint falls between two optimizer steps")
         if accumulation > 1 and self.runtime.nan_policy == "skip":
             raise ValueError("runtime.nan_policy 'skip' undoes one batch's step: it needs optim.grad_accumulation 1")
+        unknown = [name for name in self.inferred if name not in setting_names()]
+        if unknown:
+            raise ValueError(f"inferred names '{unknown[0][:60]}', which is not a setting (section.key)")
         if any(m < 0 or m >= s.epochs for m in self.optim.milestones):
             raise ValueError(f"optim.milestones must lie in [0, {s.epochs}), got {self.optim.milestones}")
         return self
@@ -414,6 +430,44 @@ class Settings(BaseSettings):
     def to_toml(self) -> str:
         """Every setting; one that is not set (None: TOML has no null) is a comment naming it."""
         return dump_toml(self.model_dump(mode="json"))
+
+
+def setting_names() -> list[str]:
+    """Every setting as ``section.key`` (or ``key`` at the top), in the order the settings are written."""
+    names = []
+    for name, field in Settings.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            names += [f"{name}.{key}" for key in field.annotation.model_fields]
+        else:
+            names.append(name)
+    return names
+
+
+# The settings that cannot change a number a run reports: where files go, what is logged, which device and how many
+# workers or threads do the same arithmetic, when checkpoints are written, and labels. Every other setting is part of
+# the experiment: the paper's figure is compared only with a run that matches its preset in all of them.
+# (runtime.seed is here too: another seed is another draw of the same experiment, which the paper's figure is one of;
+# data.decode reads the same images with another JPEG library.)
+NOT_RESULT_SETTINGS = (
+    "preset", "description", "paper_top1", "inferred",
+    "data.dir", "data.eval_batch_size", "data.num_workers", "data.decode", "data.max_image_pixels", "data.download",
+    "runtime.device", "runtime.seed", "runtime.channels_last", "runtime.compile", "runtime.threads",
+    "runtime.deterministic", "runtime.checkpoint_every_steps", "runtime.nan_policy", "runtime.max_skipped_steps",
+    "log.tensorboard", "log.per_layer", "log.progress", "log.progress_interval_s", "log.every_steps",
+)
+
+
+def result_settings(settings: Settings) -> dict[str, Any]:
+    """``section.key`` -> value of every setting that can change a result (all but :data:`NOT_RESULT_SETTINGS`),
+    in the order the settings are written."""
+    dumped = settings.model_dump(mode="json")
+    values = {}
+    for name in setting_names():
+        if name in NOT_RESULT_SETTINGS:
+            continue
+        section, _, key = name.partition(".")
+        values[name] = dumped[section][key] if key else dumped[section]
+    return values
 
 
 # ----------------------------------------------------------------------------------------------------------------

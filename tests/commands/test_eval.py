@@ -93,19 +93,28 @@ def test_paper_number_only_when_comparable(quickstart_run, tmp_path, paper_prese
     # a run that is no longer the preset's experiment
     longer = eval_json(_as_preset(quickstart_run, tmp_path, paper_preset, schedule__epochs=31), "--split", "test")
     assert longer["paper_top1"] is None and longer["paper_note"] == (
-        "not preset digits-paper's experiment: epochs 31 (preset: 30)")
+        "not preset digits-paper's experiment: schedule.epochs 31 (preset: 30)")
     table = invoke("eval", _as_preset(quickstart_run, tmp_path, paper_preset, schedule__epochs=31), "--split", "test")
-    assert shows("paper top-1 not shown: not preset digits-paper's experiment: epochs 31 (preset: 30)", table.stdout)
+    assert shows("paper top-1 not shown: not preset digits-paper's experiment: schedule.epochs 31 (preset: 30)", table.stdout)
 
 
 @pytest.mark.parametrize("change, note", [
-    ({"model": {"name": "tiny-test"}}, "model tiny-test (preset: digits-cnn)"),
-    ({"data": {"name": "synthetic"}}, "dataset synthetic (preset: digits)"),
-    ({"sparsity": {"target": 0.95}}, "sparsity 0.95 (preset: 0.9)"),
+    ({"model": {"name": "tiny-test"}}, "model.name tiny-test (preset: digits-cnn)"),
+    ({"data": {"name": "synthetic"}}, "data.name synthetic (preset: digits)"),
+    ({"sparsity": {"target": 0.95}}, "sparsity.target 0.95 (preset: 0.9)"),
     # as acdc records a 2:4 run: the target that 2:4 implies (a stated 0.9 beside 2:4 is refused)
     ({"sparsity": {"structure": "2:4", "target": 0.5}},
-     "sparsity 0.5 (preset: 0.9), structure 2:4 (preset: unstructured)"),
-    ({"schedule": {"method": "dense"}}, "sparsity 0.0 (preset: 0.9)"),
+     "sparsity.target 0.5 (preset: 0.9), and 1 other setting"),
+    ({"schedule": {"method": "dense"}}, "schedule.method dense (preset: acdc)"),
+    # the settings the old gate let through: each changes the result, so each hides the paper's number
+    ({"optim": {"lr": 0.2}}, "optim.lr 0.2 (preset: 0.05)"),
+    ({"data": {"batch_size": 32}}, "data.batch_size 32 (preset: 64)"),
+    ({"sparsity": {"scope": "uniform"}}, "sparsity.scope uniform (preset: global)"),
+    ({"sparsity": {"exclude": ["fc"]}}, "sparsity.exclude ['fc'] (preset: [])"),
+    ({"schedule": {"compressed_epochs": 4, "reset_momentum": "never"}},
+     "schedule.compressed_epochs 4 (preset: 3), and 1 other setting"),
+    ({"data": {"val_size": 0}}, "data.val_size 0 (preset: 270)"),
+    ({"runtime": {"eval_precision": "amp"}}, "runtime.eval_precision amp (preset: fp32)"),
     ({"preset": "nope"}, None),
 ])
 def test_paper_reference_names_what_changed(paper_preset, change, note):

@@ -127,3 +127,25 @@ def test_train_flops_ratio_of_the_quickstart_plan_is_the_mean_over_its_epochs():
     assert run.ratio == pytest.approx(mean, rel=1e-12)
     # quickstart: 13 dense epochs (warm-up 4 + 3 decompressed phases of 3) and 17 compressed ones
     assert (phases.count("dense"), phases.count("sparse")) == (13, 17)
+
+
+@pytest.mark.parametrize("preset, classes, shape, ratio", [
+    pytest.param("resnet50-imagenet-90", 1000, (3, 224, 224), 0.2229, marks=pytest.mark.slow),
+    pytest.param("wrn-cifar100-95", 100, (3, 32, 32), 0.1724, marks=pytest.mark.slow),
+    ("mobilenet-imagenet-75", 1000, (3, 224, 224), 0.4709),
+])
+def test_inference_flops_ratio_of_the_first_masks_is_the_one_docs_state(preset, classes, shape, ratio):
+    """docs/reproducing.md's FLOPs ratios, acdc's count: the preset's model at seed 0, pruned as at its first
+    compressed epoch (the reference's own counter, which adds batch-norm, activation, pooling and bias operations,
+    gives 0.2259, 0.1730 and 0.4789 for the same three)."""
+    from acdc_cli.engine import ACDC
+    from acdc_cli.training.loop import build_optimizer
+
+    settings = load_settings(preset=preset, flags={"runtime.device": "cpu"})
+    torch.manual_seed(settings.runtime.seed)
+    model = models.create(settings.model.name, num_classes=classes, in_channels=3)
+    engine = ACDC.from_settings(settings, model, build_optimizer(model, settings))
+    engine.count_flops(shape)
+    engine.start_epoch(settings.schedule.warmup_epochs)
+    assert engine.sparsity() == pytest.approx(settings.sparsity.target, abs=1e-7)
+    assert round(engine.flops().ratio, 4) == ratio

@@ -43,16 +43,20 @@ def eval_cmd(
         Optional[int], typer.Option("--batch-size", "-b", min=1, help="Images per batch (default: data.eval_batch_size).")
     ] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N (default: as trained).")] = None,
-    amp: Annotated[bool, typer.Option("--amp", help="bf16 autocast on CUDA (default: fp32; the CPU always runs "
-                                                    "fp32).")] = False,
+    amp: Annotated[Optional[bool], typer.Option("--amp/--fp32", help="--amp: autocast on CUDA in the run's "
+                                                    "runtime.amp (bf16 when off); --fp32: fp32 (default: the run's "
+                                                    "runtime.eval_precision, fp32 unless it said amp; the CPU always "
+                                                    "runs fp32).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Top-1, top-5 and loss of a checkpoint or export as saved, beside the paper's number when comparable.
 
-    Evaluates the weights as saved (sparse or dense) in fp32 (--amp: bf16 autocast on CUDA) and reports their
-    sparsity over the prunable weights. An .onnx export runs on ONNX Runtime's CPU provider, so the file you ship is
-    the one measured. The paper's top-1 and the difference are shown only when model, dataset, sparsity, structure
-    and epochs are still the preset's and the split is the test split; otherwise the output says why not. Model and
+    Evaluates the weights as saved (sparse or dense) in the run's evaluation precision (fp32 unless
+    runtime.eval_precision said amp; --amp/--fp32 choose) and reports their sparsity over the prunable weights. An
+    .onnx export runs on ONNX Runtime's CPU provider, so the file you ship is the one measured. The paper's top-1 and
+    the difference are shown only when every setting that can change the result (all but output, logging, device,
+    workers and the like) is still the preset's and the split is the test split; otherwise the output names the
+    first setting that differs. Model and
     dataset are rebuilt from the file's own metadata: no preset or flag is needed. Accuracies and sparsity are
     fractions in [0, 1] in --json output.
     """

@@ -28,7 +28,8 @@ def print_resolved(settings, as_json: bool) -> None:
 @presets_app.callback(invoke_without_command=True)
 @user_errors
 def presets_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """List every preset: model, dataset, sparsity, structure, epochs and the paper's top-1."""
+    """List every preset: model, dataset, sparsity, structure, epochs, the paper's top-1, and the settings whose
+    values are inferred (taken by analogy: no reference run script gives them; docs/paper.md)."""
     if ctx.invoked_subcommand is not None:
         return
     from acdc_cli.commands.presets import preset_rows
@@ -39,8 +40,16 @@ def presets_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
         return
     from rich import box
 
+    def inferred(r) -> str:
+        return ", ".join(name.split(".")[-1] for name in r["inferred"])
+
     def table_of(columns: tuple[str, ...]) -> Table:
-        table = Table(title="acdc presets", box=box.SIMPLE_HEAD)
+        caption = None
+        if "inferred" not in columns:
+            # no room for a column: the presets with inferred values, below the table
+            caption = "inferred (no reference run script gives them; `acdc presets show NAME` marks them): " + \
+                "; ".join(f"{r['name']}: {inferred(r)}" for r in rows if r["inferred"])
+        table = Table(title="acdc presets", box=box.SIMPLE_HEAD, caption=caption, caption_justify="left")
         # names stay whole (they are what users type); the other cells are words that wrap at spaces
         for col in columns:
             table.add_column(col, no_wrap=col == "name", justify="right" if col in ("epochs", "paper") else "left",
@@ -54,12 +63,13 @@ def presets_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
                 pruning = f"{r['method']} {100 * r['sparsity']:.0f} % {structure}"
             cells = {"name": r["name"], "model, data": f"{r['model']} {r['dataset']}", "pruning": pruning,
                      "epochs": str(r["epochs"]),
-                     "paper": f"{100 * r['paper_top1']:.2f} %" if r["paper_top1"] is not None else "-"}
+                     "paper": f"{100 * r['paper_top1']:.2f} %" if r["paper_top1"] is not None else "-",
+                     "inferred": inferred(r) or "-"}
             table.add_row(*(cells[col] for col in columns))
         return table
 
     console = out_console()
-    table = table_of(("name", "model, data", "pruning", "epochs", "paper"))
+    table = table_of(("name", "model, data", "pruning", "epochs", "paper", "inferred"))
     if console.measure(table, options=console.options.update_width(UNBOUNDED_WIDTH)).maximum > console.width:
         # a narrow terminal: the name already says the model family and the dataset (a pipe is never narrow)
         table = table_of(("name", "pruning", "epochs", "paper"))

@@ -95,6 +95,7 @@ def train(
             "best_dense": result.best_dense,
             "final_sparsity": result.final_sparsity,
             "flops": result.flops,
+            "paper": result.paper,
             "files": [str(p) for p in result.files],
             "preempted": result.preempted,
             "resume_command": resume_command if result.preempted else None,

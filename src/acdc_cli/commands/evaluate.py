@@ -39,11 +39,12 @@ def eval_checkpoint(
     batch_size: int | None = None,
     device: str | None = None,
     progress: Progress | None = None,
-    amp: bool = False,
+    amp: bool | None = None,
 ) -> dict[str, Any]:
     """Top-1 / top-5 / loss of a checkpoint's or export's weights as saved, on its own dataset rebuilt from its saved
-    settings, in fp32 unless ``amp`` (autocast in the run's runtime.amp precision, bf16 by default; CUDA only). An ONNX
-    export runs on ONNX Runtime's CPU provider.
+    settings, in the precision the run evaluated in (its runtime.eval_precision: fp32 unless it said amp); ``amp``
+    True or False overrides it (True: autocast in the run's runtime.amp precision, bf16 when that is off; CUDA only).
+    An ONNX export runs on ONNX Runtime's CPU provider.
 
     ``split`` None: the split the run measured every epoch and chose its best checkpoints on ("val", or "test" for a
     run with ``data.val_size = 0``). ``progress`` (optional) gets one task that advances per batch. Accuracies and
@@ -61,6 +62,8 @@ def eval_checkpoint(
         "data.dir": str(data_dir) if data_dir is not None else None,
         "data.eval_batch_size": batch_size,
         "runtime.device": "cpu" if source.kind == ONNX else device,
+        # an override is part of the settings, so the paper's gate sees the precision this number is measured in
+        "runtime.eval_precision": "fp32" if source.kind == ONNX or amp is False else "amp" if amp else None,
     }
     settings = load_settings(base=source.config, flags=flags)
     selected_on = selection_split(settings)
@@ -74,9 +77,11 @@ def eval_checkpoint(
     if loader is None or len(loader) == 0:
         raise AcdcError(f"dataset '{settings.data.name}' has no {split} split in these settings")
     model = source.model().to(dev)
-    # --amp uses the run's own autocast precision (runtime.amp, bf16 unless set), and only on CUDA: elsewhere it
-    # still computes in fp32, and says so
-    mode = (settings.runtime.amp if settings.runtime.amp != "off" else "bf16") if amp else "off"
+    # as the run evaluated (runtime.eval_amp) unless a flag says; --amp uses the run's autocast precision, bf16 when
+    # the run trained without one; only on CUDA: elsewhere it still computes in fp32, and says so
+    mode = settings.runtime.eval_amp
+    if amp and mode == "off":
+        mode = "bf16"
     batches = loader if progress is None else _advancing(loader, progress, f"eval {split}")
     metrics = evaluate(model, batches, dev, mode)
 

@@ -25,6 +25,7 @@ def preset_rows() -> list[dict[str, Any]]:
             "scope": s.sparsity.scope,
             "epochs": s.schedule.epochs,
             "paper_top1": s.paper_top1,
+            "inferred": s.inferred,  # settings taken by analogy, not from a reference run script
         })
     return rows
 
@@ -43,7 +44,8 @@ def resolved_toml(settings: Settings) -> str:
     """The settings as a TOML document that ``--config`` reads back, the phase timeline, momentum resets and LR
     after them as TOML comments."""
     lines = [f"# acdc {__version__}: resolved settings; save them and run them with `acdc train --config FILE`",
-             settings.to_toml().rstrip("\n"), "", "# phase timeline (epochs; end exclusive)",
+             _marked_inferred(settings.to_toml().rstrip("\n"), settings.inferred), "",
+             "# phase timeline (epochs; end exclusive)",
              f"# {'start':>6} {'end':>6}  {'kind':<6}  sparsity"]
     lines += [f"# {p.start:>6} {p.end:>6}  {p.kind:<6}  {p.sparsity:.4g}" for p in plan(settings)]
     epochs = epoch_plan(settings)
@@ -55,3 +57,17 @@ def resolved_toml(settings: Settings) -> str:
     cadence = "at every step" if settings.optim.lr_per_step else "once per epoch"
     lines.append(f"# LR set {cadence}; at the start of epochs {lrs} (every epoch: --json, key \"epochs\")")
     return "\n".join(lines) + "\n"
+
+
+INFERRED_NOTE = "# inferred: no reference run script gives it (docs/paper.md)"
+
+
+def _marked_inferred(toml: str, inferred: list[str]) -> str:
+    """``toml`` with each setting named in ``inferred`` followed by a comment saying so."""
+    section, out = "", []
+    for line in toml.split("\n"):
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1] + "."
+        key = line.split(" = ", 1)[0].removeprefix("# ")
+        out.append(f"{line}  {INFERRED_NOTE}" if " = " in line and section + key in inferred else line)
+    return "\n".join(out)

@@ -24,7 +24,7 @@ from acdc_cli.files.atomic import atomic_write_text
 from acdc_cli.files.checkpoint import load_checkpoint
 from acdc_cli.files.jsonio import read_jsonl
 from acdc_cli.models import create
-from acdc_cli.paper import paper_reference
+from acdc_cli.paper import differing_settings, paper_reference
 from acdc_cli.sparsity.rules import natural_key
 from acdc_cli.sparsity.schedule import plan
 from acdc_cli.training.metrics import best_rows, top1_key
@@ -426,9 +426,15 @@ def summary_rows(runs: list[Run]) -> list[list[str]]:
     return [[run.label, run.settings.preset or "-", run.settings.model.name, run.settings.schedule.method,
              run.settings.sparsity.structure, _pct(run.target), f"{len(run.rows)} / {run.settings.schedule.epochs}",
              _best_text(run, run.best_sparse), _best_text(run, run.best_dense),
-             _pct(run.paper_top1) + (" (not this experiment)" if run.paper_top1 is not None and run.paper_note
-                                     else "")]
+             _pct(run.paper_top1) + (f" (not this experiment: {_first_difference(run)})"
+                                     if run.paper_top1 is not None and run.paper_note else "")]
             for run in runs]
+
+
+def _first_difference(run: Run) -> str:
+    """The first setting in which the run differs from its preset ("split" when only the split does)."""
+    changed = differing_settings(run.settings, load_settings(preset=run.settings.preset))
+    return f"{changed[0][0]} differs" if changed else "another split"
 
 
 SUMMARY_HEADER = ["run", "preset", "model", "method", "structure", "target sparsity", "epochs done",

@@ -14,6 +14,8 @@ Files of a run dir::
     best_sparse.safetensors          best val top-1 in a compressed phase at the target sparsity (test top-1 when
                                      data.val_size = 0: the paper's protocol)
     best_dense.safetensors           best val (or test) top-1 in a dense epoch
+                                     (every checkpoint's metadata names eval_precision: the precision the run's
+                                     evaluations, and so the choice of best_*, ran in: fp32, bf16 or fp16)
     ema_best_sparse.safetensors      with optim.ema_decay: the same two choices for the EMA of the weights, by its
     ema_best_dense.safetensors       own top-1 (its weights and the model's masks at that epoch)
 
@@ -51,6 +53,7 @@ from acdc_cli.training.evaluation import evaluate
 from acdc_cli.training.metrics import EpochTotals
 from acdc_cli.training.resume import check_resume_state, first_epoch
 from acdc_cli.training.rundir import RUN_MARKER
+from acdc_cli.training.runtime import precision
 from acdc_cli.training.snapshots import (
     BackgroundWriter,
     HostSnapshot,
@@ -93,8 +96,13 @@ def snapshot(model: nn.Module, engine: ACDC, settings: Settings, model_kwargs: d
         phase=phase,
         metrics=host_copy(metrics),
         extra={"preset": settings.preset, "paper_top1": settings.paper_top1, "kind": "train",
-               "selection_split": selection_split(settings)},
+               "selection_split": selection_split(settings),
+               "eval_precision": precision(_device_of(model), settings.runtime.eval_amp)},
     )
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters(), torch.empty(0)).device
 
 
 def refuse_non_finite(model: nn.Module, where: str) -> None:

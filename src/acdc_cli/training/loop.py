@@ -30,6 +30,7 @@ from acdc_cli.data.bundle import DataBundle, selection_split
 from acdc_cli.engine import ACDC
 from acdc_cli.errors import AcdcError, TrainingFault
 from acdc_cli.flops import si
+from acdc_cli.paper import paper_reference
 from acdc_cli.sparsity.schedule import Phase, learning_rate
 from acdc_cli.training import distributed, evaluation, recipe, runtime
 from acdc_cli.training.checkpoints import RunDir
@@ -54,6 +55,8 @@ class RunResult:
     flops: dict[str, Any] | None = None
     ema_best: dict[str, dict[str, Any] | None] | None = None  # optim.ema_decay: {"sparse", "dense"} records as above
     threads: tuple[int, str] | None = None  # the CPU threads torch used, and why that many
+    # {"top1", "note"}: the preset's paper top-1 when this run is that experiment, else None and why not
+    paper: dict[str, Any] | None = None
 
 
 def run(settings: Settings, run_dir: Path, *, resume: bool = False, from_checkpoint: Path | None = None,
@@ -162,7 +165,7 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
             # evaluate: every runtime.eval_every epochs and at the end of each phase; null in metrics.jsonl otherwise
             scores = dict.fromkeys(("loss", "top1", "top5"))
             if evaluates(settings, phase, epoch):
-                scores = evaluation.evaluate_sharded(eval_net, eval_loader, device, settings.runtime.amp, info)
+                scores = evaluation.evaluate_sharded(eval_net, eval_loader, device, settings.runtime.eval_amp, info)
             row = {"epoch": epoch, **engine.metrics(), "lr": stats["lr"], "train_loss": stats["train_loss"],
                    "train_top1": stats["train_top1"], f"{split}_loss": scores["loss"], f"{split}_top1": scores["top1"],
                    f"{split}_top5": scores["top5"], "mask_checksums": checksums, "img_per_s": stats["img_per_s"],
@@ -170,7 +173,7 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
             if ema is not None:
                 row.update(_ema_scores(ema_net, eval_loader, settings, phase, epoch, split, info))
             if bundle.memorized is not None:
-                row.update(evaluate_memorized(model, bundle.memorized, device, settings.runtime.amp))
+                row.update(evaluate_memorized(model, bundle.memorized, device, settings.runtime.eval_amp))
 
             # checkpoint and log: last every runtime.checkpoint_every epochs and at phase ends, best_sparse /
             # best_dense when this epoch beats them; the row gets the time the loop waited for the writer
@@ -199,11 +202,12 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
 
     state = store.state
     result = RunResult(run_dir, state.best_sparse, state.best_dense, engine.sparsity(), preempted=preempted,
-                       flops=_flops_summary(engine), threads=(threads, threads_why))
+                       flops=_flops_summary(engine), threads=(threads, threads_why),
+                       paper=dict(zip(("top1", "note"), paper_reference(settings, "test"))))
     if ema is not None:
         result.ema_best = {"sparse": state.ema_best_sparse, "dense": state.ema_best_dense}
     if is_main and preempted is None:
-        store.test_best(bundle.test, device, settings.runtime.amp)
+        store.test_best(bundle.test, device, settings.runtime.eval_amp)
     if is_main:
         result.files = store.files()
     return result
@@ -241,7 +245,7 @@ def _ema_scores(ema_net: nn.Module, loader: Any, settings: Settings, phase: Phas
     """The EMA's ``<split>_ema_loss / _top1 / _top5`` (null on the epochs without a validation pass)."""
     scores = dict.fromkeys(("loss", "top1", "top5"))
     if evaluates(settings, phase, epoch):
-        scores = evaluation.evaluate_sharded(ema_net, loader, info.device, settings.runtime.amp, info)
+        scores = evaluation.evaluate_sharded(ema_net, loader, info.device, settings.runtime.eval_amp, info)
     return {f"{split}_ema_{key}": scores[key] for key in ("loss", "top1", "top5")}
 
 
@@ -488,6 +492,7 @@ def summary_panel(result: RunResult, tensorboard: bool) -> Panel:
         f"final sparsity: {result.final_sparsity:.4f} of prunable weights",
         *_flops_lines(result.flops),
         *([f"CPU threads: {result.threads[0]} ({result.threads[1]})"] if result.threads else []),
+        *_paper_lines(result),
         "files: " + ", ".join(p.name for p in result.files),
         f"run dir: {result.run_dir}",
     ]
@@ -495,6 +500,20 @@ def summary_panel(result: RunResult, tensorboard: bool) -> Panel:
         lines.append(f"tensorboard --logdir {shlex.quote(str(result.run_dir / 'tb'))}")
     # no_wrap=False: a console that soft-wraps (a pipe) would otherwise crop each line at the panel's border
     return Panel(Text("\n".join(lines), no_wrap=False, overflow="fold"), title="acdc run finished", expand=False)
+
+
+def _paper_lines(result: RunResult) -> list[str]:
+    """The paper's top-1 beside the run's best test top-1 (best sparse; best dense for a dense run), or why this run
+    is not the experiment the paper's number is for."""
+    paper = result.paper
+    if paper is None:
+        return []
+    if paper["top1"] is None:
+        return [f"paper top-1 not shown: {paper['note']}"]
+    label, best = ("best sparse", result.best_sparse) if result.best_sparse else ("best dense", result.best_dense)
+    ours = (best or {}).get("test_top1")
+    beside = f" ({label} {100 * (ours - paper['top1']):+.2f} points)" if ours is not None else ""
+    return [f"paper top-1: {paper['top1']:.4f}{beside}"]
 
 
 def _flops_lines(flops: dict[str, Any] | None) -> list[str]:
