@@ -452,9 +452,15 @@ NOT_RESULT_SETTINGS = (
     "preset", "description", "paper_top1", "inferred",
     "data.dir", "data.eval_batch_size", "data.num_workers", "data.decode", "data.max_image_pixels", "data.download",
     "runtime.device", "runtime.seed", "runtime.channels_last", "runtime.compile", "runtime.threads",
-    "runtime.deterministic", "runtime.checkpoint_every_steps", "runtime.nan_policy", "runtime.max_skipped_steps",
-    "log.tensorboard", "log.per_layer", "log.progress", "log.progress_interval_s", "log.every_steps",
+    "runtime.deterministic", "runtime.checkpoint_every_steps", "runtime.checkpoint_every", "runtime.nan_policy",
+    "runtime.max_skipped_steps",
+    "log",  # a whole section: TensorBoard, progress, MLflow, W&B
 )
+
+
+def is_result_setting(name: str) -> bool:
+    """Whether ``section.key`` can change a number a run reports (see :data:`NOT_RESULT_SETTINGS`)."""
+    return name not in NOT_RESULT_SETTINGS and name.partition(".")[0] not in NOT_RESULT_SETTINGS
 
 
 def result_settings(settings: Settings) -> dict[str, Any]:
@@ -463,7 +469,7 @@ def result_settings(settings: Settings) -> dict[str, Any]:
     dumped = settings.model_dump(mode="json")
     values = {}
     for name in setting_names():
-        if name in NOT_RESULT_SETTINGS:
+        if not is_result_setting(name):
             continue
         section, _, key = name.partition(".")
         values[name] = dumped[section][key] if key else dumped[section]
