@@ -111,6 +111,13 @@ ModelOpt = Annotated[
 ]
 
 
+DataOpt = Annotated[
+    Optional[str],
+    typer.Option("--data", help="The dataset the model takes (data.name: digits, cifar10, cifar100, imagenet, "
+                 "imagefolder, synthetic); default: the one the file records."),
+]
+
+
 NumClassesOpt = Annotated[
     Optional[int], typer.Option("--num-classes", help="For a plain state dict: the model's number of classes.")
 ]

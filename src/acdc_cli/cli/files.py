@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from acdc_cli.cli.common import (
+    DataOpt,
     JsonOpt,
     ModelOpt,
     NumClassesOpt,
@@ -45,6 +46,7 @@ def eval_cmd(
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N (default: as trained).")] = None,
     amp: Annotated[bool, typer.Option("--amp", help="bf16 autocast on CUDA (default: fp32; the CPU always runs "
                                                     "fp32).")] = False,
+    data: DataOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Top-1, top-5 and loss of a checkpoint or export as saved, beside the paper's number when comparable.
@@ -73,7 +75,7 @@ def eval_cmd(
                             TimeRemainingColumn(), console=console, transient=True)
         progress.start()
     try:
-        result = eval_checkpoint(checkpoint, split, data_dir, batch_size, device, progress, amp)
+        result = eval_checkpoint(checkpoint, split, data_dir, batch_size, device, progress, amp, data)
     finally:
         if progress is not None:
             progress.stop()
@@ -134,6 +136,7 @@ def prune(
     force: Annotated[bool, typer.Option("--force", help="Overwrite OUT (and its .toml) if they exist.")] = False,
     model: ModelOpt = None,
     num_classes: NumClassesOpt = None,
+    data: DataOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """One-shot magnitude pruning with the training engine: unstructured (global or uniform) or N:M.
@@ -146,7 +149,7 @@ def prune(
     from acdc_cli.commands.prune import prune_checkpoint
 
     result = prune_checkpoint(checkpoint, out, sparsity, structure, scope, include, exclude, force, model,
-                              num_classes)
+                              num_classes, data)
     if as_json:
         print_json(result.as_dict(), PRUNE_SCHEMA)
         return

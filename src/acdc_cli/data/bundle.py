@@ -1,4 +1,5 @@
-"""TODO docstring
+"""What every dataset hands a run (the DataBundle of loaders), its validation split, and what a model must take to be
+evaluated on it.
 """
 
 from __future__ import annotations
@@ -57,6 +58,34 @@ def input_shape(data_name: str, model_name: str) -> tuple[int, int, int]:
 
     entry, _ = lookup(model_name)  # synthetic images come at the model's own input size
     return entry.in_channels, entry.input_size, entry.input_size
+
+
+# classes of the datasets whose class count is known without reading them (an ImageFolder tree has as many as folders)
+KNOWN_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
+
+
+def check_model_fits(model: torch.nn.Module, shape: tuple[int, int, int], num_classes: int | None,
+                     device: torch.device | str, source: str, data_name: str) -> None:
+    """One line naming both sides when ``model`` cannot take the dataset's images of ``shape`` (channels, input size)
+    or predicts another number of classes than ``num_classes`` (None: not known yet); found with one forward pass of a
+    single blank image, so any model (ONNX Runtime too) is checked the way it will be used."""
+    c, h, w = shape
+    data = f"data.name '{data_name}' ({c}x{h}x{w} images" + (f", {num_classes} classes)" if num_classes else ")")
+    hint = "name the data the model was trained on with --data NAME (and --data-dir PATH)"
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros((1, c, h, w), device=device))
+    except AcdcError:
+        raise
+    except Exception as exc:  # torch's shape errors are RuntimeErrors, ONNX Runtime's are its own types
+        text = str(exc).strip()
+        reason = text.splitlines()[0][:200] if text else exc.__class__.__name__
+        raise AcdcError(f"the model of {source} does not take the images of {data}: {reason}; {hint}") from None
+    finally:
+        model.train(was_training)
+    if out.ndim != 2 or (num_classes is not None and out.shape[1] != num_classes):
+        raise AcdcError(f"the model of {source} predicts {out.shape[-1]} classes, but {data}; {hint}")
 
 
 def model_input(arch: str, model_kwargs: dict[str, Any], input_size: int | None) -> tuple[int, int]:
