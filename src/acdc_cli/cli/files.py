@@ -16,6 +16,7 @@ from acdc_cli.cli.common import (
     JsonOpt,
     ModelOpt,
     NumClassesOpt,
+    complete_from,
     err_console,
     out_console,
     print_json,
@@ -23,6 +24,9 @@ from acdc_cli.cli.common import (
 )
 from acdc_cli.errors import AcdcError
 from acdc_cli.schemas import INSPECT_SCHEMA, PRUNE_SCHEMA
+
+# what --format completes to, spelled here so that completing does not import torch (a test holds it to export's)
+EXPORT_FORMATS = ("sparse-24-bitmask", "sparse-bitmask", "dense", "onnx")
 
 
 @user_errors
@@ -36,7 +40,7 @@ def eval_cmd(
         typer.Option("--data-dir", "-d", help="Dataset folder (default: the one saved in the checkpoint; digits need none)."),
     ] = None,
     split: Annotated[
-        Optional[str], typer.Option("--split", help="val (held out of the training split) or test (default: the "
+        Optional[str], typer.Option("--split", autocompletion=complete_from(("val", "test")), help="val (held out of the training split) or test (default: the "
                                                     "split the run measured every epoch: val, or test for a run "
                                                     "with data.val_size = 0).")
     ] = None,
@@ -173,7 +177,8 @@ def export_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="The checkpoint to export.")],
     format_: Annotated[
         str,
-        typer.Option("--format", "-f", help="sparse-24-bitmask (2:4 weights), sparse-bitmask (any sparsity), dense "
+        typer.Option("--format", "-f", autocompletion=complete_from(EXPORT_FORMATS),
+                     help="sparse-24-bitmask (2:4 weights), sparse-bitmask (any sparsity), dense "
                                             "(a plain state dict, masks folded in) or onnx (for ONNX Runtime and "
                                             "TensorRT; needs the 'onnx' extra)."),
     ],

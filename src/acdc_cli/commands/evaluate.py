@@ -103,9 +103,9 @@ def eval_checkpoint(
         "format": source.format,
         "arch": source.arch,
         "preset": source.preset if isinstance(source.preset, str) else settings.preset,
-        "epoch": source.epoch,  # epochs completed, as the file's header counts them
-        # the number metrics.jsonl gives the last completed epoch (it counts from 0); null when none is
-        "last_epoch": source.epoch - 1 if isinstance(source.epoch, int) and source.epoch > 0 else None,
+        # epochs completed, as the file's header and acdc inspect count them (metrics.jsonl numbers the last of
+        # them epoch - 1): one name with one meaning in every file command's output
+        "epoch": source.epoch,
         "phase": source.phase,
         "split": split,
         "images": metrics["images"],
