@@ -319,6 +319,8 @@ def inspect_cmd(
     table.add_row("size", f"{_size(info['size_bytes'])}, {info['ratio_to_dense']:.3f} × the same stored dense "
                           f"({_size(info['dense_bytes'])})")
     table.add_row("FLOPs", escape(_flops_text(info["flops"], info["flops_note"])))
+    if info["kind"] != "state_dict":
+        table.add_row("preprocessing", escape(_preprocessing_text(info.get("preprocessing"))))
     console = out_console()
     console.print(table)
     if layers:
@@ -369,6 +371,21 @@ def _flops_text(flops: dict[str, Any] | None, note: str | None) -> str:
         return f"- ({note})"
     shape = "×".join(map(str, flops["input_shape"]))
     return f"{si(flops['sparse'])} per {shape} image, {flops['ratio']:.4f} × dense ({si(flops['dense'])})"
+
+
+def _preprocessing_text(pre: dict[str, Any] | None) -> str:
+    """A file's recorded preprocessing in one line: what a reader does to an image before the model sees it."""
+    if not pre:
+        return "not recorded (a file from before acdc recorded it, or a state dict pruned without --data)"
+    shape = "x".join(str(v) for v in pre.get("input_shape") or [])
+    resize = (f"shorter side to {pre['resize_shorter_side']}, centre {pre['center_crop']}x{pre['center_crop']}; "
+              if pre.get("resize_shorter_side") else "")
+
+    def numbers(values: Any) -> str:
+        return "[" + ", ".join(f"{v:.4f}" for v in values) + "]" if isinstance(values, list) else "not measured"
+
+    return (f"{shape} {pre.get('channel_order')} ({pre.get('dataset')}); {resize}pixels / 255, minus mean "
+            f"{numbers(pre.get('mean'))}, divided by std {numbers(pre.get('std'))}")
 
 
 def _epochs_done(epoch: Any) -> str:

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from acdc_cli.config import Settings, format_validation_error, merge_layer
 from acdc_cli.data.bundle import KNOWN_CLASSES, check_model_fits, input_shape
+from acdc_cli.data.preprocessing import preprocessing
 from acdc_cli.errors import AcdcError
 from acdc_cli.files.atomic import atomic_write_text, check_writable
 from acdc_cli.files.checkpoint import Checkpoint, build_model, save_checkpoint
@@ -117,10 +118,11 @@ def prune_checkpoint(
         raise AcdcError(f"--sparsity {sparsity:g} contradicts --structure {sp.structure}, which prunes {sp.target:g}")
 
     model = build_model(ckpt)
-    if ckpt.config or data_name is not None:
+    fits_checked = bool(ckpt.config) or data_name is not None
+    if fits_checked:
         d = settings.data
-        check_model_fits(model, input_shape(d.name, ckpt.arch), KNOWN_CLASSES.get(d.name), "cpu", str(source),
-                         d.name)
+        shape = input_shape(d.name, ckpt.arch, d.image_size)
+        check_model_fits(model, shape, KNOWN_CLASSES.get(d.name), "cpu", str(source), d.name)
     sparsifier = Sparsifier(model, sp.include, sp.exclude, sp.scope, sp.structure)
     sparsifier.compress(sp.target)
     stats = sparsifier.stats()
@@ -135,7 +137,9 @@ def prune_checkpoint(
         phase="sparse",
         # the source's metrics described other weights; eval measures these
         metrics={},
-        extra={**ckpt.extra, "kind": "prune", "pruned_from": source.name},
+        extra={**ckpt.extra, "kind": "prune", "pruned_from": source.name,
+               # a plain state dict pruned without --data does not say what its images are
+               "preprocessing": preprocessing(settings.model_dump(mode="json")) if fits_checked else None},
     )
     save_checkpoint(out, pruned)
     atomic_write_text(config_path, settings.to_toml())

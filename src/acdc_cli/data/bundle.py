@@ -27,13 +27,21 @@ class DataBundle:
 
 
 CROP, RESIZE = 224, 256
+SYNTHETIC_MEAN, SYNTHETIC_STD = 0.5, 0.29  # of uniform random uint8 pixels scaled to [0, 1]
+# per-channel (mean, std) of the pixels in [0, 1] of the datasets with fixed statistics: the reference's (and the
+# usual) CIFAR ones, and ImageNet's
+NORMALIZATION = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
 
 
 def selection_split(settings: Settings) -> str:
     """"val" when the run holds a validation split out of its training images; "test" for ``data.val_size = 0``,
     the paper's protocol: every training image trains, and the per-epoch metrics (``test_*``) and the choice of
     best_sparse / best_dense come from the test split."""
-    return "val" if settings.data.val_size else "test"
+    return "test" if settings.data.val_size == 0 else "val"  # None: a folder's own share, never 0
 
 
 def split_val(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,15 +54,22 @@ def split_val(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Ten
     return order[val_size:], order[:val_size]
 
 
-def input_shape(data_name: str, model_name: str) -> tuple[int, int, int]:
+def crop_sizes(image_size: int | None) -> tuple[int, int]:
+    """(crop, resize) of an ImageFolder pipeline: the crop side (224 unless data.image_size) and the shorter side
+    evaluation resizes to first, in the reference's 256:224 ratio."""
+    crop = image_size or CROP
+    return crop, round(crop * RESIZE / CROP)
+
+
+def input_shape(data_name: str, model_name: str, image_size: int | None = None) -> tuple[int, int, int]:
     """(channels, height, width) of the images a dataset feeds the model, known without reading any data: what FLOPs
     are counted at."""
     if data_name == "digits":
         return 1, 8, 8
     if data_name in ("cifar10", "cifar100"):
         return 3, 32, 32
-    if data_name == "imagenet":
-        return 3, CROP, CROP
+    if data_name in ("imagenet", "imagefolder"):
+        return 3, crop_sizes(image_size)[0], crop_sizes(image_size)[0]
 
     entry, _ = lookup(model_name)  # synthetic images come at the model's own input size
     return entry.in_channels, entry.input_size, entry.input_size
