@@ -96,3 +96,16 @@ def test_given_mean_and_std_are_used_as_they_are(tmp_path):
     assert "data.mean and data.std go together" in fails(["train", "--dry-run", "--set", "data.mean=[0.5]"])
     assert "data.std must be positive" in fails(["train", "--dry-run", "--set", "data.mean=[0.5]",
                                                  "--set", "data.std=[0]"])
+
+
+def test_a_resume_from_the_same_command_line_takes_the_measured_mean_and_std(tmp_path):
+    """The mean/std a run measured are in its recorded settings; the same command line again (which gives none) is
+    not a change, another mean is."""
+    from acdc_cli.training.resume import check_resume_settings
+
+    base = ["data.name='imagefolder'", f"data.dir='{tmp_path}'"]
+    recorded = load_settings(overrides=[*base, "data.mean=[0.4, 0.4, 0.4]", "data.std=[0.2, 0.2, 0.2]"])
+    check_resume_settings(recorded, load_settings(overrides=base), tmp_path)
+    with pytest.raises(AcdcError, match="cannot change data.mean"):
+        check_resume_settings(recorded, load_settings(overrides=[*base, "data.mean=[0.5, 0.4, 0.4]",
+                                                                 "data.std=[0.2, 0.2, 0.2]"]), tmp_path)
