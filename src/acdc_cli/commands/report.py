@@ -421,9 +421,33 @@ def _best_text(run: Run, best: dict[str, Any] | None) -> str:
     return "-" if best is None else f"{_pct(best[run.top1_key])} (epoch {best['epoch']})"
 
 
+def preset_text(settings) -> str:
+    """The preset a run is, or "-" with the preset it started from when its data or model are not the preset's: a
+    run on your own data is labelled by its data and model, not by the quickstart it began as."""
+    if not settings.preset:
+        return "-"
+    try:
+        preset = load_settings(preset=settings.preset)
+    except AcdcError:
+        return settings.preset
+    if (preset.data.name, preset.model.name) != (settings.data.name, settings.model.name):
+        return f"- (started from {settings.preset})"
+    return settings.preset
+
+
+def dataset_warning(runs: list[Run]) -> str | None:
+    """One line when the compared runs were not all trained on one dataset (their top-1 are not comparable)."""
+    names = sorted({run.settings.data.name for run in runs})
+    if len(names) < 2:
+        return None
+    return (f"the runs compared were trained on different datasets ({', '.join(names)}): their top-1 numbers are "
+            "not comparable")
+
+
 def summary_rows(runs: list[Run]) -> list[list[str]]:
     """The comparison table: one row per run."""
-    return [[run.label, run.settings.preset or "-", run.settings.model.name, run.settings.schedule.method,
+    return [[run.label, run.settings.data.name, run.settings.model.name, preset_text(run.settings),
+             run.settings.schedule.method,
              run.settings.sparsity.structure, _pct(run.target), f"{len(run.rows)} / {run.settings.schedule.epochs}",
              _best_text(run, run.best_sparse), _best_text(run, run.best_dense),
              _pct(run.paper_top1) + (" (not this experiment)" if run.paper_top1 is not None and run.paper_note
@@ -431,7 +455,7 @@ def summary_rows(runs: list[Run]) -> list[list[str]]:
             for run in runs]
 
 
-SUMMARY_HEADER = ["run", "preset", "model", "method", "structure", "target sparsity", "epochs done",
+SUMMARY_HEADER = ["run", "data", "model", "preset", "method", "structure", "target sparsity", "epochs done",
                   "best sparse top-1", "best dense top-1", "paper top-1"]
 
 
@@ -448,7 +472,7 @@ figure { margin: 1em 0; } img { max-width: 100%; } .note { color: #666; font-siz
 def _run_section(run: Run, images: list[tuple[Path, str]], notes: list[str]) -> str:
     s = run.settings
     settings_rows = [
-        ["run dir", str(run.path)], ["preset", s.preset or "-"], ["model", s.model.name],
+        ["run dir", str(run.path)], ["preset", preset_text(s)], ["model", s.model.name],
         ["dataset", f"{s.data.name} ({s.data.val_size} training images held out for validation)" if s.data.val_size
          else f"{s.data.name} (no validation split: top-1 on the test split)"],
         ["method", f"{s.schedule.method}, {s.sparsity.structure}, {s.sparsity.scope}, target {_pct(run.target)}"],
@@ -475,11 +499,12 @@ class Report:
     path: Path  # report.html
     figures: list[Path]
     runs: list[Run]
+    warning: str | None = None  # the runs compared do not share a dataset
 
     def as_dict(self) -> dict[str, Any]:
         """What ``acdc report --json`` prints (besides its schema): the files and the comparison table."""
         return {"report": str(self.path), "files": [str(self.path), *map(str, self.figures)],
-                "runs": [r.as_dict() for r in self.runs]}
+                "runs": [r.as_dict() for r in self.runs], "warning": self.warning}
 
 
 def write_report(run_dirs: list[Path], out: Path | None = None) -> Report:
@@ -524,6 +549,7 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Report:
         files += run.files
         sections.append(_run_section(run, images, notes))
 
+    warning = dataset_warning(runs)
     metric_note = ("Top-1 is measured on the validation images held out of the training split (test top-1 where a "
                    "run holds none out); the paper reports test top-1.")
     page = "\n".join([
@@ -533,6 +559,7 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Report:
         f"<h1>acdc report: {len(runs)} run{'s' if len(runs) > 1 else ''}</h1>",
         f'<p class="note">acdc {html.escape(__version__)}. {html.escape(metric_note)} Compressed phases are shaded '
         "orange.</p>",
+        *([f'<p class="note"><strong>warning:</strong> {html.escape(warning)}</p>'] if warning else []),
         _table(SUMMARY_HEADER, summary_rows(runs)),
         *sections,
         "</body></html>",
@@ -540,4 +567,4 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Report:
     report = out / "report.html"
 
     atomic_write_text(report, page + "\n")
-    return Report(report, files, runs)
+    return Report(report, files, runs, warning)
