@@ -386,6 +386,20 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in presets_dir().glob("*.toml"))
 
 
+def preset_label(settings: Settings) -> str:
+    """The preset a run is, for reports and TensorBoard: its name when the run trains the preset's data and model;
+    otherwise "-", with the preset it started from (a run on your own folder is not "quickstart")."""
+    if not settings.preset:
+        return "-"
+    try:
+        preset = load_settings(preset=settings.preset)
+    except AcdcError:
+        return settings.preset
+    if (preset.data.name, preset.model.name) != (settings.data.name, settings.model.name):
+        return f"- (started from {settings.preset})"
+    return settings.preset
+
+
 def read_toml(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from acdc_cli.config import Settings, format_validation_error, load_settings, read_toml
+from acdc_cli.config import Settings, format_validation_error, load_settings, preset_label, read_toml
 from acdc_cli.errors import AcdcError
 from acdc_cli.files.atomic import atomic_write_text
 from acdc_cli.files.checkpoint import load_checkpoint
@@ -421,20 +421,6 @@ def _best_text(run: Run, best: dict[str, Any] | None) -> str:
     return "-" if best is None else f"{_pct(best[run.top1_key])} (epoch {best['epoch']})"
 
 
-def preset_text(settings) -> str:
-    """The preset a run is, or "-" with the preset it started from when its data or model are not the preset's: a
-    run on your own data is labelled by its data and model, not by the quickstart it began as."""
-    if not settings.preset:
-        return "-"
-    try:
-        preset = load_settings(preset=settings.preset)
-    except AcdcError:
-        return settings.preset
-    if (preset.data.name, preset.model.name) != (settings.data.name, settings.model.name):
-        return f"- (started from {settings.preset})"
-    return settings.preset
-
-
 def dataset_warning(runs: list[Run]) -> str | None:
     """One line when the compared runs were not all trained on one dataset (their top-1 are not comparable)."""
     names = sorted({run.settings.data.name for run in runs})
@@ -446,7 +432,7 @@ def dataset_warning(runs: list[Run]) -> str | None:
 
 def summary_rows(runs: list[Run]) -> list[list[str]]:
     """The comparison table: one row per run."""
-    return [[run.label, run.settings.data.name, run.settings.model.name, preset_text(run.settings),
+    return [[run.label, run.settings.data.name, run.settings.model.name, preset_label(run.settings),
              run.settings.schedule.method,
              run.settings.sparsity.structure, _pct(run.target), f"{len(run.rows)} / {run.settings.schedule.epochs}",
              _best_text(run, run.best_sparse), _best_text(run, run.best_dense),
@@ -472,7 +458,7 @@ figure { margin: 1em 0; } img { max-width: 100%; } .note { color: #666; font-siz
 def _run_section(run: Run, images: list[tuple[Path, str]], notes: list[str]) -> str:
     s = run.settings
     settings_rows = [
-        ["run dir", str(run.path)], ["preset", preset_text(s)], ["model", s.model.name],
+        ["run dir", str(run.path)], ["preset", preset_label(s)], ["model", s.model.name],
         ["dataset", f"{s.data.name} ({s.data.val_size} training images held out for validation)" if s.data.val_size
          else f"{s.data.name} (no validation split: top-1 on the test split)"],
         ["method", f"{s.schedule.method}, {s.sparsity.structure}, {s.sparsity.scope}, target {_pct(run.target)}"],
