@@ -18,12 +18,13 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 
+from acdc_cli.config import preset_label
 from acdc_cli.errors import AcdcError
 from acdc_cli.files.atomic import atomic_write_bytes, atomic_write_text
 from acdc_cli.files.jsonio import finite_number, json_line, read_rows
 
 if TYPE_CHECKING:
-    from acdc_cli.config import Settings, preset_label
+    from acdc_cli.config import Settings
 
 
 # console columns: key, header, width, format (a run without a validation split shows test_* under "te.*")
