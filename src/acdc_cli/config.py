@@ -29,6 +29,9 @@ MAX_SYNTHETIC_SIZE = 1_000_000  # synthetic images per split
 MAX_WORKERS = 256  # loader worker processes
 MAX_THREADS = 1024  # torch CPU threads (torch crashes at exit with ~10**5)
 MAX_CONFIG_BYTES = 2**20  # a --config file (the presets are 1-3 kB)
+DEFAULT_VAL_SIZE = 270  # held-out images of a dataset whose size is known (the digits' test split is as large)
+# what a layer states for one dataset, which a layer above naming another dataset drops (merge_layer)
+DATASET_SPECIFIC = ("val_size", "image_size", "mean", "std")
 
 
 class _Section(BaseModel):
@@ -38,8 +41,9 @@ class _Section(BaseModel):
 
 
 class DataSettings(_Section):
-    name: Literal["digits", "cifar10", "cifar100", "imagenet", "synthetic"] = Field(
-        "digits", description="dataset: digits (ships with scikit-learn), cifar10, cifar100, imagenet, synthetic"
+    name: Literal["digits", "cifar10", "cifar100", "imagenet", "imagefolder", "synthetic"] = Field(
+        "digits", description="dataset: digits (ships with scikit-learn), cifar10, cifar100, imagenet, imagefolder "
+        "(your own <dir>/train/<class>/<image> and <dir>/val/<class>/<image>), synthetic"
     )
     dir: Path | None = Field(None, description="dataset root folder (not needed for digits/synthetic); stored absolute")
     batch_size: int = Field(
@@ -48,10 +52,22 @@ class DataSettings(_Section):
     eval_batch_size: int = Field(
         512, gt=0, le=MAX_BATCH_SIZE, description="batch size for validation and test passes"
     )
-    val_size: int = Field(
-        270, ge=0, description="images held out of the training split for per-epoch validation and model selection "
+    val_size: int | None = Field(
+        None, ge=0, description="images held out of the training split for per-epoch validation and model selection "
         "(0: every training image trains; per-epoch metrics and model selection use the test split, as the paper's "
-        "runs)"
+        "runs; None: a tenth of the training images for imagefolder, 270 for the other datasets)"
+    )
+    image_size: int | None = Field(
+        None, ge=8, le=4096, description="imagenet/imagefolder: side of the square training crop and evaluation centre "
+        "crop in pixels (evaluation resizes the shorter side to 8/7 of it first); None: 224"
+    )
+    mean: list[float] | None = Field(
+        None, min_length=1, max_length=3, description="imagenet/imagefolder: per-channel mean of the pixels in [0, 1] "
+        "(None: ImageNet's for imagenet; measured from the training split for imagefolder and recorded here)"
+    )
+    std: list[float] | None = Field(
+        None, min_length=1, max_length=3, description="imagenet/imagefolder: per-channel standard deviation of the "
+        "pixels in [0, 1], as data.mean"
     )
     augment: bool = Field(True, description="dataset's standard training augmentation (crop + flip)")
     random_labels: int = Field(0, ge=0, description="memorization: this many training images get random labels")
@@ -83,6 +99,20 @@ class DataSettings(_Section):
         0.0, ge=0, le=100, description="cutmix: Beta(alpha, alpha) area kept of each image (0: off; with mixup on too, "
         "each batch uses one of the two, chosen with even odds)"
     )
+
+    @model_validator(mode="after")
+    def _dataset_defaults(self) -> DataSettings:
+        # a fixed held-out split suits a dataset of known size; a folder of your own gets one sized from it
+        if self.val_size is None and self.name != "imagefolder":
+            object.__setattr__(self, "val_size", DEFAULT_VAL_SIZE)
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("data.mean and data.std go together: give both, or neither")
+        if self.mean is not None and self.std is not None:
+            if len(self.mean) != len(self.std):
+                raise ValueError(f"data.mean has {len(self.mean)} values but data.std {len(self.std)}")
+            if min(self.std) <= 0:
+                raise ValueError("data.std must be positive")
+        return self
 
     @field_validator("dir")
     @classmethod
@@ -492,6 +522,20 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in presets_dir().glob("*.toml"))
 
 
+def preset_label(settings: Settings) -> str:
+    """The preset a run is, for reports and TensorBoard: its name when the run trains the preset's data and model;
+    otherwise "-", with the preset it started from (a run on your own folder is not "quickstart")."""
+    if not settings.preset:
+        return "-"
+    try:
+        preset = load_settings(preset=settings.preset)
+    except AcdcError:
+        return settings.preset
+    if (preset.data.name, preset.model.name) != (settings.data.name, settings.model.name):
+        return f"- (started from {settings.preset})"
+    return settings.preset
+
+
 def read_toml(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:
@@ -552,12 +596,18 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 def merge_layer(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     """``top`` over ``base``. A layer that sets ``sparsity.structure`` without a target also drops the target of the
-    layers below: that target was stated for another structure, and an N:M structure implies its own."""
+    layers below: that target was stated for another structure, and an N:M structure implies its own. Likewise a
+    layer that names another ``data.name`` drops the held-out size, image size and mean/std stated below for the
+    dataset it replaces (the quickstart's 270 validation images do not fit a folder of 72)."""
     top_rules = top.get("sparsity")
     base_rules = base.get("sparsity")
     if (isinstance(top_rules, dict) and "structure" in top_rules and "target" not in top_rules
             and isinstance(base_rules, dict) and "target" in base_rules):
         base = {**base, "sparsity": {k: v for k, v in base_rules.items() if k != "target"}}
+    top_data, base_data = top.get("data"), base.get("data")
+    if (isinstance(top_data, dict) and isinstance(base_data, dict) and "name" in top_data
+            and top_data["name"] != base_data.get("name", "digits")):
+        base = {**base, "data": {k: v for k, v in base_data.items() if k not in DATASET_SPECIFIC}}
     return _deep_merge(base, top)
 
 

@@ -14,7 +14,7 @@ PRUNE_SCHEMA = "acdc.prune/1"
 
 INSPECT_SCHEMA = "acdc.inspect/1"
 
-EVAL_SCHEMA = "acdc.eval/1"
+EVAL_SCHEMA = "acdc.eval/2"  # /2: last_epoch went (epoch - 1)
 
 EXPORT_SCHEMA = "acdc.export/1"  # every format, onnx included
 

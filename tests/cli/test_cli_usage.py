@@ -114,3 +114,33 @@ def test_help_paragraphs_are_reflowed_not_broken_at_the_docstring_lines():
     lines = [line for line in result.stdout.splitlines() if "follow compressed-tensors" in line]
     assert len(lines) == 1 and "which torchvision loads. Prints the mask statistics and the size against a dense " \
                                "export." in lines[0], result.stdout
+
+
+def test_help_shows_flags_as_flags_and_repeatable_options_as_repeatable():
+    prune_help = " ".join(invoke("prune", "--help", env={"COLUMNS": "200"}).stdout.split())
+    train_help = " ".join(invoke("train", "--help", env={"COLUMNS": "200"}).stdout.split())
+    assert "<bool>" not in prune_help + train_help
+    assert "--force Overwrite OUT" in prune_help and "--dry-run Print the resolved" in train_help
+    assert "--set -s KEY=VALUE ... Override one setting" in train_help
+    assert "--include <str> ... Glob over module names" in prune_help
+
+
+def test_shell_completion_offers_presets_export_formats_and_splits():
+    from typer.testing import CliRunner
+
+    from acdc_cli.cli import files
+    from acdc_cli.cli.app import app
+    from acdc_cli.cli.common import complete_preset
+    from acdc_cli.config import preset_names
+    from acdc_cli.files.export import FORMATS
+
+    assert complete_preset("") == preset_names() and "quickstart" in complete_preset("quick")
+    assert all(name.startswith("wrn-cifar100") for name in complete_preset("wrn-cifar100"))
+    assert set(files.EXPORT_FORMATS) == {*FORMATS, "onnx"}
+    # what bash completion prints for the words typed so far
+    for words, offered in (("acdc export x --format sparse", ["sparse-24-bitmask", "sparse-bitmask"]),
+                           ("acdc eval x --split ", ["val", "test"]),
+                           ("acdc presets show quick", ["quickstart"])):
+        env = {"_ACDC_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(len(words.split(" ")) - 1)}
+        result = CliRunner(env=env).invoke(app, [], prog_name="acdc")
+        assert result.stdout.split() == offered, (words, result.stdout)

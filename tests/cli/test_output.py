@@ -90,7 +90,7 @@ def test_every_json_output_names_its_schema(quickstart_run, quickstart_24, tmp_p
     assert quickstart_24[1]["schema"] == "acdc.prune/1"
     best = quickstart_run / "best_sparse.safetensors"
     assert invoke_json("inspect", best)["schema"] == "acdc.inspect/1"
-    assert invoke_json("eval", best)["schema"] == "acdc.eval/1"
+    assert invoke_json("eval", best)["schema"] == "acdc.eval/2"
     assert invoke_json("export", best, "-f", "sparse-bitmask", "-o", tmp_path / "e.safetensors")["schema"] == \
         "acdc.export/1"
     # one line each, schema first, so `head -c` or a line reader sees it at once

@@ -142,3 +142,34 @@ def test_unwritable_output_folder_is_one_line(quickstart_run, command):
     source = quickstart_run / "best_sparse.safetensors"
     args = ["--sparsity", "0.5"] if command == "prune" else ["--format", "dense"]
     assert "cannot write" in fails([command, source, *args, "-o", "/proc/acdc-out.safetensors"])
+
+
+def test_a_plain_state_dict_pruned_with_data_records_it_and_evaluates_on_it(tmp_path):
+    """A 3-channel model pruned from a plain state dict: the recorded data.name follows --data, eval of a file whose
+    data does not fit its model is one line (exit 2), and a mismatch named at prune is refused before writing."""
+    torch.manual_seed(0)
+    from acdc_cli.models import create
+
+    plain = tmp_path / "plain.pt"
+    torch.save(create("tiny-test", num_classes=10, in_channels=3).state_dict(), plain)
+    base = [plain, "--model", "tiny-test", "--num-classes", "10", "--sparsity", "0.5"]
+    # no --data: the default (digits, 1 channel) is recorded, and eval says in one line what does not fit
+    invoke_json("prune", *base, "-o", tmp_path / "digits.safetensors")
+    line = fails(["eval", tmp_path / "digits.safetensors", *PINNED[:2]])
+    assert "does not take the images of data.name 'digits' (1x8x8 images, 10 classes)" in line
+    assert "--data NAME" in line
+    # --data synthetic (3 channels at the model's input size) is recorded and evaluated on
+    out = tmp_path / "synthetic.safetensors"
+    invoke_json("prune", *base, "--data", "synthetic", "-o", out)
+    assert load_checkpoint(out).config["data"]["name"] == "synthetic"
+    result = invoke_json("eval", out, "--device", "cpu")
+    assert result["images"] == 128 and result["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    # eval --data overrides what the file records: the digits-recorded file evaluates on synthetic data too
+    again = invoke_json("eval", tmp_path / "digits.safetensors", "--data", "synthetic", "--device", "cpu")
+    assert again["top1"] == result["top1"] and again["loss"] == result["loss"]
+    # a mismatch named at prune: channels, and classes, each one line with nothing written
+    refused = tmp_path / "refused.safetensors"
+    assert "1x8x8 images" in fails(["prune", *base, "--data", "digits", "-o", refused])
+    assert "predicts 10 classes, but data.name 'cifar100'" in fails(["prune", *base, "--data", "cifar100", "-o",
+                                                                      refused])
+    assert not refused.exists() and not refused.with_suffix(".toml").exists()

@@ -209,3 +209,27 @@ def test_long_runs_are_plotted_decimated_and_say_so(half_sparse, tmp_path, monke
     report = invoke_json("report", half_sparse, "-o", tmp_path / "out")
     assert report["runs"][0]["epochs_done"] == 6
     assert "6 rows: the charts plot every 2-th of them" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_runs_are_labelled_by_data_and_model_and_a_mixed_comparison_is_warned(quickstart_run, tmp_path):
+    """A run that started from the quickstart but trains other data and model is not labelled "quickstart"; a report
+    over runs on different datasets says their top-1 are not comparable, in the page, in --json and on stderr."""
+    other = tmp_path / "synthetic-run"
+    result = invoke("train", "--out", other, *short_schedule(2, 1, 1, 1, 1, 0, "data.name=synthetic",
+                                                             "model.name=tiny-test", "data.synthetic_size=64",
+                                                             "data.batch_size=16"))
+    assert result.exit_code == 0, result.output
+    result = invoke("report", quickstart_run, other, "--out", tmp_path / "report", "--json")
+    assert result.exit_code == 0, result.output
+    assert "warning: the runs compared were trained on different datasets (digits, synthetic)" in result.stderr
+    data = json.loads(result.stdout)
+    assert data["warning"].startswith("the runs compared were trained on different datasets")
+    rows = {row[0]: dict(zip(report_mod.SUMMARY_HEADER, row)) for row in report_mod.summary_rows([report_mod.read_run(quickstart_run, "q"),
+                                                                          report_mod.read_run(other, "s")])}
+    assert (rows["q"]["data"], rows["q"]["model"], rows["q"]["preset"]) == ("digits", "digits-cnn", "quickstart")
+    assert (rows["s"]["data"], rows["s"]["model"], rows["s"]["preset"]) == ("synthetic", "tiny-test",
+                                                                           "- (started from quickstart)")
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "different datasets (digits, synthetic)" in page
+    single = invoke("report", quickstart_run, "--out", tmp_path / "one", "--json")
+    assert single.exit_code == 0 and json.loads(single.stdout)["warning"] is None and "warning" not in single.stderr

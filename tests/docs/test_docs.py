@@ -50,6 +50,8 @@ RULES: list[tuple[str, str]] = [
     (r"pytest$", ".ci/run"),
     (r"pytest -m slow$", ".ci/run"),
     (r"pip install -e '\.\[dev\]'$", ".ci/run"),
+    (r"acdc (train|eval|export) (--set data\.name=imagefolder --data-dir my_images |runs/mine/)",
+     "tests/data/test_own_folder.py::test_the_readme_trains_evaluates_and_exports_a_folder_of_your_own"),
     (r"pytest -m gpu$", "tests/commands/test_bench.py::test_gpu_check_script_rehearses_on_the_cpu"),
     (r"pytest -m interop$", "tests/files/test_export.py::test_compressed_tensors_decompresses_rows_bit_exactly"),
     (r"acdc train --dry-run > my\.toml && acdc train --config my\.toml$", "here"),

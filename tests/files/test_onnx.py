@@ -231,3 +231,46 @@ def test_resnet50_2_4_prune_exports_to_onnx(tmp_path):
     assert len(ckpt.masks) == 53  # every conv but the 3-channel stem, and fc
     for name, mask in ckpt.masks.items():
         assert (stored[name][~mask.numpy()] == 0).all() and two_of_four_along_input_channels(stored[name]), name
+
+
+def test_the_metadata_preprocessing_alone_gives_acdc_evals_logits(quickstart_run, tmp_path):
+    """A reader with only the ONNX file: the raw uint8 test images, prepared as its metadata says (shape, channel
+    order, /255, mean, std) and run on ONNX Runtime, give the logits acdc eval computes, and its top-1."""
+    from acdc_cli import data as data_mod
+    from acdc_cli.config import load_settings
+    from acdc_cli.data import digits
+    from acdc_cli.files.open import open_any
+
+    out = tmp_path / "model.onnx"
+    export_json(quickstart_run / "best_sparse.safetensors", "--out", out)
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    pre = json.loads(meta["preprocessing"])
+    assert pre["input_shape"] == [1, 8, 8] and pre["channel_order"] == "gray" and pre["resize_shorter_side"] is None
+    # the checkpoint and acdc inspect carry the same record
+    ckpt_meta = json.loads(invoke("inspect", quickstart_run / "best_sparse.safetensors", "--json").stdout)
+    assert ckpt_meta["preprocessing"] == pre
+
+    # acdc eval's logits: its own loader over the test split, through the same ONNX session
+    opened = open_any(out)
+    settings = load_settings(base=opened.config, flags={"runtime.device": "cpu"})
+    bundle = data_mod.build(settings, torch.device("cpu"))
+    model = opened.model()
+    batches = list(bundle.test)
+    acdc_logits = torch.cat([model(x) for x, _ in batches]).numpy()
+    labels = torch.cat([y for _, y in batches]).numpy()
+
+    # the reader's: raw pixels of the same images, prepared from the metadata only
+    images, all_labels = digits.load()
+    _, test = digits.split_test(len(all_labels))
+    assert np.array_equal(all_labels[test].numpy(), labels)
+    raw = images[test].numpy().astype(np.float32)  # uint8 (N, 1, 8, 8) as stored
+    mean = np.asarray(pre["mean"], np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(pre["std"], np.float32).reshape(1, -1, 1, 1)
+    prepared = (raw * np.float32(pre["pixel_scale"]) - mean) / std
+    assert list(prepared.shape[1:]) == pre["input_shape"]
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    reader_logits = sess.run(None, {sess.get_inputs()[0].name: prepared.astype(np.float32)})[0]
+    np.testing.assert_allclose(reader_logits, acdc_logits, atol=1e-4, rtol=1e-4)
+    top1 = float((reader_logits.argmax(1) == labels).mean())
+    evaluated = json.loads(invoke("eval", out, "--split", "test", "--json").stdout)
+    assert evaluated["top1"] == top1 and top1 > 0.8

@@ -12,10 +12,26 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperOption
 
 from acdc_cli.errors import AcdcError, one_line
 
 _state = {"debug": False}
+
+
+def _option_type(self: TyperOption, ctx: Any) -> str | None:
+    # this Typer prints a type beside every option, so --force read as "--force <bool>" (as if it took a value) and
+    # --set as "<list[str]>": a flag shows none, a repeatable option its value once, marked repeatable
+    if self.is_flag:
+        return None
+    shown = _typer_option_type(self, ctx)
+    if self.multiple and shown:
+        return (shown.replace("<list[", "<", 1).replace("]>", ">") if shown.startswith("<list[") else shown) + " ..."
+    return shown
+
+
+_typer_option_type = TyperOption.display_type_rich
+TyperOption.display_type_rich = _option_type
 
 
 def set_debug(debug: bool) -> None:
@@ -87,8 +103,27 @@ def user_errors(func):
     return wrapper
 
 
+def complete_from(values: Any):
+    """A shell-completion callback offering ``values`` (a tuple, or a function returning them) that start with what
+    has been typed."""
+
+    def complete(incomplete: str) -> list[str]:
+        return [v for v in (values() if callable(values) else values) if v.startswith(incomplete)]
+
+    return complete
+
+
+def _preset_names() -> list[str]:
+    from acdc_cli.config import preset_names
+
+    return preset_names()
+
+
+complete_preset = complete_from(_preset_names)
+
+
 PresetOpt = Annotated[
-    Optional[str], typer.Option("--preset", "-p", help="Preset name from presets/ (default: quickstart).")
+    Optional[str], typer.Option("--preset", "-p", autocompletion=complete_preset, help="Preset name from presets/ (default: quickstart).")
 ]
 
 
@@ -97,7 +132,7 @@ ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="A TOM
 
 SetOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--set", "-s", help="Override one setting, e.g. --set optim.lr=0.02 (repeatable; value read as TOML)."),
+    typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override one setting, e.g. --set optim.lr=0.02 (repeatable; value read as TOML)."),
 ]
 
 
@@ -108,6 +143,13 @@ ModelOpt = Annotated[
     Optional[str],
     typer.Option("--model", help="For a plain state dict (.safetensors or a torch file): the model it belongs to, "
                  "e.g. torchvision:resnet18 (with --num-classes)."),
+]
+
+
+DataOpt = Annotated[
+    Optional[str],
+    typer.Option("--data", help="The dataset the model takes (data.name: digits, cifar10, cifar100, imagenet, "
+                 "imagefolder, synthetic); default: the one the file records."),
 ]
 
 

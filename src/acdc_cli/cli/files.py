@@ -12,9 +12,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from acdc_cli.cli.common import (
+    DataOpt,
     JsonOpt,
     ModelOpt,
     NumClassesOpt,
+    complete_from,
     err_console,
     out_console,
     print_json,
@@ -22,6 +24,9 @@ from acdc_cli.cli.common import (
 )
 from acdc_cli.errors import AcdcError
 from acdc_cli.schemas import INSPECT_SCHEMA, PRUNE_SCHEMA
+
+# what --format completes to, spelled here so that completing does not import torch (a test holds it to export's)
+EXPORT_FORMATS = ("sparse-24-bitmask", "sparse-bitmask", "dense", "onnx")
 
 
 @user_errors
@@ -35,7 +40,7 @@ def eval_cmd(
         typer.Option("--data-dir", "-d", help="Dataset folder (default: the one saved in the checkpoint; digits need none)."),
     ] = None,
     split: Annotated[
-        Optional[str], typer.Option("--split", help="val (held out of the training split) or test (default: the "
+        Optional[str], typer.Option("--split", autocompletion=complete_from(("val", "test")), help="val (held out of the training split) or test (default: the "
                                                     "split the run measured every epoch: val, or test for a run "
                                                     "with data.val_size = 0).")
     ] = None,
@@ -47,6 +52,7 @@ def eval_cmd(
                                                     "runtime.amp (bf16 when off); --fp32: fp32 (default: the run's "
                                                     "runtime.eval_precision, fp32 unless it said amp; the CPU always "
                                                     "runs fp32).")] = None,
+    data: DataOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Top-1, top-5 and loss of a checkpoint or export as saved, beside the paper's number when comparable.
@@ -77,7 +83,7 @@ def eval_cmd(
                             TimeRemainingColumn(), console=console, transient=True)
         progress.start()
     try:
-        result = eval_checkpoint(checkpoint, split, data_dir, batch_size, device, progress, amp)
+        result = eval_checkpoint(checkpoint, split, data_dir, batch_size, device, progress, amp, data)
     finally:
         if progress is not None:
             progress.stop()
@@ -138,6 +144,7 @@ def prune(
     force: Annotated[bool, typer.Option("--force", help="Overwrite OUT (and its .toml) if they exist.")] = False,
     model: ModelOpt = None,
     num_classes: NumClassesOpt = None,
+    data: DataOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """One-shot magnitude pruning with the training engine: unstructured (global or uniform) or N:M.
@@ -150,7 +157,7 @@ def prune(
     from acdc_cli.commands.prune import prune_checkpoint
 
     result = prune_checkpoint(checkpoint, out, sparsity, structure, scope, include, exclude, force, model,
-                              num_classes)
+                              num_classes, data)
     if as_json:
         print_json(result.as_dict(), PRUNE_SCHEMA)
         return
@@ -174,7 +181,8 @@ def export_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="The checkpoint to export.")],
     format_: Annotated[
         str,
-        typer.Option("--format", "-f", help="sparse-24-bitmask (2:4 weights), sparse-bitmask (any sparsity), dense "
+        typer.Option("--format", "-f", autocompletion=complete_from(EXPORT_FORMATS),
+                     help="sparse-24-bitmask (2:4 weights), sparse-bitmask (any sparsity), dense "
                                             "(a plain state dict, masks folded in) or onnx (for ONNX Runtime and "
                                             "TensorRT; needs the 'onnx' extra)."),
     ],
@@ -315,6 +323,8 @@ def inspect_cmd(
     table.add_row("size", f"{_size(info['size_bytes'])}, {info['ratio_to_dense']:.3f} × the same stored dense "
                           f"({_size(info['dense_bytes'])})")
     table.add_row("FLOPs", escape(_flops_text(info["flops"], info["flops_note"])))
+    if info["kind"] != "state_dict":
+        table.add_row("preprocessing", escape(_preprocessing_text(info.get("preprocessing"))))
     console = out_console()
     console.print(table)
     if layers:
@@ -365,6 +375,21 @@ def _flops_text(flops: dict[str, Any] | None, note: str | None) -> str:
         return f"- ({note})"
     shape = "×".join(map(str, flops["input_shape"]))
     return f"{si(flops['sparse'])} per {shape} image, {flops['ratio']:.4f} × dense ({si(flops['dense'])})"
+
+
+def _preprocessing_text(pre: dict[str, Any] | None) -> str:
+    """A file's recorded preprocessing in one line: what a reader does to an image before the model sees it."""
+    if not pre:
+        return "not recorded (a file from before acdc recorded it, or a state dict pruned without --data)"
+    shape = "x".join(str(v) for v in pre.get("input_shape") or [])
+    resize = (f"shorter side to {pre['resize_shorter_side']}, centre {pre['center_crop']}x{pre['center_crop']}; "
+              if pre.get("resize_shorter_side") else "")
+
+    def numbers(values: Any) -> str:
+        return "[" + ", ".join(f"{v:.4f}" for v in values) + "]" if isinstance(values, list) else "not measured"
+
+    return (f"{shape} {pre.get('channel_order')} ({pre.get('dataset')}); {resize}pixels / 255, minus mean "
+            f"{numbers(pre.get('mean'))}, divided by std {numbers(pre.get('std'))}")
 
 
 def _epochs_done(epoch: Any) -> str:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from acdc_cli.cli.common import UNBOUNDED_WIDTH, JsonOpt, SetOpt, out_console, print_json, user_errors
+from acdc_cli.cli.common import UNBOUNDED_WIDTH, JsonOpt, SetOpt, complete_preset, out_console, print_json, user_errors
 from acdc_cli.schemas import PRESETS_SCHEMA, RESOLVED_SCHEMA
 
 presets_app = typer.Typer(help="List the presets, or show one resolved with its phase timeline.")
@@ -79,7 +79,7 @@ def presets_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 @presets_app.command("show")
 @user_errors
 def presets_show(
-    name: Annotated[str, typer.Argument(help="Preset name.")],
+    name: Annotated[str, typer.Argument(autocompletion=complete_preset, help="Preset name.")],
     set_: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:

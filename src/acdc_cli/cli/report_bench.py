@@ -43,6 +43,8 @@ def report(
     from acdc_cli.commands.report import SUMMARY_HEADER, summary_rows, write_report
 
     result = write_report(run_dirs, out)
+    if result.warning:
+        err_console(markup=False).print(f"warning: {result.warning}", highlight=False)
     if as_json:
         print_json(result.as_dict(), REPORT_SCHEMA)
         return

@@ -13,7 +13,7 @@ from rich.progress import Progress
 from acdc_cli import data as data_mod
 from acdc_cli.commands.inspect_file import file_flops
 from acdc_cli.config import load_settings
-from acdc_cli.data.bundle import selection_split
+from acdc_cli.data.bundle import check_model_fits, selection_split
 from acdc_cli.errors import AcdcError
 from acdc_cli.files.open import CHECKPOINT, EXPORT, ONNX, open_any
 from acdc_cli.paper import paper_reference
@@ -40,11 +40,16 @@ def eval_checkpoint(
     device: str | None = None,
     progress: Progress | None = None,
     amp: bool | None = None,
+    data_name: str | None = None,
 ) -> dict[str, Any]:
     """Top-1 / top-5 / loss of a checkpoint's or export's weights as saved, on its own dataset rebuilt from its saved
     settings, in the precision the run evaluated in (its runtime.eval_precision: fp32 unless it said amp); ``amp``
     True or False overrides it (True: autocast in the run's runtime.amp precision, bf16 when that is off; CUDA only).
     An ONNX export runs on ONNX Runtime's CPU provider.
+
+    ``data_name``: the dataset to evaluate on instead of the one the file records (a file pruned from a plain state
+    dict records the default unless pruned with ``--data``). A model that does not take that dataset's images or
+    classes is a one-line error.
 
     ``split`` None: the split the run measured every epoch and chose its best checkpoints on ("val", or "test" for a
     run with ``data.val_size = 0``). ``progress`` (optional) gets one task that advances per batch. Accuracies and
@@ -54,11 +59,12 @@ def eval_checkpoint(
         raise AcdcError(f"unknown split '{split}' (choose {', '.join(SPLITS)})")
     path = Path(path)
     source = open_any(path, (CHECKPOINT, EXPORT, ONNX))
-    if "data" not in source.config:
+    if "data" not in source.config and data_name is None:
         raise AcdcError(f"{path} records no dataset, so there is nothing to evaluate it on")
     if source.kind == ONNX and (amp or device not in (None, "cpu")):
         raise AcdcError("an ONNX file runs on ONNX Runtime's CPU provider in fp32: drop --device/--amp")
     flags = {
+        "data.name": data_name,
         "data.dir": str(data_dir) if data_dir is not None else None,
         "data.eval_batch_size": batch_size,
         "runtime.device": "cpu" if source.kind == ONNX else device,
@@ -77,6 +83,8 @@ def eval_checkpoint(
     if loader is None or len(loader) == 0:
         raise AcdcError(f"dataset '{settings.data.name}' has no {split} split in these settings")
     model = source.model().to(dev)
+    shape = (bundle.in_channels, bundle.image_size, bundle.image_size)
+    check_model_fits(model, shape, bundle.num_classes, dev, str(path), settings.data.name)
     # as the run evaluated (runtime.eval_amp) unless a flag says; --amp uses the run's autocast precision, bf16 when
     # the run trained without one; only on CUDA: elsewhere it still computes in fp32, and says so
     mode = settings.runtime.eval_amp
@@ -92,7 +100,6 @@ def eval_checkpoint(
     zeros = sum(int((source.weights[n] == 0).sum()) for n in names)
     numel = sum(source.weights[n].numel() for n in names)
     paper, paper_note = paper_reference(settings, split)
-    shape = (bundle.in_channels, bundle.image_size, bundle.image_size)
     flops, flops_note = file_flops(source.arch, source.model_kwargs, source.config, source.weights, shape)
     return {
         "schema": EVAL_SCHEMA,
@@ -101,9 +108,9 @@ def eval_checkpoint(
         "format": source.format,
         "arch": source.arch,
         "preset": source.preset if isinstance(source.preset, str) else settings.preset,
-        "epoch": source.epoch,  # epochs completed, as the file's header counts them
-        # the number metrics.jsonl gives the last completed epoch (it counts from 0); null when none is
-        "last_epoch": source.epoch - 1 if isinstance(source.epoch, int) and source.epoch > 0 else None,
+        # epochs completed, as the file's header and acdc inspect count them (metrics.jsonl numbers the last of
+        # them epoch - 1): one name with one meaning in every file command's output
+        "epoch": source.epoch,
         "phase": source.phase,
         "split": split,
         "images": metrics["images"],

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from acdc_cli.data.preprocessing import preprocessing
 from acdc_cli.errors import AcdcError
 from acdc_cli.files.atomic import check_writable
 from acdc_cli.files.checkpoint import (
@@ -179,6 +180,8 @@ def export_checkpoint(source: Path, out: Path, fmt: str, dtype: str = "float32",
         "structure": structure,
         "conv_layout": conv_layout,
         **provenance(ckpt),
+        # what a reader must do to an image before the model sees it: from the run's settings, not acdc's code
+        "preprocessing": preprocessing(ckpt.config),
         "source": source.name,
         "tensors": list(weights),
         "prunable": prunable,

@@ -26,6 +26,7 @@ from torch import nn
 
 from acdc_cli.commands.export import ONNX
 from acdc_cli.data.bundle import model_input
+from acdc_cli.data.preprocessing import preprocessing
 from acdc_cli.errors import AcdcError, TrainingFault
 from acdc_cli.files.atomic import atomic_write_bytes, check_writable
 from acdc_cli.files.checkpoint import fold_masks, provenance, rebuild_model
@@ -165,7 +166,7 @@ def export_onnx(source: Path, out: Path, opset: int | None = None, batch: str | 
     """Write the checkpoint ``source`` as an ONNX model (fp32, eval mode, masks folded in) to ``out``.
 
     ``batch`` None / "dynamic": a dynamic batch dimension; an integer fixes it. ``input_size``: the side of the square
-    input (default: the model's registry entry). ``fold_bn``: fold BatchNorm into the preceding convs.
+    input (default: the size of the data the checkpoint records, else the model's registry entry). ``fold_bn``: fold BatchNorm into the preceding convs.
     """
     onnx, _ = require_onnx()
     source, out = Path(source), Path(out)
@@ -178,6 +179,9 @@ def export_onnx(source: Path, out: Path, opset: int | None = None, batch: str | 
                     hint=PLAIN_STATE_DICT_HINT).checkpoint()
     weights = fold_masks(ckpt)
     model = rebuild_model(ckpt.arch, ckpt.model_kwargs, weights, str(source)).float().eval()
+    recorded = preprocessing(ckpt.config)
+    if input_size is None and recorded is not None:
+        input_size = recorded["input_shape"][1]  # the images the model was trained on, not the registry's default
     channels, side = model_input(ckpt.arch, ckpt.model_kwargs, input_size)
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(fixed_batch or 2, channels, side, side, generator=generator)
@@ -195,6 +199,8 @@ def export_onnx(source: Path, out: Path, opset: int | None = None, batch: str | 
     metadata = {
         "format": ONNX_FORMAT,
         **provenance(ckpt),
+        # what ONNX Runtime's caller must do to an image first (shape, channel order, resize, mean/std)
+        "preprocessing": recorded,
         "source": source.name,
         "structure": structure,
         "prunable": prunable,

@@ -88,7 +88,8 @@ def file_flops(arch: Any, model_kwargs: Any, config: Any, weights: dict[str, tor
         if input_shape is None:
             data = config.get("data") if isinstance(config, dict) else None
             if isinstance(data, dict) and isinstance(data.get("name"), str):
-                input_shape = data_input_shape(data["name"], arch)
+                size = data.get("image_size")
+                input_shape = data_input_shape(data["name"], arch, size if isinstance(size, int) else None)
             else:
                 channels, side = model_input(arch, model_kwargs, None)
                 input_shape = (channels, side, side)
@@ -161,6 +162,9 @@ def inspect_file(path: Path) -> dict[str, Any]:
         info.update(kind="state_dict", format="dense", structure=None, dense_layers=[], outside_mask=[], flops=None,
                     flops_note="a plain state dict does not say which model it holds")
         info["metadata"] = dict(opened.raw_meta)
+    # what an image needs before the model sees it, as the file records it (None: not recorded)
+    recorded = opened.meta.get("preprocessing") if opened.kind != STATE_DICT else None
+    info["preprocessing"] = recorded if isinstance(recorded, dict) else None
     if opened.kind != STATE_DICT:
         info["flops"], info["flops_note"] = file_flops(opened.arch, opened.model_kwargs, opened.config, dense)
 

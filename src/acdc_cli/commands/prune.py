@@ -14,6 +14,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from acdc_cli.config import Settings, format_validation_error, merge_layer
+from acdc_cli.data.bundle import KNOWN_CLASSES, check_model_fits, input_shape
+from acdc_cli.data.preprocessing import preprocessing
 from acdc_cli.errors import AcdcError
 from acdc_cli.files.atomic import atomic_write_text, check_writable
 from acdc_cli.files.checkpoint import Checkpoint, build_model, save_checkpoint
@@ -47,13 +49,17 @@ def finetune_config_path(out: Path) -> Path:
     return out.with_suffix(".toml")
 
 
-def finetune_settings(source: Checkpoint, sparsity: dict[str, Any]) -> Settings:
+def finetune_settings(source: Checkpoint, sparsity: dict[str, Any], data_name: str | None = None) -> Settings:
     """The source's settings with these sparsity rules and a schedule that is compressed from the first epoch on.
 
     With no warm-up and a final compressed phase as long as the run, the plan is one sparse phase, so training from
     the pruned checkpoint holds its masks (train.py keeps ``--from`` masks when the plan starts sparse).
     """
     config = dict(source.config) if source.config else {"model": {"name": source.arch}}
+    recorded = dict(config.get("data") or {})
+    if data_name is not None and data_name != recorded.get("name"):
+        # the folder of another dataset does not hold this one: eval takes --data-dir
+        config["data"] = {**{k: v for k, v in recorded.items() if k != "dir"}, "name": data_name}
     schedule = dict(config.get("schedule") or {})
     if "start_epoch" in schedule:
         schedule["start_epoch"] = 0  # a fine-tune is a new run: its plan starts at epoch 0
@@ -82,10 +88,13 @@ def prune_checkpoint(
     force: bool = False,
     model_name: str | None = None,
     num_classes: int | None = None,
+    data_name: str | None = None,
 ) -> PruneResult:
     """Prune ``source`` to ``sparsity`` (implied by an N:M ``structure``) and write ``out`` and its fine-tune TOML.
 
-    ``source`` is an acdc checkpoint, or with ``model_name`` and ``num_classes`` a plain state dict."""
+    ``source`` is an acdc checkpoint, or with ``model_name`` and ``num_classes`` a plain state dict. ``data_name``: the
+    dataset the model takes, recorded for eval and fine-tuning (a plain state dict records none of its own); the
+    model is checked against it (channels, input size, classes), as it is against an acdc checkpoint's own."""
     source, out = Path(source), Path(out)
     if out.suffix != ".safetensors":
         raise AcdcError(f"-o {out}: name the pruned checkpoint *.safetensors (its fine-tune settings go beside it)")
@@ -103,12 +112,17 @@ def prune_checkpoint(
         rules["include"] = list(include)
     if exclude:
         rules["exclude"] = list(exclude)
-    settings = finetune_settings(ckpt, rules)
+    settings = finetune_settings(ckpt, rules, data_name)
     sp = settings.sparsity
     if sparsity is not None and abs(sparsity - sp.target) > 1e-9:
         raise AcdcError(f"--sparsity {sparsity:g} contradicts --structure {sp.structure}, which prunes {sp.target:g}")
 
     model = build_model(ckpt)
+    fits_checked = bool(ckpt.config) or data_name is not None
+    if fits_checked:
+        d = settings.data
+        shape = input_shape(d.name, ckpt.arch, d.image_size)
+        check_model_fits(model, shape, KNOWN_CLASSES.get(d.name), "cpu", str(source), d.name)
     sparsifier = Sparsifier(model, sp.include, sp.exclude, sp.scope, sp.structure)
     sparsifier.compress(sp.target)
     stats = sparsifier.stats()
@@ -123,7 +137,9 @@ def prune_checkpoint(
         phase="sparse",
         # the source's metrics described other weights; eval measures these
         metrics={},
-        extra={**ckpt.extra, "kind": "prune", "pruned_from": source.name},
+        extra={**ckpt.extra, "kind": "prune", "pruned_from": source.name,
+               # a plain state dict pruned without --data does not say what its images are
+               "preprocessing": preprocessing(settings.model_dump(mode="json")) if fits_checked else None},
     )
     save_checkpoint(out, pruned)
     atomic_write_text(config_path, settings.to_toml())

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from acdc_cli.config import Settings, format_validation_error, load_settings, read_toml
+from acdc_cli.config import Settings, format_validation_error, load_settings, preset_label, read_toml
 from acdc_cli.errors import AcdcError
 from acdc_cli.files.atomic import atomic_write_text
 from acdc_cli.files.checkpoint import load_checkpoint
@@ -421,9 +421,19 @@ def _best_text(run: Run, best: dict[str, Any] | None) -> str:
     return "-" if best is None else f"{_pct(best[run.top1_key])} (epoch {best['epoch']})"
 
 
+def dataset_warning(runs: list[Run]) -> str | None:
+    """One line when the compared runs were not all trained on one dataset (their top-1 are not comparable)."""
+    names = sorted({run.settings.data.name for run in runs})
+    if len(names) < 2:
+        return None
+    return (f"the runs compared were trained on different datasets ({', '.join(names)}): their top-1 numbers are "
+            "not comparable")
+
+
 def summary_rows(runs: list[Run]) -> list[list[str]]:
     """The comparison table: one row per run."""
-    return [[run.label, run.settings.preset or "-", run.settings.model.name, run.settings.schedule.method,
+    return [[run.label, run.settings.data.name, run.settings.model.name, preset_label(run.settings),
+             run.settings.schedule.method,
              run.settings.sparsity.structure, _pct(run.target), f"{len(run.rows)} / {run.settings.schedule.epochs}",
              _best_text(run, run.best_sparse), _best_text(run, run.best_dense),
              _pct(run.paper_top1) + (f" (not this experiment: {_first_difference(run)})"
@@ -437,7 +447,7 @@ def _first_difference(run: Run) -> str:
     return f"{changed[0][0]} differs" if changed else "another split"
 
 
-SUMMARY_HEADER = ["run", "preset", "model", "method", "structure", "target sparsity", "epochs done",
+SUMMARY_HEADER = ["run", "data", "model", "preset", "method", "structure", "target sparsity", "epochs done",
                   "best sparse top-1", "best dense top-1", "paper top-1"]
 
 
@@ -454,7 +464,7 @@ figure { margin: 1em 0; } img { max-width: 100%; } .note { color: #666; font-siz
 def _run_section(run: Run, images: list[tuple[Path, str]], notes: list[str]) -> str:
     s = run.settings
     settings_rows = [
-        ["run dir", str(run.path)], ["preset", s.preset or "-"], ["model", s.model.name],
+        ["run dir", str(run.path)], ["preset", preset_label(s)], ["model", s.model.name],
         ["dataset", f"{s.data.name} ({s.data.val_size} training images held out for validation)" if s.data.val_size
          else f"{s.data.name} (no validation split: top-1 on the test split)"],
         ["method", f"{s.schedule.method}, {s.sparsity.structure}, {s.sparsity.scope}, target {_pct(run.target)}"],
@@ -481,11 +491,12 @@ class Report:
     path: Path  # report.html
     figures: list[Path]
     runs: list[Run]
+    warning: str | None = None  # the runs compared do not share a dataset
 
     def as_dict(self) -> dict[str, Any]:
         """What ``acdc report --json`` prints (besides its schema): the files and the comparison table."""
         return {"report": str(self.path), "files": [str(self.path), *map(str, self.figures)],
-                "runs": [r.as_dict() for r in self.runs]}
+                "runs": [r.as_dict() for r in self.runs], "warning": self.warning}
 
 
 def write_report(run_dirs: list[Path], out: Path | None = None) -> Report:
@@ -530,6 +541,7 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Report:
         files += run.files
         sections.append(_run_section(run, images, notes))
 
+    warning = dataset_warning(runs)
     metric_note = ("Top-1 is measured on the validation images held out of the training split (test top-1 where a "
                    "run holds none out); the paper reports test top-1.")
     page = "\n".join([
@@ -539,6 +551,7 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Report:
         f"<h1>acdc report: {len(runs)} run{'s' if len(runs) > 1 else ''}</h1>",
         f'<p class="note">acdc {html.escape(__version__)}. {html.escape(metric_note)} Compressed phases are shaded '
         "orange.</p>",
+        *([f'<p class="note"><strong>warning:</strong> {html.escape(warning)}</p>'] if warning else []),
         _table(SUMMARY_HEADER, summary_rows(runs)),
         *sections,
         "</body></html>",
@@ -546,4 +559,4 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Report:
     report = out / "report.html"
 
     atomic_write_text(report, page + "\n")
-    return Report(report, files, runs)
+    return Report(report, files, runs, warning)

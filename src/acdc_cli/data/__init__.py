@@ -7,8 +7,9 @@ import torch
 
 from acdc_cli.config import Settings
 from acdc_cli.data import cifar, digits, imagefolder
-from acdc_cli.data.bundle import DataBundle, split_val
+from acdc_cli.data.bundle import SYNTHETIC_MEAN, SYNTHETIC_STD, DataBundle, split_val
 from acdc_cli.data.policies import build_policy
+from acdc_cli.data.preprocessing import digits_mean_std
 from acdc_cli.data.tensor_loader import TensorLoader
 from acdc_cli.errors import AcdcError
 from acdc_cli.models import lookup
@@ -22,9 +23,7 @@ def _digits(settings: Settings, device: torch.device, rank: int, world_size: int
     pool, test = digits.split_test(len(labels))
     train_i, val_i = split_val(len(pool), settings.data.val_size, settings.runtime.seed)
     train_i, val_i = pool[train_i], pool[val_i]
-    # normalization statistics of the training images only
-    train_float = images[train_i].float() / 255.0
-    mean, std = (train_float.mean().item(),), (train_float.std().item(),)
+    mean, std = digits_mean_std(settings.data.val_size, settings.runtime.seed)  # of the training images only
     d = settings.data
     common = dict(mean=mean, std=std, seed=settings.runtime.seed, device=device)
     return DataBundle(
@@ -55,7 +54,7 @@ def _synthetic(settings: Settings, device: torch.device, rank: int, world_size: 
         return (torch.randint(0, 256, (count, c, s, s), generator=g, dtype=torch.uint8),
                 torch.randint(0, num_classes, (count,), generator=g))
 
-    mean, std = (0.5,) * c, (0.29,) * c
+    mean, std = (SYNTHETIC_MEAN,) * c, (SYNTHETIC_STD,) * c
     common = dict(mean=mean, std=std, seed=settings.runtime.seed, device=device)
     d = settings.data
     train, val, test = split(n), split(max(n // 4, 1)), split(max(n // 4, 1))  # one draw order whatever val_size
@@ -86,6 +85,7 @@ _BUILDERS = {
     "cifar10": _cifar,
     "cifar100": _cifar,
     "imagenet": _imagefolder,
+    "imagefolder": _imagefolder,
 }
 
 

@@ -1,5 +1,6 @@
-"""What every dataset builder returns (``DataBundle``: train / val / test loaders and what the model needs to
-know), the validation split held out of the training images, and the input shapes known without reading data."""
+"""What every dataset hands a run (the DataBundle of loaders), its validation split, and what a model must take to be
+evaluated on it.
+"""
 
 from __future__ import annotations
 
@@ -26,13 +27,21 @@ class DataBundle:
 
 
 CROP, RESIZE = 224, 256
+SYNTHETIC_MEAN, SYNTHETIC_STD = 0.5, 0.29  # of uniform random uint8 pixels scaled to [0, 1]
+# per-channel (mean, std) of the pixels in [0, 1] of the datasets with fixed statistics: the reference's (and the
+# usual) CIFAR ones, and ImageNet's
+NORMALIZATION = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
 
 
 def selection_split(settings: Settings) -> str:
     """"val" when the run holds a validation split out of its training images; "test" for ``data.val_size = 0``,
     the paper's protocol: every training image trains, and the per-epoch metrics (``test_*``) and the choice of
     best_sparse / best_dense come from the test split."""
-    return "val" if settings.data.val_size else "test"
+    return "test" if settings.data.val_size == 0 else "val"  # None: a folder's own share, never 0
 
 
 def split_val(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,18 +54,53 @@ def split_val(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Ten
     return order[val_size:], order[:val_size]
 
 
-def input_shape(data_name: str, model_name: str) -> tuple[int, int, int]:
+def crop_sizes(image_size: int | None) -> tuple[int, int]:
+    """(crop, resize) of an ImageFolder pipeline: the crop side (224 unless data.image_size) and the shorter side
+    evaluation resizes to first, in the reference's 256:224 ratio."""
+    crop = image_size or CROP
+    return crop, round(crop * RESIZE / CROP)
+
+
+def input_shape(data_name: str, model_name: str, image_size: int | None = None) -> tuple[int, int, int]:
     """(channels, height, width) of the images a dataset feeds the model, known without reading any data: what FLOPs
     are counted at."""
     if data_name == "digits":
         return 1, 8, 8
     if data_name in ("cifar10", "cifar100"):
         return 3, 32, 32
-    if data_name == "imagenet":
-        return 3, CROP, CROP
+    if data_name in ("imagenet", "imagefolder"):
+        return 3, crop_sizes(image_size)[0], crop_sizes(image_size)[0]
 
     entry, _ = lookup(model_name)  # synthetic images come at the model's own input size
     return entry.in_channels, entry.input_size, entry.input_size
+
+
+# classes of the datasets whose class count is known without reading them (an ImageFolder tree has as many as folders)
+KNOWN_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
+
+
+def check_model_fits(model: torch.nn.Module, shape: tuple[int, int, int], num_classes: int | None,
+                     device: torch.device | str, source: str, data_name: str) -> None:
+    """One line naming both sides when ``model`` cannot take the dataset's images of ``shape`` (channels, input size)
+    or predicts another number of classes than ``num_classes`` (None: not known yet); found with one forward pass of a
+    single blank image, so any model (ONNX Runtime too) is checked the way it will be used."""
+    c, h, w = shape
+    data = f"data.name '{data_name}' ({c}x{h}x{w} images" + (f", {num_classes} classes)" if num_classes else ")")
+    hint = "name the data the model was trained on with --data NAME (and --data-dir PATH)"
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros((1, c, h, w), device=device))
+    except AcdcError:
+        raise
+    except Exception as exc:  # torch's shape errors are RuntimeErrors, ONNX Runtime's are its own types
+        text = str(exc).strip()
+        reason = text.splitlines()[0][:200] if text else exc.__class__.__name__
+        raise AcdcError(f"the model of {source} does not take the images of {data}: {reason}; {hint}") from None
+    finally:
+        model.train(was_training)
+    if out.ndim != 2 or (num_classes is not None and out.shape[1] != num_classes):
+        raise AcdcError(f"the model of {source} predicts {out.shape[-1]} classes, but {data}; {hint}")
 
 
 def model_input(arch: str, model_kwargs: dict[str, Any], input_size: int | None) -> tuple[int, int]:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from acdc_cli.config import Settings
-from acdc_cli.data.bundle import DataBundle, split_val
+from acdc_cli.data.bundle import NORMALIZATION, DataBundle, split_val
 from acdc_cli.data.policies import build_policy
 from acdc_cli.data.random_labels import select_random_labels
 from acdc_cli.data.tensor_loader import TensorLoader
@@ -48,12 +48,11 @@ FORMATS = {
     "cifar10": CifarFormat(
         "CIFAR-10", "cifar-10-batches-py", "cifar-10-python.tar.gz",
         tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), "labels", 10,
-        # the reference's (and the usual) CIFAR-10 statistics
-        (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010),
+        *NORMALIZATION["cifar10"],
     ),
     "cifar100": CifarFormat(
         "CIFAR-100", "cifar-100-python", "cifar-100-python.tar.gz", ("train",), ("test",), "fine_labels", 100,
-        (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761),
+        *NORMALIZATION["cifar100"],
     ),
 }
 

@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from acdc_cli.config import Settings
-from acdc_cli.data.bundle import CROP, RESIZE, DataBundle, split_val
+from acdc_cli.data.bundle import CROP, NORMALIZATION, DataBundle, crop_sizes, split_val
 from acdc_cli.data.jpeg import (
     DEFAULT_MAX_PIXELS,
     _decodable_jpeg,
@@ -50,10 +50,7 @@ from acdc_cli.data.random_labels import select_random_labels
 from acdc_cli.data.tensor_loader import EpochBatches
 from acdc_cli.errors import AcdcError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-
-
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = NORMALIZATION["imagenet"]
 
 
 
@@ -126,8 +123,8 @@ def _interleaved(image: torch.Tensor) -> torch.Tensor:
     return image.permute(1, 2, 0).contiguous().permute(2, 0, 1)
 
 
-def train_pixels(image: torch.Tensor, plan: CropPlan) -> torch.Tensor:
-    """uint8 (3, H, W) on any device -> the planned crop resized to (3, 224, 224), flipped when planned (on the CPU
+def train_pixels(image: torch.Tensor, plan: CropPlan, size: int = CROP) -> torch.Tensor:
+    """uint8 (3, H, W) on any device -> the planned crop resized to (3, size, size), flipped when planned (on the CPU
     with the channels interleaved in memory)."""
     from torchvision.transforms.v2 import functional as F
 
@@ -136,18 +133,20 @@ def train_pixels(image: torch.Tensor, plan: CropPlan) -> torch.Tensor:
         # the CPU's uint8 resize kernel works on interleaved channels: a copied crop in that layout comes back in it,
         # where a strided view of the crop costs a repacking on the way in and another on the way out (30 % of it)
         crop = _interleaved(crop)
-    out = F.resize(crop, [CROP, CROP], antialias=True)
+    out = F.resize(crop, [size, size], antialias=True)
     return out.flip(-1) if plan.flip else out
 
 
-def eval_pixels(image: torch.Tensor) -> torch.Tensor:
-    """uint8 (3, H, W) on any device -> shorter side resized to 256, centre 224x224."""
+def eval_pixels(image: torch.Tensor, size: int = CROP) -> torch.Tensor:
+    """uint8 (3, H, W) on any device -> shorter side resized to 256, centre 224x224 (for another crop ``size``, the
+    same 256:224 ratio)."""
     from torchvision.transforms.v2 import functional as F
 
-    return F.center_crop(F.resize(image, [RESIZE], antialias=True), [CROP, CROP])
+    crop, resize = crop_sizes(size)
+    return F.center_crop(F.resize(image, [resize], antialias=True), [crop, crop])
 
 
-def _pil_pixels(image: Any, plan: CropPlan | None) -> torch.Tensor:
+def _pil_pixels(image: Any, plan: CropPlan | None, size: int = CROP) -> torch.Tensor:
     """The same augmentation with PIL's resampling (data.decode = "pil"), as the reference's torchvision transforms
     apply it to PIL images."""
     from PIL import Image
@@ -156,19 +155,20 @@ def _pil_pixels(image: Any, plan: CropPlan | None) -> torch.Tensor:
     if plan is not None:
         # crop, then resize: resize(box=...) would let the filter reach pixels outside the crop
         box = (plan.left, plan.top, plan.left + plan.width, plan.top + plan.height)
-        image = image.crop(box).resize((CROP, CROP), Image.BILINEAR)
+        image = image.crop(box).resize((size, size), Image.BILINEAR)
         if plan.flip:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         return pil_to_tensor(image)
     width, height = image.size
+    crop, resize = crop_sizes(size)
     # torchvision's Resize(256): the shorter side becomes 256, the longer keeps the aspect (rounded down)
     if width <= height:
-        size = (RESIZE, int(RESIZE * height / width))
+        shape = (resize, int(resize * height / width))
     else:
-        size = (int(RESIZE * width / height), RESIZE)
-    image = image.resize(size, Image.BILINEAR)
-    top, left = int(round((size[1] - CROP) / 2.0)), int(round((size[0] - CROP) / 2.0))
-    return pil_to_tensor(image.crop((left, top, left + CROP, top + CROP)))
+        shape = (int(resize * width / height), resize)
+    image = image.resize(shape, Image.BILINEAR)
+    top, left = int(round((shape[1] - crop) / 2.0)), int(round((shape[0] - crop) / 2.0))
+    return pil_to_tensor(image.crop((left, top, left + crop, top + crop)))
 
 
 class EncodedJpeg(NamedTuple):
@@ -188,7 +188,7 @@ class DeviceBatch(NamedTuple):
     plans: list[CropPlan | None]
     paths: list[str]
     encoded_at: torch.Tensor  # positions of the JPEGs in the batch
-    pixels: torch.Tensor  # uint8 (k, 3, 224, 224)
+    pixels: torch.Tensor  # uint8 (k, 3, size, size)
     pixels_at: torch.Tensor
 
     @property
@@ -226,19 +226,19 @@ def collate_for_device(items: list[tuple[Any, ...]]) -> tuple[Any, ...]:
         plans=[e.plan for e in encoded],
         paths=[e.path for e in encoded],
         encoded_at=torch.tensor(encoded_at, dtype=torch.long),
-        pixels=torch.stack(pixels) if pixels else torch.empty(0, 3, CROP, CROP, dtype=torch.uint8),
+        pixels=torch.stack(pixels) if pixels else torch.empty(0, dtype=torch.uint8),
         pixels_at=torch.tensor(pixels_at, dtype=torch.long),
     )
     columns = zip(*(item[1:] for item in items))
     return (batch,) + tuple(torch.tensor(column, dtype=torch.long) for column in columns)
 
 
-def decode_batch(batch: DeviceBatch, device: torch.device, max_pixels: int) -> torch.Tensor:
-    """uint8 (n, 3, 224, 224) on ``device``: the JPEGs decoded there in one batched call and cropped there, the
+def decode_batch(batch: DeviceBatch, device: torch.device, max_pixels: int, size: int = CROP) -> torch.Tensor:
+    """uint8 (n, 3, size, size) on ``device``: the JPEGs decoded there in one batched call and cropped there, the
     host-decoded images copied in at their positions."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    out = torch.empty((batch.count, 3, CROP, CROP), dtype=torch.uint8, device=device)
+    out = torch.empty((batch.count, 3, size, size), dtype=torch.uint8, device=device)
     if batch.lengths:
         files = batch.files()
         try:
@@ -252,7 +252,7 @@ def decode_batch(batch: DeviceBatch, device: torch.device, max_pixels: int) -> t
                     images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
                 except RuntimeError:
                     images.append(decode_on_host(bytearray(data.numpy().tobytes()), path, max_pixels).to(device))
-        crops = [train_pixels(image, plan) if plan is not None else eval_pixels(image)
+        crops = [train_pixels(image, plan, size) if plan is not None else eval_pixels(image, size)
                  for image, plan in zip(images, batch.plans)]
         out[batch.encoded_at.to(device)] = torch.stack(crops)
     if len(batch.pixels):
@@ -264,7 +264,8 @@ class ImageDataset(Dataset):
     """Images by index; ``__getitem__`` takes (index, augmentation seed) so augmentation is reproducible."""
 
     def __init__(self, paths: Sequence[str], labels: np.ndarray, *, augment: bool, decode: str = "cpu",
-                 max_pixels: int = DEFAULT_MAX_PIXELS, extra: np.ndarray | None = None, policy: Any = None):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, extra: np.ndarray | None = None, policy: Any = None,
+                 size: int = CROP):
         if decode not in DECODERS:
             raise ValueError(f"decode must be one of {DECODERS}, got {decode!r}")
         # one numpy bytes array rather than a list of str: worker processes share its pages instead of copying them
@@ -272,7 +273,7 @@ class ImageDataset(Dataset):
         self.paths = np.array([os.fsencode(p) for p in paths])
         self.labels = np.asarray(labels, dtype=np.int64)
         self.extra = None if extra is None else np.asarray(extra, dtype=np.int64)
-        self.augment, self.decode, self.max_pixels = augment, decode, max_pixels
+        self.augment, self.decode, self.max_pixels, self.size = augment, decode, max_pixels, size
         self.policy = policy  # data.augment_policy's (policies.AugmentPolicy), after crop and flip (decode cpu, pil)
         # reseeded for every image: each worker process has its own copy, and seeding it costs microseconds where
         # torch.manual_seed cost a tenth of a worker's time
@@ -293,16 +294,16 @@ class ImageDataset(Dataset):
         if self.decode == "pil":
             image = open_with_pil(data, path, self.max_pixels)
             plan = draw_crop(image.height, image.width, self._rng) if self.augment else None
-            pixels: Any = _pil_pixels(image, plan)
+            pixels: Any = _pil_pixels(image, plan, self.size)
         elif self.decode == "gpu" and (header := _decodable_jpeg(data, path, self.max_pixels)) is not None:
             plan = draw_crop(header.height, header.width, self._rng) if self.augment else None
             pixels = EncodedJpeg(data, plan, path)
         else:
             image = decode_on_host(data, path, self.max_pixels)
             if self.augment:
-                pixels = train_pixels(image, draw_crop(image.shape[1], image.shape[2], self._rng))
+                pixels = train_pixels(image, draw_crop(image.shape[1], image.shape[2], self._rng), self.size)
             else:
-                pixels = eval_pixels(image)
+                pixels = eval_pixels(image, self.size)
         if self.policy is not None and self.augment and isinstance(pixels, torch.Tensor):
             pixels = self.policy(pixels[None], aug_seed, 0, index)[0]
         out = (pixels, int(self.labels[index]))
@@ -389,7 +390,7 @@ class ImageLoader(EpochBatches):
         try:
             for batch in batches:
                 if isinstance(batch[0], DeviceBatch):
-                    images = decode_batch(batch[0], self.device, self.dataset.max_pixels)
+                    images = decode_batch(batch[0], self.device, self.dataset.max_pixels, self.dataset.size)
                 else:
                     images = batch[0].to(self.device, non_blocking=True)
                 images = self.normalize(images) if normalized else images
@@ -470,9 +471,47 @@ def _check_device_decoding(device: torch.device) -> None:
                         "set data.decode = 'cpu'") from None
 
 
+# images data.name = "imagefolder" measures its mean/std on: enough for three decimals, quick on any folder
+MEASURE_IMAGES = 500
+
+
+def auto_val_size(train_images: int) -> int:
+    """data.val_size None for a folder of your own: a tenth of its training images, at least one."""
+    return max(1, train_images // 10)
+
+
+def measure_mean_std(paths: Sequence[str], size: int, seed: int, max_pixels: int,
+                     workers: int = 0) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of the pixels in [0, 1] of (up to MEASURE_IMAGES, seeded) training
+    images as evaluation sees them (resized, centre crop)."""
+    order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(seed + 2))[:MEASURE_IMAGES].tolist()
+    dataset = ImageDataset([paths[i] for i in order], np.zeros(len(order)), augment=False, max_pixels=max_pixels,
+                           size=size)
+    keys = [(i, 0) for i in range(len(order))]
+    loader = DataLoader(dataset, batch_size=64, sampler=keys, num_workers=workers, collate_fn=collate_interleaved)
+    total = torch.zeros(3, dtype=torch.float64)
+    squares = torch.zeros(3, dtype=torch.float64)
+    count = 0
+    for images, _ in loader:
+        pixels = images.to(torch.float64).div_(255.0)
+        total += pixels.sum(dim=(0, 2, 3))
+        squares += pixels.square().sum(dim=(0, 2, 3))
+        count += pixels.numel() // 3
+    mean = total / count
+    std = (squares / count - mean.square()).clamp_min(1e-12).sqrt()
+    # a blank folder (every pixel one value) would divide by zero: its spread is taken as one
+    std = torch.where(std < 1e-6, torch.ones_like(std), std)
+    return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
+
+
 def build(settings: Settings, device: torch.device, rank: int, world_size: int) -> DataBundle:
     """Train (minus a seeded held-out val split; all of it when ``data.val_size = 0``, then no val loader) and val
-    loaders from ``train/``; the test loader from ``val/``."""
+    loaders from ``train/``; the test loader from ``val/``.
+
+    ``data.name = "imagefolder"`` (a folder of your own): crops of ``data.image_size``, a held-out split of a tenth
+    of the training images unless ``data.val_size`` says otherwise, and the mean/std given in ``data.mean`` /
+    ``data.std`` or else measured from the training split and written into ``settings`` so that the run's
+    config.toml and checkpoints record them."""
     d, seed = settings.data, settings.runtime.seed
     if d.dir is None:
         raise AcdcError("ImageFolder: data.dir is not set; pass --data-dir PATH (a folder holding train/ and val/)")
@@ -488,13 +527,22 @@ def build(settings: Settings, device: torch.device, rank: int, world_size: int) 
     test_paths, test_labels, test_classes = scan(root / "val")
     if test_classes != classes:
         raise AcdcError(f"ImageFolder: {root}/val has other class folders than {root}/train")
-    train_i, val_i = (t.numpy() for t in split_val(len(labels), d.val_size, seed))
+    val_size = auto_val_size(len(labels)) if d.val_size is None else d.val_size
+    train_i, val_i = (t.numpy() for t in split_val(len(labels), val_size, seed))
     train_labels = labels[train_i]
     augment = d.augment
     memorized = None
     workers = d.num_workers if d.num_workers is not None else default_num_workers()
-    common = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, seed=seed, device=device, num_workers=workers)
-    images = dict(decode=d.decode, max_pixels=d.max_image_pixels)
+    size = crop_sizes(d.image_size)[0]
+    if d.mean is not None and d.std is not None:
+        mean, std = tuple(d.mean), tuple(d.std)
+    elif d.name == "imagefolder":
+        mean, std = measure_mean_std([paths[i] for i in train_i], size, seed, d.max_image_pixels)
+        settings.data = d.model_copy(update={"mean": mean, "std": std})
+    else:
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    common = dict(mean=mean, std=std, seed=seed, device=device, num_workers=workers)
+    images = dict(decode=d.decode, max_pixels=d.max_image_pixels, size=size)
     if d.random_labels:
         positions, random_labels = (t.numpy() for t in select_random_labels(
             torch.from_numpy(train_i), d.random_labels, len(classes), seed))
@@ -517,6 +565,6 @@ def build(settings: Settings, device: torch.device, rank: int, world_size: int) 
         test=ImageLoader(ImageDataset(test_paths, test_labels, augment=False, **images), d.eval_batch_size, **common),
         num_classes=len(classes),
         in_channels=3,
-        image_size=CROP,
+        image_size=size,
         memorized=memorized,
     )

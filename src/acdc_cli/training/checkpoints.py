@@ -40,6 +40,7 @@ from torch import nn
 
 from acdc_cli.config import Settings
 from acdc_cli.data.bundle import selection_split
+from acdc_cli.data.preprocessing import preprocessing
 from acdc_cli.engine import ACDC
 from acdc_cli.errors import AcdcError, TrainingFault
 from acdc_cli.files.atomic import atomic_write_text, remove_stale_temps
@@ -86,17 +87,18 @@ def snapshot(model: nn.Module, engine: ACDC, settings: Settings, model_kwargs: d
     changes the live tensors. ``host``: reused (pinned) buffers to copy into, inside ``host.taking()``; else new
     memory; ``place`` keeps the buffers of a second snapshot in the same taking (the EMA's) apart."""
     copy = host.copy if host is not None else (lambda value, *path: host_copy(value))
+    config = settings.model_dump(mode="json")
     return Checkpoint(
         weights=copy(dict(model.state_dict()), place + "weights"),
         masks=copy(dict(engine.masks), place + "masks"),
         arch=settings.model.name,
         model_kwargs=model_kwargs,
-        config=settings.model_dump(mode="json"),
+        config=config,
         epoch=epoch,
         phase=phase,
         metrics=host_copy(metrics),
         extra={"preset": settings.preset, "paper_top1": settings.paper_top1, "kind": "train",
-               "selection_split": selection_split(settings),
+               "selection_split": selection_split(settings), "preprocessing": preprocessing(config),
                "eval_precision": precision(_device_of(model), settings.runtime.eval_amp)},
     )
 

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 
+from acdc_cli.config import preset_label
 from acdc_cli.errors import AcdcError
 from acdc_cli.files.atomic import atomic_write_bytes, atomic_write_text
 from acdc_cli.files.jsonio import finite_number, json_line, read_rows
@@ -98,7 +99,8 @@ def best_rows(rows: list[dict[str, Any]], target: float) -> tuple[dict[str, Any]
 def hparams_of(settings: Settings) -> dict[str, Any]:
     """What tells the runs of a sweep apart, for TensorBoard's HParams tab."""
     return {
-        "preset": settings.preset or "custom",
+        # a run that only started from a preset is told apart by its data and model, not named after the preset
+        "preset": preset_label(settings) if settings.preset else "custom",
         "model": settings.model.name,
         "dataset": settings.data.name,
         "method": settings.schedule.method,

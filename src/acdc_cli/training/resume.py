@@ -190,6 +190,9 @@ _RESUME_SECTIONS_MAY_CHANGE = {"runtime", "log"}
 
 _RESUME_MUST_KEEP = {"runtime.seed", "runtime.sync_batchnorm"}
 
+# settings a run fills in when they are not given (an image folder's mean/std): recorded, they are not a change
+_MEASURED_BY_THE_RUN = {"data.mean", "data.std"}
+
 
 def recorded_run_settings(run_dir: Path) -> Settings:
     """The settings the run's last checkpoint was computed with, as recorded inside last.safetensors (config.toml is
@@ -229,6 +232,8 @@ def check_resume_settings(recorded: Settings, requested: Settings, run_dir: Path
             new = b[section].get(key) if key is not None else b[section]
             if old == new or dotted in _RESUME_MAY_CHANGE:
                 continue
+            if dotted in _MEASURED_BY_THE_RUN and new is None:
+                continue  # the same command line again: the run measures them again, to the same values
             if section in _RESUME_SECTIONS_MAY_CHANGE and dotted not in _RESUME_MUST_KEEP:
                 continue
             if dotted in _EXTEND_MAY_CHANGE:

@@ -70,8 +70,14 @@ def run_lock(run_dir: Path, *, for_ranks: bool = False) -> Iterator[None]:
     """Hold the run dir for writing: an exclusive ``flock`` on ``RUN_DIR/.acdc.lock`` (which holds this process's
     PID) until the block ends. A second process is refused with one line naming the holder, so two runs never write
     one folder. ``for_ranks``: the ranks this process launches (``--nproc``) write under its lock, and rank 0
-    taking this lock then finds its launcher holding it and goes on. Creates the folder."""
+    taking this lock then finds its launcher holding it and goes on. Creates the folder, and removes it again when
+    the block leaves nothing in it but the lock file (a run that failed before it started)."""
     run_dir = Path(run_dir)
+    created = []  # the folders this call makes, innermost first
+    missing = run_dir.absolute()
+    while not missing.exists() and missing != missing.parent:
+        created.append(missing)
+        missing = missing.parent
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -81,6 +87,7 @@ def run_lock(run_dir: Path, *, for_ranks: bool = False) -> Iterator[None]:
     except OSError as exc:
         raise AcdcError(f"cannot write {run_dir / LOCK_FILE}: {exc.strerror or exc}") from None
     launcher = os.environ.get(LAUNCHER_LOCK_ENV)
+    held = False
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -110,6 +117,12 @@ def run_lock(run_dir: Path, *, for_ranks: bool = False) -> Iterator[None]:
                 else:
                     os.environ[LAUNCHER_LOCK_ENV] = launcher
     finally:
+        if created and held and [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:
+            # unlinked while still held, so no other process can have taken the lock in between
+            with contextlib.suppress(OSError):
+                (run_dir / LOCK_FILE).unlink()
+                for folder in created:  # and the parents made for it, unless something else went in
+                    folder.rmdir()
         os.close(fd)  # releases the lock
 
 
