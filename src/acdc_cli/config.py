@@ -29,6 +29,8 @@ MAX_SYNTHETIC_SIZE = 1_000_000  # synthetic images per split
 MAX_WORKERS = 256  # loader worker processes
 MAX_THREADS = 1024  # torch CPU threads (torch crashes at exit with ~10**5)
 MAX_CONFIG_BYTES = 2**20  # a --config file (the presets are 1-3 kB)
+MAX_IMAGE_SIDE = 4096  # a model's input height or width (18 x ImageNet's 224); FLOPs and ONNX trace one such image
+MAX_BENCH_STEPS = 100_000  # timed batches of one benchmark
 
 
 class _Section(BaseModel):

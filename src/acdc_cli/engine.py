@@ -37,6 +37,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from acdc_cli.config import (
+    MAX_IMAGE_SIDE,
     DataSettings,
     Settings,
     format_validation_error,
@@ -248,7 +249,12 @@ class ACDC:
         """Count FLOPs from now on, for images of ``input_shape`` (channels, height, width): one forward pass of a
         zero image, in eval mode without gradients, finds each conv and linear layer's output positions.
         :meth:`metrics` then reports ``inference_flops`` and, with :meth:`end_epoch`, ``train_flops``."""
-        self._positions = output_positions(self.model, tuple(input_shape))
+        shape = check_input_shape(input_shape)
+        try:
+            self._positions = output_positions(self.model, shape)
+        except RuntimeError as exc:  # too small for the model's pooling, or channels it does not take
+            detail = str(exc).splitlines()[0][:160] if str(exc) else exc.__class__.__name__
+            raise AcdcError(f"the model does not take images of shape {shape}: {detail}") from None
 
     def end_epoch(self, images: int) -> None:
         """Add an epoch that trained ``images`` images (all ranks together) to the training FLOPs, at the cost of
@@ -258,6 +264,8 @@ class ACDC:
             raise RuntimeError("call count_flops(input_shape) before end_epoch")
         if self._phase is None:
             raise RuntimeError("end_epoch before any start_epoch")
+        if isinstance(images, bool) or not isinstance(images, int) or images < 0:
+            raise AcdcError(f"end_epoch(images): images is {images!r}, expected a whole number >= 0")
         self._train_flops = self._train_flops.add_epoch(self._phase.kind, self.flops(), images)
 
     def flops(self) -> InferenceFlops:
@@ -360,22 +368,37 @@ class ACDC:
         if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
             raise AcdcError("not an ACDC engine state (expected the output of ACDC.state_dict())")
         check_format_version(state.get("format_version"), "the engine state")
+        # everything is checked before anything is set: a refused state leaves the engine as it was
         phase = state.get("phase")
         current = None
         if phase is not None:
-            current = Phase(**phase) if isinstance(phase, Mapping) else None
+            try:
+                current = Phase(**phase) if isinstance(phase, Mapping) else None
+            except TypeError:
+                current = None
             if current not in self._plan:
-                raise AcdcError(f"the engine state is at phase {phase}, which is not in this plan")
+                raise AcdcError(f"the engine state is at phase {_shown(phase)}, which is not in this plan")
+        epoch = state.get("epoch")
+        if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)
+                                  or not 0 <= epoch < self._plan[-1].end):
+            raise AcdcError(f"the engine state's epoch is {_shown(epoch)}, expected none or an epoch of this plan "
+                            f"(0 to {self._plan[-1].end - 1})")
+        change = state.get("mask_change")
+        if change is not None and (isinstance(change, bool) or not isinstance(change, (int, float))
+                                   or not 0 <= change <= 1):
+            raise AcdcError(f"the engine state's mask_change is {_shown(change)}, expected none or a fraction 0..1")
         masks, previous = state.get("masks"), state.get("previous_masks")
         if (current is not None and current.kind == "sparse") != (masks is not None):
             raise AcdcError("the engine state's masks do not match its phase")
-        self.sparsifier.set_masks(dict(masks) if masks is not None else None)
-        devices = {n: p.device for n, p in self.sparsifier.params.items()}
-        self.sparsifier.previous = ({n: m.to(devices[n], torch.bool) for n, m in previous.items() if n in devices}
-                                    if previous is not None else None)
-        self._phase, self._epoch, self._held = current, state.get("epoch"), None
-        self.mask_change = state.get("mask_change")
-        self._train_flops = _training_flops(state.get("train_flops"))
+        params = self.sparsifier.params
+        masks = check_masks(masks, params, "the engine state's masks") if masks is not None else None
+        previous = check_masks(previous, params, "the engine state's previous_masks") if previous is not None else None
+        flops = _training_flops(state.get("train_flops"))
+        self.sparsifier.set_masks(masks)
+        self.sparsifier.previous = previous
+        self._phase, self._epoch, self._held = current, epoch, None
+        self.mask_change = float(change) if change is not None else None
+        self._train_flops = flops
 
     def save(self, path: str | Path, *, arch: str, data: str | Mapping[str, Any] | None = None,
              model_kwargs: Mapping[str, Any] | None = None, metrics: Mapping[str, Any] | None = None) -> Path:
@@ -392,7 +415,13 @@ class ACDC:
             metrics: numbers to record beside the weights (shown by ``acdc inspect``).
         Returns the path written.
         """
+        path = Path(path)
+        if path.exists() and not path.is_file():
+            raise AcdcError(f"cannot save to {path}: it exists and is not a regular file")
         weights = dict(self.model.state_dict())
+        for name, tensor in weights.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise AcdcError(f"cannot save: {name} holds non-finite values (inf or NaN); the model has diverged")
         kwargs = dict(model_kwargs) if model_kwargs is not None else self._model_kwargs(arch)
         with torch.device("meta"):
             built = create(arch, **kwargs)
@@ -422,8 +451,10 @@ class ACDC:
             metrics=dict(metrics or {}),
             extra={"kind": "api", "preset": self.settings.preset},
         )
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise AcdcError(f"cannot save to {path}: {exc.strerror or exc.__class__.__name__}") from None
         save_checkpoint(path, ckpt)
         return path
 
@@ -438,6 +469,50 @@ class ACDC:
         else:
             raise AcdcError(f"cannot tell the number of classes of this {arch}: pass model_kwargs={{'num_classes': N}}")
         return {"num_classes": num_classes, "in_channels": convs[0].in_channels if convs else entry.in_channels}
+
+
+def _shown(value: Any) -> str:
+    text = repr(value) if not isinstance(value, torch.Tensor) else f"a tensor of shape {list(value.shape)}"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_masks(masks: Any, params: Mapping[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """``masks`` checked whole against the weights ``params`` they mask: one mask per weight and no other, each of
+    its weight's shape, boolean or uint8 holding only 0 and 1 (a 2 or a 0.5 is not a mask: reading it as "keep"
+    would trust a state acdc did not write). Returns them as booleans on their weights' devices."""
+    if not isinstance(masks, Mapping):
+        raise AcdcError(f"{what} is {_shown(masks)}, expected a table of masks")
+    for name, mask in masks.items():
+        if name not in params:
+            raise AcdcError(f"{what} has a mask for {_shown(name)}, which the sparsity rules do not select")
+        param = params[name]
+        if not isinstance(mask, torch.Tensor) or mask.shape != param.shape:
+            raise AcdcError(f"{what}[{name}] is {_shown(mask)}, its weight is {list(param.shape)}")
+        if mask.dtype not in (torch.bool, torch.uint8):
+            raise AcdcError(f"{what}[{name}] is {str(mask.dtype).removeprefix('torch.')}, expected bool or 0/1 uint8")
+        if mask.dtype == torch.uint8 and bool((mask > 1).any()):
+            raise AcdcError(f"{what}[{name}] holds values other than 0 and 1")
+    missing = sorted(n for n in params if n not in masks)
+    if missing:
+        raise AcdcError(f"{what} has no mask for {missing[0]} (one per selected weight)")
+    checked = {}
+    for name, param in params.items():
+        mask = masks[name]
+        checked[name] = mask.to(param.device, torch.bool)
+    return checked
+
+
+def check_input_shape(input_shape: Any) -> tuple[int, int, int]:
+    """``input_shape`` as (channels, height, width) of positive whole numbers, each side at most MAX_IMAGE_SIDE:
+    bounded before the zero image that measures the model is allocated."""
+    if (not isinstance(input_shape, (tuple, list)) or len(input_shape) != 3
+            or any(isinstance(v, bool) or not isinstance(v, int) for v in input_shape)):
+        raise AcdcError(f"input_shape is {_shown(input_shape)}, expected (channels, height, width)")
+    channels, height, width = input_shape
+    if not 1 <= channels <= 64 or not 1 <= height <= MAX_IMAGE_SIDE or not 1 <= width <= MAX_IMAGE_SIDE:
+        raise AcdcError(f"input_shape {tuple(input_shape)} is out of bounds (channels 1..64, height and width "
+                        f"1..{MAX_IMAGE_SIDE})")
+    return channels, height, width
 
 
 def _training_flops(saved: Any) -> TrainingFlops:
