@@ -217,6 +217,8 @@ def setup(device_name: str) -> DistInfo:
     control group)."""
     global _CONTROL_GROUP
     rank, world_size, local_rank = launch_env()
+    if world_size > 1 and not dist.is_initialized():
+        check_rendezvous(world_size)
     device = resolve_device(device_name, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -289,6 +291,24 @@ def launch_env() -> tuple[int, int, int]:
         print(f"warning: ignoring {', '.join(stray)}: no torchrun launch (that needs WORLD_SIZE > 1 and MASTER_ADDR "
               "or TORCHELASTIC_* variables); running as one process, rank 0", file=sys.stderr)
     return 0, 1, 0
+
+
+# far beyond any cluster that runs one process per GPU; a 20-digit WORLD_SIZE is a broken environment, not a launch
+MAX_WORLD_SIZE = 1_048_576
+
+
+def check_rendezvous(world: int) -> None:
+    """The variables the env:// rendezvous of init_process_group reads, checked before it reads them: torchrun sets
+    MASTER_ADDR and MASTER_PORT for every process it starts, so a launch that lacks one was not made by it."""
+    if world > MAX_WORLD_SIZE:
+        raise AcdcError(f"launched with WORLD_SIZE={world}, above the {MAX_WORLD_SIZE:,} processes acdc joins")
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name, "").strip()]
+    if missing:
+        raise AcdcError(f"launched with WORLD_SIZE={world} but without {' and '.join(missing)}: start the processes "
+                        "with torchrun, which sets them, or set both for your launcher")
+    port = os.environ["MASTER_PORT"].strip()
+    if not (port.isdigit() and 0 < int(port) < 65536):
+        raise AcdcError(f"MASTER_PORT={one_line(port[:40])!r} is not a TCP port (1 to 65535)")
 
 
 def env_rank() -> int:
