@@ -183,13 +183,19 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
             raise AcdcError("runtime.device is cuda but no CUDA device is available")
         if name == "cuda":
             return _rank_gpu(local_rank)
-        index = int(name.split(":")[1])
+        index_text = name.split(":", 1)[1] if name.startswith("cuda:") else ""
+        if not index_text.isdigit():
+            raise AcdcError(f"unknown device {one_line(name[:40])!r} (auto, cpu, cuda, cuda:N, mps)")
+        index = int(index_text)
         if index >= torch.cuda.device_count():
             raise AcdcError(f"runtime.device {name}: only {torch.cuda.device_count()} CUDA device(s)")
         return torch.device(name)
     if name == "mps" and not torch.backends.mps.is_available():
         raise AcdcError("runtime.device is mps but MPS is not available")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise AcdcError(f"unknown device {one_line(name[:40])!r} (auto, cpu, cuda, cuda:N, mps)") from None
 
 
 def _rank_gpu(local_rank: int) -> torch.device:
