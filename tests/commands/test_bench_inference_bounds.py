@@ -28,9 +28,9 @@ def checkpoint(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("args,expected", [
     (["--batch-size", "0"], "error: --batch-size 0: expected a whole number 1 to 65,536"),
     (["--batch-size", "100000000"], "error: --batch-size 100000000: expected a whole number 1 to 65,536"),
-    (["--steps", "1000000000"], "error: --steps must be 1 to 100,000 and --warmup 0 to 100,000"),
-    (["--steps", "0"], "error: --steps must be 1 to 100,000 and --warmup 0 to 100,000"),
-    (["--warmup", "1000000000"], "error: --steps must be 1 to 100,000 and --warmup 0 to 100,000"),
+    (["--steps", "1000000000"], "error: --steps must be at least 1 and --warmup at least 0, both at most 100,000"),
+    (["--steps", "0"], "error: --steps must be at least 1 and --warmup at least 0, both at most 100,000"),
+    (["--warmup", "1000000000"], "error: --steps must be at least 1 and --warmup at least 0, both at most 100,000"),
     (["--device", "junk"], "error: unknown device 'junk' (auto, cpu, cuda, cuda:N, mps)"),
 ])
 def test_bench_inference_bounds_are_one_line(checkpoint, args, expected):

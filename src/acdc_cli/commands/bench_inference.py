@@ -56,7 +56,7 @@ def run_inference_bench(path: Path | str, device: str | None = None, repeats: in
                         status: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Dense vs sparse images/s of a checkpoint, safetensors export or ONNX export, per batch size (see module doc)."""
     if not 1 <= repeats <= MAX_BENCH_STEPS or not 0 <= warmup <= MAX_BENCH_STEPS:
-        raise AcdcError(f"--steps must be 1 to {MAX_BENCH_STEPS:,} and --warmup 0 to {MAX_BENCH_STEPS:,}")
+        raise AcdcError(f"--steps must be at least 1 and --warmup at least 0, both at most {MAX_BENCH_STEPS:,}")
     bad = [b for b in batch_sizes if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= MAX_BATCH_SIZE]
     if bad:
         raise AcdcError(f"--batch-size {bad[0]!r}: expected a whole number 1 to {MAX_BATCH_SIZE:,}")

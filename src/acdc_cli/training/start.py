@@ -22,7 +22,7 @@ from acdc_cli.data.bundle import input_shape
 from acdc_cli.errors import AcdcError
 from acdc_cli.files.checkpoint import load_checkpoint
 from acdc_cli.models import create, lookup
-from acdc_cli.training import distributed
+from acdc_cli.training import distributed, runtime
 from acdc_cli.training.loop import RunResult, run
 from acdc_cli.training.resume import check_resume_settings, epochs_trained, recorded_run_settings
 from acdc_cli.training.rundir import (
@@ -157,6 +157,7 @@ def _check_start(settings: Settings, from_checkpoint: Path | None, new_run: bool
                             f"{settings.data.name!r} has {channels}; use cifar10, cifar100, imagenet or synthetic "
                             "(--set data.name=...)")
     _check_model_input(settings)
+    runtime.check_threads(settings.runtime.threads)
     weights = settings.model.weights
     if new_run and weights is not None and not weights.is_file():
         raise AcdcError(f"model.weights: no such file {weights}")
