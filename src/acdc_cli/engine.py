@@ -37,7 +37,6 @@ from pydantic import ValidationError
 from torch import nn
 
 from acdc_cli.config import (
-    MAX_IMAGE_SIDE,
     DataSettings,
     Settings,
     format_validation_error,
@@ -51,6 +50,7 @@ from acdc_cli.files.jsonio import FORMAT_VERSION, check_format_version
 from acdc_cli.flops import (
     InferenceFlops,
     TrainingFlops,
+    check_input_shape,
     inference_flops,
     output_positions,
 )
@@ -58,7 +58,7 @@ from acdc_cli.models import create, lookup
 from acdc_cli.models.registry import check_fit
 from acdc_cli.sparsity.rules import LayerRule
 from acdc_cli.sparsity.schedule import Phase, momentum_resets, phase_at, plan
-from acdc_cli.sparsity.sparsifier import Sparsifier
+from acdc_cli.sparsity.sparsifier import Sparsifier, check_masks, shown
 
 ResetPolicy = Literal["restore", "every", "never"]
 
@@ -377,16 +377,16 @@ class ACDC:
             except TypeError:
                 current = None
             if current not in self._plan:
-                raise AcdcError(f"the engine state is at phase {_shown(phase)}, which is not in this plan")
+                raise AcdcError(f"the engine state is at phase {shown(phase)}, which is not in this plan")
         epoch = state.get("epoch")
         if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)
                                   or not 0 <= epoch < self._plan[-1].end):
-            raise AcdcError(f"the engine state's epoch is {_shown(epoch)}, expected none or an epoch of this plan "
+            raise AcdcError(f"the engine state's epoch is {shown(epoch)}, expected none or an epoch of this plan "
                             f"(0 to {self._plan[-1].end - 1})")
         change = state.get("mask_change")
         if change is not None and (isinstance(change, bool) or not isinstance(change, (int, float))
                                    or not 0 <= change <= 1):
-            raise AcdcError(f"the engine state's mask_change is {_shown(change)}, expected none or a fraction 0..1")
+            raise AcdcError(f"the engine state's mask_change is {shown(change)}, expected none or a fraction 0..1")
         masks, previous = state.get("masks"), state.get("previous_masks")
         if (current is not None and current.kind == "sparse") != (masks is not None):
             raise AcdcError("the engine state's masks do not match its phase")
@@ -469,50 +469,6 @@ class ACDC:
         else:
             raise AcdcError(f"cannot tell the number of classes of this {arch}: pass model_kwargs={{'num_classes': N}}")
         return {"num_classes": num_classes, "in_channels": convs[0].in_channels if convs else entry.in_channels}
-
-
-def _shown(value: Any) -> str:
-    text = repr(value) if not isinstance(value, torch.Tensor) else f"a tensor of shape {list(value.shape)}"
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def check_masks(masks: Any, params: Mapping[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
-    """``masks`` checked whole against the weights ``params`` they mask: one mask per weight and no other, each of
-    its weight's shape, boolean or uint8 holding only 0 and 1 (a 2 or a 0.5 is not a mask: reading it as "keep"
-    would trust a state acdc did not write). Returns them as booleans on their weights' devices."""
-    if not isinstance(masks, Mapping):
-        raise AcdcError(f"{what} is {_shown(masks)}, expected a table of masks")
-    for name, mask in masks.items():
-        if name not in params:
-            raise AcdcError(f"{what} has a mask for {_shown(name)}, which the sparsity rules do not select")
-        param = params[name]
-        if not isinstance(mask, torch.Tensor) or mask.shape != param.shape:
-            raise AcdcError(f"{what}[{name}] is {_shown(mask)}, its weight is {list(param.shape)}")
-        if mask.dtype not in (torch.bool, torch.uint8):
-            raise AcdcError(f"{what}[{name}] is {str(mask.dtype).removeprefix('torch.')}, expected bool or 0/1 uint8")
-        if mask.dtype == torch.uint8 and bool((mask > 1).any()):
-            raise AcdcError(f"{what}[{name}] holds values other than 0 and 1")
-    missing = sorted(n for n in params if n not in masks)
-    if missing:
-        raise AcdcError(f"{what} has no mask for {missing[0]} (one per selected weight)")
-    checked = {}
-    for name, param in params.items():
-        mask = masks[name]
-        checked[name] = mask.to(param.device, torch.bool)
-    return checked
-
-
-def check_input_shape(input_shape: Any) -> tuple[int, int, int]:
-    """``input_shape`` as (channels, height, width) of positive whole numbers, each side at most MAX_IMAGE_SIDE:
-    bounded before the zero image that measures the model is allocated."""
-    if (not isinstance(input_shape, (tuple, list)) or len(input_shape) != 3
-            or any(isinstance(v, bool) or not isinstance(v, int) for v in input_shape)):
-        raise AcdcError(f"input_shape is {_shown(input_shape)}, expected (channels, height, width)")
-    channels, height, width = input_shape
-    if not 1 <= channels <= 64 or not 1 <= height <= MAX_IMAGE_SIDE or not 1 <= width <= MAX_IMAGE_SIDE:
-        raise AcdcError(f"input_shape {tuple(input_shape)} is out of bounds (channels 1..64, height and width "
-                        f"1..{MAX_IMAGE_SIDE})")
-    return channels, height, width
 
 
 def _training_flops(saved: Any) -> TrainingFlops:

@@ -411,7 +411,9 @@ def mutated_state(draw, state: dict) -> dict:
     state = dict(state)
     for _ in range(draw(st.integers(1, 3))):
         field = draw(st.sampled_from(sorted(state) + ["unknown"]))
-        if field in ("masks", "previous_masks") and isinstance(state.get(field), dict) and draw(st.booleans()):
+        # a table emptied by earlier drops is mutated as a whole value instead
+        if field in ("masks", "previous_masks") and isinstance(state.get(field), dict) and state[field] \
+                and draw(st.booleans()):
             masks = dict(state[field])
             name = draw(st.sampled_from(sorted(masks)))
             action = draw(st.sampled_from(["drop", "add", "change"]))

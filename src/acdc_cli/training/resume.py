@@ -13,12 +13,12 @@ import torch
 from pydantic import ValidationError
 
 from acdc_cli.config import Settings, format_validation_error
-from acdc_cli.engine import check_masks
 from acdc_cli.errors import AcdcError
 from acdc_cli.files.checkpoint import recorded_config
 from acdc_cli.files.jsonio import finite_number, lenient_json
 from acdc_cli.files.tensors import read_metadata
 from acdc_cli.sparsity.schedule import Phase, PlannedEpoch, epoch_plan, learning_rate
+from acdc_cli.sparsity.sparsifier import check_masks
 
 
 def first_epoch(settings: Settings, from_checkpoint: Path | None, checkpoint_epoch: int) -> int:
