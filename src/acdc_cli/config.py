@@ -32,6 +32,8 @@ MAX_CONFIG_BYTES = 2**20  # a --config file (the presets are 1-3 kB)
 DEFAULT_VAL_SIZE = 270  # held-out images of a dataset whose size is known (the digits' test split is as large)
 # what a layer states for one dataset, which a layer above naming another dataset drops (merge_layer)
 DATASET_SPECIFIC = ("val_size", "image_size", "mean", "std")
+MAX_IMAGE_SIDE = 4096  # a model's input height or width (18 x ImageNet's 224); FLOPs and ONNX trace one such image
+MAX_BENCH_STEPS = 100_000  # timed batches of one benchmark
 
 
 class _Section(BaseModel):

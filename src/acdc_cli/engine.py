@@ -53,6 +53,7 @@ from acdc_cli.files.jsonio import FORMAT_VERSION, check_format_version
 from acdc_cli.flops import (
     InferenceFlops,
     TrainingFlops,
+    check_input_shape,
     inference_flops,
     output_positions,
 )
@@ -60,7 +61,7 @@ from acdc_cli.models import create, lookup
 from acdc_cli.models.registry import check_fit
 from acdc_cli.sparsity.rules import LayerRule
 from acdc_cli.sparsity.schedule import Phase, momentum_resets, phase_at, plan
-from acdc_cli.sparsity.sparsifier import Sparsifier
+from acdc_cli.sparsity.sparsifier import Sparsifier, check_masks, shown
 
 ResetPolicy = Literal["restore", "every", "never"]
 
@@ -262,7 +263,12 @@ class ACDC:
         """Count FLOPs from now on, for images of ``input_shape`` (channels, height, width): one forward pass of a
         zero image, in eval mode without gradients, finds each conv and linear layer's output positions.
         :meth:`metrics` then reports ``inference_flops`` and, with :meth:`end_epoch`, ``train_flops``."""
-        self._positions = output_positions(self.model, tuple(input_shape))
+        shape = check_input_shape(input_shape)
+        try:
+            self._positions = output_positions(self.model, shape)
+        except RuntimeError as exc:  # too small for the model's pooling, or channels it does not take
+            detail = str(exc).splitlines()[0][:160] if str(exc) else exc.__class__.__name__
+            raise AcdcError(f"the model does not take images of shape {shape}: {detail}") from None
 
     def end_epoch(self, images: int) -> None:
         """Add an epoch that trained ``images`` images (all ranks together) to the training FLOPs, at the cost of
@@ -272,6 +278,8 @@ class ACDC:
             raise RuntimeError("call count_flops(input_shape) before end_epoch")
         if self._phase is None:
             raise RuntimeError("end_epoch before any start_epoch")
+        if isinstance(images, bool) or not isinstance(images, int) or images < 0:
+            raise AcdcError(f"end_epoch(images): images is {images!r}, expected a whole number >= 0")
         self._train_flops = self._train_flops.add_epoch(self._phase.kind, self.flops(), images)
 
     def flops(self) -> InferenceFlops:
@@ -383,22 +391,37 @@ class ACDC:
         if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
             raise AcdcError("not an ACDC engine state (expected the output of ACDC.state_dict())")
         check_format_version(state.get("format_version"), "the engine state")
+        # everything is checked before anything is set: a refused state leaves the engine as it was
         phase = state.get("phase")
         current = None
         if phase is not None:
-            current = Phase(**phase) if isinstance(phase, Mapping) else None
+            try:
+                current = Phase(**phase) if isinstance(phase, Mapping) else None
+            except TypeError:
+                current = None
             if current not in self._plan:
-                raise AcdcError(f"the engine state is at phase {phase}, which is not in this plan")
+                raise AcdcError(f"the engine state is at phase {shown(phase)}, which is not in this plan")
+        epoch = state.get("epoch")
+        if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)
+                                  or not 0 <= epoch < self._plan[-1].end):
+            raise AcdcError(f"the engine state's epoch is {shown(epoch)}, expected none or an epoch of this plan "
+                            f"(0 to {self._plan[-1].end - 1})")
+        change = state.get("mask_change")
+        if change is not None and (isinstance(change, bool) or not isinstance(change, (int, float))
+                                   or not 0 <= change <= 1):
+            raise AcdcError(f"the engine state's mask_change is {shown(change)}, expected none or a fraction 0..1")
         masks, previous = state.get("masks"), state.get("previous_masks")
         if (current is not None and current.kind == "sparse") != (masks is not None):
             raise AcdcError("the engine state's masks do not match its phase")
-        self.sparsifier.set_masks(dict(masks) if masks is not None else None)
-        devices = {n: p.device for n, p in self.sparsifier.params.items()}
-        self.sparsifier.previous = ({n: m.to(devices[n], torch.bool) for n, m in previous.items() if n in devices}
-                                    if previous is not None else None)
-        self._phase, self._epoch, self._held = current, state.get("epoch"), None
-        self.mask_change = state.get("mask_change")
-        self._train_flops = _training_flops(state.get("train_flops"))
+        params = self.sparsifier.params
+        masks = check_masks(masks, params, "the engine state's masks") if masks is not None else None
+        previous = check_masks(previous, params, "the engine state's previous_masks") if previous is not None else None
+        flops = _training_flops(state.get("train_flops"))
+        self.sparsifier.set_masks(masks)
+        self.sparsifier.previous = previous
+        self._phase, self._epoch, self._held = current, epoch, None
+        self.mask_change = float(change) if change is not None else None
+        self._train_flops = flops
 
     def save(self, path: str | Path, *, arch: str, data: str | Mapping[str, Any] | None = None,
              model_kwargs: Mapping[str, Any] | None = None, metrics: Mapping[str, Any] | None = None) -> Path:
@@ -415,7 +438,13 @@ class ACDC:
             metrics: numbers to record beside the weights (shown by ``acdc inspect``).
         Returns the path written.
         """
+        path = Path(path)
+        if path.exists() and not path.is_file():
+            raise AcdcError(f"cannot save to {path}: it exists and is not a regular file")
         weights = dict(self.model.state_dict())
+        for name, tensor in weights.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise AcdcError(f"cannot save: {name} holds non-finite values (inf or NaN); the model has diverged")
         kwargs = dict(model_kwargs) if model_kwargs is not None else self._model_kwargs(arch)
         with torch.device("meta"):
             built = create(arch, **kwargs)
@@ -445,8 +474,10 @@ class ACDC:
             metrics=dict(metrics or {}),
             extra={"kind": "api", "preset": self.settings.preset},
         )
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise AcdcError(f"cannot save to {path}: {exc.strerror or exc.__class__.__name__}") from None
         save_checkpoint(path, ckpt)
         return path
 

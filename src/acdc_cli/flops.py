@@ -20,9 +20,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+
+from acdc_cli.config import MAX_IMAGE_SIDE
+from acdc_cli.errors import AcdcError
 
 _COUNTED = (nn.Conv2d, nn.Linear)
 
@@ -155,3 +159,16 @@ def si(count: float) -> str:
             break
         count /= 1000
     return f"{count:.4g} {unit}".rstrip()
+
+
+def check_input_shape(input_shape: Any) -> tuple[int, int, int]:
+    """``input_shape`` as (channels, height, width) of positive whole numbers, each side at most MAX_IMAGE_SIDE:
+    bounded before the zero image that measures the model is allocated."""
+    if (not isinstance(input_shape, (tuple, list)) or len(input_shape) != 3
+            or any(isinstance(v, bool) or not isinstance(v, int) for v in input_shape)):
+        raise AcdcError(f"input_shape is {repr(input_shape)[:60]}, expected (channels, height, width)")
+    channels, height, width = input_shape
+    if not 1 <= channels <= 64 or not 1 <= height <= MAX_IMAGE_SIDE or not 1 <= width <= MAX_IMAGE_SIDE:
+        raise AcdcError(f"input_shape {tuple(input_shape)} is out of bounds (channels 1..64, height and width "
+                        f"1..{MAX_IMAGE_SIDE})")
+    return channels, height, width

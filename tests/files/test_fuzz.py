@@ -369,3 +369,91 @@ def test_sparsity_rules_that_are_not_lists_are_one_line_or_the_defaults(seeds, t
         else:
             info = inspect_file(path)
             assert 0.0 <= info["sparsity"] <= 1.0 and json.dumps(info)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the API's engine state: ACDC.load_state_dict fed mutated states of a real engine
+
+
+def _engine_in_compressed_phase():
+    from acdc_cli import ACDC
+
+    torch.manual_seed(0)
+    model = create("tiny-test", num_classes=10)
+    engine = ACDC(model, torch.optim.SGD(model.parameters(), lr=0.1), epochs=4, sparsity=0.5, warmup_epochs=1,
+                  compressed_epochs=1, decompressed_epochs=1, final_compressed_epochs=1)
+    for epoch in range(4):
+        engine.start_epoch(epoch)  # through a decompression: the state holds previous masks too
+    return engine
+
+
+ODD_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20),
+                       st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=5),
+                       st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(),
+                                                                            max_size=2))
+
+
+@st.composite
+def odd_mask(draw, like: torch.Tensor):
+    kind = draw(st.sampled_from(["values", "dtype", "shape", "not-a-tensor"]))
+    if kind == "values":
+        return torch.full(like.shape, draw(st.integers(0, 255)), dtype=torch.uint8)
+    if kind == "dtype":
+        return like.to(draw(st.sampled_from([torch.float32, torch.int64, torch.float16]))) * draw(
+            st.sampled_from([1, 2, 0.5]))
+    if kind == "shape":
+        return like.flatten()[: draw(st.integers(0, max(like.numel() - 1, 0)))]
+    return draw(ODD_VALUES)
+
+
+@st.composite
+def mutated_state(draw, state: dict) -> dict:
+    state = dict(state)
+    for _ in range(draw(st.integers(1, 3))):
+        field = draw(st.sampled_from(sorted(state) + ["unknown"]))
+        # a table emptied by earlier drops is mutated as a whole value instead
+        if field in ("masks", "previous_masks") and isinstance(state.get(field), dict) and state[field] \
+                and draw(st.booleans()):
+            masks = dict(state[field])
+            name = draw(st.sampled_from(sorted(masks)))
+            action = draw(st.sampled_from(["drop", "add", "change"]))
+            if action == "drop":
+                masks.pop(name)
+            elif action == "add":
+                masks[draw(st.text(max_size=8))] = masks[name]
+            else:
+                masks[name] = draw(odd_mask(masks[name]))
+            state[field] = masks
+        elif draw(st.booleans()):
+            state.pop(field, None)
+        else:
+            state[field] = draw(ODD_VALUES)
+    return state
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_engine_load_state_dict_fuzz(data):
+    """A mutated state loads into a consistent engine (0/1 masks on every selected weight in a compressed phase), or
+    is one AcdcError line that leaves the engine as it was."""
+    engine = _engine_in_compressed_phase()
+    good = engine.state_dict()
+    before = {k: v.clone() for k, v in engine.masks.items()}
+    state = data.draw(mutated_state(good))
+    try:
+        engine.load_state_dict(state)
+    except AcdcError as exc:
+        event("refused")
+        assert "\n" not in str(exc) and str(exc)
+        assert engine.state_dict()["epoch"] == good["epoch"] and engine.mask_change == good["mask_change"]
+        assert set(engine.masks) == set(before) and all(torch.equal(engine.masks[k], before[k]) for k in before)
+        return
+    event("loaded")
+    after = engine.state_dict()
+    for key in ("masks", "previous_masks"):
+        if after[key] is not None:
+            assert set(after[key]) == set(engine.prunable)
+            assert all(m.dtype == torch.bool and m.shape == engine.prunable[n].shape for n, m in after[key].items())
+    change = after["mask_change"]
+    assert change is None or 0 <= change <= 1
+    assert after["epoch"] is None or 0 <= after["epoch"] < engine.plan[-1].end

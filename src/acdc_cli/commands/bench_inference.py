@@ -30,6 +30,7 @@ from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
+from acdc_cli.config import MAX_BATCH_SIZE, MAX_BENCH_STEPS
 from acdc_cli.data.bundle import model_input
 from acdc_cli.errors import AcdcError
 from acdc_cli.files.onnx_file import OnnxRuntimeModule, session
@@ -42,6 +43,10 @@ from acdc_cli.training.runtime import elapsed_seconds
 BATCH_SIZES = (1, 64)
 
 
+# one batch of input images: 1 GiB of fp32 (1,783 ImageNet images), before the activations of the model it feeds
+MAX_INPUT_ELEMENTS = 2**28
+
+
 # within this band around 1 a ratio is timing noise on a shared machine, not a speed difference
 NOISE = 0.03
 
@@ -50,8 +55,11 @@ def run_inference_bench(path: Path | str, device: str | None = None, repeats: in
                         batch_sizes: tuple[int, ...] = BATCH_SIZES,
                         status: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Dense vs sparse images/s of a checkpoint, safetensors export or ONNX export, per batch size (see module doc)."""
-    if repeats < 1 or warmup < 0:
-        raise AcdcError("--steps must be at least 1 and --warmup at least 0")
+    if not 1 <= repeats <= MAX_BENCH_STEPS or not 0 <= warmup <= MAX_BENCH_STEPS:
+        raise AcdcError(f"--steps must be at least 1 and --warmup at least 0, both at most {MAX_BENCH_STEPS:,}")
+    bad = [b for b in batch_sizes if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= MAX_BATCH_SIZE]
+    if bad:
+        raise AcdcError(f"--batch-size {bad[0]!r}: expected a whole number 1 to {MAX_BATCH_SIZE:,}")
     path = Path(path)
     say = status or (lambda message: None)
     opened = open_any(path, (CHECKPOINT, EXPORT, ONNX))
@@ -61,6 +69,11 @@ def run_inference_bench(path: Path | str, device: str | None = None, repeats: in
         bench = _OnnxBench(opened)
     else:
         bench = _TorchBench(opened, resolve_device(device or "auto"))
+    largest = max(batch_sizes) * math.prod(bench.input_shape)
+    if largest > MAX_INPUT_ELEMENTS:
+        raise AcdcError(f"a batch of {max(batch_sizes)} images of {'x'.join(map(str, bench.input_shape))} is "
+                        f"{largest:,} values, above the {MAX_INPUT_ELEMENTS:,} (1 GiB of fp32) this benchmark "
+                        "allocates; lower --batch-size")
     results = []
     for batch in batch_sizes:
         say(f"batch {batch}")

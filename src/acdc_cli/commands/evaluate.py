@@ -15,6 +15,7 @@ from acdc_cli.commands.inspect_file import file_flops
 from acdc_cli.config import load_settings
 from acdc_cli.data.bundle import check_model_fits, selection_split
 from acdc_cli.errors import AcdcError
+from acdc_cli.files.onnx_file import output_classes
 from acdc_cli.files.open import CHECKPOINT, EXPORT, ONNX, open_any
 from acdc_cli.paper import paper_reference
 from acdc_cli.schemas import EVAL_SCHEMA
@@ -82,6 +83,10 @@ def eval_checkpoint(
     loader = bundle.val if split == "val" else bundle.test
     if loader is None or len(loader) == 0:
         raise AcdcError(f"dataset '{settings.data.name}' has no {split} split in these settings")
+    classes = output_classes(source.proto) if source.kind == ONNX else source.model_kwargs.get("num_classes")
+    if isinstance(classes, int) and classes < bundle.num_classes:
+        raise AcdcError(f"{path} gives {classes} class scores per image; {settings.data.name} has "
+                        f"{bundle.num_classes} classes")
     model = source.model().to(dev)
     shape = (bundle.in_channels, bundle.image_size, bundle.image_size)
     check_model_fits(model, shape, bundle.num_classes, dev, str(path), settings.data.name)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from acdc_cli.commands.export import ONNX
+from acdc_cli.config import MAX_BATCH_SIZE, MAX_IMAGE_SIDE
 from acdc_cli.data.bundle import model_input
 from acdc_cli.data.preprocessing import preprocessing
 from acdc_cli.errors import AcdcError, TrainingFault
@@ -105,9 +106,13 @@ def parse_batch(batch: str | int | None) -> int | None:
     if batch is None or batch == "dynamic":
         return None
     text = str(batch).strip()
-    if not text.isdigit() or int(text) < 1:
-        raise AcdcError(f"--batch expects 'dynamic' or a positive integer, got {batch!r}")
+    if not text.isdigit() or not 1 <= int(text) <= MAX_BATCH_SIZE:
+        raise AcdcError(f"--batch expects 'dynamic' or a whole number 1 to {MAX_BATCH_SIZE}, got {batch!r}")
     return int(text)
+
+
+# the example batch the exporter traces: 2**28 floats (1 GiB), far above a 2048-pixel RGB pair
+MAX_EXAMPLE_ELEMENTS = 2**28
 
 
 
@@ -171,6 +176,9 @@ def export_onnx(source: Path, out: Path, opset: int | None = None, batch: str | 
     onnx, _ = require_onnx()
     source, out = Path(source), Path(out)
     fixed_batch = parse_batch(batch)
+    if input_size is not None and (isinstance(input_size, bool) or not isinstance(input_size, int)
+                                   or not 1 <= input_size <= MAX_IMAGE_SIDE):
+        raise AcdcError(f"--input-size expects a whole number 1 to {MAX_IMAGE_SIDE}, got {input_size!r}")
     if opset is not None and not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise AcdcError(f"--opset {opset} is not available: the exporter writes opset {MIN_OPSET} to "
                         f"{onnx.defs.onnx_opset_version()} (onnx {onnx.__version__})")
@@ -183,6 +191,9 @@ def export_onnx(source: Path, out: Path, opset: int | None = None, batch: str | 
     if input_size is None and recorded is not None:
         input_size = recorded["input_shape"][1]  # the images the model was trained on, not the registry's default
     channels, side = model_input(ckpt.arch, ckpt.model_kwargs, input_size)
+    if (fixed_batch or 2) * channels * side * side > MAX_EXAMPLE_ELEMENTS:
+        raise AcdcError(f"an example batch of {fixed_batch or 2} x {channels} x {side} x {side} is above the "
+                        f"{MAX_EXAMPLE_ELEMENTS:,} values the exporter traces; lower --batch or --input-size")
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(fixed_batch or 2, channels, side, side, generator=generator)
 

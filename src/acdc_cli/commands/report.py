@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import math
 import re
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Any
 
 from acdc_cli.config import Settings, format_validation_error, load_settings, preset_label, read_toml
 from acdc_cli.errors import AcdcError
-from acdc_cli.files.atomic import atomic_write_text
+from acdc_cli.files.atomic import atomic_write_bytes, atomic_write_text
 from acdc_cli.files.checkpoint import load_checkpoint
 from acdc_cli.files.jsonio import read_jsonl
 from acdc_cli.models import create
@@ -208,8 +209,11 @@ def _log_if_positive(ax, values: list[float]) -> None:
 
 
 def _save(fig, path: Path) -> Path:
-    # no "Software: matplotlib <url>" chunk: the files carry nothing but the picture
-    fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"Software": None})
+    # drawn in memory, then written atomically: a full disk is one line and leaves no empty or torn PNG behind
+    # (no "Software: matplotlib <url>" chunk: the files carry nothing but the picture)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 

@@ -181,15 +181,23 @@ def rebuild_model(arch: str, model_kwargs: dict[str, Any], weights: dict[str, to
     The metadata is checked first on a model built on the meta device, which allocates nothing: a file asking for a
     huge model (num_classes = 10**9) is refused by shape before any memory is spent on it.
     """
+    num_classes, kwargs = check_model_fit(arch, model_kwargs, weights, source)
+    model = create(arch, num_classes=num_classes, **kwargs)
+    model.load_state_dict(weights)
+    return model
+
+
+def check_model_fit(arch: str, model_kwargs: dict[str, Any], weights: dict[str, torch.Tensor],
+                    source: str) -> tuple[int, dict[str, Any]]:
+    """Raise unless ``weights`` fit, name for name and shape for shape, the model that ``arch`` and ``model_kwargs``
+    build (built on the meta device: nothing allocated). Returns num_classes and the other keyword arguments."""
     kwargs = dict(model_kwargs)
     num_classes = kwargs.pop("num_classes", None)
     if not isinstance(num_classes, int) or isinstance(num_classes, bool):
         raise AcdcError(f"{source}: metadata lacks num_classes")
     with torch.device("meta"):
         check_fit(create(arch, num_classes=num_classes, **kwargs).state_dict(), weights, source)
-    model = create(arch, num_classes=num_classes, **kwargs)
-    model.load_state_dict(weights)
-    return model
+    return num_classes, kwargs
 
 
 def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str = "checkpoint") -> None:

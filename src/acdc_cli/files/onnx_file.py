@@ -108,7 +108,54 @@ def read_onnx(path: Path) -> tuple[Any, dict[str, str]]:
     external = [init.name for init in proto.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL]
     if external:
         raise AcdcError(f"{path}: initializer {external[0]!r} points to external data, which acdc does not read")
+    check_tensor_sizes(proto, path)
     return proto, meta
+
+
+# any one tensor a graph computes for one batch: 4 GiB is a thousand times a ResNet-50 activation at 224 pixels
+MAX_ONNX_TENSOR_BYTES = 2**32
+
+
+def check_tensor_sizes(proto: Any, path: Path) -> None:
+    """Refuse, before ONNX Runtime allocates it, a graph whose shapes (inferred from its initializers and constant
+    shapes: a ConstantOfShape of 10**10 floats) make some tensor larger than MAX_ONNX_TENSOR_BYTES. Shapes that
+    depend on the input (a dynamic batch) count at one."""
+    onnx, _ = require_onnx()
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception as exc:  # shape inference raises its own errors for inconsistent graphs
+        raise AcdcError(f"{path}: the ONNX graph's shapes are inconsistent ({first_line(exc)})") from None
+    graph = inferred.graph
+    for info in (*graph.value_info, *graph.output):
+        tensor_type = info.type.tensor_type
+        if not tensor_type.HasField("shape"):
+            continue
+        elements = 1
+        for dim in tensor_type.shape.dim:
+            elements *= dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else 1
+        itemsize = _itemsize(onnx, tensor_type.elem_type)
+        if elements * itemsize > MAX_ONNX_TENSOR_BYTES:
+            raise AcdcError(f"{path}: the ONNX graph computes {info.name!r} of {elements:,} elements "
+                            f"({elements * itemsize / 2**30:.1f} GiB), above the "
+                            f"{MAX_ONNX_TENSOR_BYTES // 2**30} GiB acdc runs")
+
+
+def _itemsize(onnx: Any, elem_type: int) -> int:
+    try:
+        return int(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).itemsize)
+    except (KeyError, TypeError, ValueError):
+        return 1
+
+
+def output_classes(proto: Any) -> int | None:
+    """The class scores an ONNX classifier gives per image: the last dimension of its first output, where fixed."""
+    outputs = proto.graph.output
+    if not outputs:
+        return None
+    dims = outputs[0].type.tensor_type.shape.dim
+    if not dims or not dims[-1].HasField("dim_value"):
+        return None
+    return int(dims[-1].dim_value)
 
 
 def is_onnx_file(path: Path) -> bool:

@@ -17,7 +17,13 @@ import torch
 from torch import nn
 
 from acdc_cli.errors import AcdcError
-from acdc_cli.files.checkpoint import CHECKPOINT_FORMAT, Checkpoint, load_checkpoint, rebuild_model
+from acdc_cli.files.checkpoint import (
+    CHECKPOINT_FORMAT,
+    Checkpoint,
+    check_model_fit,
+    load_checkpoint,
+    rebuild_model,
+)
 from acdc_cli.files.export import EXPORT_FORMAT, FORMATS, decode_export
 from acdc_cli.files.jsonio import meta_field
 from acdc_cli.files.onnx_file import OnnxRuntimeModule, initializers, is_onnx_file, read_onnx, session
@@ -125,18 +131,32 @@ class OpenedFile:
         """The file as a checkpoint, for the commands that write one from it (prune, export)."""
         if self.arch is None:
             raise AcdcError(f"{self.path}: a plain state dict does not say which model it holds")
+        # what eval refuses, export and prune refuse too: a file that does not fit its model, or a diverged one
+        check_model_fit(self.arch, self.model_kwargs, self.weights, self._source())
+        self._check_finite()
         return Checkpoint(weights=self.weights, masks=self.masks, arch=self.arch, model_kwargs=self.model_kwargs,
                           config=self.config, epoch=self.epoch if isinstance(self.epoch, int) else 0,
                           phase=str(self.phase or "dense"), metrics=self.metrics, extra=self.extra)
 
     def model(self) -> nn.Module:
         """The model the file describes with its weights loaded (an ONNX Runtime session as a module for ONNX)."""
+        self._check_finite()
         if self.kind == ONNX:
             return self.runtime()
         if not isinstance(self.arch, str):
             raise AcdcError(f"{self.path}: metadata lacks arch, so the model cannot be rebuilt")
-        source = f"a {self.arch} checkpoint" if self.kind == CHECKPOINT else str(self.path)
-        return rebuild_model(self.arch, self.model_kwargs, self.weights, source)
+        return rebuild_model(self.arch, self.model_kwargs, self.weights, self._source())
+
+    def _source(self) -> str:
+        return f"a {self.arch} checkpoint" if self.kind == CHECKPOINT else str(self.path)
+
+    def _check_finite(self) -> None:
+        """A weight holding inf or NaN makes every score, pruning threshold and export of the file meaningless
+        (eval used to print a top-1 with a null loss): refused, naming the first such tensor."""
+        for name, tensor in self.weights.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise AcdcError(f"{self.path}: {name} holds non-finite values (inf or NaN); the model it holds has "
+                                "diverged")
 
     def runtime(self, threads: int | None = None) -> OnnxRuntimeModule:
         """An ONNX export's ONNX Runtime CPU session, as a module (opened here, only when asked for)."""

@@ -107,10 +107,19 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
                     raise AcdcError(f"{path}: tensor {name} declares shape {shape}, beyond any layer acdc reads "
                                     f"(at most {MAX_TENSOR_DIMS} dimensions of at most 2**31)")
             tensors = {name: fh.get_tensor(name) for name in names}
+    except MemoryError:
+        raise _unmappable(path) from None
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         raise AcdcError(f"{path} is not a readable safetensors file ({first})") from None
     return tensors, meta
+
+
+def _unmappable(path: Path) -> AcdcError:
+    """safe_open maps the whole file; under an address-space limit (``ulimit -v``) a large one cannot be mapped."""
+    size = path.stat().st_size
+    return AcdcError(f"{path} ({size / 2**30:.1f} GiB) cannot be mapped into memory: the process's address space is "
+                     "limited (ulimit -v) or exhausted")
 
 
 def _checked_metadata(fh: Any, path: Path) -> dict[str, str]:
@@ -129,6 +138,8 @@ def read_metadata(path: Path) -> dict[str, str]:
     try:
         with safe_open(str(path), framework="pt") as fh:
             return _checked_metadata(fh, path)
+    except MemoryError:
+        raise _unmappable(path) from None
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         raise AcdcError(f"{path} is not a readable safetensors file ({first})") from None

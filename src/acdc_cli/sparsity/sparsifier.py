@@ -3,6 +3,9 @@ weights at zero, restore."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -144,3 +147,33 @@ class Sparsifier:
         per_layer = {name: z / p.numel() for (name, p), z in zip(params, counts)}
         return {"sparsity": sum(counts) / max(self.numel, 1), "per_layer": per_layer}
 
+
+def shown(value: Any) -> str:
+    text = repr(value) if not isinstance(value, torch.Tensor) else f"a tensor of shape {list(value.shape)}"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_masks(masks: Any, params: Mapping[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """``masks`` checked whole against the weights ``params`` they mask: one mask per weight and no other, each of
+    its weight's shape, boolean or uint8 holding only 0 and 1 (a 2 or a 0.5 is not a mask: reading it as "keep"
+    would trust a state acdc did not write). Returns them as booleans on their weights' devices."""
+    if not isinstance(masks, Mapping):
+        raise AcdcError(f"{what} is {shown(masks)}, expected a table of masks")
+    for name, mask in masks.items():
+        if name not in params:
+            raise AcdcError(f"{what} has a mask for {shown(name)}, which the sparsity rules do not select")
+        param = params[name]
+        if not isinstance(mask, torch.Tensor) or mask.shape != param.shape:
+            raise AcdcError(f"{what}[{name}] is {shown(mask)}, its weight is {list(param.shape)}")
+        if mask.dtype not in (torch.bool, torch.uint8):
+            raise AcdcError(f"{what}[{name}] is {str(mask.dtype).removeprefix('torch.')}, expected bool or 0/1 uint8")
+        if mask.dtype == torch.uint8 and bool((mask > 1).any()):
+            raise AcdcError(f"{what}[{name}] holds values other than 0 and 1")
+    missing = sorted(n for n in params if n not in masks)
+    if missing:
+        raise AcdcError(f"{what} has no mask for {missing[0]} (one per selected weight)")
+    checked = {}
+    for name, param in params.items():
+        mask = masks[name]
+        checked[name] = mask.to(param.device, torch.bool)
+    return checked

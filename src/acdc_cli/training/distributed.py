@@ -183,13 +183,19 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
             raise AcdcError("runtime.device is cuda but no CUDA device is available")
         if name == "cuda":
             return _rank_gpu(local_rank)
-        index = int(name.split(":")[1])
+        index_text = name.split(":", 1)[1] if name.startswith("cuda:") else ""
+        if not index_text.isdigit():
+            raise AcdcError(f"unknown device {one_line(name[:40])!r} (auto, cpu, cuda, cuda:N, mps)")
+        index = int(index_text)
         if index >= torch.cuda.device_count():
             raise AcdcError(f"runtime.device {name}: only {torch.cuda.device_count()} CUDA device(s)")
         return torch.device(name)
     if name == "mps" and not torch.backends.mps.is_available():
         raise AcdcError("runtime.device is mps but MPS is not available")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise AcdcError(f"unknown device {one_line(name[:40])!r} (auto, cpu, cuda, cuda:N, mps)") from None
 
 
 def _rank_gpu(local_rank: int) -> torch.device:
@@ -217,6 +223,8 @@ def setup(device_name: str) -> DistInfo:
     control group)."""
     global _CONTROL_GROUP
     rank, world_size, local_rank = launch_env()
+    if world_size > 1 and not dist.is_initialized():
+        check_rendezvous(world_size)
     device = resolve_device(device_name, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -289,6 +297,24 @@ def launch_env() -> tuple[int, int, int]:
         print(f"warning: ignoring {', '.join(stray)}: no torchrun launch (that needs WORLD_SIZE > 1 and MASTER_ADDR "
               "or TORCHELASTIC_* variables); running as one process, rank 0", file=sys.stderr)
     return 0, 1, 0
+
+
+# far beyond any cluster that runs one process per GPU; a 20-digit WORLD_SIZE is a broken environment, not a launch
+MAX_WORLD_SIZE = 1_048_576
+
+
+def check_rendezvous(world: int) -> None:
+    """The variables the env:// rendezvous of init_process_group reads, checked before it reads them: torchrun sets
+    MASTER_ADDR and MASTER_PORT for every process it starts, so a launch that lacks one was not made by it."""
+    if world > MAX_WORLD_SIZE:
+        raise AcdcError(f"launched with WORLD_SIZE={world}, above the {MAX_WORLD_SIZE:,} processes acdc joins")
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name, "").strip()]
+    if missing:
+        raise AcdcError(f"launched with WORLD_SIZE={world} but without {' and '.join(missing)}: start the processes "
+                        "with torchrun, which sets them, or set both for your launcher")
+    port = os.environ["MASTER_PORT"].strip()
+    if not (port.isdigit() and 0 < int(port) < 65536):
+        raise AcdcError(f"MASTER_PORT={one_line(port[:40])!r} is not a TCP port (1 to 65535)")
 
 
 def env_rank() -> int:

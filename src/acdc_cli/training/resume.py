@@ -18,6 +18,7 @@ from acdc_cli.files.checkpoint import recorded_config
 from acdc_cli.files.jsonio import finite_number, lenient_json
 from acdc_cli.files.tensors import read_metadata
 from acdc_cli.sparsity.schedule import Phase, PlannedEpoch, epoch_plan, learning_rate
+from acdc_cli.sparsity.sparsifier import check_masks
 
 
 def first_epoch(settings: Settings, from_checkpoint: Path | None, checkpoint_epoch: int) -> int:
@@ -148,16 +149,10 @@ def _check_engine(saved: dict[str, Any], params: Mapping[str, torch.Tensor]) -> 
     if phase is not None and not (isinstance(phase, dict) and set(phase) == {"start", "end", "kind", "sparsity"}):
         raise AcdcError(f"engine.phase is {_shown(phase)}, expected a phase of this plan")
     previous = saved.get("previous_masks")
-    if previous is None:
-        return
-    if not isinstance(previous, dict):
-        raise AcdcError(f"engine.previous_masks is {_shown(previous)}, expected a table of masks")
-    for name, mask in previous.items():
-        if name not in params:
-            raise AcdcError(f"engine.previous_masks has a mask for {_shown(name)}, which this run does not prune")
-        if not isinstance(mask, torch.Tensor) or mask.shape != params[name].shape:
-            raise AcdcError(f"engine.previous_masks[{name}] is {_shown(mask)}, its weight is "
-                            f"{list(params[name].shape)}")
+    if previous is not None:
+        # whole, as the engine takes them: a partial table or masks of 2 would fail a phase later or record a wrong
+        # mask_change
+        check_masks(previous, params, "engine.previous_masks")
 
 
 def _check_totals(every_rank: Any, step: int, world_size: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import time
 from collections.abc import Callable
 from typing import Any
@@ -159,3 +160,42 @@ def elapsed_seconds(fn: Callable[[], Any], device: torch.device) -> float:
     started = time.perf_counter()
     fn()
     return time.perf_counter() - started
+
+
+# address space a CPU thread of torch's OpenMP pool takes: its stack (RLIMIT_STACK, 8 MiB by default) and as much
+# again for what the pool and the allocator reserve beside it; measured: 1024 threads failed under `ulimit -v` 16 GB
+# (12.7 GB left after torch's import) and ran under 24 GB (20.7 GB left)
+THREAD_ADDRESS_FACTOR = 2
+
+
+def check_threads(threads: int | None) -> None:
+    """Refuse ``runtime.threads`` that cannot start under the process's address-space limit (``ulimit -v``, common
+    on clusters). libgomp aborts the process when it cannot create a thread ("Thread creation failed"), with no
+    Python error to catch, so this is estimated before the first parallel region rather than caught after it."""
+    if threads is None:
+        return
+    limit = _address_space_limit()
+    if limit is None:
+        return
+    stack = resource.getrlimit(resource.RLIMIT_STACK)[0]
+    stack = stack if 0 < stack < 2**40 else 8 * 2**20
+    used = _virtual_size()
+    need = threads * stack * THREAD_ADDRESS_FACTOR
+    if used is not None and need > limit - used:
+        raise AcdcError(f"runtime.threads={threads} needs about {need / 2**30:.1f} GiB of address space for its "
+                        f"threads and {max(limit - used, 0) / 2**30:.1f} GiB are left under this process's limit "
+                        f"(ulimit -v {limit // 1024}); set fewer threads")
+
+
+def _address_space_limit() -> int | None:
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    return None if soft == resource.RLIM_INFINITY or soft < 0 else soft
+
+
+def _virtual_size() -> int | None:
+    """The process's virtual memory size in bytes (Linux), None where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[0]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        return None

@@ -14,14 +14,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 
 from acdc_cli.config import Settings, load_settings, merge_layer
 from acdc_cli.data.bundle import input_shape
 from acdc_cli.errors import AcdcError
 from acdc_cli.files.checkpoint import load_checkpoint
-from acdc_cli.models import lookup
-from acdc_cli.training import distributed, tracking
+from acdc_cli.models import create, lookup
+from acdc_cli.training import distributed, runtime, tracking
 from acdc_cli.training.loop import RunResult, run
 from acdc_cli.training.resume import check_resume_settings, epochs_trained, recorded_run_settings
 from acdc_cli.training.rundir import (
@@ -156,9 +157,38 @@ def _check_start(settings: Settings, from_checkpoint: Path | None, new_run: bool
             raise AcdcError(f"{settings.model.name} takes 3-channel images and data.name = "
                             f"{settings.data.name!r} has {channels}; use cifar10, cifar100, imagenet or synthetic "
                             "(--set data.name=...)")
+    _check_model_input(settings)
+    runtime.check_threads(settings.runtime.threads)
     weights = settings.model.weights
     if new_run and weights is not None and not weights.is_file():
         raise AcdcError(f"model.weights: no such file {weights}")
+    # a launch's rendezvous variables, before a run dir is made for it (init_process_group reads them much later)
+    _, world_size, _ = distributed.launch_env()
+    if world_size > 1:
+        distributed.check_rendezvous(world_size)
+
+
+def _check_model_input(settings: Settings) -> None:
+    """Build the model on the meta device (no memory, no data read) and pass it one image of the data's size: a
+    name the factory refuses (wrn-4-1) and a model too deep for the images (inception_v3 on 32 pixels) are refused
+    here, in one line, for a dry run too, instead of inside the first epoch."""
+    channels, height, width = input_shape(settings.data.name, settings.model.name)
+    kwargs: dict[str, Any] = {"in_channels": channels}
+    if settings.model.dropout is not None:
+        kwargs["dropout"] = settings.model.dropout
+    with torch.device("meta"):
+        model = create(settings.model.name, num_classes=10, **kwargs)  # the class count only sizes the head
+        try:
+            with torch.no_grad():
+                model.eval()(torch.zeros(1, channels, height, width))
+        except NotImplementedError:
+            return  # an operation without a meta kernel: the model cannot be checked ahead, the first step will
+        except RuntimeError as exc:
+            detail = str(exc).splitlines()[0][:160] if str(exc) else exc.__class__.__name__
+            if "meta" in detail:  # a model that reads values (.item()) cannot run on the meta device
+                return
+            raise AcdcError(f"{settings.model.name} does not take the {height}x{width} images of data.name = "
+                            f"{settings.data.name!r} ({detail})") from None
 
 
 def _launch(settings: Settings, run_dir: Path, resume: bool, force: bool, from_checkpoint: Path | None, nproc: int,
