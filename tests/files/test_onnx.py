@@ -168,6 +168,7 @@ def test_the_check_refuses_an_initializer_that_lost_a_zero(sources, tmp_path):
     (("-f", "onnx", "--dtype", "float16"), "writes float32"),
     (("-f", "onnx", "--input-size", "0"), "--input-size expects"),
     (("-f", "dense", "--fold-bn"), "--fold-bn applies to --format onnx only"),
+    (("-f", "sparse-bitmask", "--no-onnx-sparse"), "--onnx-sparse/--no-onnx-sparse applies to --format onnx only"),
 ])
 def test_bad_onnx_options_are_one_line_errors(sources, tmp_path, args, message):
     out = tmp_path / "x.onnx"
