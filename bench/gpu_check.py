@@ -199,13 +199,18 @@ def fused_step(ctx: Context) -> int:
     from acdc_cli.config import load_settings
 
     settings = load_settings(preset="wrn-cifar100-95", overrides=["model.name=wrn-10-2"] if ctx.rehearsal else [])
-    acdc_ms, previous_ms, kernel = post_backward_ms(settings, ctx.device())
-    ratio = previous_ms / acdc_ms
+    measured = post_backward_ms(settings, ctx.device())
+    kernel, acdc_ms, previous_ms = (measured["post_backward_kernel"], measured["post_backward_ms"],
+                                    measured["post_backward_previous_ms"])
+    ratio, share = measured["post_backward_ratio"], measured["post_backward_fused_share"]
     detail = (f"{settings.model.name}: gradient mask + {kernel} SGD {acdc_ms:.3f} ms, gradient mask + foreach SGD + "
-              f"weight mask {previous_ms:.3f} ms: {ratio:.2f}x")
+              f"weight mask {previous_ms:.3f} ms: {ratio:.2f}x; single mask pass + foreach SGD "
+              f"{measured['post_backward_single_pass_ms']:.3f} ms: fused=True itself "
+              + ("-" if share is None else f"{100 * share:.0f} %") + " of the saving")
     print(f"post-backward step: {detail}")
     ctx.record("post-backward step ratio", "PASS" if kernel == "fused" else "FAIL", detail, ratio=ratio,
-               acdc_ms=acdc_ms, previous_ms=previous_ms)
+               acdc_ms=acdc_ms, previous_ms=previous_ms, single_pass_ms=measured["post_backward_single_pass_ms"],
+               fused_share=share)
     return tests_rc or (0 if kernel == "fused" else 1)
 
 
@@ -284,12 +289,13 @@ def wrn_run(ctx: Context) -> int:
 def bench(ctx: Context, preset: str) -> int:
     if ctx.rehearsal:
         extra = {"wrn-cifar100-95": ["--set", "model.name=wrn-10-2", "--batch-size", "16", "--steps", "3",
-                                     "--warmup", "1", "--set", "runtime.compile=false"],
+                                     "--warmup", "1", "--set", "runtime.compile=false", "--rounds", "2"],
                  "resnet50-imagenet-90": ["--set", "model.name=resnet20", "--batch-size", "4", "--steps", "2",
                                           "--warmup", "1", "--set", "runtime.compile=false", "--set",
-                                          "data.num_workers=1"]}[preset]
+                                          "data.num_workers=1", "--rounds", "2"]}[preset]
     else:
-        extra = {"wrn-cifar100-95": [], "resnet50-imagenet-90": ["--steps", "30"]}[preset]
+        # 5 alternating rounds of 3 step modes (reference, acdc, acdc at fp32 eager): fewer steps per round
+        extra = {"wrn-cifar100-95": ["--steps", "20"], "resnet50-imagenet-90": ["--steps", "10"]}[preset]
     target = ctx.out / f"bench-{preset}.json"
     with target.open("w") as fh:
         done = subprocess.run(_acdc("bench", "--preset", preset, "--set", "runtime.compile=true", *extra, "--json"),
@@ -373,16 +379,17 @@ def summary(ctx: Context) -> int:
         targets += [
             ("WRN-28-10 training epoch (data + step + masks + metrics)", f"{wrn['acdc_epoch_img_per_s']:,.0f} img/s",
              ">= 9,000 img/s", wrn["acdc_epoch_img_per_s"] >= 9000),
-            ("WRN-28-10 acdc step / reference-style step", f"{wrn['ratio']:.2f}x "
-             f"({wrn['acdc_img_per_s']:,.0f} vs {wrn['reference_img_per_s']:,.0f} img/s)", ">= 2.8x",
-             wrn["ratio"] >= 2.8),
+            ("WRN-28-10 acdc step / reference step (as the reference trains)", f"{wrn['ratio']:.2f}x "
+             f"({wrn['acdc_img_per_s']:,.0f} vs {wrn['reference_img_per_s']:,.0f} img/s; step path "
+             f"{wrn['ratio_step_path']:.2f}x, precision/layout/compile {wrn['ratio_precision_layout_compile']:.2f}x)",
+             ">= 2.8x", wrn["ratio"] >= 2.8),
             ("WRN-28-10 mask update in training (masks + apply + mask change)", f"{wrn['mask_update_ms']:.2f} ms",
              "<= 10 ms", wrn["mask_update_ms"] <= 10),
         ]
     if r50:
         targets += [
             ("ResNet-50 acdc step (compiled)", f"{r50['acdc_img_per_s']:,.0f} img/s "
-             f"(reference-style {r50['reference_img_per_s']:,.0f}, {r50['ratio']:.2f}x)", ">= 5,500 img/s",
+             f"(reference {r50['reference_img_per_s']:,.0f}, {r50['ratio']:.2f}x)", ">= 5,500 img/s",
              r50["acdc_img_per_s"] >= 5500),
             ("ResNet-50 ImageFolder pipeline", f"{r50['pipeline_img_per_s']:,.0f} img/s ({r50['pipeline']})",
              "reported", True),

@@ -7,7 +7,7 @@ import pytest
 import torch
 from cli_helpers import invoke
 
-from acdc_cli.commands.bench_inference import _densified, verdict
+from acdc_cli.commands.bench_inference import _densified, interleaved, median_interval, timing_row, verdict
 from acdc_cli.commands.export import export_checkpoint
 from acdc_cli.commands.prune import prune_checkpoint
 from acdc_cli.files.checkpoint import fold_masks, load_checkpoint
@@ -39,6 +39,8 @@ def _check_numbers(data: dict, batch_sizes: list[int]) -> None:
         assert row["sparse_images_per_s"] == pytest.approx(batch / (row["sparse_ms"] / 1000), rel=1e-9)
         assert row["ratio"] == pytest.approx(row["sparse_images_per_s"] / row["dense_images_per_s"], rel=1e-12)
         assert row["dense_ms"] > 0 and row["sparse_ms"] > 0
+        assert row["ratio_low"] <= row["paired_ratio"] <= row["ratio_high"]
+        assert row["verdict"] in ("faster", "slower", "same")
 
 
 def test_checkpoint_on_the_cpu(files, one_thread):
@@ -115,9 +117,39 @@ def test_missing_file_is_a_one_line_error(tmp_path):
 
 
 def test_verdict_is_honest_about_slower_sparse():
-    assert verdict(0.5) == "sparse is slower (0.50x dense)"
-    assert verdict(0.99) == "no measurable difference (0.99x)"
-    assert verdict(1.6) == "sparse is faster (1.60x dense)"
+    """The verdict reads the confidence interval of the paired ratios: sparse slower in every one of 8 pairs is
+    "slower", even by 5 %; a 5 % median difference within pairs that scatter around 1 (identical kernels on a
+    busy machine) is "same", where a fixed 3 % band would have called it slower."""
+    slower = timing_row(4, dense_times=[1.0] * 8, sparse_times=[2.0, 1.05, 1.06, 2.0, 1.07, 1.05, 2.0, 1.06])
+    assert slower["verdict"] == "slower" and verdict(slower).startswith("sparse is slower (0.94x dense; ")
+    assert slower["ratio_high"] < 1 and slower["confidence"] >= 0.95
+    noisy = timing_row(4, dense_times=[1.0] * 8, sparse_times=[0.8, 1.05, 1.3, 0.9, 1.06, 1.2, 1.05, 0.95])
+    assert noisy["paired_ratio"] == pytest.approx(1 / 1.05) and noisy["verdict"] == "same"
+    assert noisy["ratio_low"] < 1 < noisy["ratio_high"]
+    assert verdict(noisy).startswith("no measurable difference (0.95x; ")
+    faster = timing_row(4, dense_times=[2.0, 1.5, 1.6, 1.8, 1.7, 1.9], sparse_times=[1.0] * 6)
+    assert faster["verdict"] == "faster" and verdict(faster).startswith("sparse is faster (1.75x dense; ")
+    assert faster["ratio"] == pytest.approx(1.75) and faster["dense_images_per_s"] == pytest.approx(4 / 1.75)
+
+
+def test_median_interval_from_order_statistics():
+    # n = 8: P(Binomial(8, 1/2) <= 1) = 9/256, so k = 2 covers 1 - 18/256 = 93 % < 95 %: k = 1, the whole range
+    assert median_interval([5, 1, 4, 2, 8, 7, 3, 6]) == (1, 8, pytest.approx(1 - 2 / 256))
+    # n = 9: k = 2 covers 1 - 2 * 10/512 = 96 %: the second smallest and the second largest
+    assert median_interval(list(range(1, 10))) == (2, 8, pytest.approx(1 - 20 / 512))
+    # n = 20: k = 6 covers 95.9 %, k = 7 only 88.5 %
+    low, high, coverage = median_interval(list(range(1, 21)))
+    assert (low, high) == (6, 15) and coverage == pytest.approx(0.9586, abs=1e-4)
+
+
+def test_interleaved_passes_alternate_which_goes_first():
+    calls = []
+    clock = iter(range(1, 100))
+    dense_times, sparse_times = interleaved(lambda x: calls.append("dense"), lambda x: calls.append("sparse"),
+                                            torch.zeros(1), repeats=4, warmup=1,
+                                            seconds=lambda fn: fn() or float(next(clock)))
+    assert calls == ["dense", "sparse", "dense", "sparse", "sparse", "dense", "dense", "sparse", "sparse", "dense"]
+    assert dense_times == [1, 4, 5, 8] and sparse_times == [2, 3, 6, 7]
 
 
 def test_dense_counterpart_has_no_zeros_and_keeps_the_values():

@@ -196,6 +196,13 @@ def export_cmd(
                                                                            "(default: the model's, e.g. 224).")] = None,
     fold_bn: Annotated[bool, typer.Option("--fold-bn", help="onnx: fold BatchNorm into the preceding convs (zeros "
                                                             "stay zero; the 2:4 pattern is re-checked).")] = False,
+    onnx_sparse: Annotated[
+        Optional[bool],
+        typer.Option("--onnx-sparse/--no-onnx-sparse",
+                     help="onnx: write pruned layers over 2/3 zeros as ONNX sparse initializers (smaller file; "
+                          "default: on for sparse checkpoints); --no-onnx-sparse: dense initializers, for runtimes "
+                          "that do not read sparse ones (docs/files.md)."),
+    ] = None,
     conv_layout: Annotated[
         str,
         typer.Option("--conv-layout", help="sparse-bitmask: rows stores conv weights as (O, kh·kw·I) rows (compact); "
@@ -221,7 +228,8 @@ def export_cmd(
     """
     from acdc_cli.commands.export import ONNX, export_checkpoint
 
-    onnx_options = {"--opset": opset, "--batch": batch, "--input-size": input_size, "--fold-bn": fold_bn or None}
+    onnx_options = {"--opset": opset, "--batch": batch, "--input-size": input_size, "--fold-bn": fold_bn or None,
+                    "--onnx-sparse/--no-onnx-sparse": onnx_sparse}
     if format_ == ONNX:
         if dtype != "float32" or conv_layout != "rows":
             raise AcdcError("--format onnx writes float32 weights in their own shape (drop --dtype/--conv-layout; "
@@ -229,7 +237,7 @@ def export_cmd(
         from acdc_cli.commands.export_onnx import export_onnx
 
         _render_onnx_export(export_onnx(checkpoint, out, opset, batch, input_size, fold_bn, force,
-                                        model_name=model, num_classes=num_classes), as_json)
+                                        model_name=model, num_classes=num_classes, sparse=onnx_sparse), as_json)
         return
     given = [flag for flag, value in onnx_options.items() if value is not None]
     if given:

@@ -76,6 +76,10 @@ def bench(
         Optional[int], typer.Option("--warmup", help="Untimed steps first (absorbs torch.compile and cudnn autotuning; "
                                                      "default 10, with --inference 3).")
     ] = None,
+    rounds: Annotated[
+        Optional[int], typer.Option("--rounds", help="Alternating rounds of the step modes, each timing --steps steps "
+                                                     "per mode (default 5; min and median reported).")
+    ] = None,
     batch_size: Annotated[
         Optional[int], typer.Option("--batch-size", "-b", help="Batch size (default: the preset's data.batch_size; "
                                                                "with --inference: 1 and this, default 64).")
@@ -90,10 +94,12 @@ def bench(
 ) -> None:
     """Measure a preset's training speed on this device, in one run, on synthetic data.
 
-    Times the reference-style step (fp32, NCHW, eager, gradient-mask hooks) against acdc's own step (bf16 autocast,
-    channels_last and torch.compile as the settings say), plus a training epoch through the preset's loader, the
-    global mask update and the input pipeline alone. Without --preset it measures the quickstart, in seconds on any
-    machine. Use --set runtime.compile=true to time the compiled step.
+    Times the reference's step as the AC/DC reference code trains (fp32, NCHW, eager; weights re-masked before every
+    forward, gradient-mask hooks, per-tensor SGD, weights re-masked after the step, two host syncs per step) against
+    acdc's own step (bf16 autocast, channels_last and torch.compile as the settings say) and acdc's step at fp32/eager,
+    in alternating rounds, with the ratio split into step path and precision/layout/compile; plus a training epoch
+    through the preset's loader, the global mask update and the input pipeline alone. Without --preset it measures
+    the quickstart, in seconds on any machine. Use --set runtime.compile=true to time the compiled step.
 
     With --inference FILE: images/s of the file's model with dense weights against its sparse weights, side by side
     (median of --steps timed passes): on CUDA with PyTorch's 2:4 sparse kernels for 2:4 Linear layers, on ONNX
@@ -122,7 +128,8 @@ def bench(
     settings = load_settings(preset, config, set_, {"runtime.device": device})
     with status_console.status("acdc bench") as status:
         result = run_bench(settings, steps=50 if steps is None else steps, warmup=10 if warmup is None else warmup,
-                           batch_size=batch_size, status=lambda message: status.update(f"acdc bench: {message}"))
+                           rounds=5 if rounds is None else rounds, batch_size=batch_size,
+                           status=lambda message: status.update(f"acdc bench: {message}"))
     if as_json:
         print_json(result, BENCH_SCHEMA)
     else:

@@ -9,9 +9,11 @@ run, on this device.
   run dense kernels over weights with zeros, and the table says so per layer;
 - an ``.onnx`` file runs on ONNX Runtime's CPU provider, dense and sparse alike (its CPU kernels do not skip zeros).
 
-Each (model, batch size) is timed ``repeats`` times after ``warmup`` untimed passes, dense and sparse interleaved so
-that drifting machine load hits both alike; the median is reported. A ratio below 1 (sparse slower) is reported as
-such.
+Each (model, batch size) is timed ``repeats`` times after ``warmup`` untimed passes, dense and sparse interleaved (which
+goes first alternates) so that drifting machine load hits both alike; the medians are reported. The verdict comes from
+the measured noise, not a fixed band: each repeat gives one paired ratio (dense time / sparse time), and a
+distribution-free confidence interval for their median (order statistics, as in the sign test) says "faster" when it
+lies above 1, "slower" below 1, and "same" when it holds 1.
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ BATCH_SIZES = (1, 64)
 MAX_INPUT_ELEMENTS = 2**28
 
 
-# within this band around 1 a ratio is timing noise on a shared machine, not a speed difference
-NOISE = 0.03
+# two-sided confidence of the interval around the median paired ratio that the verdict reads
+CONFIDENCE = 0.95
 
 
 def run_inference_bench(path: Path | str, device: str | None = None, repeats: int = 20, warmup: int = 3,
@@ -78,16 +80,8 @@ def run_inference_bench(path: Path | str, device: str | None = None, repeats: in
     for batch in batch_sizes:
         say(f"batch {batch}")
         images = torch.randn(batch, *bench.input_shape, generator=torch.Generator().manual_seed(batch))
-        dense_s, sparse_s = bench.time(images, repeats, warmup)
-        dense_ips, sparse_ips = batch / dense_s, batch / sparse_s
-        results.append({
-            "batch_size": batch,
-            "dense_ms": 1000 * dense_s,
-            "sparse_ms": 1000 * sparse_s,
-            "dense_images_per_s": dense_ips,
-            "sparse_images_per_s": sparse_ips,
-            "ratio": sparse_ips / dense_ips,
-        })
+        dense_times, sparse_times = bench.time(images, repeats, warmup)
+        results.append(timing_row(batch, dense_times, sparse_times))
     sparse_layers = [layer["name"] for layer in bench.layers if layer["sparse_kernel"]]
     numel = sum(math.prod(layer["shape"]) for layer in bench.layers)
     kept = sum(round(math.prod(layer["shape"]) * (1 - layer["sparsity"])) for layer in bench.layers)
@@ -198,18 +192,11 @@ class _TorchBench:
             return False, f"dense kernel: PyTorch refused 2:4 for this layer ({_first_line(exc)})"
         return True, f"2:4 sparse kernel ({type(module.weight).__name__})"
 
-    def time(self, images: torch.Tensor, repeats: int, warmup: int) -> tuple[float, float]:
+    def time(self, images: torch.Tensor, repeats: int, warmup: int) -> tuple[list[float], list[float]]:
         images = images.to(self.device, self.dtype)
-        runs = {"dense": self.dense, "sparse": self.sparse}
-        seconds: dict[str, list[float]] = {k: [] for k in runs}
         with torch.inference_mode():
-            for _ in range(warmup):
-                for model in runs.values():
-                    model(images)
-            for _ in range(repeats):
-                for key, model in runs.items():
-                    seconds[key].append(elapsed_seconds(lambda m=model: m(images), self.device))
-        return statistics.median(seconds["dense"]), statistics.median(seconds["sparse"])
+            return interleaved(self.dense, self.sparse, images, repeats, warmup,
+                               lambda fn: elapsed_seconds(fn, self.device))
 
     def note(self, sparse_layers: list[str]) -> str | None:
         if sparse_layers:
@@ -239,29 +226,26 @@ class _OnnxBench:
         generator = torch.Generator().manual_seed(0)
         self.layers = []
         dense_proto = copy.deepcopy(proto)
+        # sparse initializers (ONNX Runtime densifies them when it loads the file) become dense ones here too
+        sparse_names = [sparse.values.name for sparse in dense_proto.graph.sparse_initializer]
+        dense_proto.graph.initializer.extend(numpy_helper.from_array(opened.weights[name].numpy(), name)
+                                             for name in sparse_names)
+        del dense_proto.graph.sparse_initializer[:]
         for init in dense_proto.graph.initializer:
             if init.name not in consumers:
                 continue
             value = opened.weights[init.name]
             self.layers.append(_layer_row(init.name, consumers[init.name], value, False,
-                                          "dense kernel: ONNX Runtime's CPU kernels do not skip zeros"))
+                                          "dense kernel: ONNX Runtime's CPU kernels do not skip zeros"
+                                          + (" (its sparse initializer is densified at load)"
+                                             if init.name in sparse_names else "")))
             init.CopyFrom(numpy_helper.from_array(_densified(value, generator).numpy(), init.name))
         self.sparse = opened.runtime(self.threads)
         self.dense = OnnxRuntimeModule(session(dense_proto.SerializeToString(), self.threads))
         self.max_abs_diff = None  # both run the same kernels
 
-    def time(self, images: torch.Tensor, repeats: int, warmup: int) -> tuple[float, float]:
-        runs = {"dense": self.dense, "sparse": self.sparse}
-        seconds: dict[str, list[float]] = {k: [] for k in runs}
-        for _ in range(warmup):
-            for model in runs.values():
-                model(images)
-        for _ in range(repeats):
-            for key, model in runs.items():
-                started = time.perf_counter()
-                model(images)
-                seconds[key].append(time.perf_counter() - started)
-        return statistics.median(seconds["dense"]), statistics.median(seconds["sparse"])
+    def time(self, images: torch.Tensor, repeats: int, warmup: int) -> tuple[list[float], list[float]]:
+        return interleaved(self.dense, self.sparse, images, repeats, warmup, _wall_seconds)
 
     def note(self, sparse_layers: list[str]) -> str:
         return ("ONNX Runtime's CPU provider runs Conv and Gemm densely: a sparse file is smaller, not faster, here; "
@@ -273,12 +257,72 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:200] if text else exc.__class__.__name__
 
 
-def verdict(ratio: float) -> str:
-    if ratio < 1 - NOISE:
-        return f"sparse is slower ({ratio:.2f}x dense)"
-    if ratio > 1 + NOISE:
-        return f"sparse is faster ({ratio:.2f}x dense)"
-    return f"no measurable difference ({ratio:.2f}x)"
+def _wall_seconds(fn: Callable[[], Any]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def interleaved(dense: Callable[[torch.Tensor], Any], sparse: Callable[[torch.Tensor], Any], images: torch.Tensor,
+                repeats: int, warmup: int, seconds: Callable[[Callable[[], Any]], float]
+                ) -> tuple[list[float], list[float]]:
+    """(dense, sparse) seconds of ``repeats`` passes each after ``warmup`` untimed ones; each repeat times both, the
+    one that goes first alternating, so that neither always runs on the caches the other warmed."""
+    for _ in range(warmup):
+        dense(images)
+        sparse(images)
+    times: dict[str, list[float]] = {"dense": [], "sparse": []}
+    for index in range(repeats):
+        order = (("dense", dense), ("sparse", sparse))
+        for key, model in order if index % 2 == 0 else order[::-1]:
+            times[key].append(seconds(lambda model=model: model(images)))
+    return times["dense"], times["sparse"]
+
+
+def median_interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """(low, high, coverage): a distribution-free confidence interval for the median of ``values`` from their order
+    statistics, ``[v(k), v(n+1-k)]`` with the largest k whose coverage ``1 - 2 P(Binomial(n, 1/2) < k)`` is at least
+    ``confidence``; with too few values for that (fewer than 6 at 95 %) the whole range, with its own coverage."""
+    ordered = sorted(values)
+    n = len(ordered)
+
+    def coverage(k: int) -> float:
+        return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2**n
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= confidence:
+        k += 1
+    return ordered[k - 1], ordered[n - k], coverage(k)
+
+
+def timing_row(batch: int, dense_times: list[float], sparse_times: list[float]) -> dict[str, Any]:
+    """One batch size's figures: medians, the paired ratios' median and confidence interval, and the verdict."""
+    dense_s, sparse_s = statistics.median(dense_times), statistics.median(sparse_times)
+    paired = [d / s for d, s in zip(dense_times, sparse_times)]  # sparse speed over dense, per repeat
+    low, high, coverage = median_interval(paired)
+    return {
+        "batch_size": batch,
+        "dense_ms": 1000 * dense_s,
+        "sparse_ms": 1000 * sparse_s,
+        "dense_images_per_s": batch / dense_s,
+        "sparse_images_per_s": batch / sparse_s,
+        "ratio": dense_s / sparse_s,
+        "paired_ratio": statistics.median(paired),
+        "ratio_low": low,
+        "ratio_high": high,
+        "confidence": coverage,
+        "verdict": "faster" if low > 1 else "slower" if high < 1 else "same",
+    }
+
+
+def verdict(row: dict[str, Any]) -> str:
+    """The row's verdict in words, with the interval it was read from."""
+    spread = f"{row['ratio_low']:.2f}-{row['ratio_high']:.2f}x at {100 * row['confidence']:.0f} % confidence"
+    if row["verdict"] == "faster":
+        return f"sparse is faster ({row['paired_ratio']:.2f}x dense; {spread})"
+    if row["verdict"] == "slower":
+        return f"sparse is slower ({row['paired_ratio']:.2f}x dense; {spread})"
+    return f"no measurable difference ({row['paired_ratio']:.2f}x; {spread}, which holds 1)"
 
 
 def render(result: dict[str, Any], console: Console) -> None:
@@ -292,7 +336,7 @@ def render(result: dict[str, Any], console: Console) -> None:
                       f"{row['ratio']:.3f}", f"{row['dense_ms']:.2f}", f"{row['sparse_ms']:.2f}")
     console.print(table)
     for row in result["results"]:
-        console.print(f"batch {row['batch_size']}: {verdict(row['ratio'])}", highlight=False)
+        console.print(f"batch {row['batch_size']}: {verdict(row)}", highlight=False)
     layers = Table(title="conv and linear layers")
     for col in ("layer", "type", "shape", "sparsity", "2:4", "kernel"):
         layers.add_column(col, justify="right" if col == "sparsity" else "left", overflow="fold",

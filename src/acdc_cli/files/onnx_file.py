@@ -1,5 +1,5 @@
-"""ONNX files that acdc writes and reads: the optional extra it needs, the initializers (the stored weights) of a
-graph, an ONNX Runtime session wrapped as a module for evaluation, and a cheap check that a path is an ONNX model."""
+"""acdc's ONNX files: reading them (initializers dense or sparse, metadata), writing pruned weights as ONNX sparse
+initializers, and ONNX Runtime (CPU) as a module."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def require_onnx() -> tuple[Any, Any]:
 
 
 def initializers(proto: Any) -> dict[str, np.ndarray]:
-    """Every initializer of an ONNX model by name, as numpy arrays; a malformed one is a one-line AcdcError."""
+    """Every initializer of an ONNX model by name, as numpy arrays, sparse initializers as their dense values; a
+    malformed one is a one-line AcdcError."""
     from onnx import numpy_helper
 
     out = {}
@@ -45,7 +46,56 @@ def initializers(proto: Any) -> dict[str, np.ndarray]:
             out[init.name] = numpy_helper.to_array(init)
         except Exception as exc:  # onnx raises ValueError, TypeError, ... for tensors whose data does not fit
             raise AcdcError(f"ONNX initializer {init.name!r} is malformed ({first_line(exc)})") from None
+    for sparse in proto.graph.sparse_initializer:
+        out[sparse.values.name] = dense_of_sparse(sparse)
     return out
+
+
+def dense_of_sparse(sparse: Any) -> np.ndarray:
+    """The dense array of an ONNX sparse tensor (indices linear, shape [NNZ], or coordinates, [NNZ, rank])."""
+    from onnx import numpy_helper
+
+    name = sparse.values.name
+    try:
+        values, indices = numpy_helper.to_array(sparse.values), numpy_helper.to_array(sparse.indices)
+        shape = tuple(int(d) for d in sparse.dims)
+        dense = np.zeros(int(np.prod(shape)), dtype=values.dtype)
+        if indices.ndim == 2:
+            indices = np.ravel_multi_index(tuple(indices.T), shape)
+        if values.ndim != 1 or indices.shape != values.shape:
+            raise ValueError(f"{values.shape[0] if values.ndim else 0} values for indices of shape {indices.shape}")
+        if indices.size and not 0 <= int(indices.min()) <= int(indices.max()) < dense.size:
+            raise ValueError(f"an index outside the {dense.size} values of shape {shape}")
+        dense[indices] = values
+    except Exception as exc:  # onnx's and numpy's errors for data that does not fit its shape
+        raise AcdcError(f"ONNX sparse initializer {name!r} is malformed ({first_line(exc)})") from None
+    return dense.reshape(shape)
+
+
+# bytes per kept value of a sparse initializer: the fp32 value and its int64 linear index (ONNX's index type)
+SPARSE_BYTES_PER_VALUE = 4 + 8
+
+
+def to_sparse_initializers(proto: Any, names: list[str]) -> list[str]:
+    """Move each initializer named in ``names`` into ``graph.sparse_initializer`` (its non-zero values and their
+    linear indices) where that makes it smaller: more than 2/3 zeros for fp32. Returns the names moved."""
+    from onnx import helper, numpy_helper
+
+    wanted, moved, kept = set(names), [], []
+    for init in proto.graph.initializer:
+        value = numpy_helper.to_array(init) if init.name in wanted else None
+        nonzero = None if value is None else np.flatnonzero(value)
+        if value is None or value.dtype != np.float32 or \
+                len(nonzero) * SPARSE_BYTES_PER_VALUE >= value.size * value.itemsize:
+            kept.append(init)
+            continue
+        values = numpy_helper.from_array(value.reshape(-1)[nonzero], init.name)
+        indices = numpy_helper.from_array(nonzero.astype(np.int64), f"{init.name}.indices")
+        proto.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, list(value.shape)))
+        moved.append(init.name)
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    return moved
 
 
 def session(model: bytes | str | Path, threads: int | None = None) -> Any:
@@ -105,7 +155,9 @@ def read_onnx(path: Path) -> tuple[Any, dict[str, str]]:
     if meta.get("format") != ONNX_FORMAT:
         raise AcdcError(f"{path} is an ONNX file but not an acdc export (it carries no acdc metadata)")
     # acdc writes every initializer into the file; one pointing elsewhere would make the readers open that path
-    external = [init.name for init in proto.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL]
+    tensors = [*proto.graph.initializer, *(t for sparse in proto.graph.sparse_initializer
+                                           for t in (sparse.values, sparse.indices))]
+    external = [t.name for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL]
     if external:
         raise AcdcError(f"{path}: initializer {external[0]!r} points to external data, which acdc does not read")
     check_tensor_sizes(proto, path)
