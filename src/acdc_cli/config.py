@@ -251,6 +251,12 @@ class RuntimeSettings(_Section):
         10, ge=1, le=10**6, description="nan_policy 'skip': stop the run (exit 1) after this many steps in a row "
         "are skipped (steps)"
     )
+    # clusters: the same command line starts, continues or refuses a run (torchrun restarts, requeued jobs)
+    auto_resume: bool = Field(
+        False, description="with --out DIR: start a new run when DIR holds none, continue it when DIR holds a "
+        "resumable run of the same settings (the checks of --resume), refuse anything else; a signal's stop "
+        "then exits 75 (rerun me) instead of 0"
+    )
 
     @field_validator("device")
     @classmethod
