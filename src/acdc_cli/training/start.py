@@ -14,9 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
 from pydantic import ValidationError
+from rich.console import Console
 
 from acdc_cli.config import Settings, format_validation_error, load_settings, merge_layer, read_toml
 from acdc_cli.data.bundle import input_shape
