@@ -47,6 +47,9 @@ def test_the_same_command_starts_stops_continues_and_ends_like_an_uninterrupted_
     assert done.exit_code == 0, done.output
     assert shows(f"note: {run_dir} has trained all 3 epochs of its plan; nothing to train", done.stdout)
     assert (run_dir / "last.safetensors").read_bytes() == finished
+    # its config.toml records auto_resume = true: a person's --resume still continues it as ever
+    resumed = invoke("train", "--resume", run_dir)
+    assert resumed.exit_code == 0 and shows("nothing to train", resumed.stdout), resumed.output
 
 
 def test_an_extension_is_continued_and_other_changes_are_refused(tmp_path, reference):

@@ -110,12 +110,12 @@ def train(settings: Settings, *, out: Path | None = None, resume: bool = False, 
     than 0. Raises AcdcError (one line) before anything is written when a check fails, :class:`RanksFailed` when a
     launched rank fails, :class:`RunStopped` in ranks other than 0 of an auto-resumed run a signal stopped."""
     auto = settings.runtime.auto_resume
-    if auto:
+    # an explicit resume needs no decision (and a run dir's config.toml may carry auto_resume into `--resume DIR`)
+    if auto and not resume:
         if out is None:
             raise AcdcError("runtime.auto_resume (--auto-resume) needs the run dir: give --out DIR")
-        if resume or force:
-            raise AcdcError(f"--auto-resume decides itself whether {out} starts or continues; drop "
-                            f"{'--resume' if resume else '--force'}")
+        if force:
+            raise AcdcError(f"--auto-resume decides itself whether {out} starts or continues; drop --force")
         resume, force = auto_resume(Path(out), settings)
     if resume:
         if out is None:
