@@ -123,8 +123,10 @@ def reference(tmp_path_factory) -> Path:
 def _restarted_run_matches(tmp_path: Path, reference: Path, env: dict[str, str]) -> Agents:
     run_dir = tmp_path / "run"
     agents = _agents(tmp_path, run_dir, env)
-    codes = agents.wait()
-    agents.write_log(tmp_path / "agents.log")
+    try:
+        codes = agents.wait()
+    finally:
+        agents.write_log(tmp_path / "agents.log")
     assert codes == [0, 0], agents.output()
     text = agents.output()
     assert re.search(r"exitcode\s*:\s*-9", text), f"torchrun saw no worker killed:\n{text}"
