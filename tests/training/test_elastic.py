@@ -63,7 +63,11 @@ class Agents:
                    "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "elastic",
                    "--max-restarts", str(max_restarts), "--no-python", "bash", str(wrapper),
                    "train", "--auto-resume", *acdc_args]
-        env = {**os.environ, "ACDC_TEST_PYTHON": sys.executable, "PYTHONUNBUFFERED": "1", **env}
+        # as docs/clusters.md says: a fresh store for each round, or a restarted rank may read the address its
+        # predecessor published in the shared one and fail to connect (torch's shared rendezvous store has no
+        # per-round prefix for the workers' keys)
+        env = {**os.environ, "ACDC_TEST_PYTHON": sys.executable, "PYTHONUNBUFFERED": "1",
+               "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **env}
         self.lines: list[tuple[float, str]] = []
         self.procs = [subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                        text=True, start_new_session=True) for _ in range(2)]
