@@ -101,7 +101,8 @@ class Agents:
 
     def steps_run(self, epoch: int, step: int) -> int:
         """How many times the group ran step ``step`` of ``epoch`` (rank 0's progress lines)."""
-        return sum(1 for _, line in self.lines if (m := PROGRESS.search(line)) and m.groups() == (str(epoch), str(step)))
+        wanted = (str(epoch), str(step))
+        return sum(1 for _, line in self.lines if (m := PROGRESS.search(line)) and m.groups() == wanted)
 
     def restart_seconds(self, epoch: int, step: int) -> float:
         """Seconds from the progress line of (epoch, step), after which the worker was killed, to the next
