@@ -31,7 +31,7 @@ from acdc_cli.training.checkpoints import state_path
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two agents on the CPU need two cores")]
 
-# 3 epochs (dense, sparse, sparse) of 13 steps, a mid-epoch checkpoint every 4 steps, dropout on (drawn from
+# 3 epochs (dense, sparse, sparse) of 11 steps, a mid-epoch checkpoint every 4 steps, dropout on (drawn from
 # seed, epoch, step and rank); every step prints a progress line (the restart is timed from them)
 RUN = [*short_schedule(3, 1, 1, 1, 1, 0, "data.batch_size=112", "model.dropout=0.3",
                        "runtime.checkpoint_every_steps=4", "log.progress=true", "log.progress_interval_s=0")]
@@ -133,8 +133,8 @@ def _restarted_run_matches(tmp_path: Path, reference: Path, env: dict[str, str])
     finally:
         agents.write_log(tmp_path / "agents.log")
     assert codes == [0, 0], agents.output()
-    text = agents.output()
-    assert re.search(r"exitcode\s*:\s*-9", text), f"torchrun saw no worker killed:\n{text}"
+    text = "\n".join(line for _, line in agents.lines)
+    assert re.search(r"exitcode\s*:\s*-9", text), f"torchrun saw no worker killed:\n{agents.output()}"
     assert [r["epoch"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [0, 1, 2]
     assert_same_run(reference, run_dir)
     return agents
@@ -150,10 +150,11 @@ def test_rank_0_killed_between_checkpoint_writes(tmp_path, reference):
 
 
 def test_rank_0_killed_inside_a_checkpoint_write(tmp_path, reference):
-    """SIGKILL to rank 0 with its fifth last.safetensors (epoch 1, step 4) complete in its temporary file but not
-    renamed into place: the restarted group continues from the previous pair (the end of epoch 0)."""
-    agents = _restarted_run_matches(tmp_path, reference, {"_ACDC_TEST_FAULT": "kill@rename:5:last.safetensors"})
-    assert agents.steps_run(0, 13) == 1 and agents.steps_run(1, 1) == 2
+    """SIGKILL to rank 0 with its fourth last.safetensors (epoch 1, step 4; after steps 4 and 8 and the end of
+    epoch 0) complete in its temporary file but not renamed into place: the restarted group continues from the
+    previous pair, the end of epoch 0."""
+    agents = _restarted_run_matches(tmp_path, reference, {"_ACDC_TEST_FAULT": "kill@rename:4:last.safetensors"})
+    assert agents.steps_run(0, 11) == 1 and agents.steps_run(1, 1) == 2
 
 
 def test_rank_1_killed_between_checkpoint_writes(tmp_path, reference):
