@@ -349,6 +349,12 @@ class RuntimeSettings(_Section):
     def eval_amp(self) -> str:
         """The autocast setting evaluations run under: "off" (fp32) or runtime.amp."""
         return self.amp if self.eval_precision == "amp" else "off"
+    # clusters: the same command line starts, continues or refuses a run (torchrun restarts, requeued jobs)
+    auto_resume: bool = Field(
+        False, description="with --out DIR: start a new run when DIR holds none, continue it when DIR holds a "
+        "resumable run of the same settings (the checks of --resume), refuse anything else; a signal's stop "
+        "then exits 75 (rerun me) instead of 0"
+    )
 
     @field_validator("device")
     @classmethod
@@ -485,7 +491,7 @@ NOT_RESULT_SETTINGS = (
     "data.dir", "data.eval_batch_size", "data.num_workers", "data.decode", "data.max_image_pixels", "data.download",
     "runtime.device", "runtime.seed", "runtime.channels_last", "runtime.compile", "runtime.threads",
     "runtime.deterministic", "runtime.checkpoint_every_steps", "runtime.checkpoint_every", "runtime.nan_policy",
-    "runtime.max_skipped_steps",
+    "runtime.max_skipped_steps", "runtime.auto_resume",
     "log",  # a whole section: TensorBoard, progress, MLflow, W&B
 )
 

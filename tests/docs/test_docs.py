@@ -76,6 +76,9 @@ RULES: list[tuple[str, str]] = [
     (r"acdc export ckpt\.safetensors -f onnx .*--batch 1 --opset 18", "tests/files/test_onnx.py::test_fixed_batch_and_opset"),
     (r"trtexec ", "tests/gpu/test_gpu.py::test_tensorrt_builds_a_sparse_engine_from_the_2_4_export"),
     (r"torchrun --standalone ", "tests/training/test_distributed.py::test_nproc_2_quickstart_agrees_with_single_process"),
+    (r"TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes 2 --nproc-per-node 8 --max-restarts \d+ .* "
+     r"--auto-resume ",
+     "tests/training/test_elastic.py::test_rank_0_killed_between_checkpoint_writes"),
     (r"torchrun --nnodes 2 .* --out ", "tests/docs/test_docs.py::test_two_torchrun_agents_train_and_resume_one_run"),
     (r"torchrun --nnodes 2 .* --resume ", "tests/docs/test_docs.py::test_two_torchrun_agents_train_and_resume_one_run"),
     (r"for s in 0\.8 0\.9 0\.95; do acdc train ",

@@ -47,6 +47,11 @@ def train(
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N (runtime.device).")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed (runtime.seed).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite a non-empty run dir.")] = False,
+    auto_resume: Annotated[
+        bool, typer.Option("--auto-resume", help="With --out DIR: start the run, or continue the one DIR holds "
+                           "(the checks of --resume); the same command line after a torchrun restart or a requeue. "
+                           "A signal's stop then exits 75 (runtime.auto_resume).")
+    ] = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the resolved settings as TOML (a file for --config) with the phase "
                            "timeline as comments, then exit.")
@@ -66,7 +71,7 @@ def train(
     from acdc_cli.training import start
 
     flags = {"data.dir": str(data_dir) if data_dir else None, "runtime.device": device, "runtime.seed": seed,
-             "data.download": True if download else None}
+             "data.download": True if download else None, "runtime.auto_resume": True if auto_resume else None}
     settings = start.resolve_settings(preset, config, set_, flags, resume=resume, from_checkpoint=from_, out=out,
                                       force=force)
     if dry_run:
@@ -81,7 +86,7 @@ def train(
         result = start.train(settings, out=resume if resume is not None else out, resume=resume is not None,
                              force=force, from_checkpoint=from_, nproc=nproc, console=console,
                              launch_argv=launch_argv)
-    except start.RanksFailed as exc:
+    except (start.RanksFailed, start.RunStopped) as exc:
         raise typer.Exit(exc.exit_code) from None
     if result is None:  # the ranks reported, or this is a rank other than 0
         return
@@ -110,6 +115,8 @@ def train(
         # the panel quotes the run dir: a path holding "[/]" is text, not markup
         panel = summary_panel(result, settings.log.tensorboard)
         (err_console(markup=False) if as_json else out_console(markup=False)).print(panel)
+    if result.preempted is not None and settings.runtime.auto_resume:
+        raise typer.Exit(start.STOPPED_EXIT_CODE)
 
 
 def _forward_options(ctx: typer.Context, skip: set[str]) -> list[str]:

@@ -374,9 +374,10 @@ def mark_stopped() -> None:
         Path(path).write_text("stopped\n")
 
 
-def launch(nproc: int, argv: list[str], threads: int) -> int:
+def launch(nproc: int, argv: list[str], threads: int, stopped_code: int = 0) -> int:
     """Run ``python -m acdc_cli <argv>`` in ``nproc`` processes on this machine through torchrun's own launcher
-    (a standalone c10d rendezvous on a free local port). Returns the exit code of the first failing rank, else 0."""
+    (a standalone c10d rendezvous on a free local port). Returns the exit code of the first failing rank, else 0;
+    ``stopped_code`` when a signal to this process stopped the ranks cleanly."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -404,7 +405,7 @@ def launch(nproc: int, argv: list[str], threads: int) -> int:
     except SignalException as exc:
         # the launcher got SIGTERM/SIGINT and passed it on to every rank; it cannot see their exit codes, so the
         # marker tells a clean stop (checkpoint written: exit 0) from ranks that were killed
-        return 0 if marker.exists() else 128 + int(exc.sigval)
+        return stopped_code if marker.exists() else 128 + int(exc.sigval)
     finally:
         elastic_log.setLevel(level)
         os.environ.pop(STOPPED_MARKER_ENV, None)

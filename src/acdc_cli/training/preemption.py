@@ -1,4 +1,5 @@
-"""Stopping a run cleanly when the job is told to go (SIGTERM from a scheduler, SIGINT from Ctrl-C).
+"""Stopping a run cleanly when the job is told to go (SIGTERM from a scheduler, SIGUSR1 from SLURM's
+``--signal=USR1@SECONDS`` warning before the time limit, SIGINT from Ctrl-C).
 
 The first signal only raises a flag: the loop finishes the step it is in, writes a checkpoint and returns, so
 ``acdc train --resume`` loses nothing. A second signal raises KeyboardInterrupt at once (the CLI exits 130); the same
@@ -24,7 +25,7 @@ import torch.distributed as dist
 from acdc_cli import testing_hooks
 from acdc_cli.training.distributed import control_group
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 SYNC_EVERY_STEPS = 10
@@ -50,7 +51,7 @@ def reduce_int(value: int, op: str = "max") -> int:
 
 
 class StopSignal:
-    """While entered, SIGTERM/SIGINT set a flag instead of killing the process; ``should_stop`` reads it.
+    """While entered, SIGTERM/SIGUSR1/SIGINT set a flag instead of killing the process; ``should_stop`` reads it.
 
     Handlers can only be installed from the main thread; elsewhere (a run started from a worker thread) the
     signals keep their usual behaviour.

@@ -5,7 +5,7 @@ checkpoint records), the first epoch of a run started from another checkpoint, a
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -212,13 +212,10 @@ _EXTEND_MAY_CHANGE = {
 }
 
 
-def check_resume_settings(recorded: Settings, requested: Settings, run_dir: Path) -> None:
-    """A resumed run continues the same computation: only locations and runtime/log knobs may change (from
-    config.toml, flags, --set or ACDC_* variables alike); the seed, which fixes splits, data order and dropout, may
-    not. It may also be extended (schedule.epochs and the phase lengths and LR shape that go with it) when the
-    epochs it trained stay as planned. ``recorded``: the settings inside last.safetensors."""
+def _differences(recorded: Settings, requested: Settings) -> Iterator[tuple[str, Any, Any, bool]]:
+    """(setting, recorded value, requested value, whether an extension may change it) for every setting a resumed
+    run may not change freely."""
     a, b = recorded.model_dump(mode="json"), requested.model_dump(mode="json")
-    extended = []
     for section, values in a.items():
         keys = values.keys() if isinstance(values, dict) else [None]
         for key in keys:
@@ -231,14 +228,34 @@ def check_resume_settings(recorded: Settings, requested: Settings, run_dir: Path
                 continue  # the same command line again: the run measures them again, to the same values
             if section in _RESUME_SECTIONS_MAY_CHANGE and dotted not in _RESUME_MUST_KEEP:
                 continue
-            if dotted in _EXTEND_MAY_CHANGE:
-                extended.append(f"{dotted} {old!r} -> {new!r}")
-                continue
-            raise AcdcError(f"cannot change {dotted} when resuming ({old!r} in {run_dir / 'last.safetensors'} -> "
-                            f"{new!r} from config.toml, flags, --set or ACDC_*); only locations (data.dir, ...), "
-                            "runtime.* / log.* settings other than runtime.seed, and the schedule's length may change")
+            yield dotted, old, new, dotted in _EXTEND_MAY_CHANGE
+
+
+def check_resume_settings(recorded: Settings, requested: Settings, run_dir: Path) -> None:
+    """A resumed run continues the same computation: only locations and runtime/log knobs may change (from
+    config.toml, flags, --set or ACDC_* variables alike); the seed, which fixes splits, data order and dropout, may
+    not. It may also be extended (schedule.epochs and the phase lengths and LR shape that go with it) when the
+    epochs it trained stay as planned. ``recorded``: the settings inside last.safetensors."""
+    extended = []
+    for dotted, old, new, extends in _differences(recorded, requested):
+        if extends:
+            extended.append(f"{dotted} {old!r} -> {new!r}")
+            continue
+        raise AcdcError(f"cannot change {dotted} when resuming ({old!r} in {run_dir / 'last.safetensors'} -> "
+                        f"{new!r} from config.toml, flags, --set or ACDC_*); only locations (data.dir, ...), "
+                        "runtime.* / log.* settings other than runtime.seed, and the schedule's length may change")
     if extended:
         check_extension(recorded, requested, run_dir, ", ".join(extended))
+
+
+def check_restart_settings(started: Settings, requested: Settings, run_dir: Path) -> None:
+    """A run that stopped before its first checkpoint trained nothing that could be continued; it is started again
+    only as the same run: what ``--resume`` would refuse to change is refused here (its length may change: no epoch
+    of it is kept). ``started``: the settings its config.toml records."""
+    for dotted, old, new, extends in _differences(started, requested):
+        if not extends:
+            raise AcdcError(f"{run_dir} holds a run started with {dotted} = {old!r} (its {run_dir / 'config.toml'}), "
+                            f"this command has {new!r}; give another --out, or --force to replace that run")
 
 
 def epochs_trained(run_dir: Path) -> int:

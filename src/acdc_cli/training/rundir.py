@@ -44,7 +44,7 @@ def prepare_run_dir(run_dir: Path, force: bool) -> None:
     check_new_run_dir(run_dir, force)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".acdc-write-test"
+        probe = run_dir / WRITE_PROBE
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
@@ -59,6 +59,16 @@ def prepare_run_dir(run_dir: Path, force: bool) -> None:
 
 
 LOCK_FILE = ".acdc.lock"
+
+
+# the file prepare_run_dir writes and deletes to see that the folder is writable
+WRITE_PROBE = ".acdc-write-test"
+
+
+def holds_nothing(run_dir: Path) -> bool:
+    """True when ``run_dir`` is missing or holds nothing but what acdc makes before a run writes anything (the lock
+    file, the write probe): the state another rank may see while rank 0 prepares a new run there."""
+    return not run_dir.is_dir() or all(p.name in (LOCK_FILE, WRITE_PROBE) for p in run_dir.iterdir())
 
 
 # set by `acdc train --nproc` while it holds the run lock for its ranks: its PID

@@ -15,19 +15,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from rich.console import Console
 
-from acdc_cli.config import Settings, load_settings, merge_layer
+from acdc_cli.config import Settings, format_validation_error, load_settings, merge_layer, read_toml
 from acdc_cli.data.bundle import input_shape
 from acdc_cli.errors import AcdcError
 from acdc_cli.files.checkpoint import load_checkpoint
 from acdc_cli.models import create, lookup
 from acdc_cli.training import distributed, runtime, tracking
 from acdc_cli.training.loop import RunResult, run
-from acdc_cli.training.resume import check_resume_settings, epochs_trained, recorded_run_settings
+from acdc_cli.training.resume import (
+    check_restart_settings,
+    check_resume_settings,
+    epochs_trained,
+    recorded_run_settings,
+)
 from acdc_cli.training.rundir import (
+    CHECKPOINTS,
+    RUN_MARKER,
     check_new_run_dir,
     default_run_dir,
+    holds_nothing,
     prepare_run_dir,
     run_lock,
     saved_settings,
@@ -35,6 +44,17 @@ from acdc_cli.training.rundir import (
 
 # datasets that live in a folder of the user's: the ranks of --nproc cannot each fetch or guess it
 _NEEDS_DATA_DIR = ("cifar10", "cifar100", "imagenet")
+
+# the exit status of a run that runtime.auto_resume lets a signal stop with a checkpoint: EX_TEMPFAIL ("try again
+# later"), so that a job script can requeue on it and torchrun, restarting the group on it, lets the run go on
+STOPPED_EXIT_CODE = 75
+
+
+class RunStopped(Exception):
+    """A signal stopped an auto-resumed run with a checkpoint, seen from a rank that does not report: it exits
+    :data:`STOPPED_EXIT_CODE` like rank 0, so that every process of the job says the run is not finished."""
+
+    exit_code = STOPPED_EXIT_CODE
 
 
 class RanksFailed(Exception):
@@ -84,9 +104,20 @@ def train(settings: Settings, *, out: Path | None = None, resume: bool = False, 
     ``python -m acdc_cli`` with ``launch_argv`` (``acdc train``'s own options; by default these settings) and the
     run dir; this process holds the run lock for them.
 
+    With ``settings.runtime.auto_resume`` (and ``out``, no ``resume`` or ``force``) the run dir decides: see
+    :func:`auto_resume`.
+
     Returns the result for the process that reports it; None in the process that launched ranks and in ranks other
     than 0. Raises AcdcError (one line) before anything is written when a check fails, :class:`RanksFailed` when a
-    launched rank fails."""
+    launched rank fails, :class:`RunStopped` in ranks other than 0 of an auto-resumed run a signal stopped."""
+    auto = settings.runtime.auto_resume
+    # an explicit resume needs no decision (and a run dir's config.toml may carry auto_resume into `--resume DIR`)
+    if auto and not resume:
+        if out is None:
+            raise AcdcError("runtime.auto_resume (--auto-resume) needs the run dir: give --out DIR")
+        if force:
+            raise AcdcError(f"--auto-resume decides itself whether {out} starts or continues; drop --force")
+        resume, force = auto_resume(Path(out), settings)
     if resume:
         if out is None:
             raise AcdcError("resume continues the run in a run dir: give it as out")
@@ -119,10 +150,40 @@ def train(settings: Settings, *, out: Path | None = None, resume: bool = False, 
                           markup=False, highlight=False, soft_wrap=True)
         result = run(settings, run_dir, resume=resume, from_checkpoint=from_checkpoint, console=console)
     if not is_main:
+        if auto and result.preempted is not None:
+            raise RunStopped()
         return None
     if result.preempted is not None:
         distributed.mark_stopped()
     return result
+
+
+def auto_resume(run_dir: Path, settings: Settings) -> tuple[bool, bool]:
+    """What ``runtime.auto_resume`` does with ``run_dir``: (resume, force) for :func:`train`.
+
+    A missing or empty folder: a new run. A run with a checkpoint: continued, when ``settings`` are ones ``--resume``
+    accepts for it (a legal extension included). A run of the same settings that stopped before its first
+    checkpoint: started again (nothing of it could be resumed; its config.toml, metrics and events are replaced).
+    Anything else, one line and nothing written. It reads only, and reads what no process of a torchrun group writes
+    before every rank has joined the group (the first checkpoint comes after the first collective step), so every
+    rank of a group (re)started by torchrun reaches the same answer from the same files."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise AcdcError(f"--out {run_dir} exists and is not a folder")
+    if holds_nothing(run_dir):
+        return False, False
+    if not (run_dir / RUN_MARKER).is_file():
+        raise AcdcError(f"--auto-resume: {run_dir} holds files but no acdc run ({RUN_MARKER}); give an empty or new "
+                        "--out")
+    if any((run_dir / name).is_file() for name in CHECKPOINTS):
+        saved_settings(run_dir)  # a run dir with last.safetensors (kept best checkpoints alone are refused)
+        check_resume_settings(recorded_run_settings(run_dir), settings, run_dir)
+        return True, False
+    try:
+        started = Settings(**read_toml(run_dir / RUN_MARKER))
+    except ValidationError as exc:
+        raise AcdcError(f"{run_dir / RUN_MARKER}: {format_validation_error(exc)}") from None
+    check_restart_settings(started, settings, run_dir)
+    return False, True
 
 
 def checkpoint_settings(path: Path) -> dict[str, Any]:
@@ -207,8 +268,10 @@ def _launch(settings: Settings, run_dir: Path, resume: bool, force: bool, from_c
             folder = Path(held.enter_context(tempfile.TemporaryDirectory(prefix="acdc-ranks-")))
             argv = _rank_argv(settings, run_dir, resume, from_checkpoint, folder)
         else:
-            argv = [*launch_argv, *([] if resume else ["--out", str(run_dir)])]
-        code = distributed.launch(nproc, argv, threads)
+            # an auto-resumed run's ranks are given the same --out and decide again, finding what this process did
+            auto = settings.runtime.auto_resume
+            argv = [*launch_argv, *([] if resume and not auto else ["--out", str(run_dir)])]
+        code = distributed.launch(nproc, argv, threads, STOPPED_EXIT_CODE if settings.runtime.auto_resume else 0)
     if code:
         raise RanksFailed(code)
 
