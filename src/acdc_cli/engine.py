@@ -39,14 +39,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from acdc_cli.config import (
-    DataSettings,
-    Settings,
-    format_validation_error,
-    merge_layer,
-    preset_path,
-    read_toml,
-)
+from acdc_cli.config import Settings, format_validation_error, merge_layer, preset_path, read_toml
 from acdc_cli.errors import AcdcError
 from acdc_cli.files.checkpoint import STATE_FORMAT, Checkpoint, host_copy, save_checkpoint
 from acdc_cli.files.jsonio import FORMAT_VERSION, check_format_version
@@ -59,6 +52,7 @@ from acdc_cli.flops import (
 )
 from acdc_cli.models import create, lookup
 from acdc_cli.models.registry import check_fit
+from acdc_cli.sections import DataSettings
 from acdc_cli.sparsity.rules import LayerRule
 from acdc_cli.sparsity.schedule import Phase, momentum_resets, phase_at, plan
 from acdc_cli.sparsity.sparsifier import Sparsifier, check_masks, shown

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from acdc_cli.config import MAX_IMAGE_SIDE
 from acdc_cli.errors import AcdcError
+from acdc_cli.sections import MAX_IMAGE_SIDE
 
 _COUNTED = (nn.Conv2d, nn.Linear)
 

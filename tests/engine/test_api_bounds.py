@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from acdc_cli import ACDC
-from acdc_cli.config import MAX_IMAGE_SIDE
 from acdc_cli.errors import AcdcError
 from acdc_cli.models import create
+from acdc_cli.sections import MAX_IMAGE_SIDE
 
 SHORT = dict(epochs=6, sparsity=0.7, warmup_epochs=1, compressed_epochs=1, decompressed_epochs=1,
              final_compressed_epochs=2)

@@ -12,11 +12,12 @@ import torch
 from cli_helpers import fails
 from faults_helpers import raw_safetensors, tiny_checkpoint
 
-from acdc_cli.config import MAX_EPOCHS, load_settings
+from acdc_cli.config import load_settings
 from acdc_cli.errors import AcdcError
 from acdc_cli.files.checkpoint import load_checkpoint
 from acdc_cli.models import create
 from acdc_cli.models.registry import MAX_NAME_INTEGER, MAX_PARAMETERS
+from acdc_cli.sections import MAX_EPOCHS
 from acdc_cli.sparsity.schedule import plan
 
 HUGE = 10**18

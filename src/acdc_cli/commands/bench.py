@@ -49,10 +49,11 @@ from torch import nn
 from acdc_cli import data as data_mod
 from acdc_cli import models
 from acdc_cli.commands import bench_reference
-from acdc_cli.config import MAX_BATCH_SIZE, Settings
+from acdc_cli.config import Settings
 from acdc_cli.data.tensor_loader import TensorLoader
 from acdc_cli.engine import ACDC
 from acdc_cli.errors import AcdcError
+from acdc_cli.sections import MAX_BATCH_SIZE
 from acdc_cli.sparsity.sparsifier import Sparsifier
 from acdc_cli.training import evaluation, runtime
 from acdc_cli.training.distributed import DistInfo, resolve_device

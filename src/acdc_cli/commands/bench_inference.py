@@ -32,12 +32,12 @@ from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
-from acdc_cli.config import MAX_BATCH_SIZE, MAX_BENCH_STEPS
 from acdc_cli.data.bundle import model_input
 from acdc_cli.errors import AcdcError
 from acdc_cli.files.onnx_file import OnnxRuntimeModule, session
 from acdc_cli.files.open import CHECKPOINT, EXPORT, ONNX, OpenedFile, open_any
 from acdc_cli.schemas import BENCH_INFERENCE_SCHEMA as SCHEMA
+from acdc_cli.sections import MAX_BATCH_SIZE, MAX_BENCH_STEPS
 from acdc_cli.sparsity import formats
 from acdc_cli.training.distributed import resolve_device
 from acdc_cli.training.runtime import elapsed_seconds

@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from acdc_cli.commands.export import ONNX
-from acdc_cli.config import MAX_BATCH_SIZE, MAX_IMAGE_SIDE
 from acdc_cli.data.bundle import model_input
 from acdc_cli.data.preprocessing import preprocessing
 from acdc_cli.errors import AcdcError, TrainingFault
@@ -44,6 +43,7 @@ from acdc_cli.files.onnx_file import (
 )
 from acdc_cli.files.open import CHECKPOINT, PLAIN_STATE_DICT_HINT, open_any
 from acdc_cli.schemas import EXPORT_SCHEMA
+from acdc_cli.sections import MAX_BATCH_SIZE, MAX_IMAGE_SIDE
 from acdc_cli.sparsity import formats
 from acdc_cli.sparsity.rules import natural_key, prunable_names
 

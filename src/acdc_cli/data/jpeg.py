@@ -10,8 +10,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from acdc_cli.config import DataSettings
 from acdc_cli.errors import AcdcError
+from acdc_cli.sections import DataSettings
 
 DEFAULT_MAX_PIXELS: int = DataSettings.model_fields["max_image_pixels"].default
 

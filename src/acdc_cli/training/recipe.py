@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from acdc_cli.config import DataSettings, OptimSettings
 from acdc_cli.engine import ACDC
+from acdc_cli.sections import DataSettings, OptimSettings
 
 
 def named_optimizer(params: Iterable[torch.Tensor], optim: OptimSettings) -> torch.optim.Optimizer:
