@@ -16,6 +16,7 @@ from acdc_cli.flops import (
     inference_flops,
     layer_flops,
     output_positions,
+    weights_flops,
 )
 from acdc_cli.sparsity.schedule import epoch_plan
 from acdc_cli.sparsity.sparsifier import Sparsifier
@@ -127,3 +128,15 @@ def test_train_flops_ratio_of_the_quickstart_plan_is_the_mean_over_its_epochs():
     assert run.ratio == pytest.approx(mean, rel=1e-12)
     # quickstart: 13 dense epochs (warm-up 4 + 3 decompressed phases of 3) and 17 compressed ones
     assert (phases.count("dense"), phases.count("sparse")) == (13, 17)
+
+
+def test_weights_by_name_cost_what_the_model_costs():
+    model = TwoLayers()
+    positions = output_positions(model, (3, 8, 8))
+    with torch.no_grad():
+        model.conv.weight[0] = 0
+        model.fc.weight[:, :32] = 0
+    assert weights_flops(positions, model.state_dict()) == inference_flops(model, positions) == InferenceFlops(
+        dense=2048, sparse=16 * (108 - 27) + 160)
+    with pytest.raises(KeyError, match="fc"):
+        weights_flops(positions, {"conv.weight": model.conv.weight})

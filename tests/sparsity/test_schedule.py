@@ -147,3 +147,12 @@ def test_epoch_plan_lists_every_epoch():
     assert [e.epoch for e in epochs if e.reset_momentum] == [7, 13, 19]
     assert [e.lr for e in epochs] == [learning_rate(s, e) for e in range(30)]
     assert epochs[0].as_dict() == {"epoch": 0, "phase": "dense", "sparsity": 0.0, "lr": 0.05, "reset_momentum": False}
+
+
+def test_cosine_runs_over_its_own_period_down_to_min_lr_and_stays_there():
+    s = load_settings(overrides=["optim.lr=0.1", "optim.min_lr=0.001", "optim.cosine_epochs=20", "schedule.epochs=30",
+                                 "optim.lr_warmup_epochs=0"])
+    assert learning_rate(s, 0) == pytest.approx(0.1)
+    assert learning_rate(s, 5) == pytest.approx(0.001 + 0.099 * 0.5 * (1 + math.cos(math.pi * 5 / 20)))
+    assert learning_rate(s, 10) == pytest.approx(0.001 + 0.099 * 0.5)
+    assert learning_rate(s, 20) == learning_rate(s, 29) == pytest.approx(0.001)
