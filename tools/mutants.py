@@ -2,7 +2,7 @@
 
 Each mutant is one small, realistic one-line bug: a file, the exact original snippet, its replacement, and the
 quick tests that should notice it. The script copies ``src/``, ``tests/`` and ``pyproject.toml`` of the worktree to
-a scratch folder once, applies one mutant at a time there (the worktree is never touched), runs the mutant's tests
+a scratch folder once (the whole worktree but its git data and caches: tests read presets/ and docs/), applies one mutant at a time there (the worktree is never touched), runs the mutant's tests
 with ``pytest -x -q`` under a timeout, and prints a table and the score (killed / run).
 
     python tools/mutants.py                 # every mutant (about 20 minutes on two busy cores)
@@ -209,14 +209,22 @@ def apply(text: str, mutant: Mutant) -> str | None:
 
 
 def scratch_copy(destination: Path) -> None:
-    for folder in ("src", "tests"):
-        shutil.copytree(ROOT / folder, destination / folder,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache"))
-    shutil.copy2(ROOT / "pyproject.toml", destination / "pyproject.toml")
+    shutil.copytree(ROOT, destination, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "__pycache__", "*.pyc", ".pytest_cache", ".ruff_cache", "runs", "*.egg-info"))
+
+
+def first_failure(output: str) -> str:
+    """The test that failed first (pytest -x stops there), from the short summary that -ra prints."""
+    for line in output.splitlines():
+        if line.startswith(("FAILED ", "ERROR ")):
+            return line.split()[1]
+    lines = [line for line in output.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 def run_one(mutant: Mutant, scratch: Path, python: str, timeout: float) -> tuple[str, float, str]:
-    """(status, seconds, last line of output): killed | alive | stale | timeout (killed) | error."""
+    """(status, seconds, the test that killed it or the last line of output): killed | alive | stale | timeout
+    (killed) | error."""
     path = scratch / PKG / mutant.file
     original = path.read_text()
     mutated = apply(original, mutant)
@@ -233,8 +241,7 @@ def run_one(mutant: Mutant, scratch: Path, python: str, timeout: float) -> tuple
     finally:
         path.write_text(original)
     seconds = time.monotonic() - started
-    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
-    last = lines[-1] if lines else ""
+    last = first_failure(done.stdout + done.stderr)
     if done.returncode == 0:
         return "alive", seconds, last
     if done.returncode in (1, 2, 3):  # failed tests, an error while collecting (the mutant broke an import)
@@ -257,7 +264,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="mutants run at a time (one scratch copy each)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per mutant's tests")
     parser.add_argument("--python", default=sys.executable, help="the interpreter with acdc's dependencies")
-    parser.add_argument("--baseline", action="store_true", help="first check that the unmutated tests pass")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the first run of the chosen tests unmutated (which must pass in the scratch copy)")
     args = parser.parse_args()
 
     names = [x.name for x in MUTANTS]
@@ -266,7 +274,8 @@ def main() -> None:
         sys.exit(f"mutant names must be unique: {sorted(duplicates)}")
     if args.list:
         for x in MUTANTS:
-            print(f"{x.name:40} {x.file:28} {' '.join(x.tests)}")
+            stale = apply((ROOT / PKG / x.file).read_text(), x) is None
+            print(f"{x.name:40} {x.file:28} {'STALE ' if stale else ''}{' '.join(x.tests)}")
         print(f"\n{len(MUTANTS)} mutants; equivalent, not run:")
         for x, why in EQUIVALENT:
             print(f"  {x.name:38} {x.file:28} {why}")
@@ -281,7 +290,7 @@ def main() -> None:
         for i in range(max(1, min(args.jobs, len(chosen)))):
             scratches.append(Path(tmp) / f"copy{i}")
             scratch_copy(scratches[-1])
-        if args.baseline:
+        if not args.no_baseline:
             baseline(scratches[0], args.python, sorted({t for x in chosen for t in x.tests}), args.timeout * 4)
         free = list(scratches)
         results: dict[str, tuple[str, float, str]] = {}
@@ -293,16 +302,17 @@ def main() -> None:
             finally:
                 free.append(scratch)
             status, seconds, last = results[mutant.name]
-            print(f"{status:8} {seconds:6.1f}s  {mutant.name:40} {last[:70]}", flush=True)
+            print(f"{status:8} {seconds:6.1f}s  {mutant.name:40} {last[:110]}", flush=True)
 
         started = time.monotonic()
         with concurrent.futures.ThreadPoolExecutor(len(scratches)) as pool:
             list(pool.map(work, chosen))
 
     print()
-    print(f"{'mutant':40} {'file':28} status")
+    print(f"{'mutant':40} {'file':28} {'status':8} killed by")
     for x in chosen:
-        print(f"{x.name:40} {x.file:28} {results[x.name][0]}")
+        status, _, by = results[x.name]
+        print(f"{x.name:40} {x.file:28} {status:8} {by if status == 'killed' else ''}")
     counted = [x for x in chosen if results[x.name][0] != "stale"]
     killed = [x for x in counted if results[x.name][0] in ("killed", "timeout")]
     stale = len(chosen) - len(counted)
