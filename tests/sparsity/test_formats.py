@@ -172,6 +172,9 @@ def test_select_24_keeps_values_before_the_mask_and_fills_a_short_mask():
     mask = torch.tensor([[True, True, False, False, False, False, False, True]])
     keep = F.select_24(rows, mask)
     assert keep.tolist() == [[True, False, False, True, True, False, False, True]]
+    # a mask that covers every value but keeps one place of a group is filled up to two, not taken as it is
+    short = F.select_24(torch.tensor([[0.0, 0.0, 0.0, 5.0]]), torch.tensor([[False, False, False, True]]))
+    assert short.tolist() == [[True, False, False, True]]
 
 
 def test_stored_bytes_count_bytes_not_elements():
