@@ -20,9 +20,9 @@ STEPS = 5
 
 
 class TableModel(nn.Module):
-    """Logits read from a fixed table by the image's index; one trainable weight that moves nothing (so the
-    optimizer has work, and the logits stay known). ``nan_at`` calls return NaN logits; ``draws`` records one
-    torch.rand per call (the step's random stream)."""
+    """Logits read from a fixed table by the image's index; one trainable weight that moves nothing while the loss
+    is finite (so the optimizer has work, and the logits stay known). ``nan_at`` calls return NaN logits (whose NaN
+    gradient then spreads to every later step); ``draws`` records one torch.rand per call (the step's stream)."""
 
     def __init__(self, logits: torch.Tensor, nan_at: tuple[int, ...] = ()):
         super().__init__()
