@@ -16,6 +16,7 @@ from acdc_cli.flops import (
     inference_flops,
     layer_flops,
     output_positions,
+    weights_flops,
 )
 from acdc_cli.sparsity.schedule import epoch_plan
 from acdc_cli.sparsity.sparsifier import Sparsifier
@@ -149,3 +150,15 @@ def test_inference_flops_ratio_of_the_first_masks_is_the_one_docs_state(preset, 
     engine.start_epoch(settings.schedule.warmup_epochs)
     assert engine.sparsity() == pytest.approx(settings.sparsity.target, abs=1e-7)
     assert round(engine.flops().ratio, 4) == ratio
+
+
+def test_weights_by_name_cost_what_the_model_costs():
+    model = TwoLayers()
+    positions = output_positions(model, (3, 8, 8))
+    with torch.no_grad():
+        model.conv.weight[0] = 0
+        model.fc.weight[:, :32] = 0
+    assert weights_flops(positions, model.state_dict()) == inference_flops(model, positions) == InferenceFlops(
+        dense=2048, sparse=16 * (108 - 27) + 160)
+    with pytest.raises(KeyError, match="fc"):
+        weights_flops(positions, {"conv.weight": model.conv.weight})

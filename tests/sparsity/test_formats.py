@@ -164,3 +164,20 @@ def test_nm_check_along_input_channels():
     along_channels = torch.zeros(1, 4, 2, 2)
     along_channels[0, :2] = 1.0
     assert F.nm_check(along_channels, 2, 4) is True
+
+
+def test_select_24_keeps_values_before_the_mask_and_fills_a_short_mask():
+    rows = torch.tensor([[0.0, 0.0, 0.0, 5.0, 1.0, 0.0, 0.0, 0.0]])
+    # the mask keeps two zeros of the first group but not its value; it keeps one place of the second group
+    mask = torch.tensor([[True, True, False, False, False, False, False, True]])
+    keep = F.select_24(rows, mask)
+    assert keep.tolist() == [[True, False, False, True, True, False, False, True]]
+    # a mask that covers every value but keeps one place of a group is filled up to two, not taken as it is
+    short = F.select_24(torch.tensor([[0.0, 0.0, 0.0, 5.0]]), torch.tensor([[False, False, False, True]]))
+    assert short.tolist() == [[True, False, False, True]]
+
+
+def test_stored_bytes_count_bytes_not_elements():
+    parts = {"shape": torch.zeros(3, dtype=torch.int64), "bitmask": torch.zeros(5, dtype=torch.uint8),
+             "compressed": torch.zeros(4, dtype=torch.bfloat16)}
+    assert F.stored_bytes(parts) == 3 * 8 + 5 + 4 * 2

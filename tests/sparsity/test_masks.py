@@ -147,3 +147,14 @@ def test_groups_layout_round_trip():
     permuted = M.to_groups_layout(w)
     assert permuted.shape == (5, 3, 2, 8)
     assert torch.equal(M.from_groups_layout(permuted), w)
+
+
+def test_compute_masks_dispatches_each_scope():
+    g = torch.Generator().manual_seed(0)
+    weights = {"small": torch.randn(4, 8, generator=g) * 0.01, "big": torch.randn(4, 8, generator=g)}
+    uniform = M.compute_masks(weights, 0.75, "uniform")
+    assert [int((~uniform[n]).sum()) for n in weights] == [24, 24]
+    together = M.compute_masks(weights, 0.75, "global")
+    assert [int((~together[n]).sum()) for n in weights] == [32, 16]  # every small weight goes first
+    with pytest.raises(ValueError, match="unknown scope"):
+        M.compute_masks(weights, 0.75, "layerwise")

@@ -147,3 +147,24 @@ def test_epoch_plan_lists_every_epoch():
     assert [e.epoch for e in epochs if e.reset_momentum] == [7, 13, 19]
     assert [e.lr for e in epochs] == [learning_rate(s, e) for e in range(30)]
     assert epochs[0].as_dict() == {"epoch": 0, "phase": "dense", "sparsity": 0.0, "lr": 0.05, "reset_momentum": False}
+
+
+def test_cosine_runs_over_its_own_period_down_to_min_lr_and_stays_there():
+    s = load_settings(overrides=["optim.lr=0.1", "optim.min_lr=0.001", "optim.cosine_epochs=20", "schedule.epochs=30",
+                                 "optim.lr_warmup_epochs=0"])
+    assert learning_rate(s, 0) == pytest.approx(0.1)
+    assert learning_rate(s, 5) == pytest.approx(0.001 + 0.099 * 0.5 * (1 + math.cos(math.pi * 5 / 20)))
+    assert learning_rate(s, 10) == pytest.approx(0.001 + 0.099 * 0.5)
+    assert learning_rate(s, 20) == learning_rate(s, 29) == pytest.approx(0.001)
+
+
+def test_the_alternation_is_cut_where_its_window_ends():
+    def spans(phases):
+        return [(p.start, p.end, p.kind) for p in phases]
+
+    # window [2, 7): compressed 2-5, then the decompressed phase is cut at 7 where the final compressed one starts
+    assert spans(acdc_phases(10, 2, 3, 3, 0, 3, 0.9)) == [(0, 2, "dense"), (2, 5, "sparse"), (5, 7, "dense"),
+                                                          (7, 10, "sparse")]
+    # window [2, 9): a compressed phase cut to one epoch before the final dense and compressed ones
+    assert spans(acdc_phases(14, 2, 3, 3, 2, 3, 0.9)) == [(0, 2, "dense"), (2, 5, "sparse"), (5, 8, "dense"),
+                                                          (8, 9, "sparse"), (9, 11, "dense"), (11, 14, "sparse")]

@@ -154,3 +154,22 @@ def test_sparsity_counts_only_selected_weights():
     sp.compress(0.5)
     assert sp.stats()["sparsity"] == pytest.approx(round(0.5 * sp.numel) / sp.numel)
     assert torch.count_nonzero(model.stem.weight) == model.stem.weight.numel()
+
+
+def test_mask_change_counts_flips_both_ways():
+    old = {"a": torch.tensor([True, True, False, False]), "b": torch.tensor([True, False])}
+    new = {"a": torch.tensor([False, True, True, False]), "b": torch.tensor([True, False])}
+    assert Sparsifier.mask_change(old, new) == 2 / 6
+    assert Sparsifier.mask_change(None, new) is None
+
+
+def test_stats_count_zeros_overall_and_per_layer():
+    torch.manual_seed(0)
+    model = create("tiny-test", num_classes=10)
+    sp = Sparsifier(model, ["*"], [], "uniform", "unstructured")
+    sp.compress(0.7)
+    stats = sp.stats()
+    zeros = {n: int((p == 0).sum()) for n, p in sp.params.items()}
+    assert stats["per_layer"] == {n: zeros[n] / p.numel() for n, p in sp.params.items()}
+    assert stats["sparsity"] == sum(zeros.values()) / sp.numel
+    assert all(abs(v - 0.7) < 0.05 for v in stats["per_layer"].values())
