@@ -174,7 +174,7 @@ def check_tensor_sizes(proto: Any, path: Path) -> None:
     depend on the input (a dynamic batch) count at one."""
     onnx, _ = require_onnx()
     try:
-        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(_sparse_as_inputs(onnx, proto), data_prop=True)
     except Exception as exc:  # shape inference raises its own errors for inconsistent graphs
         raise AcdcError(f"{path}: the ONNX graph's shapes are inconsistent ({first_line(exc)})") from None
     graph = inferred.graph
@@ -190,6 +190,21 @@ def check_tensor_sizes(proto: Any, path: Path) -> None:
             raise AcdcError(f"{path}: the ONNX graph computes {info.name!r} of {elements:,} elements "
                             f"({elements * itemsize / 2**30:.1f} GiB), above the "
                             f"{MAX_ONNX_TENSOR_BYTES // 2**30} GiB acdc runs")
+
+
+def _sparse_as_inputs(onnx: Any, proto: Any) -> Any:
+    """``proto`` for shape inference: ONNX's inference types a sparse initializer as a sparse tensor and then refuses
+    the dense type the graph gives it, so each one becomes a graph input of its dense shape (a copy; the file's graph
+    is left as it is)."""
+    if not len(proto.graph.sparse_initializer):
+        return proto
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    for sparse in copy.graph.sparse_initializer:
+        copy.graph.input.append(onnx.helper.make_tensor_value_info(sparse.values.name, sparse.values.data_type,
+                                                                   list(sparse.dims)))
+    del copy.graph.sparse_initializer[:]
+    return copy
 
 
 def _itemsize(onnx: Any, elem_type: int) -> int:
