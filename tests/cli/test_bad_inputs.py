@@ -97,7 +97,7 @@ def test_phases_longer_than_the_run():
 
 def test_missing_data_dir(tmp_path):
     missing = tmp_path / "no-such-folder"
-    line = fails(["train", "--set", "data.name=cifar10", "--data-dir", str(missing), "--out", str(tmp_path / "r")])
+    line = fails(["train", "--set", "data.name=cifar10", "--set", "model.name=resnet20", "--data-dir", str(missing), "--out", str(tmp_path / "r")])
     assert str(missing) in line
     assert not missing.exists()
 

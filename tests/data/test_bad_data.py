@@ -31,7 +31,7 @@ def cifar_folder(root: Path) -> Path:
     return folder
 
 
-CIFAR = ["--set", "data.name=cifar10", "--set", "data.val_size=1", *NO_LOGS]
+CIFAR = ["--set", "data.name=cifar10", "--set", "model.name=resnet20", "--set", "data.val_size=1", *NO_LOGS]
 
 
 def test_cifar_folder_with_a_missing_batch_file(tmp_path):

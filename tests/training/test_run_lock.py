@@ -96,7 +96,7 @@ def test_two_training_processes_never_share_a_run_dir(tmp_path):
 def test_a_run_that_fails_before_it_starts_leaves_no_folder_behind(tmp_path):
     """A new run dir (and the parents made for it) goes again when the run fails before writing anything; a folder
     that was there, or one something else was written into, stays."""
-    missing_data = ["--set", "data.name=cifar10", "--data-dir", tmp_path / "no-cifar"]
+    missing_data = ["--set", "data.name=cifar10", "--set", "model.name=resnet20", "--data-dir", tmp_path / "no-cifar"]
     assert "CIFAR-10 not found" in fails(["train", "--out", tmp_path / "runs" / "a" / "b", *missing_data])
     assert not (tmp_path / "runs").exists()
     (tmp_path / "kept").mkdir()
