@@ -58,15 +58,15 @@ def test_family_trains_resumes_and_every_command_reads_its_files(tmp_path, monke
     args = ["train", "--out", str(run), "--data-dir", str(data), "--device", "cpu", "--set", f"model.name={name}"]
     for item in SHORT:
         args += ["--set", item]
-    real_save = RunDir.save_epoch
+    real_write = RunDir.write_epoch
 
-    def save_then_crash(store, phase, row):
-        real_save(store, phase, row)
-        if row["epoch"] == 1:
+    def write_then_crash(store, files):
+        real_write(store, files)
+        if files is not None and files.epoch == 1:
             raise Interrupted
 
     with monkeypatch.context() as m:
-        m.setattr(RunDir, "save_epoch", save_then_crash)
+        m.setattr(RunDir, "write_epoch", write_then_crash)
         first = CliRunner().invoke(app, args)
     assert isinstance(first.exception, Interrupted), first.output
     summary = invoke_json("train", "--resume", str(run))

@@ -5,7 +5,6 @@ normalization ``(pixels / 255 - mean) / std``.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from pydantic import ValidationError
@@ -16,9 +15,10 @@ from acdc_cli.data.bundle import NORMALIZATION, SYNTHETIC_MEAN, SYNTHETIC_STD, c
 from acdc_cli.errors import AcdcError
 
 
-@functools.lru_cache(maxsize=8)
 def digits_mean_std(val_size: int, seed: int) -> tuple[tuple[float], tuple[float]]:
-    """The digits' normalization: mean and standard deviation of the training images only (not val, not test)."""
+    """The digits' normalization: mean and standard deviation of the training images only (not val, not test).
+    Computed anew on each call, never cached: a float reduction's last bit depends on torch's thread count, and a
+    value cached under another count would make the same run train differently in this process."""
     images, labels = digits.load()
     pool, _ = digits.split_test(len(labels))
     train_i, _ = split_val(len(pool), val_size, seed)

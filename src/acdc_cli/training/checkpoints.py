@@ -214,6 +214,18 @@ def _write_when_copied(taken: Taken, run_dir: Path, ckpt: Checkpoint, state: dic
     _write_checkpoints(run_dir, ckpt, state, bests)
 
 
+@dataclass
+class EpochFiles:
+    """An epoch's checkpoints as host snapshots, ready for the writer: last.* (``state`` None when the cadence skips
+    it) and the best_* this epoch set."""
+
+    epoch: int
+    taken: Taken
+    ckpt: Checkpoint
+    state: dict[str, Any] | None
+    bests: list[tuple[Path, Checkpoint]]
+
+
 class RunDir:
     """The run dir of one training run and the objects whose state it keeps: rank 0 writes, every rank resumes."""
 
@@ -324,11 +336,16 @@ class RunDir:
         return (epoch + 1) % every == 0 or epoch == phase.end - 1 or epoch + 1 == self.settings.schedule.epochs
 
     def save_epoch(self, phase: Phase, row: dict[str, Any], last: bool | None = None) -> None:
-        """Rank 0, at an epoch's end: last at the cadence :meth:`writes_last` says; best_sparse (compressed phase at
+        """:meth:`take_epoch` then :meth:`write_epoch`, for a caller with nothing to do between them."""
+        self.write_epoch(self.take_epoch(phase, row, last))
+
+    def take_epoch(self, phase: Phase, row: dict[str, Any], last: bool | None = None) -> EpochFiles | None:
+        """Rank 0, at an epoch's end, the snapshot of what :meth:`write_epoch` writes (None: nothing): last at the cadence :meth:`writes_last` says; best_sparse (compressed phase at
         the target sparsity) and best_dense by top-1 on the run's selection split (val; test when data.val_size = 0)
         whenever the epoch beats them, at the cadence or not (``last``: True or False overrides the cadence); the
-        EMA's ema_best_* likewise (optim.ema_decay). The files are written in the background from snapshots taken
-        here. Sets ``row["checkpoint_wait_s"]``: the seconds the training thread waited for the writer's
+        EMA's ema_best_* likewise (optim.ema_decay). The loop logs the epoch's row between the two, so a crash
+        never leaves files of an epoch whose row is missing (a row without its files is redone on resume). Sets
+        ``row["checkpoint_wait_s"]``: the seconds the training thread waited for the writer's
         previous write during the epoch and at its end (0 when it never waited)."""
         epoch = row["epoch"]
         last = self.writes_last(phase, epoch) if last is None else last
@@ -347,7 +364,7 @@ class RunDir:
             self._wait_for_writer()
         row["checkpoint_wait_s"], self._waited = self._waited, 0.0
         if not writes:
-            return
+            return None
         bests = []
         with self._host.taking() as taken:
             ckpt = snapshot(self.model, self.engine, self.settings, self.model_kwargs, epoch + 1, phase.kind, row,
@@ -360,7 +377,12 @@ class RunDir:
                     self._host, place="ema.")))
             state = resume_state(self.state, self.engine, self.optimizer, self.scaler, host=self._host,
                                  ema=self.ema) if last else None
-        self._writer.submit(_write_when_copied, taken, self.path, ckpt, state, bests)
+        return EpochFiles(epoch, taken, ckpt, state, bests)
+
+    def write_epoch(self, files: EpochFiles | None) -> None:
+        """Write a snapshot of :meth:`take_epoch` in the background (the writer is idle: take_epoch waited)."""
+        if files is not None:
+            self._writer.submit(_write_when_copied, files.taken, self.path, files.ckpt, files.state, files.bests)
 
     def _record_best(self, key: str | None, row: dict[str, Any], epoch: int, split: str, metric: str) -> bool:
         """Whether this epoch beats the record ``key`` (best_sparse, best_dense, ema_best_*) on ``metric``; it

@@ -180,11 +180,11 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
             store.state.epoch = epoch + 1
             stopping = epoch + 1 < settings.schedule.epochs and stop.should_stop(epoch)
             if is_main:
-                if stopping:  # whatever the cadence: the next `acdc train --resume` goes on from here
-                    store.save_epoch(phase, row, last=True)
-                else:
-                    store.save_epoch(phase, row)
+                # whatever the cadence when stopping: the next `acdc train --resume` goes on from here; the row is
+                # logged before its files are written, so files never exist without their row
+                files = store.take_epoch(phase, row, last=True if stopping else None)
                 logger.log_epoch(row, engine.layer_sparsity())
+                store.write_epoch(files)
             if stopping:
                 preempted = {"signal": stop.name, "epoch": epoch + 1, "step": 0}
                 break
