@@ -13,7 +13,6 @@ asked for, and a missing one is a one-line error before anything is written (:fu
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import time
 from pathlib import Path
@@ -64,7 +63,7 @@ def flat_settings(settings: Settings) -> dict[str, str]:
         items = values.items() if isinstance(values, dict) else [(None, values)]
         for key, value in items:
             name = section if key is None else f"{section}.{key}"
-            flat[name] = value if isinstance(value, str) else json.dumps(value)
+            flat[name] = value if isinstance(value, str) else json_line(value)
     return flat
 
 
