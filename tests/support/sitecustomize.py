@@ -31,6 +31,9 @@ class _RegisterAfterModels(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             load(module)
+            importing = sys.modules.get("acdc_test_models")
+            if importing is not None and not hasattr(importing, "register_test_models"):
+                return  # acdc_test_models itself is importing acdc (a pytest run's conftest): its caller registers
             import acdc_test_models
 
             acdc_test_models.register_test_models()
