@@ -69,6 +69,7 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train(finished, tmp_pa
     assert (run_dir / "metrics.jsonl").read_bytes() == rows
 
 
+@pytest.mark.slow  # a long end-to-end run: the slow pass, which CI runs
 def test_a_closed_output_pipe_does_not_stop_training(tmp_path):
     """`acdc train | head` used to die with exit 1 and nothing on stderr at the first row after head quit: the
     run goes on, writes every file, and says once on stderr that its output is gone."""

@@ -53,6 +53,7 @@ def quick_run(tmp_path_factory) -> Path:
 # rich markup: "[/]" closes a tag, so a path or a name holding it used to raise MarkupError after the work was done
 
 
+@pytest.mark.slow  # a long end-to-end run: the slow pass, which CI runs
 def test_a_run_dir_holding_markup_finishes_with_its_summary(quick_run, tmp_path):
     run_dir = Path(shutil.copytree(quick_run, tmp_path / "c[" / "]d" / "run"))
     result = invoke("train", "--resume", run_dir)  # a finished run: the note and the summary panel, nothing trained
@@ -326,6 +327,7 @@ def test_a_malformed_resume_state_is_one_line_before_any_step(stopped_mid_epoch,
 # what a run dir without last.safetensors offers; the summary panel
 
 
+@pytest.mark.slow  # a long end-to-end run: the slow pass, which CI runs
 def test_a_run_dir_with_best_checkpoints_but_no_last_offers_from_not_force(quick_run, tmp_path):
     """--force would delete best_*: the message offers a new run from one of them, and that command works."""
     run_dir = Path(shutil.copytree(quick_run, tmp_path / "run"))

@@ -49,6 +49,7 @@ def _one_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+@pytest.mark.slow  # a long end-to-end run: the slow pass, which CI runs
 def test_more_threads_than_the_address_space_allows_are_refused_before_the_run_dir(tmp_path):
     out = tmp_path / "run"
     line = _one_line(_limited(["train", "--out", out, "--set", "runtime.threads=1024", "--set", "log.progress=false"],
@@ -58,6 +59,7 @@ def test_more_threads_than_the_address_space_allows_are_refused_before_the_run_d
     assert not out.exists()
 
 
+@pytest.mark.slow  # a long end-to-end run: the slow pass, which CI runs
 def test_a_50_gb_file_that_cannot_be_mapped_is_one_line(tmp_path):
     big = _sparse_safetensors(tmp_path / "big.safetensors")
     expected = (f"error: {big} (50.0 GiB) cannot be mapped into memory: the process's address space is limited "

@@ -169,6 +169,7 @@ def test_two_failed_saves_then_a_resume_end_as_the_uninterrupted_run(tmp_path, r
     _run_with_two_faults(tmp_path, reference, "fail", first, second)
 
 
+@pytest.mark.slow  # a long end-to-end run: the slow pass, which CI runs
 def test_two_kills_inside_saves_then_a_resume_end_as_the_uninterrupted_run(tmp_path, reference):
     """Killed with the new state complete but not yet renamed, then killed in the resume with the new state in place
     and the weights half-written: the torn temporary files are left, and neither pair is lost."""

@@ -105,6 +105,7 @@ if os.environ.get("RANK") == "1":
     pytest.param("masks", "masks differ between ranks: rank 0 has checksum", marks=pytest.mark.slow),
     ("nan", "non-finite loss at epoch 0, step 3"),
 ])
+@pytest.mark.slow  # a long end-to-end run: the slow pass, which CI runs
 def test_a_fault_on_one_rank_stops_the_ddp_run_with_exit_1(tmp_path, fault, message):
     """README: all ranks must hold the same masks, a mismatch stops the run (exit 1); a NaN loss stops it too. Here
     rank 1 alone flips one mask bit after the first compression, or gets a NaN loss at step 3 of epoch 0: rank 0

@@ -54,6 +54,7 @@ def test_the_epoch_bound_itself_plans_quickly():
     assert phases[-1].end == MAX_EPOCHS and len(phases) == MAX_EPOCHS - 4 - 8 + 2
 
 
+@pytest.mark.slow  # a long end-to-end run: the slow pass, which CI runs
 def test_a_dry_run_with_huge_epochs_stays_small(tmp_path):
     """From the outside: the dry run exits 2 at once, its peak memory no more than a plain dry run's."""
     plain = _peak_rss_kib(["train", "--dry-run"], tmp_path)
@@ -135,6 +136,7 @@ def test_synthetic_images_beyond_the_memory_bound_are_refused(tmp_path):
 # files: tensor bytes must lie in the file, shapes are bounded before a tensor is read
 
 
+@pytest.mark.slow  # a long end-to-end run: the slow pass, which CI runs
 def test_a_small_file_declaring_a_huge_tensor_is_refused_and_stays_small(tmp_path):
     """A 4 KB file whose header declares a 2 GiB tensor: `inspect` refuses it from the header, without reading it."""
     small = tiny_checkpoint(tmp_path / "small.safetensors")

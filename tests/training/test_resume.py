@@ -36,6 +36,7 @@ def temp_files(run_dir: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(run_dir) if e.name.endswith(".tmp"))
 
 
+@pytest.mark.slow  # a long end-to-end run: the slow pass, which CI runs
 def test_sigkill_inside_checkpoint_writes_resumes_bit_identically(tmp_path, reference):
     """Three SIGKILLs, each at a different point of the write of the checkpoint pair (state file, then weights),
     each followed by a resume that goes on from the newest complete pair; the last resume ends bit-identical to

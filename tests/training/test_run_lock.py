@@ -65,6 +65,7 @@ def test_a_lock_file_left_by_a_killed_run_is_no_obstacle(tmp_path):
     assert (run_dir / "last.safetensors").is_file()
 
 
+@pytest.mark.slow  # a long end-to-end run: the slow pass, which CI runs
 def test_two_training_processes_never_share_a_run_dir(tmp_path):
     """The issue's case: a run is training in one process; a second `train --out` of the same folder, in another
     process, is refused naming the first one's PID and leaves the folder as the first run writes it. The first run,
