@@ -22,14 +22,6 @@ def parse_json(text: str) -> Any:
         raise ValueError("nested too deeply") from None
 
 
-def lenient_json(text: str) -> Any:
-    """Metadata strings are stored raw, everything else as JSON; read both back."""
-    try:
-        return parse_json(text)
-    except ValueError:
-        return text
-
-
 def finite_or_null(value: Any) -> Any:
     """``value`` with every NaN and infinity (in nested dicts, lists and tuples) replaced by None."""
     if isinstance(value, float) and not math.isfinite(value):

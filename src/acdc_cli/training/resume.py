@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from acdc_cli.config import Settings, format_validation_error
 from acdc_cli.errors import AcdcError
 from acdc_cli.files.checkpoint import recorded_config
-from acdc_cli.files.jsonio import finite_number, lenient_json
+from acdc_cli.files.jsonio import finite_number, meta_field
 from acdc_cli.files.tensors import read_metadata
 from acdc_cli.sparsity.schedule import Phase, PlannedEpoch, epoch_plan, learning_rate
 from acdc_cli.sparsity.sparsifier import check_masks
@@ -260,10 +260,9 @@ def check_restart_settings(started: Settings, requested: Settings, run_dir: Path
 
 def epochs_trained(run_dir: Path) -> int:
     """Epochs the run's last checkpoint has trained, whole or in part (a mid-epoch checkpoint's epoch counts)."""
-    meta = read_metadata(run_dir / "last.safetensors")
-    epoch, step = lenient_json(meta.get("epoch", "0")), lenient_json(meta.get("step", "0"))
-    if not isinstance(epoch, int) or not isinstance(step, int):
-        raise AcdcError(f"{run_dir / 'last.safetensors'}: malformed metadata (epoch / step)")
+    path = run_dir / "last.safetensors"
+    meta = read_metadata(path)
+    epoch, step = (meta_field(meta, key, path, kind=int, default=0) for key in ("epoch", "step"))
     return epoch + (1 if step else 0)
 
 
