@@ -325,3 +325,27 @@ def test_imagefolder_errors(tmp_path, workers):
         for _ in build(settings, CPU).train:
             pass
     assert "\n" not in str(err.value)
+
+
+def test_digits_statistics_are_exact_and_independent_of_the_thread_count():
+    """The files record the digits' mean and std: the same value whatever torch's thread count, equal to float64
+    statistics of the training pixels / 255 (unbiased std)."""
+    from acdc_cli.data import digits
+    from acdc_cli.data.preprocessing import digits_mean_std
+
+    threads = torch.get_num_threads()
+    try:
+        values = set()
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            values.add(digits_mean_std(270, 0))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(values) == 1
+    (mean,), (std,) = values.pop()
+    images, labels = digits.load()
+    pool, _ = digits.split_test(len(labels))
+    train_i, _ = split_val(len(pool), 270, 0)
+    pixels = images[pool[train_i]].numpy().astype(np.float64) / 255
+    assert mean == pytest.approx(pixels.mean(), rel=1e-13) and std == pytest.approx(pixels.std(ddof=1), rel=1e-12)
+    assert digits_mean_std(0, 0) != digits_mean_std(270, 0)  # of the training images only

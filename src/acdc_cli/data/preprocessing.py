@@ -5,8 +5,10 @@ normalization ``(pixels / 255 - mean) / std``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import torch
 from pydantic import ValidationError
 
 from acdc_cli.config import Settings
@@ -16,14 +18,17 @@ from acdc_cli.errors import AcdcError
 
 
 def digits_mean_std(val_size: int, seed: int) -> tuple[tuple[float], tuple[float]]:
-    """The digits' normalization: mean and standard deviation of the training images only (not val, not test).
-    Computed anew on each call, never cached: a float reduction's last bit depends on torch's thread count, and a
-    value cached under another count would make the same run train differently in this process."""
+    """The digits' normalization: mean and (unbiased) standard deviation of the training images only (not val, not
+    test), of pixels / 255. Computed from exact integer sums of the uint8 pixels, so the value is the same whatever
+    torch's thread count (a float reduction's last bit depends on it, and the files record this value)."""
     images, labels = digits.load()
     pool, _ = digits.split_test(len(labels))
     train_i, _ = split_val(len(pool), val_size, seed)
-    train_float = images[pool[train_i]].float() / 255.0
-    return (train_float.mean().item(),), (train_float.std().item(),)
+    pixels = images[pool[train_i]].to(torch.int64)
+    n, s1, s2 = pixels.numel(), int(pixels.sum()), int((pixels * pixels).sum())
+    mean = s1 / (n * 255)
+    std = math.sqrt((n * s2 - s1 * s1) / (n * (n - 1))) / 255
+    return (mean,), (std,)
 
 
 def mean_std(settings: Settings) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
