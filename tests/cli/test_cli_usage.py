@@ -134,13 +134,16 @@ def test_shell_completion_offers_presets_export_formats_and_splits():
     from acdc_cli.cli.common import complete_preset
     from acdc_cli.config import preset_names
     from acdc_cli.files.export import FORMATS
+    from acdc_cli.sparsity.formats import CONV_LAYOUTS
 
     assert complete_preset("") == preset_names() and "quickstart" in complete_preset("quick")
     assert all(name.startswith("wrn-cifar100") for name in complete_preset("wrn-cifar100"))
     assert set(files.EXPORT_FORMATS) == {*FORMATS, "onnx"}
+    assert set(files.CONV_LAYOUTS) == set(CONV_LAYOUTS)
     # what bash completion prints for the words typed so far
     for words, offered in (("acdc export x --format sparse", ["sparse-24-bitmask", "sparse-bitmask"]),
                            ("acdc eval x --split ", ["val", "test"]),
+                           ("acdc export x --conv-layout ", ["native", "rows"]),
                            ("acdc presets show quick", ["quickstart"])):
         env = {"_ACDC_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(len(words.split(" ")) - 1)}
         result = CliRunner(env=env).invoke(app, [], prog_name="acdc")

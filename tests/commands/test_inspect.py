@@ -61,8 +61,8 @@ def test_checkpoint_layers_equal_zeros_counted_in_the_file(files):
 def _zeros_in_export_layer(tensors: dict[str, np.ndarray], name: str, numel: int) -> int:
     """Zeros of a compressed layer, from its parts: unset bits plus stored values that are zero."""
     prefix = name.removesuffix(".weight")
-    cols = int(tensors[f"{prefix}.shape"].ravel()[1])
-    kept = int(np.unpackbits(tensors[f"{prefix}.bitmask"], axis=-1, count=cols, bitorder="little").sum())
+    last = int(tensors[f"{prefix}.shape"].ravel()[-1])  # bits are packed along the stored shape's last dimension
+    kept = int(np.unpackbits(tensors[f"{prefix}.bitmask"], axis=-1, count=last, bitorder="little").sum())
     return numel - kept + int((tensors[f"{prefix}.compressed"] == 0).sum())
 
 

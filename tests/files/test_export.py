@@ -124,9 +124,9 @@ def test_sparsity_config_names_modules(sources, tmp_path, kind):
     assert config["sparsity_structure"] == ("2:4" if kind == "2:4" else "unstructured")
 
 
-def test_native_conv_layout_keeps_the_weight_shape(sources, tmp_path):
+def test_native_conv_layout_is_the_default_and_keeps_the_weight_shape(sources, tmp_path):
     out = tmp_path / "native.safetensors"
-    result = export_checkpoint(sources["unstructured"], out, "sparse-bitmask", conv_layout="native")
+    result = export_checkpoint(sources["unstructured"], out, "sparse-bitmask")
     ckpt = load_checkpoint(sources["unstructured"])
     expected = fold_masks(ckpt)
     with safe_open(str(out), framework="pt") as fh:
@@ -146,7 +146,15 @@ def test_native_conv_layout_keeps_the_weight_shape(sources, tmp_path):
     loaded = load(out)
     assert all(torch.equal(_bits(loaded[k]), _bits(v)) for k, v in expected.items())
     rows = tmp_path / "rows.safetensors"
-    assert export_checkpoint(sources["unstructured"], rows, "sparse-bitmask").size_bytes < result.size_bytes
+    compact = export_checkpoint(sources["unstructured"], rows, "sparse-bitmask", conv_layout="rows")
+    assert compact.size_bytes < result.size_bytes and compact.conv_layout == "rows"
+    assert json.loads(load_metadata_of(rows)["layers"])["features.3.weight"]["layout"] == "OHWI"
+    assert all(torch.equal(_bits(load(rows)[k]), _bits(v)) for k, v in expected.items())
+
+
+def load_metadata_of(path) -> dict:
+    with safe_open(str(path), framework="pt") as fh:
+        return fh.metadata()
 
 
 @pytest.mark.parametrize("fmt", ["sparse-24-bitmask", "dense"])
@@ -155,6 +163,12 @@ def test_native_conv_layout_only_for_sparse_bitmask(sources, tmp_path, fmt):
     result = invoke("export", sources["2:4"], "--format", fmt, "--conv-layout", "native", "-o", out)
     assert result.exit_code == 2 and "sparse-bitmask only" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
+    rows = invoke("export", sources["2:4"], "--format", fmt, "--conv-layout", "rows", "-o", out)
+    if fmt == "dense":  # a dense export keeps every weight in its own shape
+        assert rows.exit_code == 2 and "sparse-bitmask only" in rows.stderr and not out.exists()
+    else:  # rows is the only 2:4 layout: naming it is allowed
+        assert rows.exit_code == 0, rows.stderr
+        assert json.loads(load_metadata_of(out)["layers"])["features.3.weight"]["layout"] == "OHWI"
 
 
 def test_export_cli_prints_statistics_and_refuses_overwrite(sources, tmp_path):
@@ -279,7 +293,8 @@ def test_compressed_tensors_decompresses_rows_bit_exactly(sources, tmp_path, kin
     from compressed_tensors.compressors import ModelCompressor
 
     out = tmp_path / "e.safetensors"
-    export_checkpoint(sources[kind], out, "sparse-24-bitmask" if kind == "2:4" else "sparse-bitmask")
+    export_checkpoint(sources[kind], out, "sparse-24-bitmask" if kind == "2:4" else "sparse-bitmask",
+                      conv_layout="rows")
     compressor = ModelCompressor.from_compression_config({"sparsity_config": _sparsity_config(out)})
     decoded = dict(compressor.sparsity_compressor.decompress(str(out)))
     expected = fold_masks(load_checkpoint(sources[kind]))
@@ -291,13 +306,13 @@ def test_compressed_tensors_decompresses_rows_bit_exactly(sources, tmp_path, kin
 
 @pytest.mark.interop
 def test_compressed_tensors_model_compressor_restores_native_layout(sources, tmp_path):
-    """With --conv-layout native, ModelCompressor.decompress puts every weight back into the model in its own
+    """With the native layout (the default), ModelCompressor.decompress puts every weight back into the model in its own
     shape, without acdc's reader: the model computes exactly what acdc's loader gives."""
     _compressed_tensors()
     from compressed_tensors.compressors import ModelCompressor
 
     out = tmp_path / "native.safetensors"
-    export_checkpoint(sources["unstructured"], out, "sparse-bitmask", conv_layout="native")
+    export_checkpoint(sources["unstructured"], out, "sparse-bitmask")
     config = _sparsity_config(out)
     reference = load_model(out).eval()
     model = load_model(out).eval()

@@ -27,6 +27,7 @@ from acdc_cli.schemas import INSPECT_SCHEMA, PRUNE_SCHEMA
 
 # what --format completes to, spelled here so that completing does not import torch (a test holds it to export's)
 EXPORT_FORMATS = ("sparse-24-bitmask", "sparse-bitmask", "dense", "onnx")
+CONV_LAYOUTS = ("native", "rows")
 
 
 @user_errors
@@ -186,7 +187,10 @@ def export_cmd(
                                             "(a plain state dict, masks folded in) or onnx (for ONNX Runtime and "
                                             "TensorRT; needs the 'onnx' extra)."),
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="The .safetensors (or .onnx) file to write.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The .safetensors (or .onnx) file to write, or a "
+                                                          "directory (an existing one, or a new path without a "
+                                                          "suffix) that gets model.safetensors and the config.json "
+                                                          "compressed-tensors' from_pretrained reads.")],
     dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16 (onnx: float32).")] = "float32",
     opset: Annotated[Optional[int], typer.Option("--opset", help="onnx: ONNX opset (18 or newer; default: the "
                                                                  "exporter's).")] = None,
@@ -204,11 +208,13 @@ def export_cmd(
                           "that do not read sparse ones (docs/files.md)."),
     ] = None,
     conv_layout: Annotated[
-        str,
-        typer.Option("--conv-layout", help="sparse-bitmask: rows stores conv weights as (O, kh·kw·I) rows (compact); "
-                                           "native in their own shape, which compressed-tensors' ModelCompressor "
-                                           "restores by itself (bigger bitmask)."),
-    ] = "rows",
+        Optional[str],
+        typer.Option("--conv-layout", autocompletion=complete_from(CONV_LAYOUTS),
+                     help="sparse-bitmask: native (default) stores conv weights in their own shape, which "
+                          "compressed-tensors' ModelCompressor.decompress puts back into the model; rows as "
+                          "(O, kh·kw·I) rows (a smaller bitmask; acdc restores the shape, so files only). "
+                          "sparse-24-bitmask always uses rows."),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
     model: ModelOpt = None,
     num_classes: NumClassesOpt = None,
@@ -216,22 +222,26 @@ def export_cmd(
 ) -> None:
     """Write a checkpoint as a sparse file that is really smaller, or as a dense state dict.
 
-    sparse-24-bitmask and sparse-bitmask follow compressed-tensors (values + packed bitmask per layer, 2-D, conv
-    weights as O×kh×kw×I); dense is a plain state dict with the masks folded in, which torchvision loads. Prints the
-    mask statistics and the size against a dense export.
+    sparse-24-bitmask and sparse-bitmask follow compressed-tensors (values + packed bitmask per layer; sparse-bitmask
+    keeps conv weights in their own shape, 2:4 stores them as O×kh·kw·I rows); dense is a plain state dict with the
+    masks folded in, which torchvision loads. Prints the mask statistics and the size against a dense export.
+
+    -o DIR (an existing directory, or a new path without a suffix) writes DIR/model.safetensors and DIR/config.json,
+    which compressed-tensors' ModelCompressor.from_pretrained(DIR) reads; its decompress(DIR, model) then restores
+    the model exactly. Every acdc command reads DIR as its model.safetensors.
 
     onnx writes the model in eval mode (fp32, masks folded in, BatchNorm kept unless --fold-bn) with input `input`
     and output `logits`; it is written only after its initializers have been read back (pruned zeros intact) and
     ONNX Runtime's logits compared with PyTorch's.
 
-    `acdc_cli.files.export.load(OUT)` turns any safetensors export back into the exact dense state dict.
+    `acdc_cli.files.open.load(OUT)` turns any safetensors export back into the exact dense state dict.
     """
     from acdc_cli.commands.export import ONNX, export_checkpoint
 
     onnx_options = {"--opset": opset, "--batch": batch, "--input-size": input_size, "--fold-bn": fold_bn or None,
                     "--onnx-sparse/--no-onnx-sparse": onnx_sparse}
     if format_ == ONNX:
-        if dtype != "float32" or conv_layout != "rows":
+        if dtype != "float32" or conv_layout is not None:
             raise AcdcError("--format onnx writes float32 weights in their own shape (drop --dtype/--conv-layout; "
                             "TensorRT builds fp16 engines with --fp16)")
         from acdc_cli.commands.export_onnx import export_onnx
@@ -263,6 +273,9 @@ def export_cmd(
     console.print(table)
     console.print(f"wrote {result.path}: {_size(result.size_bytes)}, {summary['ratio_to_dense']:.3f} × a dense export "
                   f"({_size(result.dense_bytes)})", highlight=False, markup=False)
+    if result.config_path is not None:
+        console.print(f"wrote {result.config_path}: compressed-tensors' ModelCompressor.from_pretrained reads the "
+                      "directory", highlight=False, markup=False)
 
 
 def _render_onnx_export(result, as_json: bool) -> None:

@@ -13,13 +13,22 @@ import torch
 
 from acdc_cli.data.preprocessing import preprocessing
 from acdc_cli.errors import AcdcError
-from acdc_cli.files.atomic import check_writable
+from acdc_cli.files.atomic import atomic_write_text, check_writable
 from acdc_cli.files.checkpoint import (
     Checkpoint,
     fold_masks,
     provenance,
 )
-from acdc_cli.files.export import DENSE, EXPORT_FORMAT, FORMATS
+from acdc_cli.files.export import (
+    CONFIG_FILE,
+    DENSE,
+    EXPORT_FORMAT,
+    FORMATS,
+    WEIGHTS_FILE,
+    is_directory_export,
+    model_config,
+)
+from acdc_cli.files.jsonio import json_document
 from acdc_cli.files.open import CHECKPOINT, PLAIN_STATE_DICT_HINT, open_any
 from acdc_cli.files.tensors import dense_file_bytes, save_safetensors
 from acdc_cli.schemas import EXPORT_SCHEMA
@@ -59,7 +68,8 @@ class ExportResult:
     layers: list[LayerStats]
     size_bytes: int  # the file on disk
     dense_bytes: int  # size of a dense export of the same checkpoint in the same dtype
-    conv_layout: str = formats.ROWS
+    conv_layout: str = formats.NATIVE
+    config_path: Path | None = None  # config.json of an export to a directory
 
     @property
     def sparsity(self) -> float:
@@ -70,6 +80,7 @@ class ExportResult:
         return {
             "schema": EXPORT_SCHEMA,
             "path": str(self.path),
+            "config_path": None if self.config_path is None else str(self.config_path),
             "format": self.format,
             "dtype": self.dtype,
             "structure": self.structure,
@@ -112,25 +123,44 @@ def _structure(fmt: str, ckpt: Checkpoint) -> str:
 
 def export_checkpoint(source: Path, out: Path, fmt: str, dtype: str = "float32", force: bool = False,
                       model_name: str | None = None, num_classes: int | None = None, *,
-                      conv_layout: str = formats.ROWS) -> ExportResult:
+                      conv_layout: str | None = None) -> ExportResult:
     """Write ``out`` in format ``fmt`` from the checkpoint ``source`` (or, with ``model_name`` and ``num_classes``, a
     plain state dict); returns the mask statistics and sizes.
 
-    ``conv_layout`` (``sparse-bitmask`` only): ``rows`` stores conv weights as (O, kh·kw·I) rows, ``native`` in
-    their own shape, which compressed-tensors' decompressor restores as it is (at the cost of a bigger bitmask).
+    ``out`` is a file, or a directory (an existing one, or a new path without a suffix) that receives
+    ``model.safetensors`` and the ``config.json`` compressed-tensors' ``ModelCompressor.from_pretrained`` reads.
+
+    ``conv_layout`` (``sparse-bitmask`` only): ``native`` (the default) stores conv weights in their own shape, which
+    compressed-tensors' decompressor puts back into the model as it is; ``rows`` as (O, kh·kw·I) rows (a smaller
+    bitmask; files only, since the library would load the 2-D rows into conv modules). ``sparse-24-bitmask`` always
+    uses rows, the only layout whose groups of 4 run along input channels.
     """
     source, out = Path(source), Path(out)
     if fmt not in FORMATS:
         raise AcdcError(f"unknown export format '{fmt}' (choose {', '.join((*FORMATS, ONNX))})")
     if dtype not in DTYPES:
         raise AcdcError(f"unknown dtype '{dtype}' (choose {', '.join(DTYPES)})")
-    if conv_layout not in formats.CONV_LAYOUTS:
+    if conv_layout is not None and conv_layout not in formats.CONV_LAYOUTS:
         raise AcdcError(f"unknown conv layout '{conv_layout}' (choose {', '.join(formats.CONV_LAYOUTS)})")
-    if conv_layout == formats.NATIVE and fmt != formats.BITMASK:
-        raise AcdcError(f"--conv-layout native applies to sparse-bitmask only: {fmt} keeps conv weights "
+    if conv_layout is not None and fmt != formats.BITMASK and (fmt, conv_layout) != (formats.BITMASK_24, formats.ROWS):
+        raise AcdcError(f"--conv-layout applies to sparse-bitmask only: {fmt} keeps conv weights "
                         + ("as (O, kh·kw·I) rows, the only layout whose groups of 4 run along input channels"
-                           if fmt == formats.BITMASK_24 else "in their own shape already"))
-    check_writable(out, force)
+                           if fmt == formats.BITMASK_24 else "in their own shape"))
+    conv_layout = conv_layout or (formats.ROWS if fmt == formats.BITMASK_24 else formats.NATIVE)
+    directory = is_directory_export(out)
+    if directory:
+        if not out.parent.is_dir():
+            raise AcdcError(f"folder {out.parent} does not exist")
+        weights_path, config_path = out / WEIGHTS_FILE, out / CONFIG_FILE
+        for target in (weights_path, config_path):
+            if target.exists() and not force:
+                raise AcdcError(f"{target} exists; pass --force to overwrite it")
+            if target.exists() and not target.is_file():
+                raise AcdcError(f"{target} exists and is not a file")
+    else:
+        weights_path, config_path = out, None
+    if not directory:
+        check_writable(out, force)
     ckpt = open_any(source, (CHECKPOINT,), torch_files=True, model_name=model_name, num_classes=num_classes,
                     hint=PLAIN_STATE_DICT_HINT).checkpoint()
     cast = DTYPES[dtype]
@@ -162,10 +192,17 @@ def export_checkpoint(source: Path, out: Path, fmt: str, dtype: str = "float32",
             if key in weights:
                 raise AcdcError(f"cannot export: {key} is both a model tensor and a compressed part of {name}")
             tensors[key] = tensor
+        stored_shape = [int(v) for v in parts["shape"].flatten().tolist()]
+        if directory and stored_shape != list(weight.shape):
+            raise AcdcError(f"{name} would be stored as {'×'.join(map(str, stored_shape))} "
+                            f"rows, which compressed-tensors' decompress would load into the model as they are; "
+                            + ("a 2:4 conv weight has no other layout: export it to a .safetensors file (acdc reads "
+                               "it) or use --format sparse-bitmask" if fmt == formats.BITMASK_24
+                               else "drop --conv-layout rows or export to a .safetensors file"))
         layers_meta[name] = {
             "shape": list(weight.shape),
             "layout": formats.layout_name(tuple(weight.shape), conv_layout),
-            "stored_shape": [int(v) for v in parts["shape"].flatten()],
+            "stored_shape": stored_shape,
             "encoding": fmt,
         }
         stats.append(_stats(name, weight, parts, fmt))
@@ -198,10 +235,14 @@ def export_checkpoint(source: Path, out: Path, fmt: str, dtype: str = "float32",
             "targets": [layer_prefix(n) for n in layers_meta],
             "ignore": [layer_prefix(n) for n, t in weights.items() if layer_weight(n, t) and n not in layers_meta],
         }
-    save_safetensors(out, tensors, metadata)
-    size = out.stat().st_size
+    if directory:
+        out.mkdir(exist_ok=True)
+    save_safetensors(weights_path, tensors, metadata)
+    if config_path is not None:
+        atomic_write_text(config_path, json_document(model_config(metadata)))
+    size = weights_path.stat().st_size
     dense_bytes = size if fmt == DENSE else dense_file_bytes(weights, metadata)
-    return ExportResult(out, fmt, dtype, structure, stats, size, dense_bytes, conv_layout)
+    return ExportResult(weights_path, fmt, dtype, structure, stats, size, dense_bytes, conv_layout, config_path)
 
 
 def _stats(name: str, weight: torch.Tensor, parts: dict[str, torch.Tensor], encoding: str) -> LayerStats:

@@ -9,11 +9,17 @@ with the masks folded in. ``__metadata__`` records the format, dtype, structure,
 shape and layout, the state-dict order, the checkpoint's own metadata and compressed-tensors' ``sparsity_config``
 (``targets``: the compressed modules by name, ``ignore``: the conv/linear modules left dense), so
 :func:`decode_export` rebuilds the exact dense state dict (``acdc_cli.files.open`` opens any file with it).
+
+An export to a directory is a model directory as compressed-tensors and transformers read one: the tensors in
+``model.safetensors`` and ``config.json`` beside them (:func:`model_config`), whose ``quantization_config`` holds the
+``sparsity_config``, so ``ModelCompressor.from_pretrained(dir)`` builds the decompressor and its
+``decompress(dir, model)`` puts every weight back into the model.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -81,6 +87,62 @@ def decode_export(tensors: dict[str, torch.Tensor], meta: dict[str, str],
 
 
 DENSE = "dense"
+
+# a directory export: the names compressed-tensors (and transformers) look for in a model directory
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+# transformers' AutoConfig, through which ModelCompressor.from_pretrained reads config.json, needs a model_type it
+# knows; timm_wrapper's config is timm's own config.json of an image classifier (architecture, num_classes,
+# label_names, pretrained_cfg with the input size and normalization), the nearest fit for acdc's models
+MODEL_TYPE = "timm_wrapper"
+# what compressed-tensors writes as quant_method for its own configs (sparsity only: no quantization fields)
+QUANT_METHOD = "compressed-tensors"
+
+
+def is_directory_export(out: Path) -> bool:
+    """An export goes to a directory when OUT is an existing directory, or does not exist and has no suffix."""
+    return out.is_dir() or (not out.exists() and out.suffix == "")
+
+
+def model_config(metadata: dict[str, Any]) -> dict[str, Any]:
+    """``config.json`` of a directory export, from the export's metadata: timm's fields for an image classifier,
+    compressed-tensors' ``quantization_config`` (sparse formats only) and acdc's own record under ``acdc``."""
+    kwargs = metadata.get("model_kwargs") or {}
+    num_classes = kwargs.get("num_classes")
+    prep = metadata.get("preprocessing")
+    config: dict[str, Any] = {
+        "model_type": MODEL_TYPE,
+        # acdc's model name: build the model with acdc (acdc_cli.files.open.load_model) or its own library
+        "architecture": metadata["arch"],
+        "num_classes": num_classes,
+        # acdc records class indices, not class names; transformers needs a list to skip timm's ImageNet labels
+        "label_names": [str(i) for i in range(num_classes)] if isinstance(num_classes, int) else None,
+    }
+    if prep:
+        folder = prep.get("resize_shorter_side") is not None
+        config["pretrained_cfg"] = {
+            "input_size": prep["input_shape"],
+            "interpolation": "bilinear",
+            "crop_pct": prep["center_crop"] / prep["resize_shorter_side"] if folder else 1.0,
+            "crop_mode": "center",
+            "mean": prep["mean"],
+            "std": prep["std"],
+            "num_classes": num_classes,
+        }
+    if metadata.get("sparsity_config"):
+        config["quantization_config"] = {"quant_method": QUANT_METHOD,
+                                         "sparsity_config": metadata["sparsity_config"]}
+    config["acdc"] = {
+        "format_version": metadata["format_version"],
+        "acdc_version": metadata["acdc_version"],
+        "weights": WEIGHTS_FILE,
+        "export_format": metadata["export_format"],
+        "dtype": metadata["dtype"],
+        "conv_layout": metadata["conv_layout"],
+        "model_kwargs": kwargs,
+        "preprocessing": prep,
+    }
+    return config
 
 
 # the safetensors formats; ONNX is written by acdc_cli.commands.export_onnx

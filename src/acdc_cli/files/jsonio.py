@@ -38,6 +38,11 @@ def json_line(value: Any) -> str:
     return json.dumps(finite_or_null(value), allow_nan=False)
 
 
+def json_document(value: Any) -> str:
+    """``value`` as an indented strict JSON document ending in a newline (a config file other tools read)."""
+    return json.dumps(finite_or_null(value), allow_nan=False, indent=2) + "\n"
+
+
 def meta_text(value: Any) -> str:
     """A metadata value as a file stores it: a string as it is (free text: preset, phase), anything else as strict
     JSON."""

@@ -24,7 +24,7 @@ from acdc_cli.files.checkpoint import (
     load_checkpoint,
     rebuild_model,
 )
-from acdc_cli.files.export import EXPORT_FORMAT, FORMATS, decode_export
+from acdc_cli.files.export import EXPORT_FORMAT, FORMATS, WEIGHTS_FILE, decode_export
 from acdc_cli.files.jsonio import meta_field
 from acdc_cli.files.onnx_file import OnnxRuntimeModule, initializers, is_onnx_file, read_onnx, session
 from acdc_cli.files.state_dict import check_num_classes, fit_pretrained, read_torch_state, unwrapped
@@ -60,11 +60,22 @@ class Identity:
     meta: dict[str, str]
 
 
+def model_file(path: Path | str) -> Path:
+    """``path``, or the ``model.safetensors`` in it when ``path`` is a directory export (or another model directory
+    that holds one)."""
+    path = Path(path)
+    if path.is_dir() and (path / WEIGHTS_FILE).is_file():
+        return path / WEIGHTS_FILE
+    return path
+
+
 def identify(path: Path | str, torch_files: bool = False) -> Identity:
     """What ``path`` is, from its header alone (no tensor is read). ``torch_files``: a file that is neither
     safetensors nor ONNX is taken for a torch state dict, which only reading it can confirm; otherwise it is an
-    error saying it is not a readable safetensors file."""
-    path = Path(path)
+    error saying it is not a readable safetensors file. A directory is read through its ``model.safetensors``."""
+    path = model_file(path)
+    if path.is_dir():
+        raise AcdcError(f"{path} is a directory without {WEIGHTS_FILE}")
     if not path.is_file():
         raise AcdcError(f"no such file: {path}")
     if is_onnx_file(path):  # ONNX has no header short of parsing the whole model; its metadata comes with it
@@ -173,7 +184,7 @@ def open_any(path: Path | str, accept: tuple[str, ...] = KINDS, *, torch_files: 
 
     ``model_name`` and ``num_classes``: the file is a plain state dict (safetensors, a torch file or an export) of
     that model, checked against it and read as a dense checkpoint; an acdc checkpoint records its own model."""
-    path = Path(path)
+    path = model_file(path)
     if model_name is not None or num_classes is not None:
         return _open_as_model(path, model_name, num_classes)
     found = identify(path, torch_files)
