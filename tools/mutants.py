@@ -54,6 +54,7 @@ T_STEPS = "tests/training/test_epoch_steps.py"
 T_EXPORT_RT = "tests/files/test_export.py::test_round_trip_is_exact_for_every_format_and_dtype"
 T_EXPORT_24 = "tests/files/test_export.py::test_sparse_24_layout_read_back_with_numpy"
 T_EXPORT_OFFSETS = "tests/files/test_export.py::test_sparse_bitmask_layout_has_row_offsets"
+T_EXPORT_DIR = "tests/files/test_export_dir.py"
 
 MUTANTS: list[Mutant] = [
     # --- sparsity/schedule.py: phases ---------------------------------------------------------------------------
@@ -125,6 +126,14 @@ MUTANTS: list[Mutant] = [
       'axis=-1, bitorder="big")\n    return torch', T_FORMATS),
     m("row-offsets-are-ends", "sparsity/formats.py", "(torch.cumsum(counts, 0) - counts)",
       "torch.cumsum(counts, 0)", T_FORMATS, T_EXPORT_OFFSETS),
+    m("directory-takes-rows", "commands/export.py", "if directory and stored_shape != list(weight.shape):",
+      "if directory and stored_shape[:1] != list(weight.shape)[:1]:", T_EXPORT_DIR),
+    m("bitmask-default-rows", "commands/export.py", "(formats.ROWS if fmt == formats.BITMASK_24 else formats.NATIVE)",
+      "formats.ROWS", T_EXPORT_DIR),
+    m("crop-pct-inverted", "files/export.py", 'prep["center_crop"] / prep["resize_shorter_side"]',
+      'prep["resize_shorter_side"] / prep["center_crop"]', T_EXPORT_DIR),
+    m("config-labels-one-short", "files/export.py", "[str(i) for i in range(num_classes)]",
+      "[str(i) for i in range(num_classes - 1)]", T_EXPORT_DIR),
     m("rows-keep-native-order", "sparsity/formats.py", "return to_groups_layout(weight).reshape(",
       "return weight.reshape(", T_FORMATS),
     m("select-24-mask-outranks-values", "sparsity/formats.py", "priority = 2 * nonzero.to(torch.int8)",

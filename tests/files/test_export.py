@@ -271,6 +271,7 @@ def _compressed_tensors():
 
 
 @pytest.mark.interop
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["unstructured", "2:4"])
 def test_compressed_tensors_module_matching_finds_every_pruned_module(sources, tmp_path, kind):
     _compressed_tensors()
@@ -285,6 +286,7 @@ def test_compressed_tensors_module_matching_finds_every_pruned_module(sources, t
 
 
 @pytest.mark.interop
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["unstructured", "2:4"])
 def test_compressed_tensors_decompresses_rows_bit_exactly(sources, tmp_path, kind):
     """The library's own compressor decodes every layer to acdc's (O, kh·kw·I) rows; acdc's reader restores the
@@ -305,6 +307,7 @@ def test_compressed_tensors_decompresses_rows_bit_exactly(sources, tmp_path, kin
 
 
 @pytest.mark.interop
+@pytest.mark.slow
 def test_compressed_tensors_model_compressor_restores_native_layout(sources, tmp_path):
     """With the native layout (the default), ModelCompressor.decompress puts every weight back into the model in its own
     shape, without acdc's reader: the model computes exactly what acdc's loader gives."""

@@ -143,6 +143,7 @@ def _fresh_model(directory):
 
 
 @pytest.mark.interop
+@pytest.mark.slow
 @pytest.mark.parametrize(("kind", "fmt", "dtype"), [
     ("unstructured", "sparse-bitmask", "float32"),
     ("unstructured", "sparse-bitmask", "bfloat16"),
@@ -171,6 +172,7 @@ def test_from_pretrained_then_decompress_restores_the_model_bit_exactly(sources,
 
 
 @pytest.mark.interop
+@pytest.mark.slow
 def test_transformers_reads_the_config(sources, tmp_path):
     """transformers' AutoConfig (what from_pretrained goes through) reads config.json without timm or a download."""
     _model_compressor()
@@ -182,3 +184,18 @@ def test_transformers_reads_the_config(sources, tmp_path):
     assert config.model_type == "timm_wrapper" and config.num_labels == 10
     assert config.pretrained_cfg["input_size"] == [1, 8, 8]
     assert _model_compressor().from_pretrained(str(out)) is None  # a dense export: nothing to decompress
+
+
+def test_config_of_a_folder_model_carries_its_resize_and_crop():
+    """timm's crop_pct is the crop over the resized shorter side (timm resizes to input / crop_pct, then crops)."""
+    from acdc_cli.files.export import model_config
+
+    prep = {"input_shape": [3, 64, 64], "resize_shorter_side": 73, "center_crop": 64, "mean": [0.4, 0.5, 0.6],
+            "std": [0.2, 0.25, 0.3]}
+    meta = {"arch": "torchvision:resnet18", "model_kwargs": {"num_classes": 3}, "preprocessing": prep,
+            "format_version": 1, "acdc_version": "x", "export_format": "dense", "dtype": "float16",
+            "conv_layout": "native"}
+    config = model_config(meta)
+    assert config["pretrained_cfg"]["crop_pct"] == 64 / 73 and config["pretrained_cfg"]["input_size"] == [3, 64, 64]
+    assert config["pretrained_cfg"]["mean"] == [0.4, 0.5, 0.6] and config["label_names"] == ["0", "1", "2"]
+    assert config["acdc"]["dtype"] == "float16" and "quantization_config" not in config

@@ -29,6 +29,7 @@ def _conv_linear_weights(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in tensors.items() if not k.startswith("mask.") and k.endswith(".weight") and v.dim() > 1}
 
 
+@pytest.mark.slow  # an end-to-end preset run: the slow pass (CI runs it)
 def test_wrn_cifar100_95_runs_end_to_end_and_ends_at_95_percent(tmp_path):
     data = write_cifar100(tmp_path / "cifar")
     run = tmp_path / "run"
@@ -55,6 +56,7 @@ def test_wrn_cifar100_95_runs_end_to_end_and_ends_at_95_percent(tmp_path):
     assert 'name = "cifar100"' in config and "lr = 0.08" in config
 
 
+@pytest.mark.slow  # an end-to-end preset run: the slow pass (CI runs it)
 def test_resnet20_memorization_logs_memorized_accuracy_every_epoch(tmp_path):
     data = write_cifar10(tmp_path / "cifar")
     run = tmp_path / "run"
