@@ -199,3 +199,49 @@ def test_config_of_a_folder_model_carries_its_resize_and_crop():
     assert config["pretrained_cfg"]["crop_pct"] == 64 / 73 and config["pretrained_cfg"]["input_size"] == [3, 64, 64]
     assert config["pretrained_cfg"]["mean"] == [0.4, 0.5, 0.6] and config["label_names"] == ["0", "1", "2"]
     assert config["acdc"]["dtype"] == "float16" and "quantization_config" not in config
+
+
+def test_out_paths_say_what_they_are(sources, quickstart_run, tmp_path):
+    """A trailing / names a new directory whatever its suffix; a file export ends in .safetensors (onnx: .onnx);
+    a directory in the way of a file is named as such. Every refusal is one line and writes nothing."""
+    slash = tmp_path / "v1.safetensors"
+    assert invoke("export", sources["unstructured"], "-f", "dense", "-o", f"{slash}/").exit_code == 0
+    assert slash.is_dir() and (slash / "config.json").is_file()
+    (tmp_path / "emptyd.onnx").mkdir()
+    for args, said in [
+        (("-f", "sparse-bitmask", "-o", tmp_path / "x.onnx"), "a sparse-bitmask export is a .safetensors file"),
+        (("-f", "dense", "-o", tmp_path / "model-v1.2"), "a dense export is a .safetensors file"),
+        (("-f", "onnx", "-o", tmp_path / "onnxdir"), "an ONNX export is a .onnx file"),
+        (("-f", "onnx", "-o", tmp_path / "emptyd.onnx", "--force"), "emptyd.onnx is a directory: give the path of a"),
+    ]:
+        result = invoke("export", sources["unstructured"], *args)
+        assert result.exit_code == 2 and said in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emptyd.onnx", "v1.safetensors"]
+    assert not any((tmp_path / "emptyd.onnx").iterdir())
+
+
+def test_an_export_given_where_a_checkpoint_belongs_names_its_source(sources, tmp_path):
+    out = tmp_path / "exported"
+    export_checkpoint(sources["unstructured"], out, "sparse-bitmask")
+    for args in (("export", out, "-f", "dense", "-o", tmp_path / "d.safetensors"),
+                 ("prune", out, "--sparsity", "0.5", "-o", tmp_path / "p.safetensors")):
+        result = invoke(*args)
+        assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+        assert ("is an acdc sparse-bitmask export, not a checkpoint: use the checkpoint it was made from "
+                "(best_sparse.safetensors)") in result.stderr
+    result = invoke("train", "--from", out, "--out", tmp_path / "run")
+    assert result.exit_code == 2 and "is a directory; give a checkpoint file" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]
+
+
+def test_inspect_of_a_directory_measures_its_model_file_and_global_sparsity_is_the_whole_model(sources, tmp_path):
+    out = tmp_path / "exported"
+    export_checkpoint(sources["unstructured"], out, "sparse-bitmask")
+    shown = invoke_json("inspect", out)
+    assert shown["size_bytes"] == (out / "model.safetensors").stat().st_size
+    dense = [t for t in fold_masks(load_checkpoint(sources["unstructured"])).values() if t.is_floating_point()]
+    whole = sum(int((t == 0).sum()) for t in dense) / sum(t.numel() for t in dense)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["sparsity_config"]["global_sparsity"] == whole
+    assert 0.5 < whole < shown["sparsity"]  # biases and BatchNorm are dense: the whole model is less sparse

@@ -18,6 +18,7 @@ from acdc_cli.files.jsonio import meta_field, meta_text
 from acdc_cli.files.open import (
     CHECKPOINT,
     EXPORT,
+    ONNX,
     STATE_DICT,
     identify,
     load,
@@ -80,8 +81,11 @@ def test_read_state_dict_reads_every_kind_and_unwraps_names(files):
 
 
 def test_a_command_refuses_a_kind_it_does_not_take(files):
-    with pytest.raises(AcdcError, match=r"is not an acdc checkpoint \(format: acdc-export\); give"):
+    with pytest.raises(AcdcError, match=r"is an acdc dense export, not a checkpoint: use the checkpoint it was made "
+                                        r"from \(\S+\)$"):  # not the hint, which speaks of plain state dicts
         open_any(files["dense"], (CHECKPOINT,), hint="give")
+    with pytest.raises(AcdcError, match=r"is not an acdc export or ONNX export \(format: acdc-checkpoint\)"):
+        open_any(files["checkpoint"], (EXPORT, ONNX))
     with pytest.raises(AcdcError, match=r"is not an acdc checkpoint \(a \.safetensors file\)"):
         open_any(files["torch"], (CHECKPOINT,), torch_files=True)
     with pytest.raises(AcdcError, match="records its own model"):

@@ -187,10 +187,11 @@ def export_cmd(
                                             "(a plain state dict, masks folded in) or onnx (for ONNX Runtime and "
                                             "TensorRT; needs the 'onnx' extra)."),
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="The .safetensors (or .onnx) file to write, or a "
-                                                          "directory (an existing one, or a new path without a "
-                                                          "suffix) that gets model.safetensors and the config.json "
-                                                          "compressed-tensors' from_pretrained reads.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="The .safetensors file to write (.onnx for --format onnx), "
+                                                         "or, for the safetensors formats, a directory (an existing "
+                                                         "one, or a new path without a suffix or ending in /) that "
+                                                         "gets model.safetensors and the config.json "
+                                                         "compressed-tensors' from_pretrained reads.")],
     dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16 (onnx: float32).")] = "float32",
     opset: Annotated[Optional[int], typer.Option("--opset", help="onnx: ONNX opset (18 or newer; default: the "
                                                                  "exporter's).")] = None,
@@ -228,7 +229,8 @@ def export_cmd(
 
     -o DIR (an existing directory, or a new path without a suffix) writes DIR/model.safetensors and DIR/config.json,
     which compressed-tensors' ModelCompressor.from_pretrained(DIR) reads; its decompress(DIR, model) then restores
-    the model exactly. Every acdc command reads DIR as its model.safetensors.
+    the model exactly; acdc eval, inspect and bench --inference read DIR as its model.safetensors. An ONNX export is
+    a .onnx file.
 
     onnx writes the model in eval mode (fp32, masks folded in, BatchNorm kept unless --fold-bn) with input `input`
     and output `logits`; it is written only after its initializers have been read back (pruned zeros intact) and
@@ -246,7 +248,7 @@ def export_cmd(
                             "TensorRT builds fp16 engines with --fp16)")
         from acdc_cli.commands.export_onnx import export_onnx
 
-        _render_onnx_export(export_onnx(checkpoint, out, opset, batch, input_size, fold_bn, force,
+        _render_onnx_export(export_onnx(checkpoint, Path(out), opset, batch, input_size, fold_bn, force,
                                         model_name=model, num_classes=num_classes, sparse=onnx_sparse), as_json)
         return
     given = [flag for flag, value in onnx_options.items() if value is not None]
@@ -274,8 +276,9 @@ def export_cmd(
     console.print(f"wrote {result.path}: {_size(result.size_bytes)}, {summary['ratio_to_dense']:.3f} × a dense export "
                   f"({_size(result.dense_bytes)})", highlight=False, markup=False)
     if result.config_path is not None:
-        console.print(f"wrote {result.config_path}: compressed-tensors' ModelCompressor.from_pretrained reads the "
-                      "directory", highlight=False, markup=False)
+        reader = ("compressed-tensors' ModelCompressor.from_pretrained reads the directory" if result.format != "dense"
+                  else "the model's description and preprocessing (a dense export has nothing to decompress)")
+        console.print(f"wrote {result.config_path}: {reader}", highlight=False, markup=False)
 
 
 def _render_onnx_export(result, as_json: bool) -> None:

@@ -5,6 +5,7 @@ prunable layer's mask statistics and the file's size against a dense export.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,7 @@ def _structure(fmt: str, ckpt: Checkpoint) -> str:
     return str((ckpt.config.get("sparsity") or {}).get("structure", "unstructured"))
 
 
-def export_checkpoint(source: Path, out: Path, fmt: str, dtype: str = "float32", force: bool = False,
+def export_checkpoint(source: Path, out: Path | str, fmt: str, dtype: str = "float32", force: bool = False,
                       model_name: str | None = None, num_classes: int | None = None, *,
                       conv_layout: str | None = None) -> ExportResult:
     """Write ``out`` in format ``fmt`` from the checkpoint ``source`` (or, with ``model_name`` and ``num_classes``, a
@@ -135,6 +136,7 @@ def export_checkpoint(source: Path, out: Path, fmt: str, dtype: str = "float32",
     bitmask; files only, since the library would load the 2-D rows into conv modules). ``sparse-24-bitmask`` always
     uses rows, the only layout whose groups of 4 run along input channels.
     """
+    as_directory = isinstance(out, str) and out.endswith(("/", os.sep))  # "-o new/" names a directory
     source, out = Path(source), Path(out)
     if fmt not in FORMATS:
         raise AcdcError(f"unknown export format '{fmt}' (choose {', '.join((*FORMATS, ONNX))})")
@@ -147,7 +149,12 @@ def export_checkpoint(source: Path, out: Path, fmt: str, dtype: str = "float32",
                         + ("as (O, kh·kw·I) rows, the only layout whose groups of 4 run along input channels"
                            if fmt == formats.BITMASK_24 else "in their own shape"))
     conv_layout = conv_layout or (formats.ROWS if fmt == formats.BITMASK_24 else formats.NATIVE)
-    directory = is_directory_export(out)
+    directory = as_directory or is_directory_export(out)
+    if not directory and out.suffix != ".safetensors":
+        raise AcdcError(f"{out}: a {fmt} export is a .safetensors file, or a directory (an existing one, a new path "
+                        "without a suffix, or one ending in /); --format onnx writes .onnx files")
+    if directory and out.exists() and not out.is_dir():
+        raise AcdcError(f"{out} exists and is not a directory")
     if directory:
         if not out.parent.is_dir():
             raise AcdcError(f"folder {out.parent} does not exist")
@@ -208,8 +215,6 @@ def export_checkpoint(source: Path, out: Path, fmt: str, dtype: str = "float32",
         stats.append(_stats(name, weight, parts, fmt))
 
     structure = _structure(fmt, ckpt)
-    zeros = sum(_numel(s.shape) - s.kept for s in stats)
-    numel = sum(_numel(s.shape) for s in stats)
     metadata: dict[str, Any] = {
         "format": EXPORT_FORMAT,
         "export_format": fmt,
@@ -231,7 +236,8 @@ def export_checkpoint(source: Path, out: Path, fmt: str, dtype: str = "float32",
         metadata["sparsity_config"] = {
             "format": fmt,
             "sparsity_structure": "2:4" if fmt == formats.BITMASK_24 else "unstructured",
-            "global_sparsity": zeros / max(numel, 1),
+            # compressed-tensors: "average sparsity of the entire model": zeros over every floating-point tensor
+            "global_sparsity": _model_sparsity(weights),
             "targets": [layer_prefix(n) for n in layers_meta],
             "ignore": [layer_prefix(n) for n, t in weights.items() if layer_weight(n, t) and n not in layers_meta],
         }
@@ -243,6 +249,12 @@ def export_checkpoint(source: Path, out: Path, fmt: str, dtype: str = "float32",
     size = weights_path.stat().st_size
     dense_bytes = size if fmt == DENSE else dense_file_bytes(weights, metadata)
     return ExportResult(weights_path, fmt, dtype, structure, stats, size, dense_bytes, conv_layout, config_path)
+
+
+def _model_sparsity(weights: dict[str, torch.Tensor]) -> float:
+    floats = [t for t in weights.values() if t.is_floating_point()]
+    total = sum(t.numel() for t in floats)
+    return sum(int((t == 0).sum()) for t in floats) / max(total, 1)
 
 
 def _stats(name: str, weight: torch.Tensor, parts: dict[str, torch.Tensor], encoding: str) -> LayerStats:

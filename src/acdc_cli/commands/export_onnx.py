@@ -189,6 +189,8 @@ def export_onnx(source: Path, out: Path, opset: int | None = None, batch: str | 
     if opset is not None and not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise AcdcError(f"--opset {opset} is not available: the exporter writes opset {MIN_OPSET} to "
                         f"{onnx.defs.onnx_opset_version()} (onnx {onnx.__version__})")
+    if out.suffix != ".onnx":
+        raise AcdcError(f"{out}: an ONNX export is a .onnx file (a directory export takes a safetensors format)")
     check_writable(out, force)
     ckpt = open_any(source, (CHECKPOINT,), torch_files=True, model_name=model_name, num_classes=num_classes,
                     hint=PLAIN_STATE_DICT_HINT).checkpoint()

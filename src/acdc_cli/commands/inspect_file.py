@@ -113,7 +113,8 @@ def inspect_file(path: Path) -> dict[str, Any]:
     """A JSON-ready description: kind, format, metadata, per-layer sparsity and N:M validity, sizes."""
     path = Path(path)
     opened = open_any(path, (CHECKPOINT, EXPORT, STATE_DICT))
-    info: dict[str, Any] = {"path": str(path), "size_bytes": path.stat().st_size}
+    # a directory export is measured by the model file in it (opened.path), not by the directory entry
+    info: dict[str, Any] = {"path": str(path), "size_bytes": opened.path.stat().st_size}
     dense = opened.weights
     if opened.kind == CHECKPOINT:
         tensors, masks = opened.stored, opened.masks

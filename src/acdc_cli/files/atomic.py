@@ -100,9 +100,11 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def check_writable(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise AcdcError(f"{out} exists; pass --force to overwrite it")
+    if out.is_dir():
+        raise AcdcError(f"{out} is a directory: give the path of a file to write")
     if out.exists() and not out.is_file():
         raise AcdcError(f"{out} exists and is not a file")
+    if out.exists() and not force:
+        raise AcdcError(f"{out} exists; pass --force to overwrite it")
     if not out.parent.is_dir():
         raise AcdcError(f"folder {out.parent} does not exist")

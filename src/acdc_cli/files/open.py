@@ -203,6 +203,10 @@ def _refusal(path: Path, found: Identity, accept: tuple[str, ...], hint: str | N
     names = {CHECKPOINT: "checkpoint", EXPORT: "export", ONNX: "ONNX export", STATE_DICT: "plain state dict"}
     wanted = [names[kind] for kind in accept]
     wanted = ", ".join(wanted[:-1]) + " or " + wanted[-1] if len(wanted) > 1 else wanted[0]
+    if found.kind == EXPORT and CHECKPOINT in accept:  # the plain-state-dict hint would mislead here
+        source = found.meta.get("source")
+        return (f"{path} is an acdc {found.format} export, not a checkpoint: use the checkpoint it was made from"
+                + (f" ({source})" if isinstance(source, str) and source else ""))
     if found.format == TORCH_FILE:
         what = "a .safetensors file"
     else:

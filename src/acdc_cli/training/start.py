@@ -129,8 +129,8 @@ def train(settings: Settings, *, out: Path | None = None, resume: bool = False, 
     else:
         run_dir = Path(out) if out is not None else default_run_dir(settings)
     _check_start(settings, from_checkpoint, new_run=not resume)
-    if from_checkpoint is not None and not from_checkpoint.is_file():
-        raise AcdcError(f"--from: no such checkpoint {from_checkpoint}")
+    if from_checkpoint is not None:
+        _check_from(from_checkpoint)
     if nproc is not None:
         _launch(settings, run_dir, resume, force, from_checkpoint, nproc, launch_argv)
         return None
@@ -186,10 +186,17 @@ def auto_resume(run_dir: Path, settings: Settings) -> tuple[bool, bool]:
     return False, True
 
 
-def checkpoint_settings(path: Path) -> dict[str, Any]:
-    """The settings a ``--from`` checkpoint records, as the base of a new run from it."""
+def _check_from(path: Path) -> None:
+    if path.is_dir():
+        raise AcdcError(f"--from: {path} is a directory; give a checkpoint file (a run's best_sparse.safetensors, or "
+                        "what acdc prune wrote)")
     if not path.is_file():
         raise AcdcError(f"--from: no such checkpoint {path}")
+
+
+def checkpoint_settings(path: Path) -> dict[str, Any]:
+    """The settings a ``--from`` checkpoint records, as the base of a new run from it."""
+    _check_from(path)
     config = load_checkpoint(path).config
     if not config:
         raise AcdcError(f"--from {path} records no settings; give --preset or --config as well")
