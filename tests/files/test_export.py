@@ -8,6 +8,7 @@ import pytest
 import torch
 import torchvision
 from cli_helpers import fails, invoke, invoke_json, shows
+from interop_helpers import compressed_tensors
 from safetensors import safe_open
 
 from acdc_cli import models
@@ -265,21 +266,11 @@ def test_resnet50_24_export_round_trip(resnet50_exports):
 # compressed-tensors reads the exports with its own code: run with the library installed (0.12.x-0.14.x)
 
 
-def _compressed_tensors():
-    """The installed compressed-tensors, or a skip that says why (these tests install nothing)."""
-    ct = pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed "
-                             "(pip install 'compressed-tensors>=0.12,<0.15' to run the interop tests)")
-    major_minor = tuple(int(part) for part in ct.__version__.split(".")[:2])
-    if not (0, 12) <= major_minor < (0, 15):
-        pytest.skip(f"compressed-tensors {ct.__version__}: only 0.12-0.14 have the sparse compressors these files use")
-    return ct
-
-
 @pytest.mark.interop
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["unstructured", "2:4"])
 def test_compressed_tensors_module_matching_finds_every_pruned_module(sources, tmp_path, kind):
-    _compressed_tensors()
+    compressed_tensors()
     from compressed_tensors.utils.match import match_named_modules
 
     out = tmp_path / "e.safetensors"
@@ -296,7 +287,7 @@ def test_compressed_tensors_module_matching_finds_every_pruned_module(sources, t
 def test_compressed_tensors_decompresses_rows_bit_exactly(sources, tmp_path, kind):
     """The library's own compressor decodes every layer to acdc's (O, kh·kw·I) rows; acdc's reader restores the
     conv shape from the recorded layout."""
-    _compressed_tensors()
+    compressed_tensors()
     from compressed_tensors.compressors import ModelCompressor
 
     out = tmp_path / "e.safetensors"
@@ -316,7 +307,7 @@ def test_compressed_tensors_decompresses_rows_bit_exactly(sources, tmp_path, kin
 def test_compressed_tensors_model_compressor_restores_native_layout(sources, tmp_path):
     """With the native layout (the default), ModelCompressor.decompress puts every weight back into the model in its own
     shape, without acdc's reader: the model computes exactly what acdc's loader gives."""
-    _compressed_tensors()
+    compressed_tensors()
     from compressed_tensors.compressors import ModelCompressor
 
     out = tmp_path / "native.safetensors"

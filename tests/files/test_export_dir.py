@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from cli_helpers import invoke, invoke_json
+from interop_helpers import compressed_tensors
 from safetensors import safe_open
 
 from acdc_cli import models
@@ -125,11 +126,7 @@ def test_a_folder_without_model_file_is_one_line(tmp_path):
 
 
 def _model_compressor():
-    ct = pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed "
-                             "(pip install -e '.[compressed-tensors]' to run the interop tests)")
-    major_minor = tuple(int(part) for part in ct.__version__.split(".")[:2])
-    if not (0, 12) <= major_minor < (0, 15):
-        pytest.skip(f"compressed-tensors {ct.__version__}: only 0.12-0.14 have the sparse compressors these files use")
+    compressed_tensors()
     from compressed_tensors.compressors import ModelCompressor
 
     return ModelCompressor
