@@ -150,24 +150,21 @@ def export_checkpoint(source: Path, out: Path | str, fmt: str, dtype: str = "flo
                            if fmt == formats.BITMASK_24 else "in their own shape"))
     conv_layout = conv_layout or (formats.ROWS if fmt == formats.BITMASK_24 else formats.NATIVE)
     directory = as_directory or is_directory_export(out)
-    if not directory and out.suffix != ".safetensors":
-        raise AcdcError(f"{out}: a {fmt} export is a .safetensors file, or a directory (an existing one, a new path "
-                        "without a suffix, or one ending in /); --format onnx writes .onnx files")
-    if directory and out.exists() and not out.is_dir():
-        raise AcdcError(f"{out} exists and is not a directory")
     if directory:
+        if out.exists() and not out.is_dir():
+            raise AcdcError(f"{out} exists and is not a directory")
         if not out.parent.is_dir():
             raise AcdcError(f"folder {out.parent} does not exist")
         weights_path, config_path = out / WEIGHTS_FILE, out / CONFIG_FILE
-        for target in (weights_path, config_path):
-            if target.exists() and not force:
-                raise AcdcError(f"{target} exists; pass --force to overwrite it")
-            if target.exists() and not target.is_file():
-                raise AcdcError(f"{target} exists and is not a file")
+        if out.is_dir():  # a new directory holds neither file yet
+            for target in (weights_path, config_path):
+                check_writable(target, force)
     else:
-        weights_path, config_path = out, None
-    if not directory:
+        if out.suffix != ".safetensors":
+            raise AcdcError(f"{out}: a {fmt} export is a .safetensors file, or a directory (an existing one, a new "
+                            "path without a suffix, or one ending in /); --format onnx writes .onnx files")
         check_writable(out, force)
+        weights_path, config_path = out, None
     ckpt = open_any(source, (CHECKPOINT,), torch_files=True, model_name=model_name, num_classes=num_classes,
                     hint=PLAIN_STATE_DICT_HINT).checkpoint()
     cast = DTYPES[dtype]
