@@ -165,6 +165,15 @@ def test_ema_is_the_formula_and_follows_the_masks():
     for name, mask in engine.masks.items():
         assert torch.count_nonzero(weights[name][~mask]) == 0
         assert torch.count_nonzero(weights[name][mask]) == mask.sum()
+    # within the phase they stay zero without masking: the model's pruned weights are zero after every step
+    for _ in range(3):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(torch.randn(8, 1, 8, 8)), torch.arange(8)).backward()
+        optimizer.step()
+        ema.update()
+    for name, mask in engine.masks.items():
+        assert torch.isfinite(weights[name]).all() and torch.count_nonzero(weights[name][~mask]) == 0
+        assert torch.count_nonzero(weights[name][mask]) == mask.sum()
 
 
 # --- mixup, cutmix, label smoothing -----------------------------------------------------------------------------

@@ -46,26 +46,25 @@ def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float) -> torch.u
 class WeightEma:
     """An exponential moving average of a model: after each optimizer step, every floating tensor of its state dict
     (weights and batch-norm statistics, as timm's ModelEmaV2) moves to ``decay * ema + (1 - decay) * live``; integer
-    buffers (batch-norm step counts) are copied. Its masks follow the model's: in a compressed phase the weights the
-    model prunes are exactly zero in the EMA too (:meth:`follow_masks`, also after every update)."""
+    buffers (batch-norm step counts) are copied. Its masks follow the model's: at every phase start the weights the
+    model prunes are zeroed in the EMA too (:meth:`follow_masks`); within a compressed phase they stay exactly zero,
+    since the model's own pruned weights are zero after every step and the average of zero and zero is zero."""
 
     def __init__(self, model: nn.Module, decay: float, engine: ACDC | None = None):
         self.model, self.decay, self.engine = model, decay, engine
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
-
-    def _pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        ema, live = self.module.state_dict(), self.model.state_dict()
+        # the tensors themselves (keep_vars), paired once: in-place updates and ``p.data = ...`` keep them current
+        ema, live = self.module.state_dict(keep_vars=True), model.state_dict(keep_vars=True)
         floats = [k for k, t in ema.items() if t.is_floating_point()]
         others = [k for k, t in ema.items() if not t.is_floating_point()]
-        return [ema[k] for k in floats], [live[k] for k in floats], [ema[k] for k in others], [live[k] for k in others]
+        self._ema, self._live = [ema[k] for k in floats], [live[k] for k in floats]
+        self._ema_ints, self._live_ints = [ema[k] for k in others], [live[k] for k in others]
 
     @torch.no_grad()
     def update(self) -> None:
-        ema, live, ema_ints, live_ints = self._pairs()
-        torch._foreach_lerp_(ema, live, 1.0 - self.decay)
-        if ema_ints:
-            torch._foreach_copy_(ema_ints, live_ints)
-        self.follow_masks()
+        torch._foreach_lerp_(self._ema, self._live, 1.0 - self.decay)
+        if self._ema_ints:
+            torch._foreach_copy_(self._ema_ints, self._live_ints)
 
     @torch.no_grad()
     def follow_masks(self) -> None:
