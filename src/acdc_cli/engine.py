@@ -173,16 +173,11 @@ class ACDC:
         # any (masks changed, or the optimizer's state was replaced since)
         self._masked_version: int | None = None
         self._positions: dict[str, int] | None = None  # output positions per counted layer, once count_flops ran
-        # the training cost of the epochs passed to end_epoch; None when a loaded state predates FLOPs counting
+        # the training cost of the epochs passed to end_epoch
         self._train_flops = TrainingFlops()
         # whether the optimizer's step leaves pruned weights at zero by itself (step_keeps_zeros): checked at each
         # start_epoch and optimizer state load, not at every step; False (re-mask after the step) until then
         self._step_keeps_zeros = False
-        # optimizer steps taken through this engine: the measured sparsity and FLOPs of the model are computed once
-        # and reused by every reader until a step, a mask change or an in-place change of a parameter (an epoch's
-        # row, its per-layer sparsity and end_epoch's FLOPs read them once, not two or three times)
-        self._steps = 0
-        self._measured: dict[str, tuple[tuple[int, int, int], Any]] = {}
         self._hooks = [optimizer.register_step_pre_hook(self._before_step),
                        optimizer.register_step_post_hook(self._after_step),
                        optimizer.register_load_state_dict_post_hook(self._after_optimizer_load)]
@@ -235,7 +230,6 @@ class ACDC:
         self.sparsifier.apply_to_grads()  # neither momentum nor Adam's moments see a pruned weight's gradient
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self._steps += 1
         if not self._step_keeps_zeros:
             self.sparsifier.apply_to_weights()  # weight decay and momentum cannot move a pruned weight off zero
 
@@ -281,16 +275,7 @@ class ACDC:
         :meth:`count_flops`."""
         if self._positions is None:
             raise RuntimeError("call count_flops(input_shape) before flops")
-        return self._measure("flops", lambda: inference_flops(self.model, self._positions))
-
-    def _measure(self, what: str, compute: Any) -> Any:
-        """``compute()``, reused while no optimizer step and no mask change happened since."""
-        # a parameter's _version counts its in-place changes (load_state_dict, copy_): edits outside a step show
-        key = (self._steps, self.sparsifier.version, sum(p._version for p in self.model.parameters()))
-        cached = self._measured.get(what)
-        if cached is None or cached[0] != key:
-            cached = self._measured[what] = (key, compute())
-        return cached[1]
+        return inference_flops(self.model, self._positions)
 
     @property
     def train_flops(self) -> TrainingFlops:
@@ -335,11 +320,11 @@ class ACDC:
 
     def sparsity(self) -> float:
         """Zeros among the selected weights now, as a fraction."""
-        return float(self._measure("stats", self.sparsifier.stats)["sparsity"])
+        return float(self.sparsifier.stats()["sparsity"])
 
     def layer_sparsity(self) -> dict[str, float]:
         """Zeros per selected weight, as fractions."""
-        return dict(self._measure("stats", self.sparsifier.stats)["per_layer"])
+        return dict(self.sparsifier.stats()["per_layer"])
 
     def metrics(self) -> dict[str, Any]:
         """The engine's share of an epoch's metrics row: phase, target and measured sparsity, mask change; once

@@ -320,3 +320,17 @@ def test_save_infers_the_constructor_arguments_or_says_what_to_pass(tmp_path):
         acdc.save(tmp_path / "x.safetensors", arch="resnet21")
     result = CliRunner().invoke(app, ["eval", str(path)])
     assert result.exit_code == 2 and "records no dataset" in result.stderr
+
+
+def test_sparsity_and_flops_describe_the_model_now_even_after_edits_outside_a_step():
+    """``p.data`` edits bump no version counter: the readings are computed at each call, never reused."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 1, bias=False), torch.nn.Flatten(),
+                                torch.nn.Linear(16, 4, bias=False))  # 8 + 64 weights; the conv at 4 positions
+    acdc = ACDC(model, torch.optim.SGD(model.parameters(), lr=0.1), **{**SHORT, "sparsity": 0.5})
+    acdc.start_epoch(1)  # compressed
+    acdc.count_flops((2, 2, 2))
+    conv_kept, linear_kept = int(model[0].weight.count_nonzero()), int(model[2].weight.count_nonzero())
+    assert acdc.sparsity() == 0.5 and acdc.flops().sparse == 4 * conv_kept + linear_kept
+    model[0].weight.data.zero_()
+    assert acdc.sparsity() == 1 - linear_kept / 72 and acdc.layer_sparsity()["0.weight"] == 1.0
+    assert acdc.flops().sparse == linear_kept

@@ -51,7 +51,7 @@ class RunResult:
     files: list[Path] = field(default_factory=list)
     preempted: dict[str, Any] | None = None  # {"signal", "epoch", "step"} of the checkpoint a signal stopped at
     # {"inference": {"dense", "sparse", "ratio"} per image of the final model, "train": {"flops", "dense_flops",
-    # "ratio"} of the run, None when it resumed from a state written before FLOPs were counted}
+    # "ratio"} of the run}
     flops: dict[str, Any] | None = None
     ema_best: dict[str, dict[str, Any] | None] | None = None  # optim.ema_decay: {"sparse", "dense"} records as above
     threads: tuple[int, str] | None = None  # the CPU threads torch used, and why that many
@@ -183,7 +183,7 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
                 # whatever the cadence when stopping: the next `acdc train --resume` goes on from here; the row is
                 # logged before its files are written, so files never exist without their row
                 files = store.take_epoch(phase, row, last=True if stopping else None)
-                logger.log_epoch(row, engine.layer_sparsity())
+                logger.log_epoch(row, engine.layer_sparsity() if settings.log.per_layer else None)
                 store.write_epoch(files)
             if stopping:
                 preempted = {"signal": stop.name, "epoch": epoch + 1, "step": 0}
@@ -469,8 +469,8 @@ def train_epoch(net: nn.Module, loader, optimizer: torch.optim.Optimizer, settin
 
 def _flops_summary(engine: ACDC) -> dict[str, Any]:
     run = engine.train_flops
-    train = {"flops": run.flops, "dense_flops": run.dense_flops, "ratio": run.ratio} if run is not None else None
-    return {"inference": engine.flops().as_dict(), "train": train}
+    return {"inference": engine.flops().as_dict(),
+            "train": {"flops": run.flops, "dense_flops": run.dense_flops, "ratio": run.ratio}}
 
 
 def summary_panel(result: RunResult, tensorboard: bool) -> Panel:
@@ -522,8 +522,5 @@ def _flops_lines(flops: dict[str, Any] | None) -> list[str]:
         return []
     now, run = flops["inference"], flops["train"]
     lines = [f"inference FLOPs: {si(now['sparse'])} per image, {now['ratio']:.4f} × dense ({si(now['dense'])})"]
-    if run is None:
-        lines.append("training FLOPs: not known (resumed from a checkpoint of an acdc that did not count them)")
-    else:
-        lines.append(f"training FLOPs: {si(run['flops'])}, {run['ratio']:.4f} × the same run dense")
+    lines.append(f"training FLOPs: {si(run['flops'])}, {run['ratio']:.4f} × the same run dense")
     return lines
