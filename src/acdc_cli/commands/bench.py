@@ -58,7 +58,7 @@ from acdc_cli.sparsity.sparsifier import Sparsifier
 from acdc_cli.training import evaluation, runtime
 from acdc_cli.training.distributed import DistInfo, resolve_device
 from acdc_cli.training.loop import build_optimizer, train_epoch
-from acdc_cli.training.runtime import elapsed_seconds
+from acdc_cli.training.runtime import elapsed_seconds, interleaved_seconds
 
 # classes of each dataset, for building the model without reading the dataset
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000, "synthetic": 10}
@@ -181,26 +181,6 @@ def runs_fp32_eager(settings: Settings, device: torch.device) -> bool:
     rt = settings.runtime
     return runtime.precision(device, rt.amp) == "fp32" and not (rt.channels_last and device.type == "cuda") \
         and not rt.compile
-
-
-def interleaved_seconds(modes: dict[str, Callable[[int], None]], steps: int, warmup: int, rounds: int,
-                        device: torch.device, before: dict[str, Callable[[], None]] | None = None
-                        ) -> dict[str, list[float]]:
-    """Seconds of ``steps`` steps of each mode in each of ``rounds`` rounds, the modes taking turns within a round
-    (and starting in turn, so that none always runs first after another): a change in machine load hits all alike.
-    ``before[mode]()`` runs before each of the mode's passes (untimed: global backend flags)."""
-    before = before or {}
-    names = list(modes)
-    for name in names:
-        before.get(name, lambda: None)()
-        if warmup:
-            modes[name](warmup)
-    seconds: dict[str, list[float]] = {name: [] for name in names}
-    for index in range(rounds):
-        for name in names[index % len(names):] + names[:index % len(names)]:
-            before.get(name, lambda: None)()
-            seconds[name].append(elapsed_seconds(lambda name=name: modes[name](steps), device))
-    return seconds
 
 
 def rates(seconds: list[float], images: int) -> tuple[float, float]:
