@@ -53,7 +53,7 @@ from acdc_cli.config import Settings
 from acdc_cli.data.tensor_loader import TensorLoader
 from acdc_cli.engine import ACDC
 from acdc_cli.errors import AcdcError
-from acdc_cli.sections import MAX_BATCH_SIZE
+from acdc_cli.sections import MAX_BATCH_SIZE, MAX_BENCH_STEPS
 from acdc_cli.sparsity.sparsifier import Sparsifier
 from acdc_cli.training import evaluation, runtime
 from acdc_cli.training.distributed import DistInfo, resolve_device
@@ -110,11 +110,6 @@ IMAGEFOLDER_KINDS = {
 # the random input batch lives on the device (8 GiB: ~14,000 ImageNet-sized float32 images), and the input pipeline
 # is timed over steps x batch uint8 images in memory
 MAX_BATCH_BYTES = 8 * 2**30
-
-
-MAX_STEPS = 100_000
-
-
 
 
 def device_name(device: torch.device) -> str:
@@ -352,8 +347,9 @@ def per_core_rates(loaders: list[Any], device: torch.device, repeats: int = PIPE
 def run_bench(settings: Settings, *, steps: int = 50, warmup: int = 10, rounds: int = STEP_ROUNDS,
               batch_size: int | None = None, status: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure everything ``acdc bench`` reports; returns one flat dict (the JSON the CLI prints)."""
-    if not 1 <= steps <= MAX_STEPS or not 0 <= warmup <= MAX_STEPS:
-        raise AcdcError(f"--steps must be in [1, {MAX_STEPS}] and --warmup in [0, {MAX_STEPS}] (got {steps}, {warmup})")
+    if not 1 <= steps <= MAX_BENCH_STEPS or not 0 <= warmup <= MAX_BENCH_STEPS:
+        raise AcdcError(f"--steps must be in [1, {MAX_BENCH_STEPS}] and --warmup in [0, {MAX_BENCH_STEPS}] "
+                        f"(got {steps}, {warmup})")
     if not 1 <= rounds <= MAX_ROUNDS:
         raise AcdcError(f"--rounds must be in [1, {MAX_ROUNDS}], got {rounds}")
     if settings.data.name not in NUM_CLASSES:
