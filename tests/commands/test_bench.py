@@ -206,9 +206,9 @@ def test_interleaved_rounds_take_turns_and_time_each_pass(monkeypatch):
     modes = {name: (lambda count, name=name: calls.append((name, count))) for name in ("a", "b", "c")}
     before = {"a": lambda: calls.append(("flag a", 0))}
     timed = iter(range(1, 100))
-    monkeypatch.setattr(bench, "elapsed_seconds", lambda fn, device: fn() or float(next(timed)))
-    seconds = bench.interleaved_seconds(modes, steps=7, warmup=2, rounds=4, device=torch.device("cpu"),
-                                        before=before)
+    monkeypatch.setattr(runtime, "elapsed_seconds", lambda fn, device: fn() or float(next(timed)))
+    seconds = runtime.interleaved_seconds(modes, steps=7, warmup=2, rounds=4, device=torch.device("cpu"),
+                                          before=before)
     assert calls[:4] == [("flag a", 0), ("a", 2), ("b", 2), ("c", 2)]
     order = [name for name, count in calls[4:] if count == 7]
     assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]

@@ -11,6 +11,7 @@ from acdc_cli.commands.bench_inference import _densified, interleaved, median_in
 from acdc_cli.commands.export import export_checkpoint
 from acdc_cli.commands.prune import prune_checkpoint
 from acdc_cli.files.checkpoint import fold_masks, load_checkpoint
+from acdc_cli.training import runtime
 
 
 def bench_json(path, *args) -> dict:
@@ -142,12 +143,12 @@ def test_median_interval_from_order_statistics():
     assert (low, high) == (6, 15) and coverage == pytest.approx(0.9586, abs=1e-4)
 
 
-def test_interleaved_passes_alternate_which_goes_first():
+def test_interleaved_passes_alternate_which_goes_first(monkeypatch):
     calls = []
     clock = iter(range(1, 100))
+    monkeypatch.setattr(runtime, "elapsed_seconds", lambda fn, device: fn() or float(next(clock)))
     dense_times, sparse_times = interleaved(lambda x: calls.append("dense"), lambda x: calls.append("sparse"),
-                                            torch.zeros(1), repeats=4, warmup=1,
-                                            seconds=lambda fn: fn() or float(next(clock)))
+                                            torch.zeros(1), repeats=4, warmup=1, device=torch.device("cpu"))
     assert calls == ["dense", "sparse", "dense", "sparse", "sparse", "dense", "dense", "sparse", "sparse", "dense"]
     assert dense_times == [1, 4, 5, 8] and sparse_times == [2, 3, 6, 7]
 

@@ -122,13 +122,13 @@ def bench(
         else:
             render_inference(result, out_console())
         return
-    from acdc_cli.commands.bench import render, run_bench
+    from acdc_cli.commands.bench import STEP_ROUNDS, render, run_bench
     from acdc_cli.config import load_settings
 
     settings = load_settings(preset, config, set_, {"runtime.device": device})
     with status_console.status("acdc bench") as status:
         result = run_bench(settings, steps=50 if steps is None else steps, warmup=10 if warmup is None else warmup,
-                           rounds=5 if rounds is None else rounds, batch_size=batch_size,
+                           rounds=STEP_ROUNDS if rounds is None else rounds, batch_size=batch_size,
                            status=lambda message: status.update(f"acdc bench: {message}"))
     if as_json:
         print_json(result, BENCH_SCHEMA)

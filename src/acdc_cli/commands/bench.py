@@ -53,12 +53,12 @@ from acdc_cli.config import Settings
 from acdc_cli.data.tensor_loader import TensorLoader
 from acdc_cli.engine import ACDC
 from acdc_cli.errors import AcdcError
-from acdc_cli.sections import MAX_BATCH_SIZE
+from acdc_cli.sections import MAX_BATCH_SIZE, MAX_BENCH_STEPS
 from acdc_cli.sparsity.sparsifier import Sparsifier
 from acdc_cli.training import evaluation, runtime
 from acdc_cli.training.distributed import DistInfo, resolve_device
 from acdc_cli.training.loop import build_optimizer, train_epoch
-from acdc_cli.training.runtime import elapsed_seconds
+from acdc_cli.training.runtime import elapsed_seconds, interleaved_seconds
 
 # classes of each dataset, for building the model without reading the dataset
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000, "synthetic": 10}
@@ -110,11 +110,6 @@ IMAGEFOLDER_KINDS = {
 # the random input batch lives on the device (8 GiB: ~14,000 ImageNet-sized float32 images), and the input pipeline
 # is timed over steps x batch uint8 images in memory
 MAX_BATCH_BYTES = 8 * 2**30
-
-
-MAX_STEPS = 100_000
-
-
 
 
 def device_name(device: torch.device) -> str:
@@ -181,26 +176,6 @@ def runs_fp32_eager(settings: Settings, device: torch.device) -> bool:
     rt = settings.runtime
     return runtime.precision(device, rt.amp) == "fp32" and not (rt.channels_last and device.type == "cuda") \
         and not rt.compile
-
-
-def interleaved_seconds(modes: dict[str, Callable[[int], None]], steps: int, warmup: int, rounds: int,
-                        device: torch.device, before: dict[str, Callable[[], None]] | None = None
-                        ) -> dict[str, list[float]]:
-    """Seconds of ``steps`` steps of each mode in each of ``rounds`` rounds, the modes taking turns within a round
-    (and starting in turn, so that none always runs first after another): a change in machine load hits all alike.
-    ``before[mode]()`` runs before each of the mode's passes (untimed: global backend flags)."""
-    before = before or {}
-    names = list(modes)
-    for name in names:
-        before.get(name, lambda: None)()
-        if warmup:
-            modes[name](warmup)
-    seconds: dict[str, list[float]] = {name: [] for name in names}
-    for index in range(rounds):
-        for name in names[index % len(names):] + names[:index % len(names)]:
-            before.get(name, lambda: None)()
-            seconds[name].append(elapsed_seconds(lambda name=name: modes[name](steps), device))
-    return seconds
 
 
 def rates(seconds: list[float], images: int) -> tuple[float, float]:
@@ -372,8 +347,9 @@ def per_core_rates(loaders: list[Any], device: torch.device, repeats: int = PIPE
 def run_bench(settings: Settings, *, steps: int = 50, warmup: int = 10, rounds: int = STEP_ROUNDS,
               batch_size: int | None = None, status: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure everything ``acdc bench`` reports; returns one flat dict (the JSON the CLI prints)."""
-    if not 1 <= steps <= MAX_STEPS or not 0 <= warmup <= MAX_STEPS:
-        raise AcdcError(f"--steps must be in [1, {MAX_STEPS}] and --warmup in [0, {MAX_STEPS}] (got {steps}, {warmup})")
+    if not 1 <= steps <= MAX_BENCH_STEPS or not 0 <= warmup <= MAX_BENCH_STEPS:
+        raise AcdcError(f"--steps must be in [1, {MAX_BENCH_STEPS}] and --warmup in [0, {MAX_BENCH_STEPS}] "
+                        f"(got {steps}, {warmup})")
     if not 1 <= rounds <= MAX_ROUNDS:
         raise AcdcError(f"--rounds must be in [1, {MAX_ROUNDS}], got {rounds}")
     if settings.data.name not in NUM_CLASSES:

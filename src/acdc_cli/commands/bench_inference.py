@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import math
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ from acdc_cli.schemas import BENCH_INFERENCE_SCHEMA as SCHEMA
 from acdc_cli.sections import MAX_BATCH_SIZE, MAX_BENCH_STEPS
 from acdc_cli.sparsity import formats
 from acdc_cli.training.distributed import resolve_device
-from acdc_cli.training.runtime import elapsed_seconds
+from acdc_cli.training.runtime import interleaved_seconds
 
 BATCH_SIZES = (1, 64)
 
@@ -195,8 +194,7 @@ class _TorchBench:
     def time(self, images: torch.Tensor, repeats: int, warmup: int) -> tuple[list[float], list[float]]:
         images = images.to(self.device, self.dtype)
         with torch.inference_mode():
-            return interleaved(self.dense, self.sparse, images, repeats, warmup,
-                               lambda fn: elapsed_seconds(fn, self.device))
+            return interleaved(self.dense, self.sparse, images, repeats, warmup, self.device)
 
     def note(self, sparse_layers: list[str]) -> str | None:
         if sparse_layers:
@@ -245,7 +243,7 @@ class _OnnxBench:
         self.max_abs_diff = None  # both run the same kernels
 
     def time(self, images: torch.Tensor, repeats: int, warmup: int) -> tuple[list[float], list[float]]:
-        return interleaved(self.dense, self.sparse, images, repeats, warmup, _wall_seconds)
+        return interleaved(self.dense, self.sparse, images, repeats, warmup, torch.device("cpu"))
 
     def note(self, sparse_layers: list[str]) -> str:
         return ("ONNX Runtime's CPU provider runs Conv and Gemm densely: a sparse file is smaller, not faster, here; "
@@ -257,26 +255,24 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:200] if text else exc.__class__.__name__
 
 
-def _wall_seconds(fn: Callable[[], Any]) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
-
-
 def interleaved(dense: Callable[[torch.Tensor], Any], sparse: Callable[[torch.Tensor], Any], images: torch.Tensor,
-                repeats: int, warmup: int, seconds: Callable[[Callable[[], Any]], float]
-                ) -> tuple[list[float], list[float]]:
-    """(dense, sparse) seconds of ``repeats`` passes each after ``warmup`` untimed ones; each repeat times both, the
-    one that goes first alternating, so that neither always runs on the caches the other warmed."""
+                repeats: int, warmup: int, device: torch.device) -> tuple[list[float], list[float]]:
+    """(dense, sparse) seconds of ``repeats`` passes each after ``warmup`` untimed ones (dense and sparse taking
+    turns); each repeat times both, the one that goes first alternating (runtime.interleaved_seconds' rounds), so
+    that neither always runs on the caches the other warmed."""
+    # the warm-up alternates pass by pass here (interleaved_seconds' warm-up runs each mode's passes in one go)
     for _ in range(warmup):
         dense(images)
         sparse(images)
-    times: dict[str, list[float]] = {"dense": [], "sparse": []}
-    for index in range(repeats):
-        order = (("dense", dense), ("sparse", sparse))
-        for key, model in order if index % 2 == 0 else order[::-1]:
-            times[key].append(seconds(lambda model=model: model(images)))
-    return times["dense"], times["sparse"]
+
+    def passes(model: Callable[[torch.Tensor], Any]) -> Callable[[int], None]:
+        def run(count: int) -> None:
+            for _ in range(count):
+                model(images)
+        return run
+
+    seconds = interleaved_seconds({"dense": passes(dense), "sparse": passes(sparse)}, 1, 0, repeats, device)
+    return seconds["dense"], seconds["sparse"]
 
 
 def median_interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[float, float, float]:

@@ -216,13 +216,14 @@ def _run(settings: Settings, run_dir: Path, info: DistInfo, resume: bool, from_c
 def build_optimizer(model: nn.Module, settings: Settings, kernel: str = "auto") -> torch.optim.Optimizer:
     """The optimizer the settings name (optim.optimizer; recipe.named_optimizer builds any other than SGD). SGD's
     ``kernel``: "auto" (acdc's step: one fused kernel where the parameters' device has one, foreach otherwise;
-    with the engine's gradient mask before it, the whole post-backward step, see engine.py's ``step_keeps_zeros``), "foreach", or "torch" (PyTorch's default choice; acdc bench's reference-style step)."""
+    with the engine's gradient mask before it, the whole post-backward step, see engine.py's ``step_keeps_zeros``)
+    or "foreach"."""
     o = settings.optim
     params = list(model.parameters())
     if o.optimizer != "SGD":
         return recipe.named_optimizer(params, o)
     scaled = bool(params) and runtime.precision(params[0].device, settings.runtime.amp) == "fp16"
-    chosen = {"auto": runtime.sgd_kernel(params, scaled), "foreach": {"foreach": True}, "torch": {}}[kernel]
+    chosen = {"auto": runtime.sgd_kernel(params, scaled), "foreach": {"foreach": True}}[kernel]
     return torch.optim.SGD(
         params,
         lr=o.lr,

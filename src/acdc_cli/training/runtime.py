@@ -162,6 +162,26 @@ def elapsed_seconds(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - started
 
 
+def interleaved_seconds(modes: dict[str, Callable[[int], None]], steps: int, warmup: int, rounds: int,
+                        device: torch.device, before: dict[str, Callable[[], None]] | None = None
+                        ) -> dict[str, list[float]]:
+    """Seconds of ``steps`` steps of each mode in each of ``rounds`` rounds, the modes taking turns within a round
+    (and starting in turn, so that none always runs first after another): a change in machine load hits all alike.
+    ``before[mode]()`` runs before each of the mode's passes (untimed: global backend flags)."""
+    before = before or {}
+    names = list(modes)
+    for name in names:
+        before.get(name, lambda: None)()
+        if warmup:
+            modes[name](warmup)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(rounds):
+        for name in names[index % len(names):] + names[:index % len(names)]:
+            before.get(name, lambda: None)()
+            seconds[name].append(elapsed_seconds(lambda name=name: modes[name](steps), device))
+    return seconds
+
+
 # address space a CPU thread of torch's OpenMP pool takes: its stack (RLIMIT_STACK, 8 MiB by default) and as much
 # again for what the pool and the allocator reserve beside it; measured: 1024 threads failed under `ulimit -v` 16 GB
 # (12.7 GB left after torch's import) and ran under 24 GB (20.7 GB left)
