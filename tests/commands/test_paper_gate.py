@@ -33,7 +33,7 @@ def test_every_setting_is_compared_or_listed_as_not_changing_a_result():
     assert list(compared) == [n for n in names if n not in NOT_RESULT_SETTINGS
                               and n.partition(".")[0] not in NOT_RESULT_SETTINGS]
     assert not any(n.startswith("log.") for n in compared)  # what is logged, and where, changes no number
-    # the settings the issue names as part of the experiment are compared
+    # the settings that define the experiment are compared
     for name in ("sparsity.scope", "sparsity.include", "sparsity.exclude", "optim.lr", "data.batch_size",
                  "schedule.compressed_epochs", "schedule.reset_momentum", "data.val_size", "runtime.amp",
                  "runtime.eval_precision", "runtime.eval_every", "model.weights"):

@@ -268,7 +268,7 @@ def test_existing_output_is_kept_without_force(sources, tmp_path):
 
 @pytest.mark.slow
 def test_resnet50_2_4_prune_exports_to_onnx(tmp_path):
-    """The issue's ResNet-50 case: a 2:4 prune of a (random-init) ResNet-50 checkpoint, exported at 224x224."""
+    """ResNet-50: a 2:4 prune of a (random-init) ResNet-50 checkpoint, exported at 224x224."""
     from acdc_cli import models
     from acdc_cli.config import Settings
     from acdc_cli.files.checkpoint import Checkpoint, save_checkpoint

@@ -161,7 +161,7 @@ def _run_with_two_faults(tmp_path: Path, reference: Path, action: str, first: tu
 
 
 @pytest.mark.parametrize("first,second", [
-    ((STATE, "write"), (WEIGHTS, "write")),  # the full disk: the state half-written, then the weights
+    ((STATE, "write"), (WEIGHTS, "write")),  # a full disk: the state half-written, then the weights
     ((BEST, "renamed"), (WEIGHTS, "rename")),
     ((WEIGHTS, "renamed"), (STATE, "renamed")),
 ], ids=str)
@@ -192,7 +192,7 @@ def test_every_kill_point_then_a_kill_in_the_resume(tmp_path, reference, index):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the reproducer on a real full disk
+# the same on a real full disk
 
 
 @pytest.mark.slow

@@ -179,7 +179,7 @@ LR_1000 = [*PINNED, *QUIET, "--set", "optim.lr=1000", "--set", "runtime.checkpoi
 
 
 def test_weights_broken_by_a_finite_loss_stop_the_run_before_they_are_saved(tmp_path):
-    """The issue's case under the default policy: at LR 1000 the loss stays finite for a few steps while the weights
+    """A diverging run under the default policy: at LR 1000 the loss stays finite for a few steps while the weights
     overflow. The checkpoint due after that step is refused (exit 1), the one before it is kept, finite."""
     run_dir = tmp_path / "run"
     line = fails(["train", "--out", run_dir, *LR_1000], code=1)
@@ -192,7 +192,7 @@ def test_weights_broken_by_a_finite_loss_stop_the_run_before_they_are_saved(tmp_
 
 
 def test_skip_undoes_steps_that_break_the_weights_and_stops_after_max_skipped_steps(tmp_path):
-    """The issue's case under "skip" (it used to end with exit 0, train loss 0.0000, sparsity 0.83 and NaN in last
+    """A diverging run under "skip" (it used to end with exit 0, train loss 0.0000, sparsity 0.83 and NaN in last
     and best_sparse): every step that breaks the weights is undone, and the 10th in a row ends the run (exit 1)
     before any epoch ends; the checkpoint taken mid-streak holds the weights from before it, finite."""
     run_dir = tmp_path / "run"

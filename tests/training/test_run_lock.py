@@ -67,7 +67,7 @@ def test_a_lock_file_left_by_a_killed_run_is_no_obstacle(tmp_path):
 
 @pytest.mark.slow  # a long end-to-end run: the slow pass, which CI runs
 def test_two_training_processes_never_share_a_run_dir(tmp_path):
-    """The issue's case: a run is training in one process; a second `train --out` of the same folder, in another
+    """The case that matters: a run is training in one process; a second `train --out` of the same folder, in another
     process, is refused naming the first one's PID and leaves the folder as the first run writes it. The first run,
     stopped by SIGTERM, resumes to its end."""
     run_dir = tmp_path / "run"
