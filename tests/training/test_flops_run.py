@@ -72,7 +72,7 @@ def _counted_by_hooks(path) -> int:
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             module.register_forward_hook(count)
     with torch.no_grad():
-        model(torch.zeros(1, *input_shape("digits", ckpt.arch)))
+        model(torch.zeros(1, *input_shape("digits", ckpt.arch, None)))
     return total[0]
 
 

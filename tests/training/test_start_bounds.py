@@ -5,7 +5,8 @@ line, exit 2, and nothing written."""
 from __future__ import annotations
 
 import pytest
-from cli_helpers import QUIET, fails
+from cli_helpers import QUIET, fails, invoke
+from data_helpers import write_imagefolder
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 
@@ -65,3 +66,13 @@ def test_a_model_too_deep_for_the_images_is_refused_before_training(tmp_path):
     assert line.startswith("error: torchvision:inception_v3 does not take the 32x32 images of data.name = 'cifar10' "
                            "(Calculated padded input size per channel")
     assert not out.exists()
+
+
+def test_the_check_uses_the_folders_image_size(tmp_path):
+    """A dry run checks the model at data.image_size, the size the run trains at, not the folder default (224)."""
+    data = write_imagefolder(tmp_path / "imgs", classes=2, train=4, val=2)
+    args = ["train", "--dry-run", "--device", "cpu", "--data-dir", data, "--set", "data.name=imagefolder",
+            "--set", "model.name=torchvision:alexnet", "--set", "data.val_size=0"]
+    line = fails([*args, "--set", "data.image_size=16"])
+    assert line.startswith("error: torchvision:alexnet does not take the 16x16 images of data.name = 'imagefolder'")
+    assert invoke(*args, "--set", "data.image_size=64").exit_code == 0

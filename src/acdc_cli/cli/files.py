@@ -227,10 +227,10 @@ def export_cmd(
     keeps conv weights in their own shape, 2:4 stores them as O×kh·kw·I rows); dense is a plain state dict with the
     masks folded in, which torchvision loads. Prints the mask statistics and the size against a dense export.
 
-    -o DIR (an existing directory, a new path without a suffix, or one ending in /) writes DIR/model.safetensors and
-    DIR/config.json, which compressed-tensors' ModelCompressor.from_pretrained(DIR) reads; its decompress(DIR, model)
-    then restores the model exactly; acdc eval, inspect and bench --inference read DIR as its model.safetensors. A
-    file export ends in .safetensors, an ONNX export in .onnx.
+    With -o DIR (an existing directory, a new path without a suffix, or one ending in /) it writes
+    DIR/model.safetensors and DIR/config.json, which compressed-tensors' ModelCompressor.from_pretrained(DIR) reads;
+    its decompress(DIR, model) then restores the model exactly; acdc eval, inspect and bench --inference read DIR as
+    its model.safetensors. A file export ends in .safetensors, an ONNX export in .onnx.
 
     onnx writes the model in eval mode (fp32, masks folded in, BatchNorm kept unless --fold-bn) with input `input`
     and output `logits`; it is written only after its initializers have been read back (pruned zeros intact) and

@@ -61,9 +61,10 @@ def crop_sizes(image_size: int | None) -> tuple[int, int]:
     return crop, round(crop * RESIZE / CROP)
 
 
-def input_shape(data_name: str, model_name: str, image_size: int | None = None) -> tuple[int, int, int]:
+def input_shape(data_name: str, model_name: str, image_size: int | None) -> tuple[int, int, int]:
     """(channels, height, width) of the images a dataset feeds the model, known without reading any data: what FLOPs
-    are counted at."""
+    are counted at. ``image_size`` is ``data.image_size`` (None: the folder datasets' default); no default here, so
+    that no caller checks a folder model at a size the run will not use."""
     if data_name == "digits":
         return 1, 8, 8
     if data_name in ("cifar10", "cifar100"):

@@ -39,7 +39,7 @@ def mean_std(settings: Settings) -> tuple[tuple[float, ...], tuple[float, ...]] 
     if d.name in ("cifar10", "cifar100"):
         return NORMALIZATION[d.name]
     if d.name == "synthetic":
-        channels = input_shape(d.name, settings.model.name)[0]
+        channels = input_shape(d.name, settings.model.name, d.image_size)[0]
         return (SYNTHETIC_MEAN,) * channels, (SYNTHETIC_STD,) * channels
     if d.mean is not None and d.std is not None:  # imagenet or imagefolder: given, or measured by the run
         return tuple(d.mean), tuple(d.std)

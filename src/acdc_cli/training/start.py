@@ -220,7 +220,7 @@ def _check_start(settings: Settings, from_checkpoint: Path | None, new_run: bool
     lookup(settings.model.name)
     tracking.check_installed(settings)
     if settings.model.name.startswith("torchvision:"):
-        channels = input_shape(settings.data.name, settings.model.name)[0]
+        channels = input_shape(settings.data.name, settings.model.name, settings.data.image_size)[0]
         if channels != 3:
             raise AcdcError(f"{settings.model.name} takes 3-channel images and data.name = "
                             f"{settings.data.name!r} has {channels}; use cifar10, cifar100, imagenet or synthetic "
@@ -240,7 +240,8 @@ def _check_model_input(settings: Settings) -> None:
     """Build the model on the meta device (no memory, no data read) and pass it one image of the data's size: a
     name the factory refuses (wrn-4-1) and a model too deep for the images (inception_v3 on 32 pixels) are refused
     here, in one line, for a dry run too, instead of inside the first epoch."""
-    channels, height, width = input_shape(settings.data.name, settings.model.name)
+    channels, height, width = input_shape(settings.data.name, settings.model.name,
+                                           settings.data.image_size)
     kwargs: dict[str, Any] = {"in_channels": channels}
     if settings.model.dropout is not None:
         kwargs["dropout"] = settings.model.dropout
