@@ -72,7 +72,7 @@ class DataSettings(_Section):
         "runs; None: a tenth of the training images for imagefolder, 270 for the other datasets)"
     )
     image_size: int | None = Field(
-        None, ge=8, le=4096, description="imagenet/imagefolder: side of the square training crop and evaluation centre "
+        None, ge=8, le=MAX_IMAGE_SIDE, description="imagenet/imagefolder: side of the square training crop and evaluation centre "
         "crop in pixels (evaluation resizes the shorter side to 8/7 of it first); None: 224"
     )
     mean: list[float] | None = Field(
@@ -83,7 +83,8 @@ class DataSettings(_Section):
         None, min_length=1, max_length=3, description="imagenet/imagefolder: per-channel standard deviation of the "
         "pixels in [0, 1], as data.mean"
     )
-    augment: bool = Field(True, description="dataset's standard training augmentation (crop + flip)")
+    augment: bool = Field(True, description="dataset's standard training augmentation (crop + flip); false turns "
+                          "augment_policy off too")
     random_labels: int = Field(0, ge=0, description="memorization: this many training images get random labels")
     num_workers: int | None = Field(
         None, ge=0, le=MAX_WORKERS, description="ImageFolder loader worker processes per training process (None: the "

@@ -349,3 +349,13 @@ def test_digits_statistics_are_exact_and_independent_of_the_thread_count():
     pixels = images[pool[train_i]].numpy().astype(np.float64) / 255
     assert mean == pytest.approx(pixels.mean(), rel=1e-13) and std == pytest.approx(pixels.std(ddof=1), rel=1e-12)
     assert digits_mean_std(0, 0) != digits_mean_std(270, 0)  # of the training images only
+
+
+def test_data_augment_off_turns_the_policy_off_on_every_dataset():
+    from acdc_cli.data.policies import build_policy
+
+    for name in ("digits", "synthetic", "cifar10", "imagefolder"):
+        on = load_settings(overrides=[f"data.name={name}", "data.augment_policy=trivialaugment"]).data
+        off = load_settings(overrides=[f"data.name={name}", "data.augment_policy=trivialaugment",
+                                       "data.augment=false"]).data
+        assert build_policy(on) is not None and build_policy(off) is None, name

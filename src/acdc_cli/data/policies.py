@@ -33,7 +33,8 @@ class AugmentPolicy:
 
 
 def build_policy(data: Any) -> AugmentPolicy | None:
-    """The policy of ``data`` (the settings' data section) for training images; None for augment_policy "none"."""
-    if data.augment_policy == "none":
+    """The policy of ``data`` (the settings' data section) for training images; None for augment_policy "none" and
+    when ``data.augment`` is off (it turns every training augmentation off, on every dataset)."""
+    if data.augment_policy == "none" or not data.augment:
         return None
     return AugmentPolicy(data.augment_policy, data.randaugment_ops, data.randaugment_magnitude)
