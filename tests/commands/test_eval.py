@@ -56,19 +56,6 @@ def test_dense_checkpoint_and_table_output(quickstart_run):
         assert shows(text, result.stdout), text
 
 
-@pytest.fixture
-def paper_preset(tmp_path, monkeypatch):
-    """A preset folder holding 'digits-paper': the quickstart's experiment with a paper number of 0.95."""
-    import acdc_cli.config as config
-
-    folder = tmp_path / "presets"
-    folder.mkdir()
-    text = (config.presets_dir() / "quickstart.toml").read_text()
-    (folder / "digits-paper.toml").write_text("paper_top1 = 0.95\n" + text)
-    monkeypatch.setattr(config, "presets_dir", lambda: folder)
-    return "digits-paper"
-
-
 def _as_preset(quickstart_run, tmp_path, preset: str, **changes) -> str:
     ckpt = load_checkpoint(quickstart_run / "best_sparse.safetensors")
     ckpt.config["preset"] = preset

@@ -7,22 +7,10 @@ import shutil
 
 import pytest
 
-import acdc_cli.config as config
 from acdc_cli.commands import report as report_mod
 from acdc_cli.config import NOT_RESULT_SETTINGS, load_settings, result_settings, setting_names
 from acdc_cli.paper import paper_reference
 from acdc_cli.training.loop import RunResult, summary_panel
-
-
-@pytest.fixture
-def paper_preset(tmp_path, monkeypatch):
-    """A preset folder holding 'digits-paper': the quickstart's experiment with a paper number of 0.95."""
-    folder = tmp_path / "presets"
-    folder.mkdir()
-    text = (config.presets_dir() / "quickstart.toml").read_text()
-    (folder / "digits-paper.toml").write_text("paper_top1 = 0.95\n" + text)
-    monkeypatch.setattr(config, "presets_dir", lambda: folder)
-    return "digits-paper"
 
 
 def test_every_setting_is_compared_or_listed_as_not_changing_a_result():

@@ -45,18 +45,6 @@ def test_errors_under_a_stray_rank_are_printed(tmp_path):
     assert len(warning_lines(proc.stderr)) == 1 and len(lines) == 2 and lines[1].startswith("error: unknown setting")
 
 
-@pytest.fixture
-def launch(monkeypatch):
-    for name in LAUNCH_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-
-    def set_env(**values: str) -> None:
-        for name, value in values.items():
-            monkeypatch.setenv(name, value)
-
-    return set_env
-
-
 def test_a_launch_is_trusted(launch):
     launch(WORLD_SIZE="4", MASTER_ADDR="127.0.0.1", RANK="3", LOCAL_RANK="1")
     assert launch_env() == (3, 4, 1)

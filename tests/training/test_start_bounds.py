@@ -8,20 +8,6 @@ import pytest
 from cli_helpers import QUIET, fails, invoke
 from data_helpers import write_imagefolder
 
-LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
-
-
-@pytest.fixture
-def launch(monkeypatch):
-    for name in LAUNCH_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-
-    def set_env(**values: str) -> None:
-        for name, value in values.items():
-            monkeypatch.setenv(name, value)
-
-    return set_env
-
 
 @pytest.mark.parametrize("env,expected", [
     ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "localhost"},
