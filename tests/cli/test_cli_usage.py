@@ -120,7 +120,9 @@ def test_help_paragraphs_are_reflowed_not_broken_at_the_docstring_lines():
 def test_help_shows_flags_as_flags_and_repeatable_options_as_repeatable():
     prune_help = " ".join(invoke("prune", "--help", env={"COLUMNS": "200"}).stdout.split())
     train_help = " ".join(invoke("train", "--help", env={"COLUMNS": "200"}).stdout.split())
+    report_help = " ".join(invoke("report", "--help", env={"COLUMNS": "200"}).stdout.split())
     assert "<bool>" not in prune_help + train_help
+    assert "<list[" not in prune_help + train_help + report_help and "run_dirs... <Path> ..." in report_help
     assert "--force Overwrite OUT" in prune_help and "--dry-run Print the resolved" in train_help
     assert "--set -s KEY=VALUE ... Override one setting" in train_help
     assert "--include <str> ... Glob over module names" in prune_help

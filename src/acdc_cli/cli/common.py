@@ -12,26 +12,30 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from typer.core import TyperOption
+from typer.core import TyperArgument, TyperOption
 
 from acdc_cli.errors import AcdcError, one_line
 
 _state = {"debug": False}
 
 
-def _option_type(self: TyperOption, ctx: Any) -> str | None:
-    # this Typer prints a type beside every option, so --force read as "--force <bool>" (as if it took a value) and
-    # --set as "<list[str]>": a flag shows none, a repeatable option its value once, marked repeatable
-    if self.is_flag:
-        return None
-    shown = _typer_option_type(self, ctx)
-    if self.multiple and shown:
-        return (shown.replace("<list[", "<", 1).replace("]>", ">") if shown.startswith("<list[") else shown) + " ..."
-    return shown
+def _shown_type(original: Any) -> Any:
+    # this Typer prints a type beside every option and argument, so --force read as "--force <bool>" (as if it took a
+    # value), --set as "<list[str]>" and report's run dirs as "<list[Path]>": a flag shows none, a repeatable option
+    # or argument its value once, marked repeatable
+    def shown_type(self: Any, ctx: Any) -> str | None:
+        if getattr(self, "is_flag", False):
+            return None
+        shown = original(self, ctx)
+        if (self.multiple or getattr(self, "nargs", 1) == -1) and shown:
+            return (shown.replace("<list[", "<", 1).replace("]>", ">") if shown.startswith("<list[") else shown) + " ..."
+        return shown
+
+    return shown_type
 
 
-_typer_option_type = TyperOption.display_type_rich
-TyperOption.display_type_rich = _option_type
+TyperOption.display_type_rich = _shown_type(TyperOption.display_type_rich)
+TyperArgument.display_type_rich = _shown_type(TyperArgument.display_type_rich)
 
 
 def set_debug(debug: bool) -> None:
@@ -136,7 +140,7 @@ SetOpt = Annotated[
 ]
 
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the text output.")]
 
 
 ModelOpt = Annotated[
