@@ -174,3 +174,19 @@ def test_layers_left_dense_by_rule_are_reported(quickstart_run, quickstart_24):
     assert shows("left dense by rule: features.0.weight", invoke("inspect", out).stdout)
     # a dense checkpoint has no masks, so nothing is "left dense by rule"
     assert inspect_json(quickstart_run / "best_dense.safetensors")["dense_layers"] == []
+
+
+def test_dense_24_checkpoint_counts_the_same_layers_in_eval_and_inspect(quickstart_run, tmp_path):
+    # a checkpoint without masks whose settings say 2:4: the stem (1 input channel) cannot be 2:4, so the rules leave
+    # it out of what sparsity is counted over, in inspect as in eval (and as training would)
+    ckpt = load_checkpoint(quickstart_run / "best_dense.safetensors")
+    ckpt.config["sparsity"].update(structure="2:4", target=0.5)
+    path = tmp_path / "dense24.safetensors"
+    save_checkpoint(path, ckpt)
+    info, scored = inspect_json(path), invoke_json("eval", path)
+    names = [layer["name"] for layer in info["layers"]]
+    every_layer = load_checkpoint(quickstart_run / "best_sparse.safetensors").masks  # include = ["*"], unstructured
+    assert names == sorted(set(every_layer) - {"features.0.weight"}, key=natural_key)
+    zeros = sum(int((ckpt.weights[n] == 0).sum()) for n in names)
+    numel = sum(ckpt.weights[n].numel() for n in names)
+    assert info["sparsity"] == scored["sparsity"] == zeros / numel

@@ -43,6 +43,11 @@ def test_a_model_and_its_state_dict_select_the_same_weights():
     config = {"sparsity": {"include": ["*"], "exclude": ["fc"]}}
     selected = {r.param for r in select_layers(model, ["*"], ["fc"]) if r.selected}
     assert set(prunable_names(weights, {}, config)) == selected == {"stem.weight", "conv.weight"}
+    # under N:M the stem (3 input channels) cannot hold 2:4 groups: left out by both
+    nm_selected = {r.param for r in select_layers(model, ["*"], ["fc"], nm=(2, 4)) if r.selected}
+    nm_config = {"sparsity": {**config["sparsity"], "structure": "2:4"}}
+    assert set(prunable_names(weights, {}, nm_config)) == nm_selected == {"conv.weight"}
+    assert set(prunable_names(weights, {}, config, (2, 4))) == nm_selected
     assert rule_reason("fc.weight", ["*"], ["fc"]) == EXCLUDED
     # a model that is one layer: its weight is named "weight" and its module ""
     assert rule_reason("weight", [""], []) is None

@@ -19,7 +19,7 @@ from acdc_cli.files.onnx_file import output_classes
 from acdc_cli.files.open import CHECKPOINT, EXPORT, ONNX, open_any
 from acdc_cli.paper import paper_reference
 from acdc_cli.schemas import EVAL_SCHEMA
-from acdc_cli.sparsity.sparsifier import select_layers
+from acdc_cli.sparsity.rules import prunable_names
 from acdc_cli.training.distributed import resolve_device
 from acdc_cli.training.evaluation import evaluate
 from acdc_cli.training.runtime import precision
@@ -98,10 +98,10 @@ def eval_checkpoint(
     batches = loader if progress is None else _advancing(loader, progress, f"eval {split}")
     metrics = evaluate(model, batches, dev, mode)
 
+    # the weights inspect counts too: a checkpoint's masked ones, or else the ones its saved sparsity rules select
     names = source.prunable
     if names is None:
-        sp = settings.sparsity
-        names = [r.param for r in select_layers(model, sp.include, sp.exclude, sp.n_m) if r.selected]
+        names = prunable_names(source.weights, source.masks, source.config)
     zeros = sum(int((source.weights[n] == 0).sum()) for n in names)
     numel = sum(source.weights[n].numel() for n in names)
     paper, paper_note = paper_reference(settings, split)

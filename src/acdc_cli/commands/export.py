@@ -170,10 +170,8 @@ def export_checkpoint(source: Path, out: Path | str, fmt: str, dtype: str = "flo
     cast = DTYPES[dtype]
     weights = {k: v.to(cast) if v.is_floating_point() else v
                for k, v in sorted(fold_masks(ckpt).items(), key=lambda item: natural_key(item[0]))}
-    prunable = prunable_names(weights, ckpt.masks, ckpt.config)
-    if fmt == formats.BITMASK_24 and not ckpt.masks:
-        # as the N:M rules do, leave layers that cannot be 2:4 (input channels not a multiple of 4) dense
-        prunable = [n for n in prunable if nm_compatible(weights[n], 4)]
+    # without masks, the saved rules pick the layers; a 2:4 export leaves those that cannot be 2:4 dense
+    prunable = prunable_names(weights, ckpt.masks, ckpt.config, (2, 4) if fmt == formats.BITMASK_24 else None)
 
     selected = set(prunable)
     tensors: dict[str, torch.Tensor] = {}

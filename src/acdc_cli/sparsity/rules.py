@@ -128,12 +128,26 @@ def rule_patterns(config: Any) -> tuple[list[str], list[str]]:
     return patterns(rules.get("include"), ["*"]), patterns(rules.get("exclude"), [])
 
 
+def saved_nm(config: Any) -> tuple[int, int] | None:
+    """(N, M) of the N:M sparsity.structure a file's saved settings name; None for unstructured. Metadata is not
+    trusted: a structure that is not ``N:M`` with 0 < N < M reads as none."""
+    rules = config.get("sparsity") if isinstance(config, dict) else None
+    structure = rules.get("structure") if isinstance(rules, dict) else None
+    match = re.fullmatch(r"(\d{1,9}):(\d{1,9})", structure) if isinstance(structure, str) else None
+    if match is None or not 0 < int(match.group(1)) < int(match.group(2)):
+        return None
+    return int(match.group(1)), int(match.group(2))
+
+
 def prunable_names(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
-                   config: dict[str, Any]) -> list[str]:
+                   config: dict[str, Any], nm: tuple[int, int] | None = None) -> list[str]:
     """The weights sparsity is about: those with a mask; in a checkpoint without masks, the Conv/Linear weights
-    (:func:`layer_weight`) that the saved sparsity.include/exclude globs select."""
+    (:func:`layer_weight`) that the saved sparsity rules select, as :func:`select_layers` selects a model's: the
+    include/exclude globs, and under an N:M structure only layers whose input channels hold N:M groups. ``nm``: the
+    N:M structure to check that against (an export's own format); None: the saved sparsity.structure's."""
     if masks:
         return sorted((n for n in weights if n in masks), key=natural_key)
     include, exclude = rule_patterns(config)
-    names = [n for n, t in weights.items() if layer_weight(n, t) and rule_reason(n, include, exclude) is None]
+    nm = nm or saved_nm(config)
+    names = [n for n, t in weights.items() if layer_weight(n, t) and rule_reason(n, include, exclude, t, nm) is None]
     return sorted(names, key=natural_key)
