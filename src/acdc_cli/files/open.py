@@ -29,7 +29,7 @@ from acdc_cli.files.jsonio import meta_field
 from acdc_cli.files.onnx_file import OnnxRuntimeModule, initializers, is_onnx_file, read_onnx, session
 from acdc_cli.files.state_dict import check_num_classes, fit_pretrained, read_torch_state, unwrapped
 from acdc_cli.files.tensors import read_metadata, read_safetensors
-from acdc_cli.models.registry import check_fit, create, lookup
+from acdc_cli.models.registry import lookup
 
 CHECKPOINT = "checkpoint"
 EXPORT = "export"
@@ -315,15 +315,12 @@ def load_model(path: Path | str) -> nn.Module:
 
 def import_state_dict(state: dict[str, torch.Tensor], path: Path, model_name: str, num_classes: int) -> Checkpoint:
     """A plain state dict (read from ``path``) as a dense checkpoint of ``model_name`` at ``num_classes`` classes
-    (the model is built to check every name and shape), for the commands that read checkpoints."""
-    check_num_classes(num_classes)
+    (the model is built to check every name and shape), for the commands that read checkpoints. ``num_classes`` is
+    checked by the caller (:func:`_open_as_model`, before the file is read)."""
     path = Path(path)
     entry, _ = lookup(model_name)
     kwargs: dict[str, Any] = {"num_classes": num_classes, "in_channels": entry.in_channels}
-    with torch.device("meta"):  # names and shapes first, before any memory is spent on the model
-        check_fit(create(model_name, **kwargs).state_dict(), state, f"{path} (as {model_name})")
-    model = create(model_name, **kwargs)
-    model.load_state_dict(state)
+    model = rebuild_model(model_name, kwargs, state, f"{path} (as {model_name})")
     return Checkpoint(
         weights={k: v.detach() for k, v in model.state_dict().items()},
         masks={},
