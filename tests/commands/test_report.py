@@ -233,3 +233,9 @@ def test_runs_are_labelled_by_data_and_model_and_a_mixed_comparison_is_warned(qu
     assert "different datasets (digits, synthetic)" in page
     single = invoke("report", quickstart_run, "--out", tmp_path / "one", "--json")
     assert single.exit_code == 0 and json.loads(single.stdout)["warning"] is None and "warning" not in single.stderr
+    # eval and inspect label the run as the report does; --json keeps the preset it started from
+    for command in ("eval", "inspect"):
+        for run, label in ((other, "tiny-test (- (started from quickstart))"), (quickstart_run, "(quickstart)")):
+            shown = invoke(command, run / "best_sparse.safetensors")
+            assert shown.exit_code == 0 and label in " ".join(shown.stdout.split()), (command, shown.stdout)
+    assert invoke_json("eval", other / "best_sparse.safetensors")["preset"] == "quickstart"

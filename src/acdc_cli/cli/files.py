@@ -95,7 +95,8 @@ def eval_cmd(
     table = Table(title=escape(f"acdc eval: {checkpoint}"), show_header=False)
     table.add_column("", style="bold")
     table.add_column("", justify="right")
-    table.add_row("model", escape(f"{result['arch']} ({result['preset'] or 'no preset'}), "
+    label = result["preset_label"] or result["preset"] or "no preset"
+    table.add_row("model", escape(f"{result['arch']} ({label}), "
                                   f"{_epochs_done(result['epoch'])}, {result['phase']}"))
     table.add_row("file", escape(f"{result['kind']} ({result['format']}, {result['weights_dtype']} weights)"))
     table.add_row("split", f"{result['split']}, {result['images']:,} images on {result['device']}")
@@ -331,7 +332,8 @@ def inspect_cmd(
     table.add_column("")
     table.add_row("kind", escape(f"{info['kind']} ({info['format']})"))
     if info["kind"] != "state_dict":
-        table.add_row("model", escape(f"{meta.get('arch')} ({meta.get('preset') or 'no preset'}), "
+        label = meta.get("preset_label") or meta.get("preset") or "no preset"
+        table.add_row("model", escape(f"{meta.get('arch')} ({label}), "
                                       f"{_epochs_done(meta.get('epoch'))}, {meta.get('phase')}"))
         table.add_row("acdc version", escape(str(meta.get("acdc_version"))))
         metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}

@@ -12,7 +12,7 @@ from rich.progress import Progress
 
 from acdc_cli import data as data_mod
 from acdc_cli.commands.inspect_file import file_flops
-from acdc_cli.config import load_settings
+from acdc_cli.config import load_settings, preset_label
 from acdc_cli.data.bundle import check_model_fits, selection_split
 from acdc_cli.errors import AcdcError
 from acdc_cli.files.onnx_file import output_classes
@@ -113,6 +113,8 @@ def eval_checkpoint(
         "format": source.format,
         "arch": source.arch,
         "preset": source.preset if isinstance(source.preset, str) else settings.preset,
+        # what the run is, for the table: "-" with the preset it started from when it trained other data or a model
+        "preset_label": preset_label(settings) if settings.preset else None,
         # epochs completed, as the file's header and acdc inspect count them (metrics.jsonl numbers the last of
         # them epoch - 1): one name with one meaning in every file command's output
         "epoch": source.epoch,

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from acdc_cli.config import load_settings, preset_label
 from acdc_cli.data.bundle import input_shape as data_input_shape
 from acdc_cli.data.bundle import model_input
 from acdc_cli.errors import AcdcError
@@ -109,6 +110,15 @@ def file_flops(arch: Any, model_kwargs: Any, config: Any, weights: dict[str, tor
     return {**weights_flops(positions, weights).as_dict(), "input_shape": list(input_shape)}, None
 
 
+def _preset_label(config: dict[str, Any]) -> str | None:
+    """config.preset_label of the file's settings (None where they record no preset or do not load)."""
+    try:
+        settings = load_settings(base=config)
+    except AcdcError:
+        return None
+    return preset_label(settings) if settings.preset else None
+
+
 def inspect_file(path: Path) -> dict[str, Any]:
     """A JSON-ready description: kind, format, metadata, per-layer sparsity and N:M validity, sizes."""
     path = Path(path)
@@ -163,6 +173,8 @@ def inspect_file(path: Path) -> dict[str, Any]:
         info.update(kind="state_dict", format="dense", structure=None, dense_layers=[], outside_mask=[], flops=None,
                     flops_note="a plain state dict does not say which model it holds")
         info["metadata"] = dict(opened.raw_meta)
+    if opened.kind != STATE_DICT:
+        info["metadata"]["preset_label"] = _preset_label(opened.config)
     # what an image needs before the model sees it, as the file records it (None: not recorded)
     recorded = opened.meta.get("preprocessing") if opened.kind != STATE_DICT else None
     info["preprocessing"] = recorded if isinstance(recorded, dict) else None
