@@ -18,7 +18,7 @@ from acdc_cli.files.checkpoint import recorded_config
 from acdc_cli.files.jsonio import finite_number, meta_field
 from acdc_cli.files.tensors import read_metadata
 from acdc_cli.sparsity.schedule import Phase, PlannedEpoch, epoch_plan, learning_rate
-from acdc_cli.sparsity.sparsifier import check_masks
+from acdc_cli.sparsity.sparsifier import check_masks, shown
 
 
 def first_epoch(settings: Settings, from_checkpoint: Path | None, checkpoint_epoch: int) -> int:
@@ -50,11 +50,6 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _shown(value: Any) -> str:
-    text = repr(value) if not isinstance(value, torch.Tensor) else f"a tensor of shape {list(value.shape)}"
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def check_resume_state(state: dict[str, Any], optimizer: torch.optim.Optimizer, prunable: Mapping[str, torch.Tensor],
                        plan: tuple[Phase, ...], world_size: int, split: str) -> dict[str, Any]:
     """Raise an AcdcError naming the first thing of a resume state that this run cannot continue from: a missing
@@ -63,32 +58,32 @@ def check_resume_state(state: dict[str, Any], optimizer: torch.optim.Optimizer, 
     checkpoints on (val, or test when data.val_size = 0). Returns the engine part of the state."""
     progress = state.get("progress")
     if not isinstance(progress, dict):
-        raise AcdcError(f"progress is {_shown(progress)}, expected a table")
+        raise AcdcError(f"progress is {shown(progress)}, expected a table")
     for key in ("epoch", "best_sparse", "best_dense"):
         if key not in progress:
             raise AcdcError(f"progress.{key} is missing")
     step = progress.get("step", 0)
     for key, value in (("epoch", progress["epoch"]), ("step", step), ("skip_streak", progress.get("skip_streak", 0))):
         if not _is_int(value) or value < 0:
-            raise AcdcError(f"progress.{key} is {_shown(value)}, expected a whole number >= 0")
+            raise AcdcError(f"progress.{key} is {shown(value)}, expected a whole number >= 0")
     for key in ("best_sparse", "best_dense", "ema_best_sparse", "ema_best_dense"):  # ema_*: with optim.ema_decay
         best = progress.get(key)
         if best is None:
             continue
         if not isinstance(best, dict) or not _is_int(best.get("epoch")) or best["epoch"] < 0:
-            raise AcdcError(f"progress.{key} is {_shown(best)}, expected none or {{epoch, split, {split}_top1}}")
+            raise AcdcError(f"progress.{key} is {shown(best)}, expected none or {{epoch, split, {split}_top1}}")
         if best.get("split") != split:
-            raise AcdcError(f"progress.{key}.split is {_shown(best.get('split'))}, this run selects on {split}")
+            raise AcdcError(f"progress.{key}.split is {shown(best.get('split'))}, this run selects on {split}")
         for metric in (f"{split}_top1", "test_top1"):
             if (metric in best or metric == f"{split}_top1") and not (finite_number(best.get(metric))
                                                                       and 0 <= best[metric] <= 1):
-                raise AcdcError(f"progress.{key}.{metric} is {_shown(best.get(metric))}, expected a fraction 0..1")
+                raise AcdcError(f"progress.{key}.{metric} is {shown(best.get(metric))}, expected a fraction 0..1")
     _check_optimizer(state.get("optimizer"), optimizer)
     scaler = state.get("scaler")
     if scaler is not None and not (isinstance(scaler, dict) and all(finite_number(v) for v in scaler.values())):
-        raise AcdcError(f"scaler is {_shown(scaler)}, expected a table of numbers")
+        raise AcdcError(f"scaler is {shown(scaler)}, expected a table of numbers")
     if not isinstance(state.get("engine"), dict):
-        raise AcdcError(f"engine is {_shown(state.get('engine'))}, expected a table")
+        raise AcdcError(f"engine is {shown(state.get('engine'))}, expected a table")
     engine_state = _phase_as_planned(dict(state["engine"]), plan)
     _check_engine(engine_state, prunable)
     if step:
@@ -99,38 +94,38 @@ def check_resume_state(state: dict[str, Any], optimizer: torch.optim.Optimizer, 
 def _check_optimizer(saved: Any, optimizer: torch.optim.Optimizer) -> None:
     if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) or not isinstance(
             saved.get("param_groups"), list):
-        raise AcdcError(f"optimizer is {_shown(saved)}, expected a table of state and param_groups")
+        raise AcdcError(f"optimizer is {shown(saved)}, expected a table of state and param_groups")
     groups = optimizer.param_groups
     if len(saved["param_groups"]) != len(groups):
         raise AcdcError(f"optimizer has {len(saved['param_groups'])} parameter group(s), this run {len(groups)}")
     params: list[torch.Tensor] = []
     for i, (group, live) in enumerate(zip(saved["param_groups"], groups)):
         if not isinstance(group, dict) or not isinstance(group.get("params"), list):
-            raise AcdcError(f"optimizer.param_groups[{i}] is {_shown(group)}, expected a table with params")
+            raise AcdcError(f"optimizer.param_groups[{i}] is {shown(group)}, expected a table with params")
         if len(group["params"]) != len(live["params"]):
             raise AcdcError(f"optimizer.param_groups[{i}] holds {len(group['params'])} parameters, this model "
                             f"{len(live['params'])}")
         for key, value in live.items():
             if finite_number(value) and not finite_number(group.get(key)):
-                raise AcdcError(f"optimizer.param_groups[{i}].{key} is {_shown(group.get(key))}, expected a number")
+                raise AcdcError(f"optimizer.param_groups[{i}].{key} is {shown(group.get(key))}, expected a number")
         params += live["params"]
     index = {}
     for group in saved["param_groups"]:
         for key in group["params"]:
             if not _is_int(key) or key in index:
-                raise AcdcError(f"optimizer.param_groups lists parameter {_shown(key)} twice or not as a number")
+                raise AcdcError(f"optimizer.param_groups lists parameter {shown(key)} twice or not as a number")
             index[key] = params[len(index)]
     for key, entry in saved["state"].items():
         if key not in index:
-            raise AcdcError(f"optimizer.state has an entry for parameter {_shown(key)}, which no group lists")
+            raise AcdcError(f"optimizer.state has an entry for parameter {shown(key)}, which no group lists")
         if not isinstance(entry, dict):
-            raise AcdcError(f"optimizer.state[{key}] is {_shown(entry)}, expected a table")
+            raise AcdcError(f"optimizer.state[{key}] is {shown(entry)}, expected a table")
         param = index[key]
         for name, value in entry.items():
             if value is None or finite_number(value):
                 continue
             if not isinstance(value, torch.Tensor):
-                raise AcdcError(f"optimizer.state[{key}].{name} is {_shown(value)}, expected a tensor")
+                raise AcdcError(f"optimizer.state[{key}].{name} is {shown(value)}, expected a tensor")
             # per-parameter buffers (momentum, moments) are floats of the parameter's shape; counters single numbers
             if (value.shape != param.shape and value.numel() != 1) or (value.shape == param.shape
                                                                         and not value.is_floating_point()):
@@ -142,12 +137,12 @@ def _check_optimizer(saved: Any, optimizer: torch.optim.Optimizer) -> None:
 def _check_engine(saved: dict[str, Any], params: Mapping[str, torch.Tensor]) -> None:
     epoch, change = saved.get("epoch"), saved.get("mask_change")
     if epoch is not None and not _is_int(epoch):
-        raise AcdcError(f"engine.epoch is {_shown(epoch)}, expected a whole number")
+        raise AcdcError(f"engine.epoch is {shown(epoch)}, expected a whole number")
     if change is not None and not finite_number(change):
-        raise AcdcError(f"engine.mask_change is {_shown(change)}, expected a number")
+        raise AcdcError(f"engine.mask_change is {shown(change)}, expected a number")
     phase = saved.get("phase")
     if phase is not None and not (isinstance(phase, dict) and set(phase) == {"start", "end", "kind", "sparsity"}):
-        raise AcdcError(f"engine.phase is {_shown(phase)}, expected a phase of this plan")
+        raise AcdcError(f"engine.phase is {shown(phase)}, expected a phase of this plan")
     previous = saved.get("previous_masks")
     if previous is not None:
         # whole, as the engine takes them: a partial table or masks of 2 would fail a phase later or record a wrong
@@ -157,21 +152,21 @@ def _check_engine(saved: dict[str, Any], params: Mapping[str, torch.Tensor]) -> 
 
 def _check_totals(every_rank: Any, step: int, world_size: int) -> None:
     if not isinstance(every_rank, list) or not every_rank:
-        raise AcdcError(f"totals is {_shown(every_rank)}, expected one table per process of a mid-epoch checkpoint")
+        raise AcdcError(f"totals is {shown(every_rank)}, expected one table per process of a mid-epoch checkpoint")
     if len(every_rank) != world_size:
         raise AcdcError(f"totals holds the sums of {len(every_rank)} process(es), this run has {world_size}")
     for rank, totals in enumerate(every_rank):
         where = f"totals[{rank}]"
         if not isinstance(totals, dict):
-            raise AcdcError(f"{where} is {_shown(totals)}, expected a table")
+            raise AcdcError(f"{where} is {shown(totals)}, expected a table")
         for key, kind in (("loss_sum", "floating"), ("correct", "integer")):
             value = totals.get(key)
             if not (isinstance(value, torch.Tensor) and value.numel() == 1 and value.dim() == 0
                     and value.is_floating_point() == (kind == "floating")):
-                raise AcdcError(f"{where}.{key} is {_shown(value)}, expected a single {kind} number")
+                raise AcdcError(f"{where}.{key} is {shown(value)}, expected a single {kind} number")
         for key in ("step", "count", "skipped", "streak"):
             if (key != "streak" or key in totals) and not (_is_int(totals.get(key)) and totals[key] >= 0):
-                raise AcdcError(f"{where}.{key} is {_shown(totals.get(key))}, expected a whole number >= 0")
+                raise AcdcError(f"{where}.{key} is {shown(totals.get(key))}, expected a whole number >= 0")
         if totals["step"] != step:
             raise AcdcError(f"{where}.step is {totals['step']}, the progress says {step}")
 
