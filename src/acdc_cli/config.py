@@ -138,17 +138,21 @@ def is_result_setting(name: str) -> bool:
     return name not in NOT_RESULT_SETTINGS and name.partition(".")[0] not in NOT_RESULT_SETTINGS
 
 
-def result_settings(settings: Settings) -> dict[str, Any]:
-    """``section.key`` -> value of every setting that can change a result (all but :data:`NOT_RESULT_SETTINGS`),
-    in the order the settings are written."""
+def flat_settings(settings: Settings) -> dict[str, Any]:
+    """``section.key`` (or ``key`` at the top) -> JSON value of every setting, in the order the settings are
+    written."""
     dumped = settings.model_dump(mode="json")
     values = {}
     for name in setting_names():
-        if not is_result_setting(name):
-            continue
         section, _, key = name.partition(".")
         values[name] = dumped[section][key] if key else dumped[section]
     return values
+
+
+def result_settings(settings: Settings) -> dict[str, Any]:
+    """``section.key`` -> value of every setting that can change a result (all but :data:`NOT_RESULT_SETTINGS`),
+    in the order the settings are written."""
+    return {name: value for name, value in flat_settings(settings).items() if is_result_setting(name)}
 
 
 # ----------------------------------------------------------------------------------------------------------------

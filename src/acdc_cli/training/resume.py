@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from acdc_cli.config import Settings, format_validation_error
+from acdc_cli.config import Settings, flat_settings, format_validation_error
 from acdc_cli.errors import AcdcError
 from acdc_cli.files.checkpoint import recorded_config
 from acdc_cli.files.jsonio import finite_number, meta_field
@@ -210,20 +210,16 @@ _EXTEND_MAY_CHANGE = {
 def _differences(recorded: Settings, requested: Settings) -> Iterator[tuple[str, Any, Any, bool]]:
     """(setting, recorded value, requested value, whether an extension may change it) for every setting a resumed
     run may not change freely."""
-    a, b = recorded.model_dump(mode="json"), requested.model_dump(mode="json")
-    for section, values in a.items():
-        keys = values.keys() if isinstance(values, dict) else [None]
-        for key in keys:
-            dotted = f"{section}.{key}" if key is not None else section
-            old = values[key] if key is not None else values
-            new = b[section].get(key) if key is not None else b[section]
-            if old == new or dotted in _RESUME_MAY_CHANGE:
-                continue
-            if dotted in _MEASURED_BY_THE_RUN and new is None:
-                continue  # the same command line again: the run measures them again, to the same values
-            if section in _RESUME_SECTIONS_MAY_CHANGE and dotted not in _RESUME_MUST_KEEP:
-                continue
-            yield dotted, old, new, dotted in _EXTEND_MAY_CHANGE
+    new_values = flat_settings(requested)
+    for dotted, old in flat_settings(recorded).items():
+        new = new_values[dotted]
+        if old == new or dotted in _RESUME_MAY_CHANGE:
+            continue
+        if dotted in _MEASURED_BY_THE_RUN and new is None:
+            continue  # the same command line again: the run measures them again, to the same values
+        if dotted.partition(".")[0] in _RESUME_SECTIONS_MAY_CHANGE and dotted not in _RESUME_MUST_KEEP:
+            continue
+        yield dotted, old, new, dotted in _EXTEND_MAY_CHANGE
 
 
 def check_resume_settings(recorded: Settings, requested: Settings, run_dir: Path) -> None:

@@ -18,7 +18,14 @@ import torch
 from pydantic import ValidationError
 from rich.console import Console
 
-from acdc_cli.config import Settings, format_validation_error, load_settings, merge_layer, read_toml
+from acdc_cli.config import (
+    Settings,
+    flat_settings,
+    format_validation_error,
+    load_settings,
+    merge_layer,
+    read_toml,
+)
 from acdc_cli.data.bundle import input_shape
 from acdc_cli.errors import AcdcError
 from acdc_cli.files.checkpoint import load_checkpoint
@@ -293,17 +300,12 @@ def _rank_argv(settings: Settings, run_dir: Path, resume: bool, from_checkpoint:
         path.write_text(settings.to_toml())
         start = ["--from", str(from_checkpoint)] if from_checkpoint is not None else []
         return ["train", "--config", str(path), "--out", str(run_dir), *start]
-    saved = resolve_settings(resume=run_dir).model_dump(mode="json")
-    wanted = settings.model_dump(mode="json")
+    saved = flat_settings(resolve_settings(resume=run_dir))
     sets = []
-    for section, values in wanted.items():
-        if not isinstance(values, dict):
+    for name, value in flat_settings(settings).items():
+        if "." not in name or value == saved[name]:  # top-level labels (preset, description) are not --set
             continue
-        for key, value in values.items():
-            if value == saved[section].get(key):
-                continue
-            if value is None:
-                raise AcdcError(f"{section}.{key} is unset here and set in {run_dir}; ranks started with nproc "
-                                "cannot unset it")
-            sets += ["--set", f"{section}.{key}={json.dumps(value)}"]
+        if value is None:
+            raise AcdcError(f"{name} is unset here and set in {run_dir}; ranks started with nproc cannot unset it")
+        sets += ["--set", f"{name}={json.dumps(value)}"]
     return ["train", "--resume", str(run_dir), *sets]

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
+from acdc_cli.config import flat_settings as all_settings
 from acdc_cli.errors import AcdcError
 from acdc_cli.files.atomic import atomic_write_text
 from acdc_cli.files.jsonio import json_line, parse_json
@@ -58,13 +59,8 @@ def check_installed(settings: Settings) -> None:
 def flat_settings(settings: Settings) -> dict[str, str]:
     """The resolved settings as ``section.key`` -> text (strings as they are, anything else as JSON): MLflow's
     parameters."""
-    flat = {}
-    for section, values in settings.model_dump(mode="json").items():
-        items = values.items() if isinstance(values, dict) else [(None, values)]
-        for key, value in items:
-            name = section if key is None else f"{section}.{key}"
-            flat[name] = value if isinstance(value, str) else json_line(value)
-    return flat
+    return {name: value if isinstance(value, str) else json_line(value)
+            for name, value in all_settings(settings).items()}
 
 
 class Sink:
