@@ -49,3 +49,15 @@ def test_a_new_run_refuses_a_non_empty_run_dir_before_writing(finished):
     with pytest.raises(AcdcError, match="is not empty; pass --resume"):
         start.train(load_settings(), out=finished)
     assert _files(finished) == before
+
+
+def test_nproc_ranks_resume_with_exactly_the_settings_that_differ(finished, tmp_path):
+    """What --nproc hands each rank of a resumed run: --resume and a --set for every setting that differs from the
+    run's own (labels such as preset are never --set)."""
+    settings = start.resolve_settings(resume=finished)
+    threads = (settings.runtime.threads or 1) + 1
+    changed = settings.model_copy(update={"runtime": settings.runtime.model_copy(update={"threads": threads}),
+                                          "log": settings.log.model_copy(update={"every_steps": 3})})
+    assert start._rank_argv(settings, finished, True, None, tmp_path) == ["train", "--resume", str(finished)]
+    assert start._rank_argv(changed, finished, True, None, tmp_path) == [
+        "train", "--resume", str(finished), "--set", f"runtime.threads={threads}", "--set", "log.every_steps=3"]
