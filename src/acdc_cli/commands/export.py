@@ -17,7 +17,6 @@ from acdc_cli.errors import AcdcError
 from acdc_cli.files.atomic import atomic_write_text, check_writable
 from acdc_cli.files.checkpoint import (
     Checkpoint,
-    fold_masks,
     provenance,
 )
 from acdc_cli.files.export import (
@@ -169,7 +168,7 @@ def export_checkpoint(source: Path, out: Path | str, fmt: str, dtype: str = "flo
                     hint=PLAIN_STATE_DICT_HINT).checkpoint()
     cast = DTYPES[dtype]
     weights = {k: v.to(cast) if v.is_floating_point() else v
-               for k, v in sorted(fold_masks(ckpt).items(), key=lambda item: natural_key(item[0]))}
+               for k, v in sorted(ckpt.weights.items(), key=lambda item: natural_key(item[0]))}
     # without masks, the saved rules pick the layers; a 2:4 export leaves those that cannot be 2:4 dense
     prunable = prunable_names(weights, ckpt.masks, ckpt.config, (2, 4) if fmt == formats.BITMASK_24 else None)
 

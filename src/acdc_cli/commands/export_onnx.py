@@ -29,7 +29,7 @@ from acdc_cli.data.bundle import model_input
 from acdc_cli.data.preprocessing import preprocessing
 from acdc_cli.errors import AcdcError, TrainingFault
 from acdc_cli.files.atomic import atomic_write_bytes, check_writable
-from acdc_cli.files.checkpoint import fold_masks, provenance, rebuild_model
+from acdc_cli.files.checkpoint import provenance, rebuild_model
 from acdc_cli.files.jsonio import meta_text
 from acdc_cli.files.onnx_file import (
     ONNX_FORMAT,
@@ -194,7 +194,7 @@ def export_onnx(source: Path, out: Path, opset: int | None = None, batch: str | 
     check_writable(out, force)
     ckpt = open_any(source, (CHECKPOINT,), torch_files=True, model_name=model_name, num_classes=num_classes,
                     hint=PLAIN_STATE_DICT_HINT).checkpoint()
-    weights = fold_masks(ckpt)
+    weights = ckpt.weights  # a read checkpoint's weights hold zeros outside their masks (load_checkpoint)
     model = rebuild_model(ckpt.arch, ckpt.model_kwargs, weights, str(source)).float().eval()
     recorded = preprocessing(ckpt.config)
     if input_size is None and recorded is not None:
