@@ -107,3 +107,12 @@ def test_shell_completion_is_offered_and_completes_commands_and_options():
     assert command.stdout.split() == ["presets"]
     option = acdc("train", _ACDC_COMPLETE="complete_bash", COMP_WORDS="acdc train --pre", COMP_CWORD="2")
     assert option.stdout.split() == ["--preset"]
+
+
+def test_recorded_preprocessing_that_is_not_numbers_is_shown_not_a_crash():
+    """A file's preprocessing is untrusted metadata: a mean of [None] or a string is shown as it is."""
+    from acdc_cli.cli.files import _preprocessing_text
+
+    text = _preprocessing_text({"input_shape": [3, 8, 8], "channel_order": "RGB", "dataset": "x",
+                                "mean": [None, "a", 0.5], "std": [0.25]})
+    assert text.endswith("minus mean [None, 'a', 0.5000], divided by std [0.2500]")

@@ -411,8 +411,10 @@ def _preprocessing_text(pre: dict[str, Any] | None) -> str:
     resize = (f"shorter side to {pre['resize_shorter_side']}, centre {pre['center_crop']}x{pre['center_crop']}; "
               if pre.get("resize_shorter_side") else "")
 
-    def numbers(values: Any) -> str:
-        return "[" + ", ".join(f"{v:.4f}" for v in values) + "]" if isinstance(values, list) else "not measured"
+    def numbers(values: Any) -> str:  # from the file: a value that is not a number is shown as it is
+        if not isinstance(values, list):
+            return "not measured"
+        return "[" + ", ".join(f"{v:.4f}" if isinstance(v, (int, float)) else repr(v) for v in values) + "]"
 
     return (f"{shape} {pre.get('channel_order')} ({pre.get('dataset')}); {resize}pixels / 255, minus mean "
             f"{numbers(pre.get('mean'))}, divided by std {numbers(pre.get('std'))}")
